@@ -1,0 +1,366 @@
+// SPDX-License-Identifier: MIT
+/* Integration tests of the page store on real files (O_DIRECT, io_uring), cpu device. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tiers/device.h"
+#include "tiers/store.h"
+#include "helpers.h"
+
+#define PB (32u << 10)
+
+struct fx {
+	const char *dir;
+	struct kvt_store *s;
+	struct kvt_store_params p;
+	uint8_t *buf;
+};
+
+static struct kvt_store_params params(const char *dir, uint64_t nvme, uint64_t host,
+				      uint64_t gpu)
+{
+	struct kvt_store_params p = {
+		.device = "cpu",
+		.nvme_path = strdup(t_path(dir, "store")),
+		.nvme_bytes = nvme,
+		.host_bytes = host,
+		.gpu_bytes = gpu,
+		.page_bytes = PB,
+		.queue_depth = 32,
+	};
+	return p;
+}
+
+static int setup(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+	f->dir = strdup(t_dir(name));
+	f->p = params(f->dir, nvme, host, gpu);
+	f->buf = aligned_alloc(4096, PB);
+	int r = kvt_store_open(&f->p, &f->s);
+	if (r == -EPERM || r == -ENOSYS) {
+		free(f);
+		return -1; /* io_uring not allowed here */
+	}
+	assert_int_equal(r, 0);
+	*state = f;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fx *f = *state;
+	kvt_store_close(f->s);
+	t_rmdir(f->dir);
+	free((void *)f->p.nvme_path);
+	free((void *)f->dir);
+	free(f->buf);
+	free(f);
+	return 0;
+}
+
+static int setup_small(void **state)
+{
+	return setup(state, "small", 64u << 20, 4u << 20, 2u << 20);
+}
+
+static void read_verify(struct kvt_store *s, const struct page_key *k, uint8_t *buf)
+{
+	struct t_wait w = {.pending = 1};
+	memset(buf, 0xa5, PB);
+	assert_int_equal(kvt_store_read(s, k, buf, PB, t_cb, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	assert_true(t_check(buf, PB, k));
+}
+
+/* At least 1 GiB of pages through put, write-back, eviction and promotion. */
+static void gigabyte(void **state)
+{
+	struct fx *f;
+	if (setup(state, "gig", 1100ull << 20, 192u << 20, 64u << 20))
+		skip();
+	f = *state;
+	struct kvt_store *s = f->s;
+	const uint32_t layers = 32, heads = 8, pages = 128; /* 32768 pages = 1 GiB */
+	struct t_wait w = {0};
+	for (uint32_t i = 0; i < pages; i++)
+		for (uint32_t l = 0; l < layers; l++)
+			for (uint32_t h = 0; h < heads; h++) {
+				struct page_key k = t_key(0, 1 + i % 3, l, h, i);
+				t_fill(f->buf, PB, &k);
+				unsigned fl = (i % 4 == 0) ? KVT_PUT_GPU : 0;
+				assert_int_equal(t_put(s, &k, f->buf, PB, fl, &w), 0);
+			}
+	assert_int_equal(t_drain(s, &w), 0);
+	assert_int_equal(kvt_store_flush(s), 0);
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages, 32768);
+	assert_int_equal(st.pages_dirty, 0);
+	assert_true(st.writebacks >= 32768);
+	/* The host tier (192 MiB) and GPU (64 MiB) hold a fraction: the rest was evicted. */
+	assert_true(st.evictions[TIER_HOST] > 20000);
+	assert_true(st.evictions[TIER_GPU] > 0);
+	assert_true(st.tier[TIER_HOST].used <= st.tier[TIER_HOST].slots);
+	assert_int_equal(st.tier[TIER_NVME].used, 32768);
+
+	/* Promote a scattered set to the GPU (from disk mostly) and check it there. */
+	struct kvt_device *dev = kvt_store_device(s);
+	int n = 0;
+	for (uint32_t i = 0; i < pages; i += 7)
+		for (uint32_t l = 0; l < layers; l += 5) {
+			struct page_key k = t_key(0, 1 + i % 3, l, (i + l) % heads, i);
+			w.pending++;
+			assert_int_equal(kvt_store_promote(s, &k, TIER_GPU, t_cb, &w), 0);
+			n++;
+		}
+	assert_int_equal(t_drain(s, &w), 0);
+	for (uint32_t i = 0; i < pages; i += 7)
+		for (uint32_t l = 0; l < layers; l += 5) {
+			struct page_key k = t_key(0, 1 + i % 3, l, (i + l) % heads, i);
+			void *g = kvt_store_slot_ptr(s, &k, TIER_GPU);
+			if (!g)
+				continue; /* evicted again by a later promotion: fine */
+			assert_int_equal(dev->ops->memcpy(dev, f->buf, g, PB, KVT_D2H), 0);
+			assert_true(t_check(f->buf, PB, &k));
+		}
+	/* Every page, bit for bit, wherever it is now. */
+	for (uint32_t i = 0; i < pages; i++)
+		for (uint32_t l = 0; l < layers; l++)
+			for (uint32_t h = 0; h < heads; h++) {
+				struct page_key k = t_key(0, 1 + i % 3, l, h, i);
+				w.pending++;
+				assert_int_equal(kvt_store_read(s, &k, f->buf, PB, t_cb, &w), 0);
+				assert_int_equal(t_drain(s, &w), 0);
+				assert_true(t_check(f->buf, PB, &k));
+			}
+	kvt_store_stats(s, &st);
+	assert_true(st.promotions[TIER_HOST] > 20000);
+	assert_true(st.promotions[TIER_GPU] >= (uint64_t)n);
+	assert_int_equal(st.read_errors, 0);
+	print_message("1 GiB: %llu write-backs, %llu host / %llu gpu promotions, "
+		      "%llu host / %llu gpu evictions\n",
+		      (unsigned long long)st.writebacks,
+		      (unsigned long long)st.promotions[TIER_HOST],
+		      (unsigned long long)st.promotions[TIER_GPU],
+		      (unsigned long long)st.evictions[TIER_HOST],
+		      (unsigned long long)st.evictions[TIER_GPU]);
+}
+
+static void evict_rules(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct page_key k = t_key(0, 9, 0, 0, 0);
+	t_fill(f->buf, PB, &k);
+	struct t_wait w = {0};
+	assert_int_equal(t_put(s, &k, f->buf, PB, KVT_PUT_GPU, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	struct kvt_page_info pi;
+	assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+	assert_true(pi.valid & (1u << TIER_GPU));
+	assert_int_equal(kvt_store_pin(s, &k), 0);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_GPU), -EBUSY);
+	assert_int_equal(kvt_store_unpin(s, &k), 0);
+	assert_int_equal(kvt_store_unpin(s, &k), -EINVAL);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_GPU), 0);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_GPU), -ENOENT);
+	/* Wait for the write-back, then the host copy may go: the disk has it. */
+	w.pending++;
+	assert_int_equal(kvt_store_writeback(s, &k, t_cb, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_HOST), 0);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_NVME), -EPERM); /* the last copy */
+	assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+	assert_int_equal(pi.valid, 1u << TIER_NVME);
+	assert_int_equal(pi.state, KVT_PAGE_CLEAN);
+	read_verify(s, &k, f->buf);
+	/* Unknown page, bad input. */
+	struct page_key nope = t_key(0, 1234, 0, 0, 0);
+	assert_int_equal(kvt_store_promote(s, &nope, TIER_GPU, NULL, NULL), -ENOENT);
+	assert_int_equal(kvt_store_put(s, &k, f->buf, PB, 0, NULL, NULL), -EEXIST);
+	assert_int_equal(kvt_store_put(s, &nope, f->buf, PB + 1, 0, NULL, NULL), -EINVAL);
+	assert_int_equal(kvt_store_put(s, &nope, f->buf, PB, 1u << 9, NULL, NULL), -EINVAL);
+	assert_int_equal(kvt_store_promote(s, &k, TIER_NVME, NULL, NULL), -EINVAL);
+}
+
+/* Pinned pages stay where they are while the tier is under pressure. */
+static void pins_hold(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	/* GPU tier: 2 MiB = 64 slots. Pin 16 pages on the GPU, then push 200 through. */
+	struct t_wait w = {0};
+	for (uint32_t i = 0; i < 16; i++) {
+		struct page_key k = t_key(0, 50, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, KVT_PUT_GPU, &w), 0);
+	}
+	assert_int_equal(t_drain(s, &w), 0);
+	for (uint32_t i = 0; i < 16; i++) {
+		struct page_key k = t_key(0, 50, 0, 0, i);
+		assert_int_equal(kvt_store_pin(s, &k), 0);
+	}
+	for (uint32_t i = 0; i < 200; i++) {
+		struct page_key k = t_key(0, 51, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, KVT_PUT_GPU, &w), 0);
+		assert_int_equal(t_drain(s, &w), 0);
+	}
+	for (uint32_t i = 0; i < 16; i++) {
+		struct page_key k = t_key(0, 50, 0, 0, i);
+		struct kvt_page_info pi;
+		assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+		assert_true(pi.valid & (1u << TIER_GPU));
+		assert_true(pi.valid & (1u << TIER_HOST));
+	}
+	assert_int_equal(kvt_store_drop_seq(s, 0, 50), -EBUSY);
+	for (uint32_t i = 0; i < 16; i++) {
+		struct page_key k = t_key(0, 50, 0, 0, i);
+		assert_int_equal(kvt_store_unpin(s, &k), 0);
+	}
+	assert_int_equal(kvt_store_drop_seq(s, 0, 50), 0);
+	assert_int_equal(kvt_store_drop_seq(s, 0, 50), -ENOENT);
+	struct page_key k = t_key(0, 50, 0, 0, 3);
+	assert_int_equal(kvt_store_page_info(s, &k, NULL), -ENOENT);
+}
+
+/* Dropped sequences give their slots back, on disk too once wiped. */
+static void drop_frees(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct t_wait w = {0};
+	struct kvt_store_stats st0, st;
+	kvt_store_stats(s, &st0);
+	for (uint32_t i = 0; i < 40; i++) {
+		struct page_key k = t_key(0, 60, 1, 1, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, i % 2 ? KVT_PUT_GPU : 0, &w), 0);
+	}
+	/* Drop while write-backs may still be in flight. */
+	kvt_store_run(s, 0);
+	assert_int_equal(kvt_store_drop_seq(s, 0, 60), 0);
+	int r = t_drain(s, &w); /* GPU puts complete: done, or cancelled by the drop */
+	assert_true(r == 0 || r == -ECANCELED);
+	assert_int_equal(w.pending, 0);
+	for (int i = 0; i < 50; i++)
+		kvt_store_run(s, 10);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages, st0.pages);
+	assert_int_equal(st.tier[TIER_NVME].used, st0.tier[TIER_NVME].used);
+	assert_int_equal(st.tier[TIER_HOST].used, st0.tier[TIER_HOST].used);
+	assert_int_equal(st.tier[TIER_GPU].used, st0.tier[TIER_GPU].used);
+}
+
+static void filling_pages(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct page_key k = t_key(0, 70, 2, 3, 0);
+	t_fill(f->buf, PB, &k);
+	assert_int_equal(kvt_store_put(s, &k, f->buf, 4096, KVT_PUT_FILLING, NULL, NULL), 0);
+	struct kvt_page_info pi;
+	for (int i = 0; i < 10; i++)
+		kvt_store_run(s, 5);
+	assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_FILLING);
+	assert_false(pi.valid & (1u << TIER_NVME)); /* never written back while filling */
+	assert_int_equal(kvt_store_append(s, &k, f->buf + 4096, PB, false), -EINVAL);
+	for (uint32_t off = 4096; off < PB; off += 4096)
+		assert_int_equal(kvt_store_append(s, &k, f->buf + off, 4096, false), 0);
+	assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_DIRTY); /* full: sealed */
+	assert_int_equal(kvt_store_flush(s), 0);
+	assert_int_equal(kvt_store_evict(s, &k, TIER_HOST), 0);
+	read_verify(s, &k, f->buf);
+}
+
+static void tenants_apart(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct page_key k = t_key(7, 1, 0, 0, 0);
+	t_fill(f->buf, PB, &k);
+	assert_int_equal(kvt_store_put(s, &k, f->buf, PB, 0, NULL, NULL), -ENOENT);
+	assert_int_equal(kvt_store_add_tenant(s, 7, 1u << 20, 1u << 20), 0);
+	struct t_wait w = {0};
+	assert_int_equal(t_put(s, &k, f->buf, PB, KVT_PUT_GPU, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	struct kvt_page_info pi;
+	assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+	assert_int_not_equal(TIER_SLOT_ARENA(pi.slot[TIER_HOST]), 0); /* its own arena */
+	assert_int_not_equal(TIER_SLOT_ARENA(pi.slot[TIER_GPU]), 0);
+	/* Same sequence number, other tenant: another page. */
+	struct page_key k0 = t_key(0, 1, 0, 0, 0);
+	assert_int_equal(kvt_store_page_info(s, &k0, &pi), -ENOENT);
+	int fd;
+	void *base;
+	uint64_t len;
+	assert_int_equal(tier_host_arena_info(kvt_store_tier(s, TIER_HOST), 1, &fd, &base, &len), 0);
+	assert_true(fd >= 0);
+	assert_true(base && len >= (1u << 20) - 65536);
+	read_verify(s, &k, f->buf);
+}
+
+static int setup_tiny_disk(void **state)
+{
+	/* 16 pages of disk */
+	return setup(state, "tiny", 16 * PB, 8u << 20, 0);
+}
+
+static void disk_full(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	for (uint32_t i = 0; i < 16; i++) {
+		struct page_key k = t_key(0, 1 + i / 8, 0, 0, i % 8);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	}
+	struct page_key k = t_key(0, 3, 0, 0, 0);
+	assert_int_equal(kvt_store_put(s, &k, f->buf, PB, 0, NULL, NULL), -ENOSPC);
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.enospc_refused, 1);
+	assert_int_equal(st.pages, 16); /* nothing lost */
+	assert_int_equal(kvt_store_flush(s), 0);
+	/* A store with the other policy drops the coldest sequence instead. */
+	kvt_store_close(f->s);
+	f->p.disk_full = KVT_DISKFULL_EVICT_SEQ;
+	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
+	s = f->s;
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.recovered_pages, 16);
+	struct page_key warm = t_key(0, 2, 0, 0, 0);
+	assert_int_equal(kvt_store_touch(s, &warm, 1.0f), 0);
+	t_fill(f->buf, PB, &k);
+	assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.diskfull_seq_evictions, 1);
+	struct kvt_page_info pi;
+	struct page_key cold = t_key(0, 1, 0, 0, 0);
+	assert_int_equal(kvt_store_page_info(s, &cold, &pi), -ENOENT); /* seq 1 went */
+	assert_int_equal(kvt_store_page_info(s, &warm, &pi), 0);      /* seq 2 stayed */
+	read_verify(s, &warm, f->buf);
+	read_verify(s, &k, f->buf);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_teardown(gigabyte, teardown),
+		cmocka_unit_test_setup_teardown(evict_rules, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(pins_hold, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(drop_frees, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(filling_pages, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(disk_full, setup_tiny_disk, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_DEVICE_H
+#define KVT_DEVICE_H
+
+/*
+ * The device backend: where the GPU tier's memory comes from and how pages are copied
+ * between it and pinned host memory. Two implementations: "cuda" (VMM pool, batched
+ * copies on streams of its own, completions signalled on an eventfd) and "cpu" (a
+ * memfd pool, copies done by a worker thread). The store never asks which it has.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "daemon/list.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum kvt_copy_dir {
+	KVT_H2D, /* host -> device */
+	KVT_D2H, /* device -> host */
+};
+
+struct kvt_copy {
+	void *dst;
+	const void *src;
+	uint64_t len;
+};
+
+/*
+ * A batch of page copies in one direction, started together and completed together.
+ * The submitter fills copies, n, dir and done and keeps copies alive until done runs
+ * (from kvt_device_ops.poll, on the thread that calls it) with res 0 or -errno.
+ */
+struct kvt_copy_batch {
+	const struct kvt_copy *copies;
+	unsigned n;
+	enum kvt_copy_dir dir;
+	int res;
+	void (*done)(struct kvt_copy_batch *b);
+	void *arg;
+	/* private to the device */
+	struct kvt_list link;
+	uint32_t ring_off;
+};
+
+/* Device memory made shareable with another process (the GPU pool). */
+struct kvt_dev_mem {
+	void *ptr;   /* device address (cpu device: a host mapping) */
+	size_t size; /* rounded up to the device's granularity */
+	int fd;      /* POSIX fd another process can map (VMM handle / memfd), or -1 */
+	uint64_t handle;
+};
+
+enum kvt_device_cap {
+	KVT_DEV_CAP_GPU = 1u << 0, /* a real GPU: device memory is not CPU-addressable */
+};
+
+#define KVT_DEVICE_OPS_VERSION 1
+
+struct kvt_device;
+
+struct kvt_device_ops {
+	const char *name;
+	uint32_t version;
+	uint32_t caps;
+	/* 0, -ENODEV (no such device or no driver), -errno. */
+	int (*open)(struct kvt_device **out, int ordinal);
+	void (*close)(struct kvt_device *d);
+	/* Human-readable device name (model, PCI bus id). */
+	const char *(*describe)(struct kvt_device *d);
+	/* NUMA node of the device, -1 if unknown. */
+	int (*numa_node)(struct kvt_device *d);
+	/* Pins host memory for fast copies (cudaHostRegister); 0 or -errno. */
+	int (*host_register)(struct kvt_device *d, void *p, size_t len);
+	void (*host_unregister)(struct kvt_device *d, void *p);
+	/* Device memory of at least size bytes, exportable as an fd. 0 or -errno. */
+	int (*mem_create)(struct kvt_device *d, size_t size, struct kvt_dev_mem *out);
+	void (*mem_destroy)(struct kvt_device *d, struct kvt_dev_mem *m);
+	/* Starts a batch; 0 or -errno (then done is not called). */
+	int (*copy_submit)(struct kvt_device *d, struct kvt_copy_batch *b);
+	/* Readable (eventfd) when batches have completed; poll then runs their done. */
+	int (*event_fd)(struct kvt_device *d);
+	void (*poll)(struct kvt_device *d);
+	/* Synchronous copy of any size, for tests and tools. 0 or -errno. */
+	int (*memcpy)(struct kvt_device *d, void *dst, const void *src, size_t len,
+		      enum kvt_copy_dir dir);
+};
+
+struct kvt_device {
+	const struct kvt_device_ops *ops;
+};
+
+extern const struct kvt_device_ops kvt_device_cpu_ops;
+/* NULL when built without CUDA. */
+extern const struct kvt_device_ops *const kvt_device_cuda_ops;
+
+/*
+ * Opens a device by name: "cuda", "cpu", or "auto" (cuda where a GPU and its driver
+ * are found, else cpu). 0 or -errno (-ENODEV: "cuda" asked for and none usable).
+ */
+int kvt_device_open(const char *name, int ordinal, struct kvt_device **out);
+void kvt_device_close(struct kvt_device *d);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

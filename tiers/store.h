@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_STORE_H
+#define KVT_STORE_H
+
+/*
+ * The page store: every KV page of every sequence, in GPU HBM, pinned host RAM or on
+ * NVMe, and the moves between them. Each page is written back to NVMe in the
+ * background once complete, so the whole cache is always on disk and dropping a copy
+ * from HBM or host RAM costs no write.
+ *
+ * Asynchronous: operations start work and return; completions run from
+ * kvt_store_run, on the thread that calls it (the store is single-threaded: one
+ * thread owns it). Callbacks may call back into the store. Functions return 0 or a
+ * negative errno, and never lose a page on error.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "page_format.h"
+#include "tier.h"
+
+struct kvt_store;
+struct kvt_device;
+
+enum kvt_diskfull {
+	KVT_DISKFULL_REFUSE = 0, /* put returns -ENOSPC, counted */
+	KVT_DISKFULL_EVICT_SEQ,  /* drop the coldest unpinned sequences, counted */
+};
+
+struct kvt_store_params {
+	const char *device;    /* "auto" (default), "cuda", "cpu"; ignored if dev is set */
+	struct kvt_device *dev; /* an open device to use (not closed by the store) */
+	const char *nvme_path; /* file or block device (required) */
+	uint64_t nvme_bytes;   /* payload capacity when the store is made */
+	uint64_t host_bytes;   /* tenant 0's host arena */
+	uint64_t gpu_bytes;    /* tenant 0's GPU arena (0: no GPU tier) */
+	uint32_t page_bytes;   /* bytes of one page (K and V); default 32 KiB */
+	unsigned queue_depth;  /* nvme in-flight I/Os; default 64 */
+	unsigned writeback_max; /* write-backs in flight; default queue_depth / 2 */
+	unsigned high_wm;      /* percent: background eviction starts above; default 90 */
+	unsigned low_wm;       /* percent: and stops at; default 80 */
+	enum kvt_diskfull disk_full;
+	bool durable;          /* write-backs with RWF_DSYNC */
+	const struct tier_ops *nvme_ops; /* NULL: tier_nvme_ops (tests wrap it) */
+};
+
+enum kvt_page_state {
+	KVT_PAGE_FILLING = 0, /* tokens still being appended: not written back */
+	KVT_PAGE_DIRTY,       /* complete, not yet on disk */
+	KVT_PAGE_CLEAN,       /* on disk */
+};
+
+struct kvt_page_info {
+	enum kvt_page_state state;
+	unsigned valid;    /* bit (1 << tier_id) per tier holding a valid copy */
+	unsigned inflight; /* bit per tier a copy is being made into */
+	unsigned pins;
+	uint32_t len;
+	uint64_t epoch;
+	tier_slot_t slot[TIER_MAX];
+	float score;
+};
+
+struct kvt_store_stats {
+	struct tier_usage tier[TIER_MAX];
+	uint64_t pages, pages_filling, pages_dirty, seqs;
+	uint64_t puts, appends, promotions[TIER_MAX], writebacks, evictions[TIER_MAX];
+	uint64_t drops, pages_dropped;
+	uint64_t enospc_refused, diskfull_seq_evictions;
+	uint64_t read_errors;   /* disk copies found bad: counted misses */
+	uint64_t write_errors;  /* write-backs that failed and were retried elsewhere */
+	uint64_t pages_lost;    /* pages whose every copy was bad */
+	uint64_t recovered_pages, recovered_bad;
+	uint64_t backpressure;  /* operations refused with -EAGAIN: tier full of busy pages */
+	uint64_t meta_bytes;
+};
+
+/* Completion: res 0 or -errno. */
+typedef void (*kvt_store_cb)(void *arg, int res);
+
+/*
+ * Opens (or makes) the store. An existing NVMe store is scanned: every page whose
+ * write completed comes back CLEAN on disk, torn or corrupt ones are dropped.
+ * Errors: -EBUSY (another process has the store), -EINVAL (bad params or a store made
+ * with another page size), -ENOMEM, -ENODEV (device "cuda" and no GPU), -errno.
+ */
+int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out);
+/* Waits for I/O in flight (it does not write back dirty pages: see flush). */
+void kvt_store_close(struct kvt_store *s);
+
+/* Gives tenant arenas of its own in host RAM and on the GPU. 0 or -errno. */
+int kvt_store_add_tenant(struct kvt_store *s, uint32_t tenant, uint64_t host_bytes,
+			 uint64_t gpu_bytes);
+
+enum kvt_put_flags {
+	KVT_PUT_GPU = 1u << 0,     /* also place the page on the GPU */
+	KVT_PUT_FILLING = 1u << 1, /* incomplete: more tokens will be appended */
+};
+
+/*
+ * Stores a new page: len bytes (at most page_bytes) copied from src into host RAM,
+ * and onto the GPU with KVT_PUT_GPU; an NVMe slot is reserved for it at once. cb
+ * (may be NULL) runs when the page is where it was asked to be.
+ * Errors: -EEXIST, -EINVAL, -ENOSPC (disk full, policy refuse), -EAGAIN (host tier or
+ * disk busy: run the store and retry), -ENOENT (tenant has no arenas).
+ */
+int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src,
+		  uint32_t len, unsigned flags, kvt_store_cb cb, void *arg);
+
+/*
+ * Appends len bytes to a FILLING page (its host copy; a GPU copy is dropped). seal:
+ * the page is complete and goes to write-back. -ENOENT, -EINVAL (not filling, or
+ * past page_bytes), -EAGAIN (page busy: in flight).
+ */
+int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *src,
+		     uint32_t len, bool seal);
+
+/*
+ * Brings a copy of the page to tier `to` (TIER_HOST or TIER_GPU) from wherever it
+ * is (NVMe -> host -> GPU). cb runs once it is there, or with the error (a disk copy
+ * found corrupt gives -EBADMSG/-ESTALE/-EIO, counted, never wrong data).
+ */
+int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		      kvt_store_cb cb, void *arg);
+
+/* Makes sure the page is on NVMe; cb runs when it is. */
+int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
+			void *arg);
+
+/*
+ * Drops the page's copy in tier `from` at once. -ENOENT (no copy there), -EBUSY
+ * (pinned or in flight), -EPERM (it is the only valid copy).
+ */
+int kvt_store_evict(struct kvt_store *s, const struct page_key *k, enum tier_id from);
+
+/* Frees every page of a sequence in every tier. -ENOENT, -EBUSY (a page is pinned). */
+int kvt_store_drop_seq(struct kvt_store *s, uint32_t tenant, uint64_t seq);
+
+/* Copies the page's payload into dst (promoting it to host RAM first if needed). */
+int kvt_store_read(struct kvt_store *s, const struct page_key *k, void *dst, uint32_t cap,
+		   kvt_store_cb cb, void *arg);
+
+/* Pins keep every copy of a page in place (a decode step reads it). */
+int kvt_store_pin(struct kvt_store *s, const struct page_key *k);
+int kvt_store_unpin(struct kvt_store *s, const struct page_key *k);
+/* Records an access and the page's latest selection score (eviction keeps high ones). */
+int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score);
+
+int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
+			struct kvt_page_info *out);
+/* The page's address in a memory tier (device address for the GPU), or NULL. */
+void *kvt_store_slot_ptr(struct kvt_store *s, const struct page_key *k, enum tier_id t);
+
+/*
+ * Runs completions and periodic work (write-back, eviction to the watermarks), waiting
+ * up to timeout_ms for something to complete (0: do not wait). Returns the number of
+ * completions handled or -errno.
+ */
+int kvt_store_run(struct kvt_store *s, int timeout_ms);
+/* True while I/O or copies are in flight or completions are queued. */
+bool kvt_store_busy(struct kvt_store *s);
+/* Writes back every complete dirty page and waits. 0 or the first error. */
+int kvt_store_flush(struct kvt_store *s);
+
+void kvt_store_stats(struct kvt_store *s, struct kvt_store_stats *out);
+struct tier *kvt_store_tier(struct kvt_store *s, enum tier_id t);
+struct kvt_device *kvt_store_device(struct kvt_store *s);
+uint32_t kvt_store_page_bytes(struct kvt_store *s);
+
+#endif
