@@ -611,6 +611,11 @@ static void ioq_push(struct kvt_store *s, enum tier_id t, struct tier_io *io)
 		struct tier_io **n = kvt_realloc(q->ios, ncap * sizeof(*n));
 		if (!n) {
 			ioq_flush(s, t);
+			if (q->n == q->cap) { /* no room at all: fail this copy, lose nothing */
+				io->res = -ENOMEM;
+				io->done(io);
+				return;
+			}
 		} else {
 			q->ios = n;
 			q->cap = ncap;
@@ -1191,6 +1196,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	if (ret < 0)
 		goto fail;
 	tp.headroom = s->tier[TIER_NVME]->ops->headroom(s->tier[TIER_NVME]);
+	tp.stride_align = s->tier[TIER_NVME]->ops->io_align(s->tier[TIER_NVME]);
 	ret = tier_host_ops.open(&s->tier[TIER_HOST], &tp);
 	if (ret < 0)
 		goto fail;

@@ -72,6 +72,7 @@ struct tier_params {
 	struct kvt_device *dev;
 	uint32_t page_bytes; /* payload bytes per slot */
 	uint32_t headroom;   /* host: bytes reserved before each slot's payload */
+	uint32_t stride_align; /* host: slot stride alignment (the nvme tier's write span) */
 	uint64_t capacity;   /* bytes of payload (nvme: of the store) */
 	const char *path;    /* nvme: file or block device */
 	unsigned queue_depth;
@@ -135,6 +136,11 @@ struct tier_ops {
 	void (*usage)(struct tier *t, struct tier_usage *u);
 	/* TIER_CAP_HEADROOM: bytes the tier writes before tier_io.buf. */
 	uint32_t (*headroom)(struct tier *t);
+	/*
+	 * TIER_CAP_HEADROOM: writes cover headroom + payload rounded up to this (the file
+	 * system block): host slots must be laid out on this stride.
+	 */
+	uint32_t (*io_align)(struct tier *t);
 	/*
 	 * TIER_CAP_PERSISTENT: reads every slot written before this open and reports it;
 	 * slots of kept pages stay in use, all others are freed (and wiped if they held

@@ -53,6 +53,8 @@ static int host_open(struct tier **out, const struct tier_params *p)
 	h->base.ops = &tier_host_ops;
 	h->base.p = *p;
 	uint32_t align = p->headroom > 64 ? p->headroom : 64;
+	if (p->stride_align > align)
+		align = p->stride_align;
 	h->stride = (p->headroom + p->page_bytes + align - 1) / align * align;
 	*out = &h->base;
 	return 0;

@@ -51,6 +51,7 @@ struct nvme_tier {
 	bool blockdev;
 	bool formatted_now;
 	uint32_t hdr_size;
+	uint32_t walign; /* writes span whole blocks of this: ext4 serializes unaligned DIO */
 	uint32_t slot_size;
 	uint64_t nslots;
 	uint64_t data_off;
@@ -229,7 +230,14 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 	}
 	uint32_t align = dio_alignment(n->fd, n->blockdev);
 	n->hdr_size = align > 512 ? align : 512;
-	n->slot_size = (n->hdr_size + p->page_bytes + n->hdr_size - 1) / n->hdr_size * n->hdr_size;
+	int pbs = 0;
+	uint32_t blk = (uint32_t)st.st_blksize;
+	if (n->blockdev && ioctl(n->fd, BLKPBSZGET, &pbs) == 0 && pbs > 0)
+		blk = (uint32_t)pbs;
+	if (blk < n->hdr_size || blk > (1u << 20) || blk % n->hdr_size)
+		blk = n->hdr_size;
+	n->walign = blk;
+	n->slot_size = (n->hdr_size + p->page_bytes + blk - 1) / blk * blk;
 
 	struct nvme_super s;
 	bool present;
@@ -252,6 +260,8 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 		}
 		n->hdr_size = s.hdr_size;
 		n->slot_size = s.slot_size;
+		if (n->slot_size % n->walign)
+			n->walign = n->hdr_size;
 		n->nslots = s.nslots;
 		n->data_off = s.data_off;
 		if (n->data_off + n->nslots * n->slot_size > devsize) {
@@ -282,9 +292,9 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 	n->file_index = kvt_loop_register_file(p->loop, n->fd);
 	if (n->file_index < 0)
 		kvt_warn("nvme", "file not registered with io_uring: %s", strerror(-n->file_index));
-	kvt_info("nvme", "%s: %s store, %llu slots of %u bytes (header %u), qd %u", p->path,
-		 present ? "existing" : "new", (unsigned long long)n->nslots, n->slot_size,
-		 n->hdr_size, n->qd);
+	kvt_info("nvme", "%s: %s store, %llu slots of %u bytes (header %u, block %u), qd %u",
+		 p->path, present ? "existing" : "new", (unsigned long long)n->nslots,
+		 n->slot_size, n->hdr_size, n->walign, n->qd);
 	*out = &n->base;
 	return 0;
 fail:
@@ -400,9 +410,15 @@ static void *nvme_slot_ptr(struct tier *t, tier_slot_t s)
 	return NULL;
 }
 
+/*
+ * Reads and writes cover whole file-system blocks: a partial-block O_DIRECT write is
+ * serialized by ext4 and read-modified-written by 4Kn devices, and a read that ends
+ * inside a block costs the device a block anyway (fio at 32.5 KiB: 10-15% fewer IOPS
+ * than at 36 KiB on the development machine's disk).
+ */
 static uint32_t io_bytes(const struct nvme_tier *n, uint32_t len)
 {
-	return n->hdr_size + (len + n->hdr_size - 1) / n->hdr_size * n->hdr_size;
+	return (n->hdr_size + len + n->walign - 1) / n->walign * n->walign;
 }
 
 static void io_complete(struct kvt_op *op, int res, uint32_t flags);
@@ -410,9 +426,9 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags);
 static void start_io(struct nvme_tier *n, struct tier_io *io)
 {
 	char *hdr = (char *)io->buf - n->hdr_size;
+	bool write = io->dir == TIER_WRITE;
 	uint32_t bytes = io_bytes(n, io->len);
 	int bi = kvt_loop_buffer_index(n->base.p.loop, hdr, bytes);
-	bool write = io->dir == TIER_WRITE;
 	if (write)
 		page_hdr_stamp(hdr, (uint16_t)n->hdr_size, &io->meta, io->slot);
 	io->op.fn = io_complete;
@@ -498,8 +514,8 @@ static int nvme_submit(struct tier *t, struct tier_io **ios, unsigned n_ios)
 		kvt_list_init(&ios[i]->qlink);
 		kvt_list_add_tail(&n->pending, &ios[i]->qlink);
 	}
+	/* Queued, not entered: the loop submits them all with its next run, in one call. */
 	start_pending(n);
-	kvt_loop_submit(t->p.loop);
 	return 0;
 }
 
@@ -525,6 +541,11 @@ static void nvme_usage(struct tier *t, struct tier_usage *u)
 static uint32_t nvme_headroom(struct tier *t)
 {
 	return ((struct nvme_tier *)t)->hdr_size;
+}
+
+static uint32_t nvme_io_align(struct tier *t)
+{
+	return ((struct nvme_tier *)t)->walign;
 }
 
 struct scan_io {
@@ -647,5 +668,6 @@ const struct tier_ops tier_nvme_ops = {
 	.submit = nvme_submit,
 	.usage = nvme_usage,
 	.headroom = nvme_headroom,
+	.io_align = nvme_io_align,
 	.scan = nvme_scan,
 };

@@ -104,6 +104,11 @@ static uint32_t f_headroom(struct tier *t)
 	return in(t)->ops->headroom(in(t));
 }
 
+static uint32_t f_io_align(struct tier *t)
+{
+	return in(t)->ops->io_align(in(t));
+}
+
 static int64_t f_scan(struct tier *t, tier_scan_fn fn, void *arg)
 {
 	return in(t)->ops->scan(in(t), fn, arg);
@@ -122,5 +127,6 @@ const struct tier_ops fault_tier_ops = {
 	.submit = f_submit,
 	.usage = f_usage,
 	.headroom = f_headroom,
+	.io_align = f_io_align,
 	.scan = f_scan,
 };

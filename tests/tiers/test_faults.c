@@ -97,7 +97,8 @@ static uint64_t file_off(struct fx *f, const struct page_key *k, uint32_t payloa
 	assert_int_equal(kvt_store_page_info(f->s, k, &pi), 0);
 	struct tier *nv = kvt_store_tier(f->s, TIER_NVME);
 	uint32_t hs = nv->ops->headroom(nv);
-	uint32_t slot_size = (hs + PB + hs - 1) / hs * hs;
+	uint32_t a = nv->ops->io_align(nv);
+	uint32_t slot_size = (hs + PB + a - 1) / a * a;
 	return DATA_OFF + TIER_SLOT_INDEX(pi.slot[TIER_NVME]) * slot_size + hs + payload_off;
 }
 

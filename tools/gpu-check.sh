@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine: build, run the whole suite (GPU tests included), the promotion
+# benchmark (gather kernel and cudaMemcpyBatchAsync), the nvme benchmark and the demo.
+# Logs go to $OUT (or ./gpu-out); a short table comes last.
+#   source .devsys/env.sh && bash tools/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH
+{
+	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+	uname -r; nvcc --version | tail -1
+} >"$out/machine.txt" 2>&1
+meson setup build-gpu -Dcuda=enabled >"$out/build.log" 2>&1 && ninja -C build-gpu >>"$out/build.log" 2>&1 ||
+	{ tail -30 "$out/build.log"; exit 1; }
+meson test -C build-gpu --print-errorlogs --num-processes 4 >"$out/tests.log" 2>&1
+tests_rc=$?
+grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/tests.log" | tail -12
+grep -h "gpu:" build-gpu/meson-logs/testlog.txt | head -2
+./build-gpu/tools/kvtier-bench-promote -d cuda >"$out/promote-kernel.txt" 2>&1
+KVT_CUDA_COPY=memcpy ./build-gpu/tools/kvtier-bench-promote -d cuda >"$out/promote-memcpy.txt" 2>&1
+./build-gpu/tools/kvtier-bench-promote -d cuda -p 256 -n 1024 >"$out/promote-256k.txt" 2>&1
+./build-gpu/tools/kvtier-store-demo -d cuda -f build-gpu/demo.store -t 131072 >"$out/demo.txt" 2>&1
+demo_rc=$?
+./build-gpu/tools/kvtier-bench-nvme -f build-gpu/bench.store -s 8192 -t 3 >"$out/nvme.txt" 2>&1
+echo "== machine"; cat "$out/machine.txt"
+echo "== promotion (32 KiB pages, gather kernel)"; tail -3 "$out/promote-kernel.txt"
+echo "== promotion (32 KiB pages, cudaMemcpyBatchAsync)"; tail -2 "$out/promote-memcpy.txt"
+echo "== promotion (256 KiB pages, gather kernel)"; tail -2 "$out/promote-256k.txt"
+echo "== demo (rc $demo_rc)"; grep -E "device|prefill|decode:|restart" "$out/demo.txt"
+echo "== nvme"; cat "$out/nvme.txt" | tail -30
+echo "tests rc $tests_rc"
