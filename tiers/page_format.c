@@ -2,8 +2,7 @@
 #include "page_format.h"
 
 #include <string.h>
-#define XXH_STATIC_LINKING_ONLY
-#include <xxhash.h>
+#include "page_hash.h"
 
 uint64_t page_key_hash(const struct page_key *k)
 {
@@ -37,11 +36,7 @@ uint64_t page_csum(const struct page_hdr *h, const void *payload, uint64_t slot,
 {
 	struct page_hdr c = *h;
 	c.csum = 0;
-	XXH3_state_t st;
-	XXH3_64bits_reset_withSeed(&st, seed_of(slot, epoch));
-	XXH3_64bits_update(&st, &c, sizeof(c));
-	XXH3_64bits_update(&st, payload, h->len);
-	return XXH3_64bits_digest(&st);
+	return kvt_page_hash(seed_of(slot, epoch), &c, sizeof(c), payload, h->len);
 }
 
 void page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot)

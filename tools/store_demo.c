@@ -59,16 +59,22 @@ static void table(struct kvt_store *s, const char *title)
 	struct kvt_store_stats st;
 	kvt_store_stats(s, &st);
 	printf("\n%s\n", title);
-	printf("  %-5s %10s %10s %12s %12s %10s %8s\n", "tier", "pages", "capacity", "read MiB",
-	       "written MiB", "evictions", "errors");
+	printf("  %-5s %10s %10s %12s %10s %12s %12s %8s\n", "tier", "pages", "capacity",
+	       "copies in", "evictions", "read MiB", "written MiB", "errors");
 	for (int t = 0; t < TIER_MAX; t++) {
 		struct tier_usage *u = &st.tier[t];
 		if (!u->slots)
 			continue;
-		printf("  %-5s %10llu %10llu %12.1f %12.1f %10llu %8llu\n", tier_name(t),
-		       (unsigned long long)u->used, (unsigned long long)u->slots,
-		       (double)u->read_bytes / 1048576.0, (double)u->write_bytes / 1048576.0,
-		       (unsigned long long)st.evictions[t], (unsigned long long)u->errors);
+		uint64_t in = t == TIER_NVME ? st.writebacks : st.promotions[t];
+		printf("  %-5s %10llu %10llu %12llu %10llu", tier_name(t), (unsigned long long)u->used,
+		       (unsigned long long)u->slots, (unsigned long long)in,
+		       (unsigned long long)st.evictions[t]);
+		if (t == TIER_NVME)
+			printf(" %12.1f %12.1f", (double)u->read_bytes / 1048576.0,
+			       (double)u->write_bytes / 1048576.0);
+		else
+			printf(" %12s %12s", "-", "-");
+		printf(" %8llu\n", (unsigned long long)u->errors);
 	}
 	printf("  pages %llu (dirty %llu) in %llu sequences; metadata %.1f KiB\n",
 	       (unsigned long long)st.pages, (unsigned long long)st.pages_dirty,

@@ -10,7 +10,9 @@
 
 #include "daemon/loop.h"
 #include "tiers/page_format.h"
+#include "tiers/page_hash.h"
 #include "tiers/slots.h"
+#include <xxhash.h>
 #include "helpers.h"
 
 static void slots_alloc_free(void **state)
@@ -128,6 +130,21 @@ static void format_catches_torn_and_stale(void **state)
 	free(torn);
 }
 
+/* The on-disk checksum must not depend on which vector unit computed it. */
+static void hash_is_xxh3(void **state)
+{
+	uint8_t *buf = malloc(70000);
+	for (int i = 0; i < 70000; i++)
+		buf[i] = (uint8_t)(i * 131 + 7);
+	size_t lens[] = {0, 1, 63, 64, 240, 241, 1024, 4097, 32768, 65536};
+	for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
+		uint64_t seed = 0x1234567ull * (i + 1);
+		uint64_t want = XXH3_64bits_withSeed(buf, 64 + lens[i], seed);
+		assert_int_equal(kvt_page_hash(seed, buf, 64, buf + 64, lens[i]), want);
+	}
+	free(buf);
+}
+
 static void loop_buffers_split(void **state)
 {
 	struct kvt_loop l;
@@ -164,6 +181,7 @@ int main(void)
 		cmocka_unit_test(format_roundtrip),
 		cmocka_unit_test(format_catches_flips),
 		cmocka_unit_test(format_catches_torn_and_stale),
+		cmocka_unit_test(hash_is_xxh3),
 		cmocka_unit_test(loop_buffers_split),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
