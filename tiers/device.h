@@ -40,10 +40,8 @@ struct kvt_copy_batch {
 	enum kvt_copy_dir dir;
 	int res;
 	void (*done)(struct kvt_copy_batch *b);
-	void *arg;
 	/* private to the device */
 	struct kvt_list link;
-	uint32_t ring_off;
 };
 
 /* Device memory made shareable with another process (the GPU pool). */

@@ -344,7 +344,6 @@ static int cuda_copy_submit(kvt_device *dev, kvt_copy_batch *b)
 	}
 	unsigned start = l.head;
 	memcpy(l.ring + start, b->copies, b->n * sizeof(kvt_copy));
-	b->ring_off = start;
 	l.head = start + b->n;
 	int ret;
 	if (d->use_memcpy_batch) {

@@ -9,19 +9,8 @@
 
 #include <stdbool.h>
 
-#define XXH_INLINE_ALL
 #define XXH_NAMESPACE kvt_sse2_
-#include <xxhash.h>
-
-static uint64_t hash_sse2(uint64_t seed, const void *a, size_t alen, const void *b,
-			  size_t blen)
-{
-	XXH3_state_t st;
-	XXH3_64bits_reset_withSeed(&st, seed);
-	XXH3_64bits_update(&st, a, alen);
-	XXH3_64bits_update(&st, b, blen);
-	return XXH3_64bits_digest(&st);
-}
+#include "page_hash_xxh3.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 uint64_t kvt_page_hash_avx2(uint64_t seed, const void *a, size_t alen, const void *b,
@@ -41,11 +30,11 @@ uint64_t kvt_page_hash(uint64_t seed, const void *a, size_t alen, const void *b,
 {
 	if (have_avx2())
 		return kvt_page_hash_avx2(seed, a, alen, b, blen);
-	return hash_sse2(seed, a, alen, b, blen);
+	return xxh3_two(seed, a, alen, b, blen);
 }
 #else
 uint64_t kvt_page_hash(uint64_t seed, const void *a, size_t alen, const void *b, size_t blen)
 {
-	return hash_sse2(seed, a, alen, b, blen);
+	return xxh3_two(seed, a, alen, b, blen);
 }
 #endif

@@ -2,10 +2,9 @@
 /* The AVX2 build of page_hash.c's XXH3 (this file is compiled with -mavx2). */
 #include "page_hash.h"
 
-#define XXH_INLINE_ALL
 #define XXH_NAMESPACE kvt_avx2_
 #define XXH_VECTOR    XXH_AVX2
-#include <xxhash.h>
+#include "page_hash_xxh3.h"
 
 uint64_t kvt_page_hash_avx2(uint64_t seed, const void *a, size_t alen, const void *b,
 			    size_t blen);
@@ -13,9 +12,5 @@ uint64_t kvt_page_hash_avx2(uint64_t seed, const void *a, size_t alen, const voi
 uint64_t kvt_page_hash_avx2(uint64_t seed, const void *a, size_t alen, const void *b,
 			    size_t blen)
 {
-	XXH3_state_t st;
-	XXH3_64bits_reset_withSeed(&st, seed);
-	XXH3_64bits_update(&st, a, alen);
-	XXH3_64bits_update(&st, b, blen);
-	return XXH3_64bits_digest(&st);
+	return xxh3_two(seed, a, alen, b, blen);
 }

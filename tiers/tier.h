@@ -55,7 +55,6 @@ struct tier_io {
 	int res;
 	enum page_check check;
 	void (*done)(struct tier_io *io);
-	void *arg; /* the submitter's */
 	/* private to the tier */
 	struct kvt_op op;
 	struct tier *tier;
