@@ -877,10 +877,9 @@ int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store
 	pg->want |= B(TIER_NVME);
 	/* An explicit request jumps the background queue. */
 	kvt_list_del(&pg->wb_link);
-	if (!(pg->busy & B(TIER_NVME)) && (pg->valid & B(TIER_HOST)))
-		start_move(s, pg, TIER_HOST, TIER_NVME, pg->slot[TIER_NVME]);
-	else
-		progress(s, pg);
+	if ((pg->busy & B(TIER_NVME)) || !(pg->valid & B(TIER_HOST)) ||
+	    start_move(s, pg, TIER_HOST, TIER_NVME, pg->slot[TIER_NVME]) < 0)
+		progress(s, pg); /* via host, or queued for the cron to retry */
 	return 0;
 }
 

@@ -158,7 +158,7 @@ void *kvt_store_slot_ptr(struct kvt_store *s, const struct page_key *k, enum tie
  * completions handled or -errno.
  */
 int kvt_store_run(struct kvt_store *s, int timeout_ms);
-/* True while I/O or copies are in flight or completions are queued. */
+/* True while page moves are in flight or queued, or completions wait to run. */
 bool kvt_store_busy(struct kvt_store *s);
 /* Writes back every complete dirty page and waits. 0 or the first error. */
 int kvt_store_flush(struct kvt_store *s);
