@@ -4,6 +4,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /*
  * Allocations for kvtier's own metadata (page map, sequences, queues). They come from
  * a jemalloc arena of their own where jemalloc is built in, so that metadata churn
@@ -18,5 +22,9 @@ void kvt_free(void *p);
 size_t kvt_alloc_bytes(void);
 /* "jemalloc" or "libc". */
 const char *kvt_alloc_backend(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

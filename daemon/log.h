@@ -8,6 +8,10 @@
  * Thread-safe (one write(2) per line).
  */
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 enum kvt_log_level {
 	KVT_LOG_ERR = 3,
 	KVT_LOG_WARN = 4,
@@ -26,5 +30,9 @@ void kvt_log(enum kvt_log_level lvl, const char *sys, const char *fmt, ...)
 #define kvt_notice(sys, ...) kvt_log(KVT_LOG_NOTICE, sys, __VA_ARGS__)
 #define kvt_info(sys, ...)   kvt_log(KVT_LOG_INFO, sys, __VA_ARGS__)
 #define kvt_debug(sys, ...)  kvt_log(KVT_LOG_DEBUG, sys, __VA_ARGS__)
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -63,7 +63,7 @@ struct cuda_device {
 	kvt_list done;
 };
 
-int to_errno(cudaError_t e, const char *what)
+static int to_errno(cudaError_t e, const char *what)
 {
 	if (e == cudaSuccess)
 		return 0;

@@ -2,8 +2,10 @@
 # On the GPU machine: build, run the whole suite (GPU tests included), the promotion
 # benchmark (gather kernel and cudaMemcpyBatchAsync), the nvme benchmark and the demo.
 # Logs go to $OUT (or ./gpu-out); a short table comes last.
-#   source .devsys/env.sh && bash tools/gpu-check.sh
+#   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels]
+# "kernels": build, tests and the kernel benchmark only.
 set -uo pipefail
+what=${1:-all}
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -18,6 +20,14 @@ meson test -C build-gpu --print-errorlogs --num-processes 4 >"$out/tests.log" 2>
 tests_rc=$?
 grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/tests.log" | tail -12
 grep -h "gpu:" build-gpu/meson-logs/testlog.txt | head -2
+# jemalloc's static TLS cannot come with a dlopen()ed library: preload it.
+je=$(ldd build-gpu/libkvtier.so | awk '/libjemalloc/ {print $3}')
+LD_PRELOAD=$je python3 tools/bench_kernels.py --lib build-gpu/libkvtier.so >"$out/kernels.txt" 2>&1
+echo "== kernels (selection, sparse attention, recall)"; cat "$out/kernels.txt" | tail -20
+if [ "$what" = kernels ]; then
+	echo "tests rc $tests_rc"
+	exit 0
+fi
 ./build-gpu/tools/kvtier-bench-promote -d cuda >"$out/promote-kernel.txt" 2>&1
 KVT_CUDA_COPY=memcpy ./build-gpu/tools/kvtier-bench-promote -d cuda >"$out/promote-memcpy.txt" 2>&1
 ./build-gpu/tools/kvtier-bench-promote -d cuda -p 256 -n 1024 >"$out/promote-256k.txt" 2>&1

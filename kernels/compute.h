@@ -1,0 +1,227 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_KERNELS_COMPUTE_H
+#define KVT_KERNELS_COMPUTE_H
+
+/*
+ * The compute that decides which pages a decode step needs, and the attention over
+ * them: page summaries, page scores, top-k / top-p selection and paged decode
+ * attention. Two backends implement it behind one ops table (compute_impl.h): "cpu"
+ * (plain C, the oracle of the tests) and "cuda" (the kernels in kernels/, .cu files). All pointers in the
+ * argument structs are in the backend's memory: host memory for cpu, device memory
+ * (or mapped pinned host memory) for cuda; kvt_compute_alloc() and friends move data
+ * there. Every function returns 0 or a negative errno.
+ *
+ * Layout (shared with the page store and with an engine's own kernels):
+ *
+ *   Row      one (sequence, KV head): row r = b * kv_heads + h for sequence b of a
+ *            batch. Everything below is indexed by row.
+ *   Query    q[r][g][d], g < group: the `group` query heads of KV head h are
+ *            h*group .. h*group+group-1 of the model's query heads (the usual GQA
+ *            mapping), so a batch's q[B][Hq][D] is exactly q[rows][group][D].
+ *   Page     in a pool slot: K[page_tokens][head_dim] then V[page_tokens][head_dim],
+ *            row-major in the KV dtype; slot s starts at pool + s * slot_bytes.
+ *   Page table  int32 slots, table[r * stride + i] for i < n_pages[r]: the full pages
+ *            row r attends to, in any order; plus, when tail_slot[r] >= 0, the page
+ *            still filling, of which the first tail_len[r] tokens are valid.
+ *   Summary  one record per page, in the KV dtype (f32 for f32 KV):
+ *            [min][max] (head_dim each, Quest) then [rep 0]..[rep R-1] (head_dim each,
+ *            the means of R equal sub-blocks of the page's keys, InfLLM), so
+ *            (2 + R) * head_dim elements; record i at summaries + i * record bytes.
+ *            sum_index[r * stride + p] names the record of page p of row r (NULL: the
+ *            records of row r are contiguous from r * stride).
+ *   Scores   float scores[r * stride + p] for p < n_pages[r].
+ *
+ * Thread-safety: a kvt_compute is used by one thread at a time.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum kvt_dtype {
+	KVT_F16 = 0,
+	KVT_BF16 = 1,
+	KVT_F32 = 2,
+	KVT_DTYPE_MAX
+};
+
+/* How a page is scored against a query. */
+enum kvt_score_method {
+	KVT_SCORE_QUEST = 0, /* sum_i max(q_i m_i, q_i M_i): an upper bound of q.k */
+	KVT_SCORE_REPS = 1,  /* max over the representatives r of q.r */
+	KVT_SCORE_MAX
+};
+
+/* How the query heads of one KV group are folded into one score per page. */
+enum kvt_gqa_agg {
+	KVT_GQA_MAX = 0,
+	KVT_GQA_SUM = 1,
+	KVT_GQA_MAX_
+};
+
+enum kvt_select_mode {
+	KVT_SELECT_TOPK = 0, /* budget_pages pages */
+	KVT_SELECT_TOPP = 1, /* smallest set reaching estimated mass top_p, at most budget_pages */
+	KVT_SELECT_MAX
+};
+
+/* The shape of one layer's KV. */
+struct kvt_geom {
+	uint32_t head_dim;    /* D; the cuda backend takes 64, 128 and 256 */
+	uint32_t page_tokens; /* T */
+	uint32_t group;       /* query heads per KV head (GQA); 1 for MHA */
+	uint32_t reps;        /* R representatives per page summary (0: none); divides T */
+	uint32_t dtype;       /* enum kvt_dtype of K, V, q, summaries and output */
+	uint32_t pad_;
+};
+
+/* Builds the summary records of freshly filled pages. */
+struct kvt_summarize_args {
+	struct kvt_geom g;
+	const void *pool;       /* page pool */
+	uint64_t slot_bytes;    /* pool stride; >= 2 * T * D * dtype size */
+	const int32_t *slots;   /* [n] pool slot of each page */
+	const int32_t *records; /* [n] summary record to write for each page */
+	void *summaries;        /* record pool */
+	uint32_t n;
+	uint32_t pad_;
+};
+
+/* One score per page of every row, for one layer's query. */
+struct kvt_score_args {
+	struct kvt_geom g;
+	uint32_t method; /* enum kvt_score_method */
+	uint32_t agg;    /* enum kvt_gqa_agg */
+	uint32_t rows;
+	uint32_t stride;
+	const void *q;             /* [rows][group][D] */
+	const void *summaries;     /* record pool */
+	const int32_t *sum_index;  /* [rows][stride] or NULL (contiguous records) */
+	const int32_t *n_pages;    /* [rows] pages of each row, <= stride */
+	float *scores;             /* [rows][stride] out */
+};
+
+/*
+ * Picks the pages of every row: the sink pages (those holding the first sink_tokens
+ * tokens) and the window pages (full pages holding any of the last window_tokens
+ * tokens of the row, tail included) always, then the best-scored other pages: the
+ * budget_pages best in all (top-k), or, top-p, the smallest set whose estimated
+ * softmax mass reaches top_p (less a 1e-6 rounding slack, so 1.0 means every page of
+ * non-negligible mass), capped at budget_pages. The mass of page p is
+ * estimated as exp(logit_scale * score_p) normalised over the row (the scores of a
+ * GQA_SUM layer are sums of `group` logits: pass logit_scale = scale / group). Ties
+ * go to the lower page index. A row with no more pages than the budget gets them all.
+ * Output: out[r * out_stride + i], i < n_out[r], in ascending page order: the page
+ * index, or slot_map[r * stride + page] when slot_map is not NULL (the page table
+ * attend() takes). out_stride >= budget_pages, and >= sinks + window pages.
+ */
+struct kvt_select_args {
+	uint32_t mode; /* enum kvt_select_mode */
+	uint32_t rows;
+	uint32_t stride;
+	uint32_t out_stride;
+	uint32_t budget_pages;
+	uint32_t page_tokens;
+	uint32_t sink_tokens;
+	uint32_t window_tokens;
+	float top_p;
+	float logit_scale;
+	const float *scores;      /* [rows][stride] */
+	const int32_t *n_pages;   /* [rows] */
+	const int32_t *tail_len;  /* [rows] tokens in the filling page, or NULL (none) */
+	const int32_t *slot_map;  /* [rows][stride] or NULL */
+	int32_t *out;             /* [rows][out_stride] */
+	int32_t *n_out;           /* [rows] */
+};
+
+/*
+ * Paged decode attention for one layer: every query head of row r attends over the
+ * n_pages[r] pages of table row r plus the first tail_len[r] tokens of tail_slot[r]
+ * (when >= 0). out[r][g][D] in the KV dtype, lse[r][g] = ln sum exp(scale * q.k)
+ * (-inf and a zero output for a row with no token). Split-K with log-sum-exp merging
+ * on cuda (flash-decoding).
+ */
+struct kvt_attend_args {
+	struct kvt_geom g;
+	uint32_t rows;
+	uint32_t stride;
+	float scale;   /* softmax scale, usually 1/sqrt(D) */
+	uint32_t pad_;
+	const void *q;             /* [rows][group][D] */
+	const void *pool;
+	uint64_t slot_bytes;
+	const int32_t *table;      /* [rows][stride] pool slots */
+	const int32_t *n_pages;    /* [rows] */
+	const int32_t *tail_slot;  /* [rows] or NULL; -1: no tail */
+	const int32_t *tail_len;   /* [rows] or NULL */
+	void *out;                 /* [rows][group][D] */
+	float *lse;                /* [rows][group] or NULL */
+};
+
+struct kvt_compute;
+
+/* Bytes of one element of dtype (0 for a bad dtype). */
+size_t kvt_dtype_size(uint32_t dtype);
+/* Bytes of one summary record. */
+size_t kvt_summary_record_bytes(const struct kvt_geom *g);
+/* 0 when the geometry is usable by any backend, else -EINVAL. */
+int kvt_geom_check(const struct kvt_geom *g);
+
+/*
+ * Opens a backend by name ("cpu", "cuda"); NULL picks cuda where a GPU is usable,
+ * else cpu. -ENODEV when the named backend cannot run here (no GPU, no driver, built
+ * without CUDA), -ENOENT for an unknown name.
+ */
+int kvt_compute_open(const char *name, struct kvt_compute **out);
+void kvt_compute_close(struct kvt_compute *c);
+const char *kvt_compute_name(const struct kvt_compute *c);
+
+/* Memory in the backend's space, for callers that have none of their own. */
+int kvt_compute_alloc(struct kvt_compute *c, size_t bytes, void **out);
+void kvt_compute_free(struct kvt_compute *c, void *p);
+int kvt_compute_upload(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
+int kvt_compute_download(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
+int kvt_compute_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes);
+
+/*
+ * The operations. stream: a cudaStream_t for cuda (NULL: the backend's own stream),
+ * ignored by cpu, which completes before returning. -EINVAL for arguments that do
+ * not describe a valid call (checked on the host side only: indices inside device
+ * tables are trusted, the daemon builds them).
+ */
+int kvt_summarize(struct kvt_compute *c, const struct kvt_summarize_args *a, void *stream);
+int kvt_score(struct kvt_compute *c, const struct kvt_score_args *a, void *stream);
+int kvt_select(struct kvt_compute *c, const struct kvt_select_args *a, void *stream);
+int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
+/* Waits for everything issued on stream (NULL: the backend's own). */
+int kvt_compute_sync(struct kvt_compute *c, void *stream);
+
+/*
+ * Per-layer policy: which layers are dense (bypass selection) and how the others
+ * score. kvt_layer_policy_default(): the first two layers dense, Quest, GQA max,
+ * top-k.
+ */
+struct kvt_layer_policy {
+	uint32_t dense_layers; /* layers 0 .. dense_layers-1 attend over every page */
+	uint32_t method[256];  /* enum kvt_score_method of each layer */
+	uint32_t agg;          /* enum kvt_gqa_agg */
+	uint32_t mode;         /* enum kvt_select_mode */
+};
+void kvt_layer_policy_default(struct kvt_layer_policy *p);
+
+/*
+ * Selection for one layer under a policy: score + select for a sparse layer, every
+ * page (ascending) for a dense one. sc->method is taken from the policy; sel->scores
+ * must point at sc->scores' buffer.
+ */
+int kvt_select_layer(struct kvt_compute *c, const struct kvt_layer_policy *p, uint32_t layer,
+		     struct kvt_score_args *sc, struct kvt_select_args *sel, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

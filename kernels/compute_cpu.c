@@ -1,0 +1,320 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The cpu compute backend: plain C over host memory, float accumulation. It serves the
+ * cpu device and is the oracle the cuda backend is tested against.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/alloc.h"
+#include "kernels/compute_impl.h"
+#include "kernels/dtype.h"
+
+struct cpu_compute {
+	struct kvt_compute base;
+	float *tmp; /* scratch, grown on demand */
+	size_t tmp_n;
+};
+
+static float *scratch(struct cpu_compute *c, size_t n)
+{
+	if (n > c->tmp_n) {
+		float *p = kvt_realloc(c->tmp, n * sizeof(float));
+		if (!p)
+			return NULL;
+		c->tmp = p;
+		c->tmp_n = n;
+	}
+	return c->tmp;
+}
+
+static int cpu_open(struct kvt_compute **out)
+{
+	struct cpu_compute *c = kvt_calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	*out = &c->base;
+	return 0;
+}
+
+static void cpu_close(struct kvt_compute *base)
+{
+	struct cpu_compute *c = (struct cpu_compute *)base;
+	kvt_free(c->tmp);
+	kvt_free(c);
+}
+
+static int cpu_alloc(struct kvt_compute *c, size_t bytes, void **out)
+{
+	void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+	if (!p)
+		return -ENOMEM;
+	*out = p;
+	return 0;
+}
+
+static void cpu_free(struct kvt_compute *c, void *p)
+{
+	free(p);
+}
+
+static int cpu_copy(struct kvt_compute *c, void *dst, const void *src, size_t bytes)
+{
+	memmove(dst, src, bytes);
+	return 0;
+}
+
+static int cpu_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
+{
+	memset(dst, byte, bytes);
+	return 0;
+}
+
+static int cpu_summarize(struct kvt_compute *c, const struct kvt_summarize_args *a, void *stream)
+{
+	const uint32_t D = a->g.head_dim, T = a->g.page_tokens, R = a->g.reps, dt = a->g.dtype;
+	const size_t rec = kvt_summary_record_bytes(&a->g);
+	for (uint32_t i = 0; i < a->n; i++) {
+		const uint8_t *k = (const uint8_t *)a->pool + (uint64_t)a->slots[i] * a->slot_bytes;
+		uint8_t *out = (uint8_t *)a->summaries + (uint64_t)a->records[i] * rec;
+		for (uint32_t d = 0; d < D; d++) {
+			float lo = INFINITY, hi = -INFINITY;
+			for (uint32_t t = 0; t < T; t++) {
+				float v = kvt_load_elem(k, (size_t)t * D + d, dt);
+				lo = fminf(lo, v);
+				hi = fmaxf(hi, v);
+			}
+			kvt_store_elem(out, d, dt, lo);
+			kvt_store_elem(out, D + d, dt, hi);
+			for (uint32_t r = 0; r < R; r++) {
+				uint32_t n = T / R;
+				float sum = 0;
+				for (uint32_t t = r * n; t < (r + 1) * n; t++)
+					sum += kvt_load_elem(k, (size_t)t * D + d, dt);
+				kvt_store_elem(out, (size_t)(2 + r) * D + d, dt, sum / (float)n);
+			}
+		}
+	}
+	return 0;
+}
+
+static int cpu_score(struct kvt_compute *base, const struct kvt_score_args *a, void *stream)
+{
+	struct cpu_compute *c = (struct cpu_compute *)base;
+	const uint32_t D = a->g.head_dim, G = a->g.group, R = a->g.reps, dt = a->g.dtype;
+	const size_t rec = kvt_summary_record_bytes(&a->g);
+	float *q = scratch(c, (size_t)G * D);
+	if (!q)
+		return -ENOMEM;
+	for (uint32_t r = 0; r < a->rows; r++) {
+		for (size_t i = 0; i < (size_t)G * D; i++)
+			q[i] = kvt_load_elem(a->q, (size_t)r * G * D + i, dt);
+		uint32_t n = (uint32_t)a->n_pages[r];
+		if (n > a->stride)
+			n = a->stride;
+		for (uint32_t p = 0; p < n; p++) {
+			size_t idx = (size_t)r * a->stride + p;
+			size_t recno = a->sum_index ? (size_t)a->sum_index[idx] : idx;
+			const uint8_t *s = (const uint8_t *)a->summaries + recno * rec;
+			float agg = a->agg == KVT_GQA_SUM ? 0.0f : -INFINITY;
+			for (uint32_t g = 0; g < G; g++) {
+				const float *qg = q + (size_t)g * D;
+				float v;
+				if (a->method == KVT_SCORE_QUEST) {
+					v = 0;
+					for (uint32_t d = 0; d < D; d++) {
+						float lo = qg[d] * kvt_load_elem(s, d, dt);
+						float hi = qg[d] * kvt_load_elem(s, D + d, dt);
+						v += fmaxf(lo, hi);
+					}
+				} else {
+					v = -INFINITY;
+					for (uint32_t j = 0; j < R; j++) {
+						float dot = 0;
+						for (uint32_t d = 0; d < D; d++)
+							dot += qg[d] *
+							       kvt_load_elem(s, (size_t)(2 + j) * D + d, dt);
+						v = fmaxf(v, dot);
+					}
+				}
+				agg = a->agg == KVT_GQA_SUM ? agg + v : fmaxf(agg, v);
+			}
+			a->scores[idx] = agg;
+		}
+	}
+	return 0;
+}
+
+struct rank {
+	uint32_t key;
+	uint32_t page;
+};
+
+static int rank_cmp(const void *x, const void *y)
+{
+	const struct rank *a = x, *b = y;
+	if (a->key != b->key)
+		return a->key > b->key ? -1 : 1;
+	return a->page < b->page ? -1 : a->page > b->page;
+}
+
+static int cpu_select(struct kvt_compute *base, const struct kvt_select_args *a, void *stream)
+{
+	uint8_t *chosen = malloc(a->stride);
+	struct rank *rk = malloc(sizeof(*rk) * a->stride);
+	if (!chosen || !rk) {
+		free(chosen);
+		free(rk);
+		return -ENOMEM;
+	}
+	for (uint32_t r = 0; r < a->rows; r++) {
+		uint32_t n = (uint32_t)a->n_pages[r];
+		if (n > a->stride)
+			n = a->stride;
+		uint32_t tail = a->tail_len ? (uint32_t)a->tail_len[r] : 0;
+		const float *sc = a->scores ? a->scores + (size_t)r * a->stride : NULL;
+		uint32_t sinks, win0, forced = 0, nr = 0;
+		kvt_forced_pages(n, tail, a->page_tokens, a->sink_tokens, a->window_tokens, &sinks,
+				 &win0);
+		bool all = a->mode == KVT_SELECT_TOPK && n <= a->budget_pages;
+		for (uint32_t p = 0; p < n; p++) {
+			chosen[p] = all || p < sinks || p >= win0;
+			if (chosen[p])
+				forced++;
+			else
+				rk[nr++] = (struct rank){kvt_score_key(sc[p]), p};
+		}
+		qsort(rk, nr, sizeof(*rk), rank_cmp);
+		uint32_t take = 0;
+		if (a->mode == KVT_SELECT_TOPK) {
+			take = a->budget_pages > forced ? a->budget_pages - forced : 0;
+		} else if (nr) {
+			float m = -INFINITY;
+			for (uint32_t p = 0; p < n; p++)
+				if (sc[p] == sc[p])
+					m = fmaxf(m, a->logit_scale * sc[p]);
+			float z = 0, mass = 0;
+			for (uint32_t p = 0; p < n; p++) {
+				float w = sc[p] == sc[p] ? expf(a->logit_scale * sc[p] - m) : 0.0f;
+				z += w;
+				if (chosen[p])
+					mass += w;
+			}
+			float target = a->top_p * z * (1.0f - 1e-6f); /* rounding slack */
+			if (!isfinite(m)) {
+				take = nr; /* no usable estimate: best scores up to the cap */
+			} else if (mass < target) {
+				take = nr; /* rounding left the target out of reach: all */
+				for (uint32_t i = 0; i < nr; i++) {
+					float s = sc[rk[i].page];
+					mass += s == s ? expf(a->logit_scale * s - m) : 0.0f;
+					if (mass >= target) {
+						take = i + 1;
+						while (take < nr && rk[take].key == rk[i].key)
+							take++;
+						break;
+					}
+				}
+			}
+			uint32_t cap = a->budget_pages > forced ? a->budget_pages - forced : 0;
+			if (take > cap)
+				take = cap;
+		}
+		if (take > nr)
+			take = nr;
+		for (uint32_t i = 0; i < take; i++)
+			chosen[rk[i].page] = 1;
+		int32_t *out = a->out + (size_t)r * a->out_stride;
+		uint32_t k = 0;
+		for (uint32_t p = 0; p < n; p++)
+			if (chosen[p])
+				out[k++] = a->slot_map ? a->slot_map[(size_t)r * a->stride + p] : (int32_t)p;
+		a->n_out[r] = (int32_t)k;
+	}
+	free(chosen);
+	free(rk);
+	return 0;
+}
+
+static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a, void *stream)
+{
+	struct cpu_compute *c = (struct cpu_compute *)base;
+	const uint32_t D = a->g.head_dim, G = a->g.group, T = a->g.page_tokens, dt = a->g.dtype;
+	float *q = scratch(c, (size_t)D + (size_t)(a->stride + 1) * T + D);
+	if (!q)
+		return -ENOMEM;
+	float *logit = q + D, *acc = logit + (size_t)(a->stride + 1) * T;
+	for (uint32_t r = 0; r < a->rows; r++) {
+		uint32_t n = (uint32_t)a->n_pages[r];
+		if (n > a->stride)
+			n = a->stride;
+		int32_t tslot = a->tail_slot ? a->tail_slot[r] : -1;
+		uint32_t tlen = tslot >= 0 ? (uint32_t)a->tail_len[r] : 0;
+		if (tlen > T)
+			tlen = T;
+		for (uint32_t g = 0; g < G; g++) {
+			size_t qo = ((size_t)r * G + g) * D;
+			for (uint32_t d = 0; d < D; d++)
+				q[d] = kvt_load_elem(a->q, qo + d, dt);
+			uint32_t nt = 0;
+			float m = -INFINITY;
+			for (uint32_t e = 0; e <= n; e++) {
+				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
+				uint32_t len = e < n ? T : tlen;
+				const uint8_t *k = (const uint8_t *)a->pool + (uint64_t)slot * a->slot_bytes;
+				for (uint32_t t = 0; t < len; t++) {
+					float dot = 0;
+					for (uint32_t d = 0; d < D; d++)
+						dot += q[d] * kvt_load_elem(k, (size_t)t * D + d, dt);
+					logit[nt] = dot * a->scale;
+					m = fmaxf(m, logit[nt++]);
+				}
+			}
+			float l = 0;
+			memset(acc, 0, sizeof(float) * D);
+			nt = 0;
+			for (uint32_t e = 0; e <= n; e++) {
+				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
+				uint32_t len = e < n ? T : tlen;
+				const uint8_t *v = (const uint8_t *)a->pool + (uint64_t)slot * a->slot_bytes +
+						   (size_t)T * D * kvt_dtype_size(dt);
+				for (uint32_t t = 0; t < len; t++) {
+					float p = expf(logit[nt++] - m);
+					l += p;
+					for (uint32_t d = 0; d < D; d++)
+						acc[d] += p * kvt_load_elem(v, (size_t)t * D + d, dt);
+				}
+			}
+			for (uint32_t d = 0; d < D; d++)
+				kvt_store_elem(a->out, qo + d, dt, nt ? acc[d] / l : 0.0f);
+			if (a->lse)
+				a->lse[(size_t)r * G + g] = nt ? m + logf(l) : -INFINITY;
+		}
+	}
+	return 0;
+}
+
+static int cpu_sync(struct kvt_compute *c, void *stream)
+{
+	return 0;
+}
+
+const struct kvt_compute_ops kvt_compute_cpu_ops = {
+	.name = "cpu",
+	.version = KVT_COMPUTE_OPS_VERSION,
+	.open = cpu_open,
+	.close = cpu_close,
+	.alloc = cpu_alloc,
+	.free = cpu_free,
+	.upload = cpu_copy,
+	.download = cpu_copy,
+	.memset = cpu_memset,
+	.summarize = cpu_summarize,
+	.score = cpu_score,
+	.select = cpu_select,
+	.attend = cpu_attend,
+	.sync = cpu_sync,
+};

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The cuda compute backend: the ops table over the kernels of summary.cu, select.cu
+ * and attend.cu. Device memory comes from cudaMalloc; work goes to the caller's
+ * stream or to the backend's own non-blocking one. CUDA errors become errno here.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "daemon/alloc.h"
+#include "daemon/log.h"
+#include "kernels/compute_impl.h"
+#include "kernels/cuda_common.cuh"
+
+struct cuda_compute {
+	kvt_compute base;
+	cudaStream_t stream;
+	kvt_cuda_ws ws;
+};
+
+int kvt_cuda_errno(cudaError_t e, const char *what)
+{
+	if (e == cudaSuccess)
+		return 0;
+	kvt_err("compute", "cuda %s: %s", what, cudaGetErrorString(e));
+	switch (e) {
+	case cudaErrorMemoryAllocation:
+		return -ENOMEM;
+	case cudaErrorNoDevice:
+	case cudaErrorInsufficientDriver:
+	case cudaErrorInvalidDevice:
+		return -ENODEV;
+	case cudaErrorInvalidValue:
+	case cudaErrorInvalidConfiguration:
+		return -EINVAL;
+	default:
+		return -EIO;
+	}
+}
+
+static cudaStream_t pick(cuda_compute *c, void *stream)
+{
+	return stream ? static_cast<cudaStream_t>(stream) : c->stream;
+}
+
+static int cuda_open(kvt_compute **out)
+{
+	int count = 0;
+	if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+		cudaGetLastError();
+		return -ENODEV;
+	}
+	auto *c = static_cast<cuda_compute *>(kvt_calloc(1, sizeof(cuda_compute)));
+	if (!c)
+		return -ENOMEM;
+	int dev = 0, ret;
+	cudaGetDevice(&dev);
+	if ((ret = kvt_cuda_errno(cudaDeviceGetAttribute(&c->ws.sms, cudaDevAttrMultiProcessorCount,
+							 dev),
+				  "device attribute")) < 0 ||
+	    (ret = kvt_cuda_errno(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
+				  "stream")) < 0) {
+		kvt_free(c);
+		return ret;
+	}
+	*out = &c->base;
+	return 0;
+}
+
+static void cuda_close(kvt_compute *base)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	cudaStreamSynchronize(c->stream);
+	cudaFree(c->ws.buf);
+	cudaFree(c->ws.counters);
+	cudaStreamDestroy(c->stream);
+	kvt_free(c);
+}
+
+static int cuda_alloc(kvt_compute *, size_t bytes, void **out)
+{
+	return kvt_cuda_errno(cudaMalloc(out, bytes ? bytes : 1), "malloc");
+}
+
+static void cuda_free(kvt_compute *, void *p)
+{
+	cudaFree(p);
+}
+
+static int cuda_upload(kvt_compute *base, void *dst, const void *src, size_t bytes)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	int ret = kvt_cuda_errno(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream),
+				 "upload");
+	return ret < 0 ? ret : kvt_cuda_errno(cudaStreamSynchronize(c->stream), "upload");
+}
+
+static int cuda_download(kvt_compute *base, void *dst, const void *src, size_t bytes)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	int ret = kvt_cuda_errno(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream),
+				 "download");
+	return ret < 0 ? ret : kvt_cuda_errno(cudaStreamSynchronize(c->stream), "download");
+}
+
+static int cuda_memset(kvt_compute *base, void *dst, int byte, size_t bytes)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	int ret = kvt_cuda_errno(cudaMemsetAsync(dst, byte, bytes, c->stream), "memset");
+	return ret < 0 ? ret : kvt_cuda_errno(cudaStreamSynchronize(c->stream), "memset");
+}
+
+static int cuda_summarize(kvt_compute *base, const kvt_summarize_args *a, void *stream)
+{
+	return kvt_cuda_summarize(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_score(kvt_compute *base, const kvt_score_args *a, void *stream)
+{
+	return kvt_cuda_score(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_select(kvt_compute *base, const kvt_select_args *a, void *stream)
+{
+	return kvt_cuda_select(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_attend(kvt_compute *base, const kvt_attend_args *a, void *stream)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	return kvt_cuda_attend(a, &c->ws, pick(c, stream));
+}
+
+static int cuda_sync(kvt_compute *base, void *stream)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	return kvt_cuda_errno(cudaStreamSynchronize(pick(c, stream)), "sync");
+}
+
+extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
+	"cuda",
+	KVT_COMPUTE_OPS_VERSION,
+	cuda_open,
+	cuda_close,
+	cuda_alloc,
+	cuda_free,
+	cuda_upload,
+	cuda_download,
+	cuda_memset,
+	cuda_summarize,
+	cuda_score,
+	cuda_select,
+	cuda_attend,
+	cuda_sync,
+};

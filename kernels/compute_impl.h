@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_KERNELS_COMPUTE_IMPL_H
+#define KVT_KERNELS_COMPUTE_IMPL_H
+
+/* For backend implementers: the ops table behind kernels/compute.h. */
+
+#include "kernels/compute.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVT_COMPUTE_OPS_VERSION 1
+
+struct kvt_compute_ops {
+	const char *name;
+	unsigned version;
+	int (*open)(struct kvt_compute **out);
+	void (*close)(struct kvt_compute *c);
+	int (*alloc)(struct kvt_compute *c, size_t bytes, void **out);
+	void (*free)(struct kvt_compute *c, void *p);
+	int (*upload)(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
+	int (*download)(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
+	int (*memset)(struct kvt_compute *c, void *dst, int byte, size_t bytes);
+	int (*summarize)(struct kvt_compute *c, const struct kvt_summarize_args *a, void *stream);
+	int (*score)(struct kvt_compute *c, const struct kvt_score_args *a, void *stream);
+	int (*select)(struct kvt_compute *c, const struct kvt_select_args *a, void *stream);
+	int (*attend)(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
+	int (*sync)(struct kvt_compute *c, void *stream);
+};
+
+/* Every backend's object starts with this. */
+struct kvt_compute {
+	const struct kvt_compute_ops *ops;
+};
+
+extern const struct kvt_compute_ops kvt_compute_cpu_ops;
+#if defined(HAVE_CUDA) && HAVE_CUDA
+extern const struct kvt_compute_ops kvt_compute_cuda_ops;
+#endif
+
+/* Host-side argument checks shared by the backends (0 or -EINVAL). */
+int kvt_check_summarize(const struct kvt_summarize_args *a);
+int kvt_check_score(const struct kvt_score_args *a);
+int kvt_check_select(const struct kvt_select_args *a);
+int kvt_check_attend(const struct kvt_attend_args *a);
+
+#ifdef __CUDACC__
+#define KVT_HD __host__ __device__
+#else
+#define KVT_HD
+#endif
+
+/* Window and sink page ranges of a row: pages [0, sinks) and [win0, n). */
+static inline KVT_HD void kvt_forced_pages(uint32_t n, uint32_t tail, uint32_t T, uint32_t sink_tokens,
+				    uint32_t window_tokens, uint32_t *sinks, uint32_t *win0)
+{
+	uint32_t s = (sink_tokens + T - 1) / T;
+	*sinks = s < n ? s : n;
+	uint64_t total = (uint64_t)n * T + tail;
+	uint64_t first = total > window_tokens ? total - window_tokens : 0; /* first window token */
+	uint64_t w = first / T;
+	*win0 = w < n ? (uint32_t)w : n;
+}
+
+/* Orderable key of a float score: larger score, larger key; NaN lowest. */
+static inline uint32_t kvt_score_key(float f)
+{
+	union {
+		float f;
+		uint32_t u;
+	} v = {.f = f};
+	if (f != f)
+		return 0;
+	return (v.u & 0x80000000u) ? ~v.u : v.u | 0x80000000u;
+}
+
+#define KVT_KEY_FORCED 0xffffffffu
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

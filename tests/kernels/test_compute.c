@@ -1,0 +1,783 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The compute backends against float64 references written here: summaries, scores,
+ * top-k/top-p selection and paged decode attention, on random inputs of odd sizes,
+ * with outputs poisoned beforehand to prove full coverage (and no stray writes).
+ * Built twice: test_kernels runs the cpu backend; test_kernels_gpu runs cuda (exit
+ * 77 without a GPU) and also checks cuda against cpu.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/compute.h"
+#include "kernels/compute_impl.h"
+#include "kernels/dtype.h"
+
+#ifndef BACKEND
+#define BACKEND "cpu"
+#endif
+
+static struct kvt_compute *C;   /* backend under test */
+static struct kvt_compute *CPU; /* oracle twin (same as C for the cpu build) */
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static double urand(void) /* [0, 1) */
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 7;
+	rng ^= rng << 17;
+	return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
+}
+static double srand1(void)
+{
+	return 2 * urand() - 1;
+}
+
+static double tol_of(uint32_t dt)
+{
+	return dt == KVT_F32 ? 1e-5 : dt == KVT_F16 ? 2e-3 : 1e-2;
+}
+
+/* Random elements in dtype; returns the buffer, values exactly representable. */
+static void *rand_elems(size_t n, uint32_t dt, double amp)
+{
+	void *p = malloc(n * kvt_dtype_size(dt) + 64);
+	assert_non_null(p);
+	for (size_t i = 0; i < n; i++)
+		kvt_store_elem(p, i, dt, (float)(amp * srand1()));
+	return p;
+}
+
+static void *dev_dup(struct kvt_compute *c, const void *h, size_t bytes)
+{
+	void *d;
+	assert_int_equal(kvt_compute_alloc(c, bytes ? bytes : 1, &d), 0);
+	if (bytes)
+		assert_int_equal(kvt_compute_upload(c, d, h, bytes), 0);
+	return d;
+}
+
+static void fetch(struct kvt_compute *c, void *h, void *d, size_t bytes)
+{
+	assert_int_equal(kvt_compute_sync(c, NULL), 0);
+	assert_int_equal(kvt_compute_download(c, h, d, bytes), 0);
+	kvt_compute_free(c, d);
+}
+
+/* ---- summaries ---- */
+
+static void run_summarize(struct kvt_compute *c, const struct kvt_geom *g, const void *pool,
+			  size_t pool_bytes, uint64_t slot_bytes, const int32_t *slots,
+			  const int32_t *recs, uint32_t n, void *sums, size_t sum_bytes)
+{
+	struct kvt_summarize_args a = {
+		.g = *g,
+		.pool = dev_dup(c, pool, pool_bytes),
+		.slot_bytes = slot_bytes,
+		.slots = dev_dup(c, slots, n * 4),
+		.records = dev_dup(c, recs, n * 4),
+		.summaries = dev_dup(c, sums, sum_bytes),
+		.n = n,
+	};
+	assert_int_equal(kvt_summarize(c, &a, NULL), 0);
+	fetch(c, sums, a.summaries, sum_bytes);
+	kvt_compute_free(c, (void *)a.pool);
+	kvt_compute_free(c, (void *)a.slots);
+	kvt_compute_free(c, (void *)a.records);
+}
+
+static void summaries_case(uint32_t D, uint32_t T, uint32_t R, uint32_t dt)
+{
+	struct kvt_geom g = {.head_dim = D, .page_tokens = T, .group = 1, .reps = R, .dtype = dt};
+	const uint32_t n = 37, nslots = 53, nrec = 61;
+	const size_t es = kvt_dtype_size(dt);
+	const uint64_t slot_bytes = 2ull * T * D * es + 256; /* a padded stride */
+	size_t pool_bytes = nslots * slot_bytes;
+	void *pool = rand_elems(pool_bytes / es, dt, 2.0);
+	int32_t slots[37], recs[37];
+	for (uint32_t i = 0; i < n; i++) {
+		slots[i] = (int32_t)((i * 17 + 5) % nslots);
+		recs[i] = (int32_t)((i * 23 + 3) % nrec);
+	}
+	const size_t rec = kvt_summary_record_bytes(&g);
+	void *sums = malloc(nrec * rec);
+	memset(sums, 0xff, nrec * rec);
+	run_summarize(C, &g, pool, pool_bytes, slot_bytes, slots, recs, n, sums, nrec * rec);
+	uint8_t *written = calloc(nrec, 1);
+	for (uint32_t i = 0; i < n; i++) {
+		written[recs[i]] = 1;
+		const uint8_t *k = (const uint8_t *)pool + slots[i] * slot_bytes;
+		const uint8_t *s = (const uint8_t *)sums + recs[i] * rec;
+		for (uint32_t d = 0; d < D; d++) {
+			double lo = INFINITY, hi = -INFINITY;
+			for (uint32_t t = 0; t < T; t++) {
+				double v = kvt_load_elem(k, (size_t)t * D + d, dt);
+				lo = fmin(lo, v);
+				hi = fmax(hi, v);
+			}
+			assert_true(kvt_load_elem(s, d, dt) == lo);
+			assert_true(kvt_load_elem(s, D + d, dt) == hi);
+			for (uint32_t r = 0; r < R; r++) {
+				double m = 0;
+				for (uint32_t t = r * (T / R); t < (r + 1) * (T / R); t++)
+					m += kvt_load_elem(k, (size_t)t * D + d, dt);
+				m /= T / R;
+				double got = kvt_load_elem(s, (size_t)(2 + r) * D + d, dt);
+				assert_true(fabs(got - m) <= tol_of(dt) * fmax(1.0, fabs(m)));
+			}
+		}
+	}
+	for (uint32_t i = 0; i < nrec; i++) /* untouched records keep the poison */
+		if (!written[i])
+			for (size_t b = 0; b < rec; b++)
+				assert_int_equal(((uint8_t *)sums)[i * rec + b], 0xff);
+	free(written);
+	free(sums);
+	free(pool);
+}
+
+static void test_summaries(void **state)
+{
+	summaries_case(64, 16, 4, KVT_F16);
+	summaries_case(128, 64, 4, KVT_BF16);
+	summaries_case(256, 48, 3, KVT_F32);
+	summaries_case(128, 32, 0, KVT_BF16);
+	summaries_case(64, 17, 1, KVT_F32);
+}
+
+/* ---- scores ---- */
+
+struct score_case {
+	uint32_t D, R, G, dt, method, agg, rows, stride;
+	int indexed;
+};
+
+static void run_score(struct kvt_compute *c, const struct kvt_score_args *h, size_t nrec,
+		      float *scores)
+{
+	const size_t es = kvt_dtype_size(h->g.dtype), rs = (size_t)h->rows * h->stride;
+	struct kvt_score_args a = *h;
+	a.q = dev_dup(c, h->q, (size_t)h->rows * h->g.group * h->g.head_dim * es);
+	a.summaries = dev_dup(c, h->summaries, nrec * kvt_summary_record_bytes(&h->g));
+	a.sum_index = h->sum_index ? dev_dup(c, h->sum_index, rs * 4) : NULL;
+	a.n_pages = dev_dup(c, h->n_pages, h->rows * 4);
+	a.scores = dev_dup(c, scores, rs * 4);
+	assert_int_equal(kvt_score(c, &a, NULL), 0);
+	fetch(c, scores, a.scores, rs * 4);
+	kvt_compute_free(c, (void *)a.q);
+	kvt_compute_free(c, (void *)a.summaries);
+	kvt_compute_free(c, (void *)a.sum_index);
+	kvt_compute_free(c, (void *)a.n_pages);
+}
+
+static void score_case(const struct score_case *sc)
+{
+	const uint32_t D = sc->D, R = sc->R, G = sc->G, dt = sc->dt, rows = sc->rows;
+	struct kvt_geom g = {.head_dim = D, .page_tokens = 16, .group = G, .reps = R, .dtype = dt};
+	const size_t rs = (size_t)rows * sc->stride, nrec = rs + 7;
+	const size_t es = kvt_dtype_size(dt), rec = kvt_summary_record_bytes(&g);
+	void *q = rand_elems((size_t)rows * G * D, dt, 1.0);
+	void *sums = malloc(nrec * rec);
+	for (size_t i = 0; i < nrec; i++)
+		for (uint32_t d = 0; d < D; d++) {
+			double a = srand1(), b = srand1();
+			uint8_t *s = (uint8_t *)sums + i * rec;
+			kvt_store_elem(s, d, dt, (float)fmin(a, b));
+			kvt_store_elem(s, D + d, dt, (float)fmax(a, b));
+			for (uint32_t r = 0; r < R; r++)
+				kvt_store_elem(s, (size_t)(2 + r) * D + d, dt, (float)srand1());
+		}
+	int32_t *idx = malloc(rs * 4), *np = malloc(rows * 4);
+	for (size_t i = 0; i < rs; i++)
+		idx[i] = (int32_t)((i * 7919 + 11) % nrec);
+	for (uint32_t r = 0; r < rows; r++)
+		np[r] = r == 0 ? 0 : r == 1 ? 1 : r == 2 ? (int32_t)sc->stride : (int32_t)(sc->stride * 2 / 3 + r);
+	float *scores = malloc(rs * 4);
+	memset(scores, 0xff, rs * 4);
+	struct kvt_score_args a = {.g = g, .method = sc->method, .agg = sc->agg, .rows = rows,
+				   .stride = sc->stride, .q = q, .summaries = sums,
+				   .sum_index = sc->indexed ? idx : NULL, .n_pages = np,
+				   .scores = scores};
+	run_score(C, &a, nrec, scores);
+	for (uint32_t r = 0; r < rows; r++)
+		for (uint32_t p = 0; p < sc->stride; p++) {
+			size_t i = (size_t)r * sc->stride + p;
+			if (p >= (uint32_t)np[r]) {
+				assert_true(isnan(scores[i])); /* past the row: untouched */
+				continue;
+			}
+			const uint8_t *s = (const uint8_t *)sums + (sc->indexed ? (size_t)idx[i] : i) * rec;
+			double agg = sc->agg == KVT_GQA_SUM ? 0 : -INFINITY, mag = 0;
+			for (uint32_t h = 0; h < G; h++) {
+				double v = sc->method == KVT_SCORE_QUEST ? 0 : -INFINITY;
+				for (uint32_t j = 0; j < (sc->method == KVT_SCORE_QUEST ? 1 : R); j++) {
+					double dot = 0;
+					for (uint32_t d = 0; d < D; d++) {
+						double qd = kvt_load_elem(q, ((size_t)r * G + h) * D + d, dt);
+						if (sc->method == KVT_SCORE_QUEST) {
+							double lo = qd * kvt_load_elem(s, d, dt);
+							double hi = qd * kvt_load_elem(s, D + d, dt);
+							dot += fmax(lo, hi);
+							mag += fabs(fmax(lo, hi));
+						} else {
+							double x = qd * kvt_load_elem(s, (size_t)(2 + j) * D + d, dt);
+							dot += x;
+							mag += fabs(x);
+						}
+					}
+					v = sc->method == KVT_SCORE_QUEST ? dot : fmax(v, dot);
+				}
+				agg = sc->agg == KVT_GQA_SUM ? agg + v : fmax(agg, v);
+			}
+			assert_false(isnan(scores[i]));
+			if (fabs(scores[i] - agg) > 1e-5 * mag + 1e-6)
+				fail_msg("row %u page %u: %g vs %g", r, p, scores[i], agg);
+		}
+	(void)es;
+	free(q);
+	free(sums);
+	free(idx);
+	free(np);
+	free(scores);
+}
+
+static void test_scores(void **state)
+{
+	static const struct score_case cases[] = {
+		{128, 4, 4, KVT_BF16, KVT_SCORE_QUEST, KVT_GQA_MAX, 5, 41, 1},
+		{128, 4, 4, KVT_BF16, KVT_SCORE_QUEST, KVT_GQA_SUM, 5, 41, 0},
+		{128, 4, 3, KVT_F16, KVT_SCORE_REPS, KVT_GQA_MAX, 3, 77, 1},
+		{64, 2, 5, KVT_F32, KVT_SCORE_REPS, KVT_GQA_SUM, 4, 129, 1},
+		{256, 1, 1, KVT_BF16, KVT_SCORE_QUEST, KVT_GQA_MAX, 6, 33, 1},
+		{128, 2, 12, KVT_F16, KVT_SCORE_QUEST, KVT_GQA_MAX, 3, 19, 0},
+		{64, 4, 8, KVT_BF16, KVT_SCORE_REPS, KVT_GQA_MAX, 4, 300, 1},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		score_case(&cases[i]);
+}
+
+/* Summaries and Quest scores of real pages: the bound holds for every token. */
+static void test_quest_bound(void **state)
+{
+	const uint32_t D = 128, T = 32, G = 4, n = 29, dt = KVT_BF16;
+	struct kvt_geom g = {.head_dim = D, .page_tokens = T, .group = G, .reps = 4, .dtype = dt};
+	const uint64_t slot_bytes = 2ull * T * D * 2;
+	void *pool = rand_elems(n * slot_bytes / 2, dt, 1.0);
+	int32_t ids[29];
+	for (uint32_t i = 0; i < n; i++)
+		ids[i] = (int32_t)i;
+	const size_t rec = kvt_summary_record_bytes(&g);
+	void *sums = malloc(n * rec);
+	run_summarize(C, &g, pool, n * slot_bytes, slot_bytes, ids, ids, n, sums, n * rec);
+	void *q = rand_elems(G * D, dt, 1.0);
+	float scores[29];
+	int32_t np = (int32_t)n;
+	for (uint32_t method = 0; method < KVT_SCORE_MAX; method++) {
+		struct kvt_score_args a = {.g = g, .method = method, .agg = KVT_GQA_MAX, .rows = 1,
+					   .stride = n, .q = q, .summaries = sums, .n_pages = &np,
+					   .scores = scores};
+		run_score(C, &a, n, scores);
+		for (uint32_t p = 0; p < n; p++) {
+			double best = -INFINITY;
+			const uint8_t *k = (const uint8_t *)pool + p * slot_bytes;
+			for (uint32_t h = 0; h < G; h++)
+				for (uint32_t t = 0; t < T; t++) {
+					double dot = 0;
+					for (uint32_t d = 0; d < D; d++)
+						dot += kvt_load_elem(q, h * D + d, dt) *
+						       kvt_load_elem(k, (size_t)t * D + d, dt);
+					best = fmax(best, dot);
+				}
+			if (method == KVT_SCORE_QUEST)
+				assert_true(scores[p] >= best - 1e-4);
+			else /* a mean of keys never beats the best key */
+				assert_true(scores[p] <= best + 0.05);
+		}
+	}
+	free(pool);
+	free(sums);
+	free(q);
+}
+
+/* ---- selection ---- */
+
+static void run_select(struct kvt_compute *c, const struct kvt_select_args *h, int32_t *out,
+		       int32_t *n_out)
+{
+	struct kvt_select_args a = *h;
+	size_t rs = (size_t)h->rows * h->stride;
+	a.scores = h->scores ? dev_dup(c, h->scores, rs * 4) : NULL;
+	a.n_pages = dev_dup(c, h->n_pages, h->rows * 4);
+	a.tail_len = h->tail_len ? dev_dup(c, h->tail_len, h->rows * 4) : NULL;
+	a.slot_map = h->slot_map ? dev_dup(c, h->slot_map, rs * 4) : NULL;
+	a.out = dev_dup(c, out, (size_t)h->rows * h->out_stride * 4);
+	a.n_out = dev_dup(c, n_out, h->rows * 4);
+	assert_int_equal(kvt_select(c, &a, NULL), 0);
+	fetch(c, out, a.out, (size_t)h->rows * h->out_stride * 4);
+	fetch(c, n_out, a.n_out, h->rows * 4);
+	kvt_compute_free(c, (void *)a.scores);
+	kvt_compute_free(c, (void *)a.n_pages);
+	kvt_compute_free(c, (void *)a.tail_len);
+	kvt_compute_free(c, (void *)a.slot_map);
+}
+
+/* Reference: forced pages, then the rest by (score desc, page asc). */
+static int ref_cmp_scores(const float *sc, uint32_t a, uint32_t b)
+{
+	if (sc[a] != sc[b])
+		return sc[a] > sc[b] ? -1 : 1;
+	return a < b ? -1 : 1;
+}
+
+static void check_selection(const struct kvt_select_args *a, const int32_t *out,
+			    const int32_t *n_out, uint32_t r)
+{
+	const uint32_t n = (uint32_t)a->n_pages[r], T = a->page_tokens;
+	const uint32_t tail = a->tail_len ? (uint32_t)a->tail_len[r] : 0;
+	const float *sc = a->scores + (size_t)r * a->stride;
+	const int32_t *o = out + (size_t)r * a->out_stride;
+	uint32_t k = (uint32_t)n_out[r];
+	assert_true(k <= n);
+	uint8_t *in = calloc(n + 1, 1);
+	for (uint32_t i = 0; i < k; i++) {
+		int32_t v = o[i];
+		uint32_t p = a->slot_map ? (uint32_t)(v - 1000000) : (uint32_t)v;
+		if (a->slot_map)
+			assert_int_equal(a->slot_map[(size_t)r * a->stride + p], v);
+		assert_true(p < n);
+		if (i)
+			assert_true(p > (uint32_t)(a->slot_map ? o[i - 1] - 1000000 : o[i - 1]));
+		in[p] = 1;
+	}
+	for (uint32_t i = k; i < a->out_stride; i++)
+		assert_int_equal(o[i], -7); /* nothing past n_out */
+	/* forced: sinks and every full page holding one of the last W tokens */
+	uint32_t forced = 0;
+	uint64_t total = (uint64_t)n * T + tail;
+	for (uint32_t p = 0; p < n; p++) {
+		bool sink = (uint64_t)p * T < a->sink_tokens;
+		bool win = (uint64_t)(p + 1) * T + a->window_tokens > total;
+		if (sink || win) {
+			assert_true(in[p]);
+			forced++;
+		}
+	}
+	if (a->mode == KVT_SELECT_TOPK) {
+		uint32_t want = n <= a->budget_pages ? n : a->budget_pages > forced ? a->budget_pages : forced;
+		assert_int_equal(k, want);
+	}
+	/* selected non-forced pages are the best: nothing left out beats one taken */
+	for (uint32_t p = 0; p < n; p++) {
+		bool sink = (uint64_t)p * T < a->sink_tokens;
+		bool win = (uint64_t)(p + 1) * T + a->window_tokens > total;
+		if (sink || win || !in[p])
+			continue;
+		for (uint32_t x = 0; x < n; x++) {
+			bool xs = (uint64_t)x * T < a->sink_tokens;
+			bool xw = (uint64_t)(x + 1) * T + a->window_tokens > total;
+			if (!xs && !xw && !in[x])
+				assert_true(ref_cmp_scores(sc, p, x) < 0);
+		}
+	}
+	if (a->mode == KVT_SELECT_TOPP && n) {
+		double m = -INFINITY, z = 0, mass = 0, low = INFINITY;
+		for (uint32_t p = 0; p < n; p++)
+			m = fmax(m, (double)a->logit_scale * sc[p]);
+		for (uint32_t p = 0; p < n; p++) {
+			double w = exp((double)a->logit_scale * sc[p] - m);
+			z += w;
+			if (in[p])
+				mass += w;
+		}
+		uint32_t cap = a->budget_pages > forced ? a->budget_pages : forced;
+		if (k < cap && k < n)
+			assert_true(mass >= a->top_p * z * (1 - 1e-4));
+		/* minimal: dropping the lowest-scored chosen (non-forced) key misses p */
+		for (uint32_t p = 0; p < n; p++) {
+			bool sink = (uint64_t)p * T < a->sink_tokens;
+			bool win = (uint64_t)(p + 1) * T + a->window_tokens > total;
+			if (in[p] && !sink && !win)
+				low = fmin(low, sc[p]);
+		}
+		if (low < INFINITY) {
+			double without = mass;
+			for (uint32_t p = 0; p < n; p++) {
+				bool sink = (uint64_t)p * T < a->sink_tokens;
+				bool win = (uint64_t)(p + 1) * T + a->window_tokens > total;
+				if (in[p] && !sink && !win && sc[p] == low)
+					without -= exp((double)a->logit_scale * sc[p] - m);
+			}
+			assert_true(without < a->top_p * z * (1 + 1e-4));
+		}
+	}
+	free(in);
+}
+
+static void select_case(uint32_t mode, uint32_t rows, uint32_t stride, uint32_t budget, float p,
+			bool mapped, bool ties, uint32_t needles)
+{
+	const uint32_t T = 16, out_stride = budget + 12;
+	size_t rs = (size_t)rows * stride;
+	float *sc = malloc(rs * 4);
+	int32_t *np = malloc(rows * 4), *tl = malloc(rows * 4), *map = malloc(rs * 4);
+	int32_t *out = malloc((size_t)rows * out_stride * 4), *n_out = malloc(rows * 4);
+	for (size_t i = 0; i < rs; i++) {
+		sc[i] = ties ? (float)(int)(urand() * 8) : (float)srand1();
+		map[i] = (int32_t)(1000000 + i % stride);
+	}
+	for (uint32_t r = 0; r < rows; r++) {
+		np[r] = r == 0 ? (int32_t)stride : r == 1 ? (int32_t)(budget / 2) : r == 2 ? 0
+			: (int32_t)(stride - 1 - r % 5);
+		tl[r] = (int32_t)(r * 5 % T);
+		for (uint32_t j = 0; j < needles && np[r] > 40; j++) /* planted high scorers */
+			sc[(size_t)r * stride + 10 + (j * 37) % ((uint32_t)np[r] - 30)] = 50.0f + 0.01f * (float)j;
+	}
+	for (size_t i = 0; i < (size_t)rows * out_stride; i++)
+		out[i] = -7;
+	for (uint32_t r = 0; r < rows; r++)
+		n_out[r] = -1;
+	struct kvt_select_args a = {
+		.mode = mode, .rows = rows, .stride = stride, .out_stride = out_stride,
+		.budget_pages = budget, .page_tokens = T, .sink_tokens = 20, .window_tokens = 70,
+		.top_p = p, .logit_scale = 2.0f, .scores = sc, .n_pages = np, .tail_len = tl,
+		.slot_map = mapped ? map : NULL, .out = out, .n_out = n_out,
+	};
+	run_select(C, &a, out, n_out);
+	/* planted needles share nearly all the mass: a top-p of 0.99 needs every one */
+	if (mode == KVT_SELECT_TOPP && p < 0.99f)
+		needles = 0;
+	for (uint32_t r = 0; r < rows; r++) {
+		check_selection(&a, out, n_out, r);
+		for (uint32_t j = 0; j < needles && np[r] > 40; j++) {
+			uint32_t pg = 10 + (j * 37) % ((uint32_t)np[r] - 30);
+			bool found = false;
+			for (int32_t i = 0; i < n_out[r]; i++)
+				found |= (uint32_t)(out[(size_t)r * out_stride + i] - (mapped ? 1000000 : 0)) == pg;
+			assert_true(found);
+		}
+	}
+	if (CPU != C) { /* the same scores give the very same pages on cpu */
+		int32_t *out2 = malloc((size_t)rows * out_stride * 4), *n2 = malloc(rows * 4);
+		for (size_t i = 0; i < (size_t)rows * out_stride; i++)
+			out2[i] = -7;
+		a.out = out2;
+		a.n_out = n2;
+		run_select(CPU, &a, out2, n2);
+		assert_memory_equal(n2, n_out, rows * 4);
+		if (mode == KVT_SELECT_TOPK)
+			assert_memory_equal(out2, out, (size_t)rows * out_stride * 4);
+		free(out2);
+		free(n2);
+	}
+	free(sc);
+	free(np);
+	free(tl);
+	free(map);
+	free(out);
+	free(n_out);
+}
+
+static void test_select_topk(void **state)
+{
+	select_case(KVT_SELECT_TOPK, 5, 200, 16, 0, false, false, 6);
+	select_case(KVT_SELECT_TOPK, 4, 1001, 64, 0, true, false, 20);
+	select_case(KVT_SELECT_TOPK, 3, 333, 40, 0, false, true, 0);   /* ties: lower page wins */
+	select_case(KVT_SELECT_TOPK, 3, 90, 3, 0, false, false, 0);    /* forced over budget */
+	select_case(KVT_SELECT_TOPK, 2, 40000, 128, 0, false, false, 30); /* past the smem cache */
+}
+
+static void test_select_topp(void **state)
+{
+	const float ps[] = {0.0f, 0.3f, 0.9f, 0.99f, 1.0f};
+	for (size_t i = 0; i < 5; i++) {
+		select_case(KVT_SELECT_TOPP, 5, 257, 200, ps[i], false, false, 4);
+		select_case(KVT_SELECT_TOPP, 3, 500, 20, ps[i], true, false, 0); /* capped */
+	}
+	select_case(KVT_SELECT_TOPP, 3, 300, 280, 0.8f, false, true, 0);
+}
+
+/* ---- attention ---- */
+
+struct att_case {
+	uint32_t D, T, G, dt, rows, stride;
+	float qamp;
+};
+
+static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, size_t pool_bytes,
+		       void *out, float *lse)
+{
+	struct kvt_attend_args a = *h;
+	const size_t es = kvt_dtype_size(h->g.dtype);
+	const size_t qn = (size_t)h->rows * h->g.group * h->g.head_dim;
+	a.q = dev_dup(c, h->q, qn * es);
+	a.pool = dev_dup(c, h->pool, pool_bytes);
+	a.table = dev_dup(c, h->table, (size_t)h->rows * h->stride * 4);
+	a.n_pages = dev_dup(c, h->n_pages, h->rows * 4);
+	a.tail_slot = dev_dup(c, h->tail_slot, h->rows * 4);
+	a.tail_len = dev_dup(c, h->tail_len, h->rows * 4);
+	a.out = dev_dup(c, out, qn * es);
+	a.lse = dev_dup(c, lse, (size_t)h->rows * h->g.group * 4);
+	for (int rep = 0; rep < 2; rep++) /* twice: the split counters must reset */
+		assert_int_equal(kvt_attend(c, &a, NULL), 0);
+	fetch(c, out, a.out, qn * es);
+	fetch(c, lse, a.lse, (size_t)h->rows * h->g.group * 4);
+	kvt_compute_free(c, (void *)a.q);
+	kvt_compute_free(c, (void *)a.pool);
+	kvt_compute_free(c, (void *)a.table);
+	kvt_compute_free(c, (void *)a.n_pages);
+	kvt_compute_free(c, (void *)a.tail_slot);
+	kvt_compute_free(c, (void *)a.tail_len);
+}
+
+static void att_case(const struct att_case *ac)
+{
+	const uint32_t D = ac->D, T = ac->T, G = ac->G, dt = ac->dt, rows = ac->rows;
+	struct kvt_geom g = {.head_dim = D, .page_tokens = T, .group = G, .reps = 0, .dtype = dt};
+	const size_t es = kvt_dtype_size(dt);
+	const uint64_t slot_bytes = 2ull * T * D * es;
+	const uint32_t nslots = ac->stride * 2 + 9;
+	const size_t pool_bytes = nslots * slot_bytes, qn = (size_t)rows * G * D;
+	void *pool = rand_elems(pool_bytes / es, dt, 1.0);
+	void *q = rand_elems(qn, dt, ac->qamp);
+	int32_t *table = malloc((size_t)rows * ac->stride * 4), *np = malloc(rows * 4);
+	int32_t *ts = malloc(rows * 4), *tl = malloc(rows * 4);
+	for (uint32_t r = 0; r < rows; r++) {
+		np[r] = r % 4 == 0 ? (int32_t)ac->stride : r % 4 == 1 ? 0 : r % 4 == 2 ? 5 : 0;
+		ts[r] = r % 4 == 3 ? -1 : (int32_t)((r * 13 + 1) % nslots);
+		tl[r] = r % 4 == 2 ? 0 : (int32_t)(1 + r * 7 % T);
+		if (r % 4 == 3)
+			np[r] = (int32_t)(ac->stride / 3); /* no tail */
+		for (uint32_t i = 0; i < ac->stride; i++)
+			table[(size_t)r * ac->stride + i] = (int32_t)((i * 31 + r * 3 + 2) % nslots);
+	}
+	if (rows > 5)
+		np[5] = 0, ts[5] = -1; /* an empty row */
+	void *out = malloc(qn * es);
+	float *lse = malloc(rows * G * 4);
+	memset(out, 0xff, qn * es);
+	memset(lse, 0xff, rows * G * 4);
+	const float scale = 1.0f / sqrtf((float)D);
+	struct kvt_attend_args a = {.g = g, .rows = rows, .stride = ac->stride, .scale = scale,
+				    .q = q, .pool = pool, .slot_bytes = slot_bytes, .table = table,
+				    .n_pages = np, .tail_slot = ts, .tail_len = tl, .out = out,
+				    .lse = lse};
+	run_attend(C, &a, pool_bytes, out, lse);
+	double *w = malloc(sizeof(double) * (ac->stride + 1) * T), acc[256];
+	for (uint32_t r = 0; r < rows; r++)
+		for (uint32_t h = 0; h < G; h++) {
+			const size_t qo = ((size_t)r * G + h) * D;
+			uint32_t nt = 0;
+			double m = -INFINITY;
+			uint32_t ent = (uint32_t)np[r] + (ts[r] >= 0 && tl[r] > 0);
+			for (uint32_t e = 0; e < ent; e++) {
+				int32_t slot = e < (uint32_t)np[r] ? table[(size_t)r * ac->stride + e] : ts[r];
+				uint32_t len = e < (uint32_t)np[r] ? T : (uint32_t)tl[r];
+				const uint8_t *k = (const uint8_t *)pool + slot * slot_bytes;
+				for (uint32_t t = 0; t < len; t++) {
+					double dot = 0;
+					for (uint32_t d = 0; d < D; d++)
+						dot += (double)kvt_load_elem(q, qo + d, dt) *
+						       kvt_load_elem(k, (size_t)t * D + d, dt);
+					w[nt] = dot * scale;
+					m = fmax(m, w[nt++]);
+				}
+			}
+			double l = 0, amax = 0;
+			memset(acc, 0, sizeof(acc));
+			nt = 0;
+			for (uint32_t e = 0; e < ent; e++) {
+				int32_t slot = e < (uint32_t)np[r] ? table[(size_t)r * ac->stride + e] : ts[r];
+				uint32_t len = e < (uint32_t)np[r] ? T : (uint32_t)tl[r];
+				const uint8_t *v = (const uint8_t *)pool + slot * slot_bytes + (size_t)T * D * es;
+				for (uint32_t t = 0; t < len; t++) {
+					double p = exp(w[nt++] - m);
+					l += p;
+					for (uint32_t d = 0; d < D; d++)
+						acc[d] += p * kvt_load_elem(v, (size_t)t * D + d, dt);
+				}
+			}
+			for (uint32_t d = 0; d < D; d++) {
+				acc[d] = nt ? acc[d] / l : 0;
+				amax = fmax(amax, fabs(acc[d]));
+			}
+			const double tol = tol_of(dt);
+			for (uint32_t d = 0; d < D; d++) {
+				double got = kvt_load_elem(out, qo + d, dt);
+				if (!(fabs(got - acc[d]) <= tol * (fabs(acc[d]) + amax) + 1e-7))
+					fail_msg("D%u T%u G%u dt%u row %u head %u d %u: %g vs %g", D, T,
+						 G, dt, r, h, d, got, acc[d]);
+			}
+			double ref_lse = nt ? m + log(l) : -INFINITY;
+			float got = lse[(size_t)r * G + h];
+			if (!nt)
+				assert_true(isinf(got) && got < 0);
+			else if (!(fabs(got - ref_lse) <= 1e-4 * fmax(1.0, fabs(ref_lse))))
+				fail_msg("lse row %u head %u: %g vs %g", r, h, got, ref_lse);
+		}
+	if (CPU != C) { /* and cuda against cpu */
+		void *out2 = malloc(qn * es);
+		float *lse2 = malloc(rows * G * 4);
+		a.out = out2;
+		a.lse = lse2;
+		run_attend(CPU, &a, pool_bytes, out2, lse2);
+		for (size_t i = 0; i < qn; i++) {
+			double x = kvt_load_elem(out, i, dt), y = kvt_load_elem(out2, i, dt);
+			assert_true(fabs(x - y) <= 2 * tol_of(dt) * fmax(1.0, fabs(y)));
+		}
+		free(out2);
+		free(lse2);
+	}
+	free(w);
+	free(pool);
+	free(q);
+	free(table);
+	free(np);
+	free(ts);
+	free(tl);
+	free(out);
+	free(lse);
+}
+
+static void test_attend(void **state)
+{
+	static const struct att_case cases[] = {
+		{128, 64, 4, KVT_BF16, 6, 37, 3.0f},
+		{128, 16, 1, KVT_F32, 5, 131, 1.0f},
+		{64, 48, 3, KVT_F16, 7, 23, 4.0f},
+		{256, 32, 8, KVT_BF16, 4, 19, 2.0f},
+		{128, 16, 12, KVT_F32, 3, 11, 2.0f}, /* two head chunks */
+		{64, 64, 2, KVT_BF16, 9, 300, 3.0f}, /* many splits per row */
+		{128, 64, 5, KVT_F16, 6, 7, 8.0f},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		att_case(&cases[i]);
+}
+
+/* ---- policy and arguments ---- */
+
+static void test_policy(void **state)
+{
+	struct kvt_layer_policy p;
+	kvt_layer_policy_default(&p);
+	p.method[3] = KVT_SCORE_REPS;
+	const uint32_t D = 64, G = 2, stride = 90, rows = 2;
+	struct kvt_geom g = {.head_dim = D, .page_tokens = 16, .group = G, .reps = 2, .dtype = KVT_F32};
+	const size_t rec = kvt_summary_record_bytes(&g), rs = (size_t)rows * stride;
+	void *sums = rand_elems(rs * rec / 4, KVT_F32, 1.0), *q = rand_elems(rows * G * D, KVT_F32, 1.0);
+	int32_t np[2] = {90, 61};
+	void *dsum = dev_dup(C, sums, rs * rec), *dq = dev_dup(C, q, rows * G * D * 4);
+	void *dnp = dev_dup(C, np, 8);
+	float *dsc;
+	int32_t *dout, *dn;
+	assert_int_equal(kvt_compute_alloc(C, rs * 4, (void **)&dsc), 0);
+	assert_int_equal(kvt_compute_alloc(C, rs * 4, (void **)&dout), 0);
+	assert_int_equal(kvt_compute_alloc(C, 8, (void **)&dn), 0);
+	struct kvt_score_args sc = {.g = g, .rows = rows, .stride = stride, .q = dq, .summaries = dsum,
+				    .n_pages = dnp, .scores = dsc};
+	struct kvt_select_args sel = {.rows = rows, .stride = stride, .out_stride = stride,
+				      .budget_pages = 10, .page_tokens = 16, .sink_tokens = 16,
+				      .window_tokens = 32, .logit_scale = 1, .scores = dsc,
+				      .n_pages = dnp, .out = dout, .n_out = dn};
+	int32_t n_out[2], out[180];
+	/* dense layer: every page */
+	assert_int_equal(kvt_select_layer(C, &p, 1, &sc, &sel, NULL), 0);
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	assert_int_equal(kvt_compute_download(C, n_out, dn, 8), 0);
+	assert_int_equal(kvt_compute_download(C, out, dout, sizeof(out)), 0);
+	assert_int_equal(n_out[0], 90);
+	assert_int_equal(n_out[1], 61);
+	for (int i = 0; i < 61; i++)
+		assert_int_equal(out[stride + i], i);
+	/* sparse layers: the budget, with the layer's method */
+	for (uint32_t layer = 2; layer < 4; layer++) {
+		assert_int_equal(kvt_select_layer(C, &p, layer, &sc, &sel, NULL), 0);
+		assert_int_equal(sc.method, layer == 3 ? KVT_SCORE_REPS : KVT_SCORE_QUEST);
+		assert_int_equal(kvt_compute_sync(C, NULL), 0);
+		assert_int_equal(kvt_compute_download(C, n_out, dn, 8), 0);
+		assert_int_equal(n_out[0], 10);
+		assert_int_equal(n_out[1], 10);
+	}
+	struct kvt_select_args bad = sel;
+	bad.scores = NULL;
+	assert_int_equal(kvt_select_layer(C, &p, 2, &sc, &bad, NULL), -EINVAL);
+	assert_int_equal(kvt_select_layer(C, &p, 300, &sc, &sel, NULL), -EINVAL);
+	kvt_compute_free(C, dsum);
+	kvt_compute_free(C, dq);
+	kvt_compute_free(C, dnp);
+	kvt_compute_free(C, dsc);
+	kvt_compute_free(C, dout);
+	kvt_compute_free(C, dn);
+	free(sums);
+	free(q);
+}
+
+static void test_bad_args(void **state)
+{
+	struct kvt_geom g = {.head_dim = 128, .page_tokens = 64, .group = 4, .reps = 3, .dtype = KVT_BF16};
+	assert_int_equal(kvt_geom_check(&g), -EINVAL); /* 3 does not divide 64 */
+	g.reps = 4;
+	assert_int_equal(kvt_geom_check(&g), 0);
+	g.dtype = 9;
+	assert_int_equal(kvt_geom_check(&g), -EINVAL);
+	g.dtype = KVT_BF16;
+	int32_t x = 0;
+	float f = 0;
+	struct kvt_score_args sc = {.g = g, .method = 7, .rows = 1, .stride = 1, .q = &x,
+				    .summaries = &x, .n_pages = &x, .scores = &f};
+	assert_int_equal(kvt_score(C, &sc, NULL), -EINVAL);
+	sc.method = KVT_SCORE_REPS;
+	sc.g.reps = 0;
+	assert_int_equal(kvt_score(C, &sc, NULL), -EINVAL);
+	struct kvt_select_args sel = {.rows = 1, .stride = 100, .out_stride = 8, .budget_pages = 16,
+				      .page_tokens = 16, .scores = &f, .n_pages = &x, .out = &x,
+				      .n_out = &x};
+	assert_int_equal(kvt_select(C, &sel, NULL), -EINVAL); /* out_stride < budget */
+	sel.out_stride = 16;
+	sel.window_tokens = 4096;
+	assert_int_equal(kvt_select(C, &sel, NULL), -EINVAL); /* window cannot fit */
+	sel.window_tokens = 0;
+	sel.mode = KVT_SELECT_TOPP;
+	sel.top_p = 1.5f;
+	assert_int_equal(kvt_select(C, &sel, NULL), -EINVAL);
+	struct kvt_attend_args at = {.g = g, .rows = 1, .stride = 1, .q = &x, .pool = &x,
+				     .slot_bytes = 1024, .table = &x, .n_pages = &x, .out = &x};
+	assert_int_equal(kvt_attend(C, &at, NULL), -EINVAL); /* slot smaller than a page */
+	struct kvt_compute *none;
+	assert_int_equal(kvt_compute_open("tpu", &none), -ENOENT);
+}
+
+int main(void)
+{
+	int ret = kvt_compute_open(BACKEND, &C);
+	if (ret == -ENODEV) {
+		fprintf(stderr, "no %s backend here: skipped\n", BACKEND);
+		return 77;
+	}
+	if (ret < 0 || kvt_compute_open("cpu", &CPU) < 0) {
+		fprintf(stderr, "cannot open the %s backend: %s\n", BACKEND, strerror(-ret));
+		return 1;
+	}
+	if (!strcmp(BACKEND, "cpu")) {
+		kvt_compute_close(CPU);
+		CPU = C;
+	}
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_summaries),   cmocka_unit_test(test_scores),
+		cmocka_unit_test(test_quest_bound), cmocka_unit_test(test_select_topk),
+		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
+		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
+	};
+	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
+	if (CPU != C)
+		kvt_compute_close(CPU);
+	kvt_compute_close(C);
+	return ret;
+}
