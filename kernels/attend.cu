@@ -34,7 +34,7 @@ template <int LPT> __device__ __forceinline__ float tok_sum(float v)
 }
 
 template <typename T, int D, int GM>
-__global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_launch L)
+__global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(att_launch L)
 {
 	constexpr int LPT = D / 8, TPI = ATT_THREADS / LPT;
 	constexpr int ATT_CHUNK = GM >= 8 ? 4 : 8; /* tokens per thread in flight */
@@ -117,30 +117,35 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_launch L)
 					sc[c][g] = ok ? x : -INFINITY;
 				}
 			}
+			float mx[GM];
 #pragma unroll
 			for (int g = 0; g < GM; g++) {
-				float mx = m[g];
+				mx[g] = m[g];
 #pragma unroll
 				for (int c = 0; c < ATT_CHUNK; c++)
-					mx = fmaxf(mx, sc[c][g]);
-				if (mx == -INFINITY)
-					continue; /* nothing valid yet */
-				const float corr = exp2f(m[g] - mx);
+					mx[g] = fmaxf(mx[g], sc[c][g]);
+				/* nothing valid yet: keep the state, exponents of -inf give 0 */
+				const float base = mx[g] == -INFINITY ? 0.0f : mx[g];
+				const float corr = exp2f(m[g] - base);
 				l[g] *= corr;
 #pragma unroll
 				for (int j = 0; j < 8; j++)
 					acc[g][j] *= corr;
+				m[g] = mx[g];
+				mx[g] = base;
+			}
 #pragma unroll
-				for (int c = 0; c < ATT_CHUNK; c++) {
-					const float p = exp2f(sc[c][g] - mx);
-					float vf[8];
-					vr[c].to_float(vf);
+			for (int c = 0; c < ATT_CHUNK; c++) {
+				float vf[8];
+				vr[c].to_float(vf); /* once per token, for every head */
+#pragma unroll
+				for (int g = 0; g < GM; g++) {
+					const float p = exp2f(sc[c][g] - mx[g]);
 					l[g] += p;
 #pragma unroll
 					for (int j = 0; j < 8; j++)
 						acc[g][j] += p * vf[j];
 				}
-				m[g] = mx;
 			}
 		}
 	}

@@ -331,9 +331,25 @@ def main():
     ap.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "..", "build",
                                                   "libkvtier.so"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="only run sparse attention at 32K eagerly, for ncu")
     args = ap.parse_args()
     torch.manual_seed(0)
     kvt = Kvt(args.lib)
+    if args.profile:
+        rows, G, D, T, ctx, budget = 8, 4, 128, 64, 32768, 32
+        K = torch.randn(rows, ctx, D, dtype=torch.bfloat16, device="cuda")
+        L = Layer(kvt, K, K, T=T, G=G)
+        q = torch.randn(rows, G, D, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(rows, G, D, dtype=torch.bfloat16, device="cuda")
+        lse = torch.empty(rows, G, dtype=torch.float32, device="cuda")
+        n_sel = torch.full((rows,), budget, dtype=torch.int32, device="cuda")
+        for i in range(12):
+            t = torch.stack([torch.randperm(L.n, device="cuda")[:budget].sort().values + r * L.n
+                             for r in range(rows)]).to(torch.int32)
+            L.attend(q, t, n_sel, out, lse)
+        torch.cuda.synchronize()
+        return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     hbm = hbm_copy_bw()
     print(f"hbm: device-to-device copy {hbm:.0f} GB/s (read + write)")
