@@ -7,45 +7,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <errno.h>
 #include <stdint.h>
 
 #include "kernels/compute.h"
 
 #define KVT_LOG2E 1.4426950408889634f
 #define KVT_LN2 0.6931471805599453f
-
-/* Eight consecutive elements as floats; p is 16-byte aligned (32 for float). */
-__device__ __forceinline__ void kvt_load8(const __half *p, float f[8])
-{
-	uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
-	const __half2 *h = reinterpret_cast<const __half2 *>(&u);
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		float2 x = __half22float2(h[i]);
-		f[2 * i] = x.x;
-		f[2 * i + 1] = x.y;
-	}
-}
-
-__device__ __forceinline__ void kvt_load8(const __nv_bfloat16 *p, float f[8])
-{
-	uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
-	const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		float2 x = __bfloat1622float2(h[i]);
-		f[2 * i] = x.x;
-		f[2 * i + 1] = x.y;
-	}
-}
-
-__device__ __forceinline__ void kvt_load8(const float *p, float f[8])
-{
-	float4 a = __ldg(reinterpret_cast<const float4 *>(p));
-	float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
-	f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
-	f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
 
 /* Raw 16-byte (or 32-byte) vectors, to issue loads before converting. */
 template <typename T> struct kvt_raw8 {
@@ -100,6 +68,14 @@ template <> struct kvt_raw8<float> {
 		f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 	}
 };
+
+/* Eight consecutive elements as floats; p is 16-byte aligned (32 for float). */
+template <typename T> __device__ __forceinline__ void kvt_load8(const T *p, float f[8])
+{
+	kvt_raw8<T> r;
+	r.load(p);
+	r.to_float(f);
+}
 
 __device__ __forceinline__ void kvt_store8(__half *p, const float f[8])
 {

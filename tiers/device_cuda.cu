@@ -12,6 +12,7 @@
  */
 #include "device.h"
 #include "kernels/copy.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cerrno>
 #include <cstdio>
@@ -63,25 +64,14 @@ struct cuda_device {
 	kvt_list done;
 };
 
+/* kvt_cuda_errno (kernels/) with the one code only this file meets. */
 static int to_errno(cudaError_t e, const char *what)
 {
-	if (e == cudaSuccess)
-		return 0;
-	kvt_err("cuda", "%s: %s", what, cudaGetErrorString(e));
-	switch (e) {
-	case cudaErrorMemoryAllocation:
-		return -ENOMEM;
-	case cudaErrorNoDevice:
-	case cudaErrorInsufficientDriver:
-	case cudaErrorInvalidDevice:
-		return -ENODEV;
-	case cudaErrorInvalidValue:
-		return -EINVAL;
-	case cudaErrorHostMemoryAlreadyRegistered:
+	if (e == cudaErrorHostMemoryAlreadyRegistered) {
+		kvt_err("cuda", "%s: %s", what, cudaGetErrorString(e));
 		return -EEXIST;
-	default:
-		return -EIO;
 	}
+	return kvt_cuda_errno(e, what);
 }
 
 int cu_errno(CUresult r, const char *what)
