@@ -25,14 +25,6 @@ struct att_launch {
 	uint32_t pps, splits, hchunks;
 };
 
-template <int LPT> __device__ __forceinline__ float tok_sum(float v)
-{
-#pragma unroll
-	for (int o = LPT / 2; o; o >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, o);
-	return v;
-}
-
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(att_launch L)
 {
@@ -113,7 +105,7 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 #pragma unroll
 					for (int j = 0; j < 8; j++)
 						x += qf[g][j] * kf[j];
-					x = tok_sum<LPT>(x);
+					x = kvt_group_sum<LPT>(x);
 					sc[c][g] = ok ? x : -INFINITY;
 				}
 			}

@@ -66,15 +66,6 @@ int kvt_cuda_summarize(const kvt_summarize_args *a, cudaStream_t s)
 	});
 }
 
-/* Sum over the lanes of one page's lane group (xor within groups of lpt lanes). */
-template <int LPT> __device__ __forceinline__ float group_sum(float v)
-{
-#pragma unroll
-	for (int o = LPT / 2; o; o >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, o);
-	return v;
-}
-
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 {
@@ -141,12 +132,12 @@ __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 #pragma unroll
 				for (int g = 0; g < GM; g++)
 					t += part[g]; /* padding heads add 0 */
-				score[u] = group_sum<LPT>(t);
+				score[u] = kvt_group_sum<LPT>(t);
 			} else {
 				float best = -INFINITY;
 #pragma unroll
 				for (int g = 0; g < GM; g++) {
-					float t = group_sum<LPT>(part[g]);
+					float t = kvt_group_sum<LPT>(part[g]);
 					if (g < G)
 						best = fmaxf(best, t);
 				}
@@ -179,7 +170,7 @@ __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 #pragma unroll
 					for (int k = 0; k < 8; k++)
 						t += qf[g][k] * v[k];
-					best[u][g] = fmaxf(best[u][g], group_sum<LPT>(t));
+					best[u][g] = fmaxf(best[u][g], kvt_group_sum<LPT>(t));
 				}
 			}
 		}
