@@ -8,7 +8,7 @@
 
 static _Atomic size_t alloc_bytes;
 
-#if HAVE_JEMALLOC
+#if HAVE_JEMALLOC && !defined(KVT_ALLOC_LIBC)
 #include <jemalloc/jemalloc.h>
 
 static unsigned meta_arena;

@@ -59,4 +59,14 @@ static inline void kvt_list_del(struct kvt_list *n)
 #define kvt_list_for_each_safe(pos, tmp, head)                                                 \
 	for (pos = (head)->next, tmp = pos->next; pos != (head); pos = tmp, tmp = pos->next)
 
+#define kvt_list_for_each_entry(pos, head, member)                                             \
+	for (pos = kvt_container_of((head)->next, __typeof__(*pos), member); &pos->member != (head); \
+	     pos = kvt_container_of(pos->member.next, __typeof__(*pos), member))
+
+#define kvt_list_for_each_entry_safe(pos, tmp, head, member)                                   \
+	for (pos = kvt_container_of((head)->next, __typeof__(*pos), member),                    \
+	    tmp = kvt_container_of(pos->member.next, __typeof__(*pos), member);                 \
+	     &pos->member != (head);                                                            \
+	     pos = tmp, tmp = kvt_container_of(pos->member.next, __typeof__(*pos), member))
+
 #endif

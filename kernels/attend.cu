@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 	for (uint32_t e = e0; e < e1; e++) {
 		const int32_t slot = e < n ? a.table[(size_t)r * a.stride + e] : tslot;
 		const int len = e < n ? T_ : tlen;
-		const T *kp = reinterpret_cast<const T *>(static_cast<const char *>(a.pool) +
+		const void *base = e < n || !a.tail_pool ? a.pool : a.tail_pool;
+		const T *kp = reinterpret_cast<const T *>(static_cast<const char *>(base) +
 							  (uint64_t)slot * a.slot_bytes) +
 			      lane * 8;
 		for (int t0 = 0; t0 < len; t0 += TPI * ATT_CHUNK) {

@@ -140,7 +140,7 @@ struct kvt_select_args {
 /*
  * Paged decode attention for one layer: every query head of row r attends over the
  * n_pages[r] pages of table row r plus the first tail_len[r] tokens of tail_slot[r]
- * (when >= 0). out[r][g][D] in the KV dtype, lse[r][g] = ln sum exp(scale * q.k)
+ * (when >= 0; of tail_pool when set). out[r][g][D] in the KV dtype, lse[r][g] = ln sum exp(scale * q.k)
  * (-inf and a zero output for a row with no token). Split-K with log-sum-exp merging
  * on cuda (flash-decoding).
  */
@@ -159,6 +159,9 @@ struct kvt_attend_args {
 	const int32_t *tail_len;   /* [rows] or NULL */
 	void *out;                 /* [rows][group][D] */
 	float *lse;                /* [rows][group] or NULL */
+	/* where tail slots are (same slot_bytes), or NULL: in pool. A client keeps the
+	 * page it is still filling in memory of its own. */
+	const void *tail_pool;
 };
 
 struct kvt_compute;

@@ -264,7 +264,8 @@ static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a,
 			for (uint32_t e = 0; e <= n; e++) {
 				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
 				uint32_t len = e < n ? T : tlen;
-				const uint8_t *k = (const uint8_t *)a->pool + (uint64_t)slot * a->slot_bytes;
+				const uint8_t *k = (const uint8_t *)(e < n || !a->tail_pool ? a->pool : a->tail_pool) +
+						   (uint64_t)slot * a->slot_bytes;
 				for (uint32_t t = 0; t < len; t++) {
 					float dot = 0;
 					for (uint32_t d = 0; d < D; d++)
@@ -279,7 +280,8 @@ static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a,
 			for (uint32_t e = 0; e <= n; e++) {
 				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
 				uint32_t len = e < n ? T : tlen;
-				const uint8_t *v = (const uint8_t *)a->pool + (uint64_t)slot * a->slot_bytes +
+				const uint8_t *v = (const uint8_t *)(e < n || !a->tail_pool ? a->pool : a->tail_pool) +
+						   (uint64_t)slot * a->slot_bytes +
 						   (size_t)T * D * kvt_dtype_size(dt);
 				for (uint32_t t = 0; t < len; t++) {
 					float p = expf(logit[nt++] - m);

@@ -85,6 +85,12 @@ struct kvt_device_ops {
 	/* Synchronous copy of any size, for tests and tools. 0 or -errno. */
 	int (*memcpy)(struct kvt_device *d, void *dst, const void *src, size_t len,
 		      enum kvt_copy_dir dir);
+	/*
+	 * Maps memory another process made with mem_create and sent as its fd (a client
+	 * mapping the daemon's GPU pool), read-only where the device can enforce it; fd
+	 * stays the caller's. Undone with mem_destroy (out->fd is -1). 0 or -errno.
+	 */
+	int (*mem_import)(struct kvt_device *d, int fd, size_t size, struct kvt_dev_mem *out);
 };
 
 struct kvt_device {

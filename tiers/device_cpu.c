@@ -129,14 +129,17 @@ static int cpu_mem_create(struct kvt_device *d, size_t size, struct kvt_dev_mem 
 	if (fd < 0)
 		return -errno;
 	if (ftruncate(fd, (off_t)size) < 0 ||
-	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
 		int e = -errno;
 		close(fd);
 		return e;
 	}
 	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED) {
+	if (p == MAP_FAILED ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) < 0) { /* readers only */
 		int e = -errno;
+		if (p != MAP_FAILED)
+			munmap(p, size);
 		close(fd);
 		return e;
 	}
@@ -156,6 +159,19 @@ static void cpu_mem_destroy(struct kvt_device *d, struct kvt_dev_mem *m)
 		close(m->fd);
 	m->ptr = NULL;
 	m->fd = -1;
+}
+
+static int cpu_mem_import(struct kvt_device *d, int fd, size_t size, struct kvt_dev_mem *out)
+{
+	(void)d;
+	void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		return -errno;
+	out->ptr = p;
+	out->size = size;
+	out->fd = -1;
+	out->handle = 0;
+	return 0;
 }
 
 static int cpu_copy_submit(struct kvt_device *dev, struct kvt_copy_batch *b)
@@ -221,6 +237,7 @@ const struct kvt_device_ops kvt_device_cpu_ops = {
 	.host_unregister = cpu_host_unregister,
 	.mem_create = cpu_mem_create,
 	.mem_destroy = cpu_mem_destroy,
+	.mem_import = cpu_mem_import,
 	.copy_submit = cpu_copy_submit,
 	.event_fd = cpu_event_fd,
 	.poll = cpu_poll,

@@ -43,6 +43,7 @@ struct drv {
 	decltype(&cuMemSetAccess) set_access;
 	decltype(&cuMemGetAllocationGranularity) granularity;
 	decltype(&cuMemExportToShareableHandle) export_handle;
+	decltype(&cuMemImportFromShareableHandle) import_handle;
 };
 
 struct lane {
@@ -164,7 +165,8 @@ static int cuda_open(kvt_device **out, int ordinal)
 	    (ret = entry("cuMemMap", &d->d.map)) < 0 || (ret = entry("cuMemUnmap", &d->d.unmap)) < 0 ||
 	    (ret = entry("cuMemSetAccess", &d->d.set_access)) < 0 ||
 	    (ret = entry("cuMemGetAllocationGranularity", &d->d.granularity)) < 0 ||
-	    (ret = entry("cuMemExportToShareableHandle", &d->d.export_handle)) < 0)
+	    (ret = entry("cuMemExportToShareableHandle", &d->d.export_handle)) < 0 ||
+	    (ret = entry("cuMemImportFromShareableHandle", &d->d.import_handle)) < 0)
 		goto fail;
 	for (int i = 0; i < 2; i++) {
 		lane &l = d->lanes[i];
@@ -296,6 +298,50 @@ static void cuda_mem_destroy(kvt_device *dev, kvt_dev_mem *m)
 	m->fd = -1;
 }
 
+static int cuda_mem_import(kvt_device *dev, int fd, size_t size, kvt_dev_mem *out)
+{
+	auto *d = reinterpret_cast<cuda_device *>(dev);
+	CUmemGenericAllocationHandle h;
+	int ret = cu_errno(d->d.import_handle(&h, reinterpret_cast<void *>(static_cast<uintptr_t>(fd)),
+					      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+			   "cuMemImportFromShareableHandle");
+	if (ret < 0)
+		return ret;
+	CUmemAllocationProp prop = {};
+	prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+	prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+	prop.location.id = d->ordinal;
+	size_t gran = 0;
+	CUdeviceptr va = 0;
+	if ((ret = cu_errno(d->d.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+			    "granularity")) < 0)
+		goto release;
+	if ((ret = cu_errno(d->d.reserve(&va, size, gran, 0, 0), "cuMemAddressReserve")) < 0)
+		goto release;
+	if ((ret = cu_errno(d->d.map(va, size, 0, h, 0), "cuMemMap")) < 0)
+		goto unreserve;
+	{
+		/* Read-only: a client reads pages, the daemon alone writes them. */
+		CUmemAccessDesc acc = {};
+		acc.location = prop.location;
+		acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+		if ((ret = cu_errno(d->d.set_access(va, size, &acc, 1), "cuMemSetAccess")) < 0) {
+			d->d.unmap(va, size);
+			goto unreserve;
+		}
+	}
+	out->ptr = reinterpret_cast<void *>(va);
+	out->size = size;
+	out->fd = -1;
+	out->handle = h;
+	return 0;
+unreserve:
+	d->d.addr_free(va, size);
+release:
+	d->d.release(h);
+	return ret;
+}
+
 struct cuda_batch_ctx {
 	cuda_device *dev;
 	kvt_copy_batch *b;
@@ -424,6 +470,7 @@ static const kvt_device_ops cuda_ops = {
 	cuda_event_fd,
 	cuda_poll,
 	cuda_memcpy,
+	cuda_mem_import,
 };
 
 extern "C" const kvt_device_ops *const kvt_device_cuda_ops = &cuda_ops;

@@ -1314,6 +1314,11 @@ struct tier *kvt_store_tier(struct kvt_store *s, enum tier_id t)
 	return (unsigned)t < TIER_MAX ? s->tier[t] : NULL;
 }
 
+struct kvt_loop *kvt_store_loop(struct kvt_store *s)
+{
+	return &s->loop;
+}
+
 struct kvt_device *kvt_store_device(struct kvt_store *s)
 {
 	return s->dev;

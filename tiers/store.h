@@ -166,6 +166,9 @@ int kvt_store_flush(struct kvt_store *s);
 void kvt_store_stats(struct kvt_store *s, struct kvt_store_stats *out);
 struct tier *kvt_store_tier(struct kvt_store *s, enum tier_id t);
 struct kvt_device *kvt_store_device(struct kvt_store *s);
+/* The store's event loop: a daemon adds its own operations (sockets, eventfds) to it;
+ * their completions run from kvt_store_run. */
+struct kvt_loop *kvt_store_loop(struct kvt_store *s);
 uint32_t kvt_store_page_bytes(struct kvt_store *s);
 
 #endif

@@ -301,6 +301,17 @@ int tier_gpu_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, ui
 	return 0;
 }
 
+int tier_gpu_tenant_arena(struct tier *t, uint32_t tenant)
+{
+	struct gpu_tier *g = (struct gpu_tier *)t;
+	if (t->ops != &tier_gpu_ops)
+		return -EINVAL;
+	for (unsigned i = 0; i < g->narenas; i++)
+		if (g->arenas[i].tenant == tenant)
+			return (int)i;
+	return -ENOENT;
+}
+
 const struct tier_ops tier_gpu_ops = {
 	.name = "gpu",
 	.version = TIER_OPS_VERSION,

@@ -117,7 +117,7 @@ static int host_arena_add(struct tier *t, uint32_t tenant, uint64_t bytes)
 	}
 	/* Sealed against shrink and grow: a client's mapping can never fault on a hole. */
 	if (ftruncate(a->fd, (off_t)a->len) < 0 ||
-	    fcntl(a->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+	    fcntl(a->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
 		ret = -errno;
 		goto fail;
 	}
@@ -127,6 +127,11 @@ static int host_arena_add(struct tier *t, uint32_t tenant, uint64_t bytes)
 		ret = -errno;
 		goto fail;
 	}
+	/* Clients of the tenant map the arena too, read-only: from now on no writable
+	 * mapping can be made, and no seal changed. */
+	if (fcntl(a->fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) < 0)
+		kvt_warn("host", "arena of tenant %u not sealed against writers: %s", tenant,
+			 strerror(errno));
 	place_on_node(a->base, a->len, t->p.numa_node);
 	if (madvise(a->base, a->len, MADV_POPULATE_WRITE) < 0) {
 		if (errno != EINVAL) {
@@ -266,6 +271,17 @@ int tier_host_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, u
 	*base = h->arenas[arena].base;
 	*len = h->arenas[arena].len;
 	return 0;
+}
+
+int tier_host_tenant_arena(struct tier *t, uint32_t tenant)
+{
+	struct host_tier *h = (struct host_tier *)t;
+	if (t->ops != &tier_host_ops)
+		return -EINVAL;
+	for (unsigned i = 0; i < h->narenas; i++)
+		if (h->arenas[i].tenant == tenant)
+			return (int)i;
+	return -ENOENT;
 }
 
 const struct tier_ops tier_host_ops = {

@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_CONFIG_H
+#define KVT_CONFIG_H
+
+/*
+ * kvtierd's options: one declarative table (config.c) gives the embedded defaults,
+ * INI parsing (libinih; "[section] key = value" sets "section.key"), command-line
+ * overrides, get/set by name and the dump. Sizes take K/M/G/T suffixes (powers of
+ * two). Options marked reloadable change on SIGHUP (kvt_config_reload); the others
+ * only at start.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define KVT_MAX_ID_LIST 16
+
+struct kvt_config {
+	/* ipc */
+	char socket[256];
+	uint32_t socket_mode;
+	uint32_t allow_uids[KVT_MAX_ID_LIST], n_allow_uids; /* besides root and our own uid */
+	uint32_t allow_gids[KVT_MAX_ID_LIST], n_allow_gids;
+	uint32_t max_clients;
+	uint32_t max_seqs;
+	uint32_t max_batch;
+	uint32_t ring_entries;
+	uint64_t data_bytes;
+	uint64_t data_bytes_max;
+	/* store */
+	char state_dir[256];
+	char nvme_path[512];
+	char device[16];
+	uint64_t nvme_bytes;
+	uint64_t page_bytes;
+	uint32_t queue_depth;
+	char disk_full[16]; /* "refuse" | "evict" */
+	bool durable;
+	/* tenants: every tenant gets arenas of these sizes, and a disk quota */
+	uint64_t host_bytes;
+	uint64_t gpu_bytes;
+	uint64_t disk_quota_bytes; /* 0: no quota beyond the store's size */
+	uint32_t max_tenants;
+	uint64_t summary_bytes;    /* per client, summaries of every page it holds */
+	/* daemon */
+	uint32_t log_level;
+	uint32_t promote_timeout_ms;
+};
+
+/* The embedded defaults, sized from this machine (RAM, disk, user). */
+void kvt_config_defaults(struct kvt_config *c);
+
+/* Sets one option from text. 0, -ENOENT (no such option), -EINVAL (bad value or
+ * out of bounds; why goes to *why), -EPERM (not reloadable and running is true). */
+int kvt_config_set(struct kvt_config *c, const char *name, const char *value, bool running,
+		   const char **why);
+/* The option's value as text into buf. 0 or -ENOENT. */
+int kvt_config_get(const struct kvt_config *c, const char *name, char *buf, size_t len);
+/* Reads an INI file over c. 0, -errno (unreadable), -EINVAL (errors are logged with
+ * their line). */
+int kvt_config_load(struct kvt_config *c, const char *path, bool running);
+/* "name = value  # help" for every option. */
+void kvt_config_dump(const struct kvt_config *c, FILE *f);
+/* Applies the reloadable options of fresh to live; returns how many changed. */
+int kvt_config_reload(struct kvt_config *live, const struct kvt_config *fresh);
+
+/* Parses "64M"-style sizes. 0 or -EINVAL. */
+int kvt_parse_size(const char *s, uint64_t *out);
+
+#endif

@@ -1,0 +1,968 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The engine: a client's sequences, the pages they append, the summaries of those
+ * pages and the selections over them. Requests arrive here already copied out of the
+ * client's ring; every id and length in them is checked against that client's own
+ * tables before it is used.
+ */
+#include "kvtierd.h"
+#include "daemon/alloc.h"
+#include "daemon/log.h"
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+uint64_t kvd_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static size_t esize(const struct kvd_client *c)
+{
+	return kvt_dtype_size(c->layout.dtype);
+}
+
+/* ---- scratch memory in the compute backend ---- */
+
+static void *scratch(struct kvd *d, enum kvd_scratch_id id, size_t bytes)
+{
+	struct kvd_scratch *s = &d->scr[id];
+	if (s->bytes >= bytes)
+		return s->p;
+	if (s->p)
+		kvt_compute_free(d->cc, s->p);
+	size_t n = bytes < 4096 ? 4096 : bytes + bytes / 2;
+	if (kvt_compute_alloc(d->cc, n, &s->p) < 0) {
+		s->p = NULL;
+		s->bytes = 0;
+		return NULL;
+	}
+	s->bytes = n;
+	return s->p;
+}
+
+static void *host_tmp(struct kvd *d, size_t bytes)
+{
+	if (d->host_tmp_bytes >= bytes)
+		return d->host_tmp;
+	void *p = kvt_realloc(d->host_tmp, bytes);
+	if (!p)
+		return NULL;
+	d->host_tmp = p;
+	d->host_tmp_bytes = bytes;
+	return p;
+}
+
+/* ---- summary records ---- */
+
+static int rec_alloc(struct kvd_client *c, uint32_t n, int32_t *out)
+{
+	struct kvd *d = c->d;
+	uint64_t avail = c->sum_nfree + (uint64_t)(c->sum_cap - c->sum_used);
+	if (avail < n) {
+		uint64_t limit = d->cfg.summary_bytes / c->rec_bytes;
+		uint64_t ncap = c->sum_cap ? (uint64_t)c->sum_cap * 2 : 1024;
+		if (ncap < (uint64_t)c->sum_used + n)
+			ncap = (uint64_t)c->sum_used + n;
+		if (ncap > limit)
+			ncap = limit;
+		if (ncap > INT32_MAX)
+			ncap = INT32_MAX;
+		if (ncap < (uint64_t)c->sum_used + n - c->sum_nfree) {
+			kvt_warn("engine", "client %u: summary pool full (%u records, %llu bytes)",
+				 c->id, c->sum_cap, (unsigned long long)d->cfg.summary_bytes);
+			return -ENOSPC;
+		}
+		void *np;
+		int ret = kvt_compute_alloc(d->cc, ncap * c->rec_bytes, &np);
+		if (ret < 0)
+			return ret;
+		int32_t *nf = kvt_realloc(c->sum_free, ncap * sizeof(int32_t));
+		if (!nf) {
+			kvt_compute_free(d->cc, np);
+			return -ENOMEM;
+		}
+		c->sum_free = nf;
+		if (c->sum_used) {
+			size_t b = (size_t)c->sum_used * c->rec_bytes;
+			void *t = host_tmp(d, b);
+			if (!t || kvt_compute_download(d->cc, t, c->sum_pool, b) < 0 ||
+			    kvt_compute_upload(d->cc, np, t, b) < 0) {
+				kvt_compute_free(d->cc, np);
+				return -ENOMEM;
+			}
+		}
+		if (c->sum_pool)
+			kvt_compute_free(d->cc, c->sum_pool);
+		c->sum_pool = np;
+		c->sum_cap = (uint32_t)ncap;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = c->sum_nfree ? c->sum_free[--c->sum_nfree] : (int32_t)c->sum_used++;
+	return 0;
+}
+
+static void rec_release(struct kvd_client *c, const int32_t *r, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++)
+		c->sum_free[c->sum_nfree++] = r[i];
+}
+
+/* ---- origins (store sequences) ---- */
+
+static struct kvd_origin *origin_new(struct kvd *d)
+{
+	struct kvd_origin *o = kvt_calloc(1, sizeof(*o));
+	if (!o)
+		return NULL;
+	o->sseq = d->sseq_next++;
+	o->refs = 1;
+	return o;
+}
+
+static int origin_add_recs(struct kvd_origin *o, const int32_t *r, uint32_t n)
+{
+	if (o->nrecs + n > o->rcap) {
+		uint32_t nc = o->rcap ? o->rcap * 2 : 256;
+		while (nc < o->nrecs + n)
+			nc *= 2;
+		int32_t *p = kvt_realloc(o->recs, nc * sizeof(int32_t));
+		if (!p)
+			return -ENOMEM;
+		o->recs = p;
+		o->rcap = nc;
+	}
+	memcpy(o->recs + o->nrecs, r, n * sizeof(int32_t));
+	o->nrecs += n;
+	return 0;
+}
+
+static void drop_store_seq(struct kvd *d, uint32_t tenant, uint64_t sseq)
+{
+	int ret = kvt_store_drop_seq(d->store, tenant, sseq);
+	if (ret == -EBUSY) {
+		struct kvd_zombie *z = kvt_calloc(1, sizeof(*z));
+		if (z) {
+			z->tenant = tenant;
+			z->sseq = sseq;
+			kvt_list_add_tail(&d->zombies, &z->link);
+		}
+	} else if (ret < 0 && ret != -ENOENT) {
+		kvt_warn("engine", "drop of sequence %llu: %s", (unsigned long long)sseq,
+			 strerror(-ret));
+	}
+}
+
+static void origin_put(struct kvd_client *c, struct kvd_origin *o)
+{
+	if (--o->refs)
+		return;
+	rec_release(c, o->recs, o->nrecs);
+	if (o->pages) {
+		drop_store_seq(c->d, c->tenant->id, o->sseq);
+		c->tenant->disk_pages -= o->pages;
+	}
+	kvt_free(o->recs);
+	kvt_free(o);
+}
+
+/* ---- sequences ---- */
+
+static void unpin_layer(struct kvd *d, struct kvd_layer *L)
+{
+	for (uint32_t i = 0; i < L->npinned; i++)
+		kvt_store_unpin(d->store, &L->pinned[i]);
+	L->npinned = 0;
+}
+
+static int pin_key(struct kvd *d, struct kvd_layer *L, const struct page_key *k)
+{
+	if (L->npinned == L->pincap) {
+		uint32_t nc = L->pincap ? L->pincap * 2 : 64;
+		struct page_key *p = kvt_realloc(L->pinned, nc * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		L->pinned = p;
+		L->pincap = nc;
+	}
+	int ret = kvt_store_pin(d->store, k);
+	if (ret == 0)
+		L->pinned[L->npinned++] = *k;
+	return ret;
+}
+
+static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t need)
+{
+	if (need <= L->cap)
+		return 0;
+	uint32_t H = c->layout.kv_heads;
+	uint32_t nc = L->cap ? L->cap * 2 : 16;
+	while (nc < need)
+		nc *= 2;
+	struct kvd_origin **ow = kvt_realloc(L->owner, nc * sizeof(*ow));
+	if (!ow)
+		return -ENOMEM;
+	L->owner = ow;
+	int32_t *rec = kvt_malloc((size_t)H * nc * sizeof(int32_t));
+	if (!rec)
+		return -ENOMEM;
+	for (uint32_t h = 0; h < H && L->cap; h++)
+		memcpy(rec + (size_t)h * nc, L->rec + (size_t)h * L->cap, L->cap * sizeof(int32_t));
+	kvt_free(L->rec);
+	L->rec = rec;
+	L->cap = nc;
+	return 0;
+}
+
+static int seq_ref(struct kvd_seq *q, struct kvd_origin *o)
+{
+	for (uint32_t i = 0; i < q->nrefs; i++)
+		if (q->refs[i] == o)
+			return 0;
+	struct kvd_origin **r = kvt_realloc(q->refs, (q->nrefs + 1) * sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	q->refs = r;
+	q->refs[q->nrefs++] = o;
+	o->refs++;
+	return 0;
+}
+
+static struct kvd_seq *seq_new(struct kvd_client *c)
+{
+	if (c->nseqs >= c->d->cfg.max_seqs)
+		return NULL;
+	uint32_t id = 0;
+	while (c->seqs[id])
+		id++;
+	struct kvd_seq *q = kvt_calloc(1, sizeof(*q) + c->layout.layers * sizeof(struct kvd_layer));
+	if (!q)
+		return NULL;
+	q->own = origin_new(c->d);
+	q->refs = kvt_malloc(sizeof(*q->refs));
+	if (!q->own || !q->refs) {
+		kvt_free(q->own);
+		kvt_free(q->refs);
+		kvt_free(q);
+		return NULL;
+	}
+	q->refs[0] = q->own;
+	q->nrefs = 1;
+	q->id = id;
+	c->seqs[id] = q;
+	c->nseqs++;
+	return q;
+}
+
+static void seq_free(struct kvd_client *c, struct kvd_seq *q)
+{
+	for (uint32_t l = 0; l < c->layout.layers; l++) {
+		struct kvd_layer *L = &q->layer[l];
+		unpin_layer(c->d, L);
+		kvt_free(L->pinned);
+		kvt_free(L->owner);
+		kvt_free(L->rec);
+		kvt_free(L->fill);
+	}
+	for (uint32_t i = 0; i < q->nrefs; i++)
+		origin_put(c, q->refs[i]);
+	kvt_free(q->refs);
+	c->seqs[q->id] = NULL;
+	c->nseqs--;
+	kvt_free(q);
+}
+
+static struct kvd_seq *seq_get(struct kvd_client *c, uint32_t id)
+{
+	return id < c->d->cfg.max_seqs ? c->seqs[id] : NULL;
+}
+
+/* ---- appends ---- */
+
+/* Puts the page that just filled (or finishes a seal that failed before) and builds
+ * its summaries. */
+static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
+{
+	struct kvd *d = c->d;
+	struct kvd_layer *L = &q->layer[layer];
+	const uint32_t H = c->layout.kv_heads, pb = c->page_bytes, idx = L->stored;
+	int ret = layer_reserve(c, L, idx + 1);
+	if (ret < 0)
+		return ret;
+	for (uint32_t h = L->sealed_heads; h < H; h++) {
+		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)layer,
+				     .kv_head = (uint16_t)h, .seq = q->own->sseq, .index = idx};
+		ret = kvt_store_put(d->store, &k, L->fill + (size_t)h * pb, pb, 0, NULL, NULL);
+		/* The host tier full of pages not yet on disk: let write-back make room.
+		 * (The store runs other clients' completions meanwhile; none touches this one.) */
+		uint64_t t0 = kvd_now_ns();
+		while (ret == -EAGAIN &&
+		       kvd_now_ns() - t0 < (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
+			kvt_store_run(d->store, 5);
+			ret = kvt_store_put(d->store, &k, L->fill + (size_t)h * pb, pb, 0, NULL, NULL);
+		}
+		if (ret < 0) {
+			L->sealed_heads = h;
+			return ret;
+		}
+		q->own->pages++;
+		c->tenant->disk_pages++;
+	}
+	L->sealed_heads = H;
+	int32_t recs[256];
+	if ((ret = rec_alloc(c, H, recs)) < 0)
+		return ret;
+	void *pages = scratch(d, SCR_PAGES, (size_t)H * pb);
+	int32_t *slots = scratch(d, SCR_SLOTS, H * sizeof(int32_t));
+	int32_t *rdev = scratch(d, SCR_RECS, H * sizeof(int32_t));
+	int32_t seq_slots[256];
+	for (uint32_t h = 0; h < H; h++)
+		seq_slots[h] = (int32_t)h;
+	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
+				       .slots = slots, .records = rdev,
+				       .summaries = c->sum_pool, .n = H};
+	if (!pages || !slots || !rdev ||
+	    kvt_compute_upload(d->cc, pages, L->fill, (size_t)H * pb) < 0 ||
+	    kvt_compute_upload(d->cc, slots, seq_slots, H * sizeof(int32_t)) < 0 ||
+	    kvt_compute_upload(d->cc, rdev, recs, H * sizeof(int32_t)) < 0 ||
+	    (ret = kvt_summarize(d->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(d->cc, NULL)) < 0 ||
+	    (ret = origin_add_recs(q->own, recs, H)) < 0) {
+		rec_release(c, recs, H);
+		return ret < 0 ? ret : -ENOMEM;
+	}
+	for (uint32_t h = 0; h < H; h++)
+		L->rec[(size_t)h * L->cap + idx] = recs[h];
+	L->owner[idx] = q->own;
+	L->stored++;
+	L->sealed_heads = 0;
+	return 0;
+}
+
+static int flush_pending(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
+{
+	struct kvd_layer *L = &q->layer[layer];
+	while (L->stored < L->ntok / c->layout.page_tokens) {
+		int ret = seal(c, q, layer);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/* Is [off, off + len) inside the client's data area? */
+static bool in_data(const struct kvd_client *c, uint64_t off, uint64_t len)
+{
+	return off <= c->data_bytes && len <= c->data_bytes - off;
+}
+
+static void do_append(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	struct kvd_seq *q = seq_get(c, r->seq);
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t row = (size_t)c->layout.head_dim * esize(c);
+	const uint64_t bytes = (uint64_t)r->ntok * H * row;
+	if (r->seq >= d->cfg.max_seqs || r->layer >= c->layout.layers || !r->ntok ||
+	    bytes > c->data_bytes || !in_data(c, r->off[0], bytes) || !in_data(c, r->off[1], bytes)) {
+		kvd_client_kill(c, "APPEND out of bounds (seq %u layer %u ntok %u off %llu/%llu)",
+				r->seq, r->layer, r->ntok, (unsigned long long)r->off[0],
+				(unsigned long long)r->off[1]);
+		return;
+	}
+	if (!q) {
+		kvd_complete(c, r->user_data, -ENOENT, 0, 0);
+		return;
+	}
+	struct kvd_layer *L = &q->layer[r->layer];
+	if ((uint64_t)L->ntok + r->ntok > (uint64_t)INT32_MAX / 2) {
+		kvd_complete(c, r->user_data, -EFBIG, 0, 0);
+		return;
+	}
+	int ret = flush_pending(c, q, r->layer);
+	if (ret < 0) {
+		kvd_complete(c, r->user_data, ret, 0, 0);
+		return;
+	}
+	uint64_t quota = d->cfg.disk_quota_bytes / c->page_bytes;
+	uint64_t more = (uint64_t)((L->ntok % T) + r->ntok) / T * H;
+	if (quota && c->tenant->disk_pages + more > quota) {
+		kvd_complete(c, r->user_data, -EDQUOT, 0, 0);
+		return;
+	}
+	if (!L->fill && !(L->fill = kvt_malloc((size_t)H * c->page_bytes))) {
+		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
+		return;
+	}
+	const uint8_t *K = c->data + r->off[0], *V = c->data + r->off[1];
+	uint32_t accepted = 0;
+	for (uint32_t t = 0; t < r->ntok; t++) {
+		size_t pos = L->ntok % T;
+		for (uint32_t h = 0; h < H; h++) {
+			uint8_t *page = L->fill + (size_t)h * c->page_bytes;
+			memcpy(page + pos * row, K + ((size_t)t * H + h) * row, row);
+			memcpy(page + ((size_t)T + pos) * row, V + ((size_t)t * H + h) * row, row);
+		}
+		L->ntok++;
+		accepted++;
+		if (L->ntok % T == 0 && (ret = seal(c, q, r->layer)) < 0)
+			break;
+	}
+	c->tokens += accepted;
+	kvd_complete(c, r->user_data, ret < 0 ? ret : 0, accepted, L->ntok);
+}
+
+/* ---- waits ---- */
+
+static void wait_done(struct kvd_wait *w)
+{
+	if (w->pending)
+		return;
+	if (w->retry && w->c && !w->err)
+		return; /* the tick retries; it finishes when nothing is left */
+	if (w->c) {
+		w->finish(w);
+		w->c->busy = NULL;
+		w->c->kicked = true;
+	}
+	w->release(w);
+}
+
+/* ---- selection ---- */
+
+struct kvd_prom {
+	struct kvd_select *s;
+	uint32_t i;
+};
+
+struct kvd_select {
+	struct kvd_wait w;
+	uint32_t layer, rows, out_stride;
+	uint64_t out_off;
+	struct page_key *keys; /* [rows][out_stride] */
+	int32_t *n_out, *tail_len;
+	struct kvd_prom *prom;
+	uint32_t *todo; /* promotions the store refused for room: retried */
+	uint32_t ntodo;
+	uint64_t promoted;
+};
+
+static void sel_cb(void *arg, int res)
+{
+	struct kvd_prom *p = arg;
+	struct kvd_select *s = p->s;
+	s->w.pending--;
+	if (res == -EAGAIN)
+		s->todo[s->ntodo++] = p->i;
+	else if (res < 0 && !s->w.err)
+		s->w.err = res;
+	else if (res == 0)
+		s->promoted++;
+	if (!s->w.pending && !s->ntodo)
+		s->w.retry = NULL;
+	wait_done(&s->w);
+}
+
+static void sel_start(struct kvd_select *s, uint32_t i)
+{
+	struct kvd *d = s->w.d;
+	int ret = kvt_store_promote(d->store, &s->keys[i], TIER_GPU, sel_cb, &s->prom[i]);
+	if (ret == -EAGAIN)
+		s->todo[s->ntodo++] = i;
+	else if (ret < 0 && !s->w.err)
+		s->w.err = ret;
+	else if (ret == 0)
+		s->w.pending++;
+}
+
+static void sel_retry(struct kvd_wait *w)
+{
+	struct kvd_select *s = (struct kvd_select *)w;
+	uint32_t n = s->ntodo;
+	s->ntodo = 0;
+	for (uint32_t j = 0; j < n; j++)
+		sel_start(s, s->todo[j]);
+	if (!s->w.pending && !s->ntodo) {
+		s->w.retry = NULL;
+		wait_done(&s->w);
+	}
+}
+
+static void sel_finish(struct kvd_wait *w)
+{
+	struct kvd_select *s = (struct kvd_select *)w;
+	struct kvd_client *c = w->c;
+	struct kvd *d = w->d;
+	if (w->err) {
+		kvd_complete(c, w->user_data, w->err, 0, 0);
+		return;
+	}
+	int32_t *table = (int32_t *)(c->data + s->out_off);
+	int32_t *n_out = table + (size_t)s->rows * s->out_stride, *tail = n_out + s->rows;
+	for (uint32_t r = 0; r < s->rows; r++) {
+		for (int32_t j = 0; j < s->n_out[r]; j++) {
+			const struct page_key *k = &s->keys[(size_t)r * s->out_stride + j];
+			struct kvt_page_info pi;
+			if (kvt_store_page_info(d->store, k, &pi) < 0 || !(pi.valid & (1u << TIER_GPU))) {
+				/* pinned pages stay: this is a bug, and never a wrong page */
+				kvt_err("engine", "client %u: selected page %u of layer %u left the GPU",
+					c->id, k->index, k->layer);
+				kvd_complete(c, w->user_data, -EIO, 0, 0);
+				return;
+			}
+			table[(size_t)r * s->out_stride + j] = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
+			kvt_store_touch(d->store, k, 1.0f);
+		}
+		n_out[r] = s->n_out[r];
+		tail[r] = s->tail_len[r];
+	}
+	c->selects++;
+	c->promoted += s->promoted;
+	kvd_complete(c, w->user_data, 0, s->promoted, 0);
+}
+
+static void sel_release(struct kvd_wait *w)
+{
+	struct kvd_select *s = (struct kvd_select *)w;
+	kvt_free(s->keys);
+	kvt_free(s->prom);
+	kvt_free(s->todo);
+	kvt_free(s);
+}
+
+static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	const struct kvt_wire_layout *lo = &c->layout;
+	const uint32_t nseq = r->seq, H = lo->kv_heads, T = lo->page_tokens;
+	const uint64_t rows = (uint64_t)nseq * H;
+	const uint64_t qbytes = rows * lo->group * lo->head_dim * esize(c);
+	const uint64_t obytes = rows * ((uint64_t)r->out_stride + 2) * sizeof(int32_t);
+	int ret = -EINVAL;
+	if (!nseq || nseq > d->cfg.max_batch || r->layer >= lo->layers || !r->out_stride ||
+	    r->out_stride > (1u << 24) || (r->flags & ~KVT_SEL_TOPP) ||
+	    !in_data(c, r->off[0], nseq * sizeof(uint32_t)) || !in_data(c, r->off[1], qbytes) ||
+	    !in_data(c, r->off[2], obytes)) {
+		kvd_client_kill(c, "SELECT out of bounds (nseq %u layer %u out_stride %u)", nseq,
+				r->layer, r->out_stride);
+		return;
+	}
+	if (r->budget > r->out_stride ||
+	    ((r->flags & KVT_SEL_TOPP) && !(r->top_p >= 0.0f && r->top_p <= 1.0f))) {
+		kvd_complete(c, r->user_data, -EINVAL, 0, 0);
+		return;
+	}
+	uint32_t *ids = host_tmp(d, nseq * sizeof(uint32_t));
+	if (!ids) {
+		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
+		return;
+	}
+	memcpy(ids, c->data + r->off[0], nseq * sizeof(uint32_t));
+	struct kvd_seq **seqs = kvt_malloc(nseq * sizeof(*seqs));
+	if (!seqs) {
+		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
+		return;
+	}
+	uint32_t stride = 1;
+	for (uint32_t b = 0; b < nseq; b++) {
+		if (ids[b] >= d->cfg.max_seqs) {
+			kvt_free(seqs);
+			kvd_client_kill(c, "SELECT of sequence id %u (max %u)", ids[b], d->cfg.max_seqs);
+			return;
+		}
+		seqs[b] = seq_get(c, ids[b]);
+		if (!seqs[b]) {
+			ret = -ENOENT;
+			goto out;
+		}
+		if ((ret = flush_pending(c, seqs[b], r->layer)) < 0)
+			goto out;
+		if (seqs[b]->layer[r->layer].stored > stride)
+			stride = seqs[b]->layer[r->layer].stored;
+	}
+	const bool dense = r->layer < lo->dense_layers;
+	if (dense && r->out_stride < stride) {
+		ret = -ENOBUFS;
+		goto out;
+	}
+	/* host side of the call: record index, pages and tail of every row */
+	size_t hb = rows * stride * sizeof(int32_t) + rows * 2 * sizeof(int32_t);
+	int32_t *h_idx = host_tmp(d, hb);
+	if (!h_idx) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	int32_t *h_np = h_idx + rows * stride, *h_tail = h_np + rows;
+	for (uint32_t b = 0; b < nseq; b++) {
+		const struct kvd_layer *L = &seqs[b]->layer[r->layer];
+		for (uint32_t h = 0; h < H; h++) {
+			uint64_t row = (uint64_t)b * H + h;
+			if (L->stored)
+				memcpy(h_idx + row * stride, L->rec + (size_t)h * L->cap,
+				       L->stored * sizeof(int32_t));
+			for (uint32_t p = L->stored; p < stride; p++)
+				h_idx[row * stride + p] = 0;
+			h_np[row] = (int32_t)L->stored;
+			h_tail[row] = (int32_t)(L->ntok - L->stored * T);
+		}
+	}
+	void *qd = scratch(d, SCR_Q, qbytes);
+	int32_t *d_idx = scratch(d, SCR_SUMIDX, rows * stride * sizeof(int32_t));
+	int32_t *d_np = scratch(d, SCR_NPAGES, rows * sizeof(int32_t));
+	int32_t *d_tail = scratch(d, SCR_TAIL, rows * sizeof(int32_t));
+	float *d_sc = scratch(d, SCR_SCORES, rows * stride * sizeof(float));
+	int32_t *d_out = scratch(d, SCR_OUT, rows * r->out_stride * sizeof(int32_t));
+	int32_t *d_nout = scratch(d, SCR_NOUT, rows * sizeof(int32_t));
+	if (!qd || !d_idx || !d_np || !d_tail || !d_sc || !d_out || !d_nout) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	if ((ret = kvt_compute_upload(d->cc, qd, c->data + r->off[1], qbytes)) < 0 ||
+	    (ret = kvt_compute_upload(d->cc, d_idx, h_idx, rows * stride * sizeof(int32_t))) < 0 ||
+	    (ret = kvt_compute_upload(d->cc, d_np, h_np, rows * sizeof(int32_t))) < 0 ||
+	    (ret = kvt_compute_upload(d->cc, d_tail, h_tail, rows * sizeof(int32_t))) < 0)
+		goto out;
+	struct kvt_layer_policy pol;
+	kvt_layer_policy_default(&pol);
+	pol.dense_layers = lo->dense_layers;
+	pol.mode = (r->flags & KVT_SEL_TOPP) ? KVT_SELECT_TOPP : KVT_SELECT_TOPK;
+	struct kvt_score_args sc = {.g = c->geom, .rows = (uint32_t)rows, .stride = stride,
+				    .q = qd, .summaries = c->sum_pool, .sum_index = d_idx,
+				    .n_pages = d_np, .scores = d_sc};
+	struct kvt_select_args sel = {.rows = (uint32_t)rows, .stride = stride,
+				      .out_stride = r->out_stride, .budget_pages = r->budget,
+				      .page_tokens = T, .sink_tokens = r->sink_tokens,
+				      .window_tokens = r->window_tokens, .top_p = r->top_p,
+				      .logit_scale = 1.0f / sqrtf((float)lo->head_dim),
+				      .scores = d_sc, .n_pages = d_np, .tail_len = d_tail,
+				      .out = d_out, .n_out = d_nout};
+	if (!c->sum_pool) /* nothing summarized yet: every row is empty */
+		sc.summaries = d_idx;
+	if ((ret = kvt_select_layer(d->cc, &pol, r->layer, &sc, &sel, NULL)) < 0 ||
+	    (ret = kvt_compute_sync(d->cc, NULL)) < 0) {
+		ret = ret == -EINVAL ? -EINVAL : ret;
+		goto out;
+	}
+	struct kvd_select *s = kvt_calloc(1, sizeof(*s));
+	if (!s) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	const size_t cells = rows * r->out_stride;
+	s->keys = kvt_malloc(cells * sizeof(*s->keys) + rows * 2 * sizeof(int32_t) +
+			     cells * sizeof(int32_t));
+	s->prom = kvt_malloc(cells * sizeof(*s->prom));
+	s->todo = kvt_malloc(cells * sizeof(*s->todo));
+	if (!s->keys || !s->prom || !s->todo) {
+		sel_release(&s->w);
+		ret = -ENOMEM;
+		goto out;
+	}
+	int32_t *h_out = (int32_t *)(s->keys + cells);
+	s->n_out = h_out + cells;
+	s->tail_len = s->n_out + rows;
+	if ((ret = kvt_compute_download(d->cc, h_out, d_out, cells * sizeof(int32_t))) < 0 ||
+	    (ret = kvt_compute_download(d->cc, s->n_out, d_nout, rows * sizeof(int32_t))) < 0) {
+		sel_release(&s->w);
+		goto out;
+	}
+	memcpy(s->tail_len, h_tail, rows * sizeof(int32_t));
+	s->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
+				 .start_ns = kvd_now_ns(), .finish = sel_finish,
+				 .retry = sel_retry, .release = sel_release};
+	s->layer = r->layer;
+	s->rows = (uint32_t)rows;
+	s->out_stride = r->out_stride;
+	s->out_off = r->off[2];
+	/* The previous step's pins of these rows go first: their pages may make room. */
+	for (uint32_t b = 0; b < nseq; b++)
+		unpin_layer(d, &seqs[b]->layer[r->layer]);
+	for (uint64_t row = 0; row < rows && !s->w.err; row++) {
+		struct kvd_seq *q = seqs[row / H];
+		struct kvd_layer *L = &q->layer[r->layer];
+		if (s->n_out[row] < 0 || (uint32_t)s->n_out[row] > r->out_stride)
+			s->w.err = -EIO;
+		for (int32_t j = 0; j < s->n_out[row] && !s->w.err; j++) {
+			size_t i = row * r->out_stride + (size_t)j;
+			uint32_t p = (uint32_t)h_out[i];
+			if (p >= L->stored) {
+				s->w.err = -EIO;
+				break;
+			}
+			s->keys[i] = (struct page_key){.tenant = c->tenant->id,
+						       .layer = (uint16_t)r->layer,
+						       .kv_head = (uint16_t)(row % H),
+						       .seq = L->owner[p]->sseq, .index = p};
+			s->prom[i] = (struct kvd_prom){s, (uint32_t)i};
+			if ((ret = pin_key(d, L, &s->keys[i])) < 0) {
+				s->w.err = ret;
+				break;
+			}
+			sel_start(s, (uint32_t)i);
+		}
+	}
+	kvt_free(seqs);
+	if (!s->ntodo)
+		s->w.retry = NULL;
+	if (s->w.pending || s->ntodo) {
+		c->busy = &s->w;
+		return;
+	}
+	sel_finish(&s->w);
+	sel_release(&s->w);
+	return;
+out:
+	kvt_free(seqs);
+	kvd_complete(c, r->user_data, ret, 0, 0);
+}
+
+/* ---- fork ---- */
+
+struct kvd_fork {
+	struct kvd_wait w;
+	uint32_t child;
+	uint64_t off; /* where the child's partial pages go: [layer][head][page] */
+};
+
+static void fork_cb(void *arg, int res)
+{
+	struct kvd_fork *f = arg;
+	f->w.pending--;
+	if (res < 0 && !f->w.err)
+		f->w.err = res;
+	wait_done(&f->w);
+}
+
+static void fork_finish(struct kvd_wait *w)
+{
+	struct kvd_fork *f = (struct kvd_fork *)w;
+	struct kvd_client *c = w->c;
+	struct kvd_seq *q = seq_get(c, f->child);
+	if (w->err && q)
+		seq_free(c, q);
+	/* The client keeps its own copy of the page it fills: it gets the partial page. */
+	const size_t pb = c->page_bytes, H = c->layout.kv_heads;
+	for (uint32_t l = 0; !w->err && q && l < c->layout.layers; l++)
+		if (q->layer[l].fill)
+			memcpy(c->data + f->off + l * H * pb, q->layer[l].fill, H * pb);
+	kvd_complete(w->c, w->user_data, w->err ? w->err : (int)f->child, 0, 0);
+}
+
+static void fork_release(struct kvd_wait *w)
+{
+	kvt_free(w);
+}
+
+static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens, pb = c->page_bytes;
+	struct kvd_seq *p = seq_get(c, r->seq);
+	int ret = 0;
+	if (!p) {
+		kvd_complete(c, r->user_data, -ENOENT, 0, 0);
+		return;
+	}
+	if (!in_data(c, r->off[0], (uint64_t)c->layout.layers * H * pb)) {
+		kvd_complete(c, r->user_data, -EINVAL, 0, 0);
+		return;
+	}
+	for (uint32_t l = 0; l < c->layout.layers; l++) {
+		if (p->layer[l].ntok < r->ntok) {
+			kvd_complete(c, r->user_data, -ERANGE, 0, 0);
+			return;
+		}
+		if ((ret = flush_pending(c, p, l)) < 0) {
+			kvd_complete(c, r->user_data, ret, 0, 0);
+			return;
+		}
+	}
+	struct kvd_fork *f = kvt_calloc(1, sizeof(*f));
+	struct kvd_seq *q = f ? seq_new(c) : NULL;
+	if (!q) {
+		kvt_free(f);
+		kvd_complete(c, r->user_data, c->nseqs >= d->cfg.max_seqs ? -EMFILE : -ENOMEM, 0, 0);
+		return;
+	}
+	f->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
+				 .start_ns = kvd_now_ns(), .finish = fork_finish,
+				 .release = fork_release};
+	f->child = q->id;
+	f->off = r->off[0];
+	const uint32_t full = r->ntok / T, part = r->ntok % T;
+	for (uint32_t l = 0; l < c->layout.layers && !ret; l++) {
+		struct kvd_layer *P = &p->layer[l], *L = &q->layer[l];
+		if ((ret = layer_reserve(c, L, full + 1)) < 0)
+			break;
+		for (uint32_t i = 0; i < full && !ret; i++) {
+			L->owner[i] = P->owner[i];
+			ret = seq_ref(q, P->owner[i]);
+		}
+		for (uint32_t h = 0; h < H; h++)
+			memcpy(L->rec + (size_t)h * L->cap, P->rec + (size_t)h * P->cap,
+			       full * sizeof(int32_t));
+		L->ntok = r->ntok;
+		L->stored = full;
+		if (!part || ret)
+			continue;
+		if (!(L->fill = kvt_malloc((size_t)H * pb))) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (full == P->stored) { /* the prefix ends in the parent's filling page */
+			memcpy(L->fill, P->fill, (size_t)H * pb);
+			continue;
+		}
+		for (uint32_t h = 0; h < H && !ret; h++) {
+			struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)l,
+					     .kv_head = (uint16_t)h, .seq = P->owner[full]->sseq,
+					     .index = full};
+			ret = kvt_store_read(d->store, &k, L->fill + (size_t)h * pb, pb, fork_cb, f);
+			if (ret == 0)
+				f->w.pending++;
+		}
+	}
+	if (ret < 0)
+		f->w.err = ret;
+	if (f->w.pending) {
+		c->busy = &f->w;
+		return;
+	}
+	fork_finish(&f->w);
+	fork_release(&f->w);
+}
+
+/* ---- dispatch ---- */
+
+void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd_seq *q;
+	if ((r->op == KVT_OP_SEQ_CLOSE || r->op == KVT_OP_SEQ_FORK || r->op == KVT_OP_SEQ_INFO) &&
+	    (r->seq >= c->d->cfg.max_seqs || r->layer >= c->layout.layers)) {
+		kvd_client_kill(c, "request %u: sequence id %u or layer %u out of range", r->op,
+				r->seq, r->layer);
+		return;
+	}
+	switch (r->op) {
+	case KVT_OP_NOP:
+		kvd_complete(c, r->user_data, 0, 0, 0);
+		return;
+	case KVT_OP_SEQ_CREATE:
+		q = seq_new(c);
+		kvd_complete(c, r->user_data,
+			     q ? (int)q->id : c->nseqs >= c->d->cfg.max_seqs ? -EMFILE : -ENOMEM, 0, 0);
+		return;
+	case KVT_OP_SEQ_CLOSE:
+		if (!(q = seq_get(c, r->seq))) {
+			kvd_complete(c, r->user_data, -ENOENT, 0, 0);
+			return;
+		}
+		seq_free(c, q);
+		kvd_complete(c, r->user_data, 0, 0, 0);
+		return;
+	case KVT_OP_SEQ_FORK:
+		do_fork(c, r);
+		return;
+	case KVT_OP_APPEND:
+		do_append(c, r);
+		return;
+	case KVT_OP_SELECT:
+		do_select(c, r);
+		return;
+	case KVT_OP_SEQ_INFO:
+		if (!(q = seq_get(c, r->seq)) || r->layer >= c->layout.layers) {
+			kvd_complete(c, r->user_data, q ? -EINVAL : -ENOENT, 0, 0);
+			return;
+		}
+		kvd_complete(c, r->user_data, (int)q->layer[r->layer].ntok,
+			     q->layer[r->layer].stored, 0);
+		return;
+	default:
+		kvd_client_kill(c, "unknown request op %u", r->op);
+	}
+}
+
+int kvd_engine_attach(struct kvd_client *c)
+{
+	c->rec_bytes = kvt_summary_record_bytes(&c->geom);
+	c->seqs = kvt_calloc(c->d->cfg.max_seqs, sizeof(*c->seqs));
+	return c->seqs ? 0 : -ENOMEM;
+}
+
+void kvd_engine_detach(struct kvd_client *c)
+{
+	if (c->busy) {
+		c->busy->c = NULL; /* finishes on its own, posting nothing */
+		c->busy = NULL;
+	}
+	for (uint32_t i = 0; c->seqs && i < c->d->cfg.max_seqs && c->nseqs; i++)
+		if (c->seqs[i])
+			seq_free(c, c->seqs[i]);
+	kvt_free(c->seqs);
+	c->seqs = NULL;
+	if (c->sum_pool)
+		kvt_compute_free(c->d->cc, c->sum_pool);
+	c->sum_pool = NULL;
+	kvt_free(c->sum_free);
+	c->sum_free = NULL;
+}
+
+void kvd_engine_tick(struct kvd *d)
+{
+	uint64_t now = kvd_now_ns();
+	struct kvd_client *c;
+	kvt_list_for_each_entry(c, &d->clients, link)
+	{
+		struct kvd_wait *w = c->busy;
+		if (!w)
+			continue;
+		if (now - w->start_ns > (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
+			kvt_warn("engine", "client %u: pages not brought up in %u ms (GPU pool too "
+				 "small for the pinned selections?): %u moves pending, %u refused",
+				 c->id, d->cfg.promote_timeout_ms, w->pending,
+				 w->retry == sel_retry ? ((struct kvd_select *)w)->ntodo : 0);
+			struct kvt_store_stats st;
+			kvt_store_stats(d->store, &st);
+			kvt_warn("engine", "  gpu slots %llu/%llu, host %llu/%llu, dirty %llu, refused %llu",
+				 (unsigned long long)st.tier[0].used, (unsigned long long)st.tier[0].slots,
+				 (unsigned long long)st.tier[1].used, (unsigned long long)st.tier[1].slots,
+				 (unsigned long long)st.pages_dirty, (unsigned long long)st.backpressure);
+			kvd_complete(c, w->user_data, -ENOBUFS, 0, 0);
+			c->busy = NULL;
+			c->kicked = true;
+			w->c = NULL;
+			w->retry = NULL;
+			if (!w->pending)
+				w->release(w);
+			continue;
+		}
+		if (w->retry)
+			w->retry(w);
+	}
+	struct kvd_zombie *z, *zt;
+	kvt_list_for_each_entry_safe(z, zt, &d->zombies, link)
+	{
+		int ret = kvt_store_drop_seq(d->store, z->tenant, z->sseq);
+		if (ret == -EBUSY)
+			continue;
+		kvt_list_del(&z->link);
+		kvt_free(z);
+	}
+}
+
+void kvd_engine_stop(struct kvd *d)
+{
+	for (int i = 0; i < SCR_MAX; i++)
+		if (d->scr[i].p)
+			kvt_compute_free(d->cc, d->scr[i].p);
+	kvt_free(d->host_tmp);
+	struct kvd_zombie *z, *zt;
+	kvt_list_for_each_entry_safe(z, zt, &d->zombies, link)
+	{
+		kvt_store_drop_seq(d->store, z->tenant, z->sseq);
+		kvt_free(z);
+	}
+}

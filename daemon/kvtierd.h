@@ -1,0 +1,190 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_KVTIERD_H
+#define KVT_KVTIERD_H
+
+/*
+ * kvtierd's private state: the server (socket, clients, rings: server.c) and the
+ * engine (sequences, appends, selections: engine.c) over one page store and one
+ * compute backend, all owned by one thread.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "config.h"
+#include "daemon/list.h"
+#include "daemon/loop.h"
+#include "ipc/wire.h"
+#include "kernels/compute.h"
+#include "tiers/store.h"
+
+struct kvd_tenant {
+	uint32_t id;
+	uid_t uid;
+	char name[KVT_TENANT_NAME_MAX];
+	bool used;
+	unsigned clients;
+	int pool_fd, host_fd;
+	uint64_t pool_bytes, host_bytes;
+	uint64_t disk_pages; /* pages of this tenant in the store (its disk quota) */
+};
+
+/* A store-level sequence: the owner of pages, shared by forks of it. */
+struct kvd_origin {
+	uint64_t sseq;
+	unsigned refs;
+	int32_t *recs; /* summary records this origin's pages own */
+	uint32_t nrecs, rcap;
+	uint64_t pages;
+};
+
+struct kvd_layer {
+	uint32_t ntok;    /* tokens appended */
+	uint32_t stored;  /* full pages in the store; ntok / T unless a seal is pending */
+	uint32_t cap;     /* capacity of owner and rec */
+	struct kvd_origin **owner; /* [cap] */
+	int32_t *rec;     /* [kv_heads][cap] summary record of (head, page) */
+	uint8_t *fill;    /* [kv_heads][page_bytes] the page being filled */
+	uint32_t sealed_heads; /* of a pending seal: heads already put */
+	struct page_key *pinned; /* pins of the last selection */
+	uint32_t npinned, pincap;
+};
+
+struct kvd_seq {
+	uint32_t id;
+	struct kvd_origin *own;
+	struct kvd_origin **refs; /* every origin whose pages it reads, own first */
+	uint32_t nrefs;
+	struct kvd_layer layer[];
+};
+
+/* A request that waits for page moves: the client takes no other until it ends. */
+struct kvd_wait {
+	struct kvd *d;
+	struct kvd_client *c; /* NULL once the client is gone or the wait timed out */
+	uint64_t user_data;
+	uint64_t start_ns;
+	unsigned pending; /* store callbacks outstanding */
+	int err;
+	void (*finish)(struct kvd_wait *w); /* posts the completion; frees nothing */
+	void (*retry)(struct kvd_wait *w);  /* restarts moves the store refused (may be NULL) */
+	void (*release)(struct kvd_wait *w); /* frees */
+};
+
+struct kvd_zombie {
+	struct kvt_list link;
+	uint32_t tenant;
+	uint64_t sseq;
+};
+
+struct kvd_client {
+	struct kvd *d;
+	struct kvt_list link;
+	uint32_t id;
+	int sock;
+	pid_t pid;
+	uid_t uid;
+	gid_t gid;
+	struct kvd_tenant *tenant;
+	struct kvt_wire_layout layout;
+	struct kvt_geom geom;
+	uint32_t page_bytes;
+	/* shared memory */
+	int ring_fd, req_efd, cmp_efd;
+	uint8_t *ring;
+	uint64_t ring_bytes;
+	struct kvt_ring_hdr *hdr;
+	struct kvt_sqe *sqes;
+	struct kvt_cqe *cqes;
+	uint8_t *data;
+	uint64_t data_bytes;
+	uint32_t sq_head, cq_tail, sq_entries, cq_entries; /* our own copies */
+	/* sequences */
+	struct kvd_seq **seqs;
+	uint32_t nseqs;
+	/* summaries: records in backend memory, a free stack on the host */
+	void *sum_pool;
+	uint32_t sum_cap, sum_used;
+	int32_t *sum_free;
+	uint32_t sum_nfree;
+	size_t rec_bytes;
+	/* event loop */
+	struct kvt_op sock_op, efd_op;
+	uint64_t efd_val;
+	unsigned ops_inflight;
+	bool attached, dead, kicked;
+	char why[160];
+	struct kvd_wait *busy; /* a request waiting for page moves */
+	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
+	size_t rx_len;
+	/* counters */
+	uint64_t requests, bad_requests, tokens, selects, promoted;
+};
+
+struct kvd_scratch {
+	void *p;
+	size_t bytes;
+};
+
+enum kvd_scratch_id {
+	SCR_Q = 0,
+	SCR_SUMIDX,
+	SCR_NPAGES,
+	SCR_TAIL,
+	SCR_SCORES,
+	SCR_OUT,
+	SCR_NOUT,
+	SCR_PAGES,
+	SCR_SLOTS,
+	SCR_RECS,
+	SCR_MAX
+};
+
+struct kvd {
+	struct kvt_config cfg;
+	const char *config_path;
+	struct kvt_store *store;
+	struct kvt_device *dev;
+	struct kvt_compute *cc;
+	struct kvt_loop *loop;
+	int lsock;
+	struct kvt_op lsock_op;
+	bool lsock_armed;
+	struct kvt_list clients;
+	struct kvt_list zombies; /* store sequences to drop once their pages are idle */
+	unsigned nclients;
+	uint32_t next_client_id;
+	struct kvd_tenant tenants[256];
+	uint64_t sseq_next;
+	struct kvd_scratch scr[SCR_MAX];
+	void *host_tmp;
+	size_t host_tmp_bytes;
+	bool stopping;
+	/* counters */
+	uint64_t accepted, rejected, disconnects;
+};
+
+/* server.c */
+int kvd_server_start(struct kvd *d);
+void kvd_server_stop(struct kvd *d);
+/* Accepts, reads sockets and rings, retires dead clients; call after each store run. */
+void kvd_server_tick(struct kvd *d);
+/* Posts a completion to a client's ring and wakes it if it sleeps. */
+void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t aux0,
+		  uint64_t aux1);
+/* Marks a client for disconnection with a logged reason. */
+void kvd_client_kill(struct kvd_client *c, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* engine.c */
+int kvd_engine_attach(struct kvd_client *c);
+void kvd_engine_detach(struct kvd_client *c);
+/* Runs one request (a copy out of the ring); completes it now or sets c->busy. */
+void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *sqe);
+/* Retries pending work (promotions refused for lack of room, timeouts). */
+void kvd_engine_tick(struct kvd *d);
+void kvd_engine_stop(struct kvd *d);
+uint64_t kvd_now_ns(void);
+
+#endif

@@ -1,0 +1,766 @@
+// SPDX-License-Identifier: MIT
+/*
+ * libkvtier: attach, the request ring, and the client side of select and attend.
+ */
+#include "kvtier.h"
+#include "paths.h"
+#include "wire.h"
+#include "daemon/log.h"
+#include "kernels/compute.h"
+#include "tiers/device.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+struct live_seq {
+	uint32_t id;     /* the daemon's sequence id */
+	bool used;
+	uint32_t *ntok;  /* [layers] tokens appended */
+};
+
+struct kvtier_client {
+	pthread_mutex_t lock;
+	int sock, fds[KVT_FD_MAX];
+	struct kvt_welcome w;
+	struct kvtier_layout layout;
+	struct kvt_geom geom;
+	size_t row;      /* bytes of one token's K (or V) of one head */
+	uint8_t *ring;
+	struct kvt_ring_hdr *hdr;
+	struct kvt_sqe *sqes;
+	struct kvt_cqe *cqes;
+	uint8_t *data;
+	uint32_t sq_tail, cq_head;
+	uint64_t next_ud;
+	bool dead;
+	struct kvt_device *dev;
+	struct kvt_dev_mem pool;
+	void *host;
+	struct kvt_compute *cc;
+	/* the pages still filling: a host copy and the backend's, slot (live, layer, head) */
+	uint32_t max_live;
+	struct live_seq *live;
+	int32_t *live_of;   /* [max_seqs] live index of a sequence id, or -1 */
+	uint8_t *tail_host;
+	void *tail_dev;
+	void *q_dev, *out_dev;
+	size_t q_dev_bytes, out_dev_bytes;
+	float *lse_dev;
+	size_t lse_dev_bytes;
+};
+
+struct kvtier_table {
+	struct kvtier_client *c;
+	uint32_t max_seqs, rows, stride, layer, cap_cells;
+	int32_t *slots, *n_pages, *tail_len, *tail_slot; /* host */
+	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
+	bool dev_stale;
+};
+
+/* ---- the ring ---- */
+
+static int wait_cqe(struct kvtier_client *c)
+{
+	for (int spin = 0; spin < 4000; spin++) {
+		if (kvt_load_acquire(&c->hdr->cq_tail) != c->cq_head)
+			return 0;
+		__builtin_ia32_pause();
+	}
+	for (;;) {
+		__atomic_store_n(&c->hdr->cq_wait, 1, __ATOMIC_RELAXED);
+		/* Pairs with the daemon's barrier between publishing cq_tail and reading cq_wait. */
+		kvt_smp_mb();
+		if (kvt_load_acquire(&c->hdr->cq_tail) != c->cq_head)
+			break;
+		struct pollfd p[2] = {{c->fds[KVT_FD_CMP], POLLIN, 0},
+				      {c->sock, POLLIN | POLLRDHUP, 0}};
+		int n = poll(p, 2, 1000);
+		if (n < 0 && errno != EINTR)
+			return -errno;
+		if (p[0].revents & POLLIN) {
+			uint64_t v;
+			ssize_t r = read(c->fds[KVT_FD_CMP], &v, sizeof(v));
+			(void)r;
+		}
+		if (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR)) {
+			c->dead = true;
+			return -ECONNRESET;
+		}
+		if (p[1].revents & POLLIN) {
+			char b[256];
+			ssize_t r = recv(c->sock, b, sizeof(b), MSG_DONTWAIT);
+			if (r == 0) {
+				c->dead = true;
+				return -ECONNRESET;
+			}
+		}
+	}
+	__atomic_store_n(&c->hdr->cq_wait, 0, __ATOMIC_RELAXED);
+	return 0;
+}
+
+/* One request, one completion; called with c->lock held. */
+static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
+{
+	if (c->dead)
+		return -ECONNRESET;
+	r->user_data = ++c->next_ud;
+	memcpy(&c->sqes[c->sq_tail & (c->w.sq_entries - 1)], r, sizeof(*r));
+	/* The entry must be visible before the index that hands it over. */
+	kvt_store_release(&c->hdr->sq_tail, ++c->sq_tail);
+	uint64_t one = 1;
+	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0)
+		return -errno;
+	int ret = wait_cqe(c);
+	if (ret < 0)
+		return ret;
+	memcpy(out, &c->cqes[c->cq_head & (c->w.cq_entries - 1)], sizeof(*out));
+	kvt_store_release(&c->hdr->cq_head, ++c->cq_head);
+	if (out->user_data != r->user_data) {
+		c->dead = true;
+		return -EPROTO;
+	}
+	return out->res;
+}
+
+/* ---- attach ---- */
+
+static int connect_to(const char *path)
+{
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	if (strlen(path) >= sizeof(a.sun_path))
+		return -ENAMETOOLONG;
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		int e = -errno;
+		close(fd);
+		return e;
+	}
+	return fd;
+}
+
+static int recv_welcome(struct kvtier_client *c)
+{
+	struct kvt_msg_hdr h;
+	uint8_t payload[512];
+	struct iovec iov = {&h, sizeof(h)};
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * KVT_FD_MAX)];
+		struct cmsghdr align;
+	} u;
+	struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+			   .msg_controllen = sizeof(u.buf)};
+	ssize_t n = recvmsg(c->sock, &m, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+	if (n == 0)
+		return -ECONNRESET;
+	if (n < 0)
+		return -errno;
+	for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+			size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			int fds[KVT_FD_MAX];
+			memcpy(fds, CMSG_DATA(cm), (k < KVT_FD_MAX ? k : KVT_FD_MAX) * sizeof(int));
+			for (size_t i = 0; i < k && i < KVT_FD_MAX; i++)
+				c->fds[i] = fds[i];
+		}
+	}
+	if ((size_t)n < sizeof(h) || h.magic != KVT_WIRE_MAGIC || h.len > sizeof(payload))
+		return -EPROTO;
+	if (h.len && recv(c->sock, payload, h.len, MSG_WAITALL) != (ssize_t)h.len)
+		return -EPROTO;
+	if (h.type == KVT_MSG_ERROR) {
+		payload[h.len ? h.len - 1 : 0] = 0;
+		kvt_err("kvtier", "daemon refused the attach: %s", h.len ? (char *)payload : "?");
+		return h.status < 0 ? h.status : -EPROTO;
+	}
+	if (h.type != KVT_MSG_WELCOME || h.len < sizeof(c->w))
+		return -EPROTO;
+	memcpy(&c->w, payload, sizeof(c->w));
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		if (c->fds[i] < 0)
+			return -EPROTO;
+	return 0;
+}
+
+static int alloc_tails(struct kvtier_client *c)
+{
+	size_t slots = (size_t)c->max_live * c->layout.layers * c->layout.kv_heads;
+	size_t bytes = slots * c->w.slot_bytes;
+	c->tail_host = calloc(1, bytes);
+	c->live = calloc(c->max_live, sizeof(*c->live));
+	c->live_of = malloc(c->w.max_seqs * sizeof(int32_t));
+	if (!c->tail_host || !c->live || !c->live_of)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < c->w.max_seqs; i++)
+		c->live_of[i] = -1;
+	for (uint32_t i = 0; i < c->max_live; i++)
+		if (!(c->live[i].ntok = calloc(c->layout.layers, sizeof(uint32_t))))
+			return -ENOMEM;
+	return kvt_compute_alloc(c->cc, bytes, &c->tail_dev);
+}
+
+int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach_opts *opts,
+		  struct kvtier_client **out)
+{
+	struct kvtier_attach_opts o = {0};
+	if (opts)
+		o = *opts;
+	if (!layout || !out)
+		return -EINVAL;
+	char path[256];
+	if (o.socket && *o.socket)
+		snprintf(path, sizeof(path), "%s", o.socket);
+	else if (getenv("KVTIER_SOCKET") && *getenv("KVTIER_SOCKET"))
+		snprintf(path, sizeof(path), "%s", getenv("KVTIER_SOCKET"));
+	else
+		kvt_default_socket(path, sizeof(path));
+	struct kvtier_client *c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	pthread_mutex_init(&c->lock, NULL);
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		c->fds[i] = -1;
+	c->pool.fd = -1;
+	c->layout = *layout;
+	c->max_live = o.max_live_seqs ? o.max_live_seqs : 64;
+	int ret;
+	c->sock = connect_to(path);
+	if (c->sock < 0) {
+		ret = c->sock;
+		free(c);
+		return ret;
+	}
+	struct kvt_hello h = {.size = sizeof(h),
+			      .layout = {layout->layers, layout->kv_heads, layout->group,
+					 layout->head_dim, layout->dtype, layout->page_tokens,
+					 layout->dense_layers, layout->reps},
+			      .ring_entries = o.ring_entries, .data_bytes = o.data_bytes};
+	if (o.tenant)
+		memcpy(h.tenant, o.tenant, strnlen(o.tenant, sizeof(h.tenant)));
+	struct kvt_msg_hdr mh = {.magic = KVT_WIRE_MAGIC, .version = KVT_WIRE_VERSION,
+				 .type = KVT_MSG_HELLO, .len = sizeof(h)};
+	struct iovec iov[2] = {{&mh, sizeof(mh)}, {&h, sizeof(h)}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+	if (sendmsg(c->sock, &m, MSG_NOSIGNAL) != (ssize_t)(sizeof(mh) + sizeof(h))) {
+		ret = -errno ? -errno : -EIO;
+		goto fail;
+	}
+	if ((ret = recv_welcome(c)) < 0)
+		goto fail;
+	c->geom = (struct kvt_geom){.head_dim = layout->head_dim, .page_tokens = layout->page_tokens,
+				    .group = layout->group, .reps = layout->reps,
+				    .dtype = layout->dtype};
+	c->row = (size_t)layout->head_dim * kvt_dtype_size(layout->dtype);
+	c->ring = mmap(NULL, c->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+		       c->fds[KVT_FD_RING], 0);
+	if (c->ring == MAP_FAILED) {
+		c->ring = NULL;
+		ret = -errno;
+		goto fail;
+	}
+	c->hdr = (struct kvt_ring_hdr *)c->ring;
+	if (c->hdr->magic != KVT_RING_MAGIC || c->hdr->sq_entries != c->w.sq_entries) {
+		ret = -EPROTO;
+		goto fail;
+	}
+	c->sqes = (struct kvt_sqe *)(c->ring + c->hdr->sqe_off);
+	c->cqes = (struct kvt_cqe *)(c->ring + c->hdr->cqe_off);
+	c->data = c->ring + c->w.data_off;
+	c->sq_tail = kvt_load_acquire(&c->hdr->sq_tail);
+	c->cq_head = kvt_load_acquire(&c->hdr->cq_head);
+	const char *dev = c->w.device == KVT_WIRE_DEV_CUDA ? "cuda" : "cpu";
+	if ((ret = kvt_device_open(dev, c->w.device_ordinal, &c->dev)) < 0 ||
+	    (ret = c->dev->ops->mem_import(c->dev, c->fds[KVT_FD_POOL], c->w.pool_bytes, &c->pool)) < 0 ||
+	    (ret = kvt_compute_open(dev, &c->cc)) < 0)
+		goto fail;
+	c->host = mmap(NULL, c->w.host_bytes, PROT_READ, MAP_SHARED, c->fds[KVT_FD_HOST], 0);
+	if (c->host == MAP_FAILED) {
+		c->host = NULL;
+		ret = -errno;
+		goto fail;
+	}
+	if ((ret = alloc_tails(c)) < 0)
+		goto fail;
+	*out = c;
+	return 0;
+fail:
+	kvtier_detach(c);
+	return ret;
+}
+
+void kvtier_detach(struct kvtier_client *c)
+{
+	if (!c)
+		return;
+	if (c->cc) {
+		kvt_compute_free(c->cc, c->tail_dev);
+		kvt_compute_free(c->cc, c->q_dev);
+		kvt_compute_free(c->cc, c->out_dev);
+		kvt_compute_free(c->cc, c->lse_dev);
+		kvt_compute_close(c->cc);
+	}
+	if (c->dev) {
+		if (c->pool.ptr)
+			c->dev->ops->mem_destroy(c->dev, &c->pool);
+		kvt_device_close(c->dev);
+	}
+	if (c->host)
+		munmap(c->host, c->w.host_bytes);
+	if (c->ring)
+		munmap(c->ring, c->w.ring_bytes);
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		if (c->fds[i] >= 0)
+			close(c->fds[i]);
+	close(c->sock);
+	for (uint32_t i = 0; c->live && i < c->max_live; i++)
+		free(c->live[i].ntok);
+	free(c->live);
+	free(c->live_of);
+	free(c->tail_host);
+	pthread_mutex_destroy(&c->lock);
+	free(c);
+}
+
+const char *kvtier_backend(const struct kvtier_client *c)
+{
+	return kvt_compute_name(c->cc);
+}
+
+/* ---- sequences ---- */
+
+static struct live_seq *live_get(struct kvtier_client *c, uint32_t seq)
+{
+	if (seq >= c->w.max_seqs || c->live_of[seq] < 0)
+		return NULL;
+	return &c->live[c->live_of[seq]];
+}
+
+static int live_add(struct kvtier_client *c, uint32_t seq)
+{
+	if (seq >= c->w.max_seqs)
+		return -EPROTO;
+	for (uint32_t i = 0; i < c->max_live; i++) {
+		if (c->live[i].used)
+			continue;
+		c->live[i].used = true;
+		c->live[i].id = seq;
+		memset(c->live[i].ntok, 0, c->layout.layers * sizeof(uint32_t));
+		c->live_of[seq] = (int32_t)i;
+		return (int)i;
+	}
+	return -EMFILE;
+}
+
+static void live_del(struct kvtier_client *c, uint32_t seq)
+{
+	struct live_seq *l = live_get(c, seq);
+	if (l) {
+		l->used = false;
+		c->live_of[seq] = -1;
+	}
+}
+
+static size_t tail_slot(const struct kvtier_client *c, uint32_t live, uint32_t layer, uint32_t h)
+{
+	return ((size_t)live * c->layout.layers + layer) * c->layout.kv_heads + h;
+}
+
+int kvtier_seq_create(struct kvtier_client *c, uint32_t *out)
+{
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_CREATE};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = call(c, &r, &e);
+	if (ret >= 0) {
+		int li = live_add(c, (uint32_t)ret);
+		if (li < 0) {
+			struct kvt_sqe cl = {.op = KVT_OP_SEQ_CLOSE, .seq = (uint32_t)ret};
+			call(c, &cl, &e);
+			ret = li;
+		} else {
+			*out = (uint32_t)ret;
+			ret = 0;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_seq_close(struct kvtier_client *c, uint32_t seq)
+{
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_CLOSE, .seq = seq};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = call(c, &r, &e);
+	if (ret >= 0)
+		live_del(c, seq);
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+int kvtier_seq_fork(struct kvtier_client *c, uint32_t parent, uint32_t prefix, uint32_t *out)
+{
+	const uint32_t L = c->layout.layers, H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t pb = 2 * (size_t)T * c->row;
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_FORK, .seq = parent, .ntok = prefix, .off = {0}};
+	struct kvt_cqe e;
+	if ((uint64_t)L * H * pb > c->w.data_bytes)
+		return -EMSGSIZE;
+	pthread_mutex_lock(&c->lock);
+	int ret = live_get(c, parent) ? call(c, &r, &e) : -ENOENT;
+	if (ret < 0)
+		goto out;
+	int li = live_add(c, (uint32_t)ret);
+	if (li < 0) {
+		struct kvt_sqe cl = {.op = KVT_OP_SEQ_CLOSE, .seq = (uint32_t)ret};
+		call(c, &cl, &e);
+		ret = li;
+		goto out;
+	}
+	*out = (uint32_t)ret;
+	ret = 0;
+	/* the daemon wrote the child's partial page, [layer][head][page], at offset 0 */
+	const uint32_t part = prefix % T;
+	for (uint32_t l = 0; l < L; l++) {
+		c->live[li].ntok[l] = prefix;
+		for (uint32_t h = 0; h < H && part && !ret; h++) {
+			const uint8_t *src = c->data + ((size_t)l * H + h) * pb;
+			size_t s = tail_slot(c, (uint32_t)li, l, h) * c->w.slot_bytes;
+			memcpy(c->tail_host + s, src, part * c->row);
+			memcpy(c->tail_host + s + T * c->row, src + T * c->row, part * c->row);
+			uint8_t *dev = (uint8_t *)c->tail_dev + s;
+			if ((ret = kvt_compute_upload(c->cc, dev, c->tail_host + s, part * c->row)) == 0)
+				ret = kvt_compute_upload(c->cc, dev + T * c->row,
+							 c->tail_host + s + T * c->row, part * c->row);
+		}
+	}
+out:
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+int kvtier_seq_tokens(struct kvtier_client *c, uint32_t seq, uint32_t layer, uint32_t *out)
+{
+	pthread_mutex_lock(&c->lock);
+	struct live_seq *l = live_get(c, seq);
+	int ret = !l ? -ENOENT : layer >= c->layout.layers ? -EINVAL : 0;
+	if (!ret)
+		*out = l->ntok[layer];
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+/* ---- append ---- */
+
+/* The accepted tokens of the chunk now in the data area go to the tail copy. */
+static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uint32_t n0,
+		       uint32_t acc, uint64_t voff)
+{
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	uint32_t n1 = n0 + acc, first = n1 / T * T;
+	if (first < n0)
+		first = n0;
+	if (first == n1)
+		return 0;
+	for (uint32_t h = 0; h < H; h++) {
+		size_t s = tail_slot(c, li, layer, h) * c->w.slot_bytes;
+		uint8_t *page = c->tail_host + s;
+		for (uint32_t t = first; t < n1; t++) {
+			size_t i = (size_t)(t - n0) * H + h, pos = t % T;
+			memcpy(page + pos * c->row, c->data + i * c->row, c->row);
+			memcpy(page + (T + pos) * c->row, c->data + voff + i * c->row, c->row);
+		}
+		size_t p0 = first % T, np = n1 - first;
+		uint8_t *dev = (uint8_t *)c->tail_dev + s;
+		int ret;
+		if ((ret = kvt_compute_upload(c->cc, dev + p0 * c->row, page + p0 * c->row, np * c->row)) < 0 ||
+		    (ret = kvt_compute_upload(c->cc, dev + (T + p0) * c->row, page + (T + p0) * c->row,
+					      np * c->row)) < 0)
+			return ret;
+	}
+	return 0;
+}
+
+int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
+		  const void *v, uint32_t ntok, unsigned mem)
+{
+	if (!k || !v || layer >= c->layout.layers)
+		return -EINVAL;
+	const size_t tok = c->row * c->layout.kv_heads;
+	const uint64_t chunk_max = c->w.data_bytes / (2 * tok);
+	if (!chunk_max)
+		return -EMSGSIZE;
+	pthread_mutex_lock(&c->lock);
+	struct live_seq *l = live_get(c, seq);
+	int ret = l ? 0 : -ENOENT;
+	for (uint32_t done = 0; done < ntok && ret == 0;) {
+		uint32_t n = ntok - done < chunk_max ? ntok - done : (uint32_t)chunk_max;
+		uint64_t voff = ((uint64_t)n * tok + 63) & ~63ull;
+		const uint8_t *ks = (const uint8_t *)k + (size_t)done * tok;
+		const uint8_t *vs = (const uint8_t *)v + (size_t)done * tok;
+		if (mem & KVT_MEM_DEVICE) {
+			if ((ret = kvt_compute_download(c->cc, c->data, ks, n * tok)) < 0 ||
+			    (ret = kvt_compute_download(c->cc, c->data + voff, vs, n * tok)) < 0)
+				break;
+		} else {
+			memcpy(c->data, ks, n * tok);
+			memcpy(c->data + voff, vs, n * tok);
+		}
+		struct kvt_sqe r = {.op = KVT_OP_APPEND, .seq = seq, .layer = (uint16_t)layer,
+				    .ntok = n, .off = {0, voff}};
+		struct kvt_cqe e;
+		ret = call(c, &r, &e);
+		if (ret < 0 && ret != -ECONNRESET && ret != -EPROTO && e.aux[0] > n)
+			ret = -EPROTO;
+		uint32_t acc = ret == -ECONNRESET || ret == -EPROTO ? 0 : (uint32_t)e.aux[0];
+		int mr = mirror_tail(c, (uint32_t)c->live_of[seq], layer, l->ntok[layer], acc, voff);
+		l->ntok[layer] += acc;
+		if (ret >= 0)
+			ret = mr;
+		done += n;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+/* ---- tables ---- */
+
+struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_seqs)
+{
+	if (!max_seqs || max_seqs > c->w.max_batch)
+		return NULL;
+	struct kvtier_table *t = calloc(1, sizeof(*t));
+	if (!t)
+		return NULL;
+	t->c = c;
+	t->max_seqs = max_seqs;
+	size_t rows = (size_t)max_seqs * c->layout.kv_heads;
+	t->n_pages = calloc(rows * 3, sizeof(int32_t));
+	if (!t->n_pages ||
+	    kvt_compute_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->d_n_pages) < 0) {
+		kvtier_table_destroy(t);
+		return NULL;
+	}
+	t->tail_len = t->n_pages + rows;
+	t->tail_slot = t->tail_len + rows;
+	t->d_tail_len = t->d_n_pages + rows;
+	t->d_tail_slot = t->d_tail_len + rows;
+	return t;
+}
+
+void kvtier_table_destroy(struct kvtier_table *t)
+{
+	if (!t)
+		return;
+	kvt_compute_free(t->c->cc, t->d_n_pages);
+	kvt_compute_free(t->c->cc, t->d_slots);
+	free(t->n_pages);
+	free(t->slots);
+	free(t);
+}
+
+void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *out)
+{
+	*out = (struct kvtier_table_view){.rows = t->rows, .stride = t->stride, .layer = t->layer,
+					  .slots = t->slots, .n_pages = t->n_pages,
+					  .tail_len = t->tail_len, .tail_slot = t->tail_slot};
+}
+
+void kvtier_memory(const struct kvtier_client *c, struct kvtier_memory *out)
+{
+	*out = (struct kvtier_memory){.pool = c->pool.ptr, .pool_bytes = c->w.pool_bytes,
+				      .slot_bytes = c->w.slot_bytes, .tail_pool = c->tail_dev};
+}
+
+static int ensure_dev(struct kvtier_client *c, void **p, size_t *have, size_t need)
+{
+	if (*have >= need)
+		return 0;
+	kvt_compute_free(c->cc, *p);
+	*p = NULL;
+	*have = 0;
+	int ret = kvt_compute_alloc(c->cc, need, p);
+	if (ret == 0)
+		*have = need;
+	return ret;
+}
+
+int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, uint32_t layer,
+		  const void *q, unsigned mem, const struct kvtier_select_params *p,
+		  struct kvtier_table *t)
+{
+	if (!seqs || !q || !p || !t || t->c != c || !nseq || nseq > t->max_seqs ||
+	    layer >= c->layout.layers)
+		return -EINVAL;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t rows = (size_t)nseq * H;
+	const size_t qbytes = rows * c->layout.group * c->row;
+	pthread_mutex_lock(&c->lock);
+	int ret = 0;
+	uint32_t max_pages = 0;
+	for (uint32_t b = 0; b < nseq && !ret; b++) {
+		struct live_seq *l = live_get(c, seqs[b]);
+		if (!l)
+			ret = -ENOENT;
+		else if (l->ntok[layer] / T > max_pages)
+			max_pages = l->ntok[layer] / T;
+	}
+	/* room for whatever the daemon may pick: budget, forced pages, a dense layer */
+	uint32_t stride = p->budget_pages;
+	uint32_t forced = (p->sink_tokens + T - 1) / T + p->window_tokens / T + 1;
+	if (stride < forced)
+		stride = forced;
+	if (layer < c->layout.dense_layers && stride < max_pages)
+		stride = max_pages;
+	if (!stride)
+		stride = 1;
+	uint64_t qoff = ((uint64_t)nseq * 4 + 63) & ~63ull;
+	uint64_t ooff = (qoff + qbytes + 63) & ~63ull;
+	uint64_t obytes = rows * ((uint64_t)stride + 2) * sizeof(int32_t);
+	if (!ret && ooff + obytes > c->w.data_bytes)
+		ret = -EMSGSIZE;
+	if (!ret && rows * stride > t->cap_cells) {
+		int32_t *s = realloc(t->slots, rows * stride * sizeof(int32_t));
+		kvt_compute_free(c->cc, t->d_slots);
+		t->d_slots = NULL;
+		if (!s || kvt_compute_alloc(c->cc, rows * stride * sizeof(int32_t),
+					    (void **)&t->d_slots) < 0) {
+			if (s)
+				t->slots = s;
+			t->cap_cells = 0;
+			ret = -ENOMEM;
+		} else {
+			t->slots = s;
+			t->cap_cells = (uint32_t)(rows * stride);
+		}
+	}
+	if (ret)
+		goto out;
+	memcpy(c->data, seqs, nseq * sizeof(uint32_t));
+	if (mem & KVT_MEM_DEVICE)
+		ret = kvt_compute_download(c->cc, c->data + qoff, q, qbytes);
+	else
+		memcpy(c->data + qoff, q, qbytes);
+	if (ret)
+		goto out;
+	struct kvt_sqe r = {.op = KVT_OP_SELECT, .flags = p->top_p_mode ? KVT_SEL_TOPP : 0,
+			    .layer = (uint16_t)layer, .seq = nseq, .budget = p->budget_pages,
+			    .off = {0, qoff, ooff}, .out_stride = stride,
+			    .sink_tokens = p->sink_tokens, .window_tokens = p->window_tokens,
+			    .top_p = p->top_p};
+	struct kvt_cqe e;
+	if ((ret = call(c, &r, &e)) < 0)
+		goto out;
+	const int32_t *tab = (const int32_t *)(c->data + ooff);
+	const int32_t *n_out = tab + rows * stride, *tail = n_out + rows;
+	const uint64_t nslots = c->w.pool_bytes / c->w.slot_bytes;
+	for (size_t row = 0; row < rows && !ret; row++) {
+		struct live_seq *l = live_get(c, seqs[row / H]);
+		uint32_t want_tail = l->ntok[layer] % T;
+		if (n_out[row] < 0 || (uint32_t)n_out[row] > stride || tail[row] != (int32_t)want_tail)
+			ret = -EPROTO;
+		for (int32_t j = 0; j < n_out[row] && !ret; j++)
+			if (tab[row * stride + j] < 0 || (uint64_t)tab[row * stride + j] >= nslots)
+				ret = -EPROTO;
+		t->n_pages[row] = n_out[row];
+		t->tail_len[row] = (int32_t)want_tail;
+		t->tail_slot[row] = want_tail ? (int32_t)tail_slot(c, (uint32_t)c->live_of[seqs[row / H]],
+								      layer, (uint32_t)(row % H))
+					      : -1;
+	}
+	if (ret)
+		goto out;
+	memcpy(t->slots, tab, rows * stride * sizeof(int32_t));
+	t->rows = (uint32_t)rows;
+	t->stride = stride;
+	t->layer = layer;
+	/* host and backend arrays are both n_pages | tail_len | tail_slot of max_seqs rows */
+	ret = kvt_compute_upload(c->cc, t->d_slots, t->slots, rows * stride * sizeof(int32_t));
+	if (ret == 0)
+		ret = kvt_compute_upload(c->cc, t->d_n_pages, t->n_pages,
+					 (size_t)t->max_seqs * H * 3 * sizeof(int32_t));
+out:
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const void *q, void *out,
+		  float *lse, float scale, unsigned mem)
+{
+	if (!t || t->c != c || !q || !out || !t->rows)
+		return -EINVAL;
+	const size_t qbytes = (size_t)t->rows * c->layout.group * c->row;
+	const size_t lbytes = (size_t)t->rows * c->layout.group * sizeof(float);
+	const bool host_io = !(mem & KVT_MEM_DEVICE) && strcmp(kvt_compute_name(c->cc), "cpu");
+	pthread_mutex_lock(&c->lock);
+	int ret = 0;
+	const void *qd = q;
+	void *od = out;
+	float *ld = lse;
+	if (host_io) {
+		if ((ret = ensure_dev(c, &c->q_dev, &c->q_dev_bytes, qbytes)) < 0 ||
+		    (ret = ensure_dev(c, &c->out_dev, &c->out_dev_bytes, qbytes)) < 0 ||
+		    (lse && (ret = ensure_dev(c, (void **)&c->lse_dev, &c->lse_dev_bytes, lbytes)) < 0) ||
+		    (ret = kvt_compute_upload(c->cc, c->q_dev, q, qbytes)) < 0)
+			goto out;
+		qd = c->q_dev;
+		od = c->out_dev;
+		ld = lse ? c->lse_dev : NULL;
+	}
+	size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
+	bool cpu = !strcmp(kvt_compute_name(c->cc), "cpu");
+	struct kvt_attend_args a = {
+		.g = c->geom, .rows = t->rows, .stride = t->stride, .scale = scale, .q = qd,
+		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes,
+		.table = cpu ? t->slots : t->d_slots,
+		.n_pages = cpu ? t->n_pages : t->d_n_pages,
+		.tail_slot = cpu ? t->tail_slot : t->d_n_pages + 2 * mr,
+		.tail_len = cpu ? t->tail_len : t->d_n_pages + mr,
+		.out = od, .lse = ld, .tail_pool = cpu ? (void *)c->tail_host : c->tail_dev,
+	};
+	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
+		goto out;
+	if (host_io && ((ret = kvt_compute_download(c->cc, out, c->out_dev, qbytes)) < 0 ||
+			(lse && (ret = kvt_compute_download(c->cc, lse, c->lse_dev, lbytes)) < 0)))
+		goto out;
+out:
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_nop(struct kvtier_client *c)
+{
+	struct kvt_sqe r = {.op = KVT_OP_NOP};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = call(c, &r, &e);
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_ping(struct kvtier_client *c)
+{
+	struct kvt_msg_hdr h = {.magic = KVT_WIRE_MAGIC, .version = KVT_WIRE_VERSION,
+				.type = KVT_MSG_PING};
+	pthread_mutex_lock(&c->lock);
+	int ret = 0;
+	if (send(c->sock, &h, sizeof(h), MSG_NOSIGNAL) != sizeof(h))
+		ret = -ECONNRESET;
+	else if (recv(c->sock, &h, sizeof(h), MSG_WAITALL) != sizeof(h) || h.type != KVT_MSG_PONG)
+		ret = -ECONNRESET;
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}

@@ -1,0 +1,173 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVTIER_H
+#define KVTIER_H
+
+/*
+ * libkvtier: the client library of kvtierd.
+ *
+ * An inference process attaches with its model's layout, creates a sequence per
+ * request, appends the K and V of every new token for every layer, and at each decode
+ * step asks, per layer, for the page table of the pages its query needs
+ * (kvt_select): every page the table names is in GPU memory when the call returns
+ * (the daemon brings it up from host RAM or NVMe first). kvt_attend then runs sparse
+ * attention over that table in the caller's process, reading the pages straight from
+ * the GPU pool the daemon shares with it, and the page still filling from the
+ * library's own copy. Results equal dense attention over the same pages.
+ *
+ * Errors: every function returns 0 (or a count) or a negative errno. -ECONNRESET
+ * means the daemon is gone; the handle must then be detached.
+ * Thread safety: calls on one client are serialized by the library (one request in
+ * flight at a time); use one client per thread for parallelism.
+ * Memory: pointers marked "host or device" are host memory unless KVT_MEM_DEVICE is
+ * passed, then memory of the compute backend (a CUDA device pointer on a GPU).
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVTIER_API_VERSION 1
+
+enum kvt_dtype_pub {
+	KVTIER_F16 = 0,
+	KVTIER_BF16 = 1,
+	KVTIER_F32 = 2,
+};
+
+/* A model's KV layout. */
+struct kvtier_layout {
+	uint32_t layers;
+	uint32_t kv_heads;
+	uint32_t group;        /* query heads per KV head (GQA); 1 for MHA */
+	uint32_t head_dim;     /* 64, 128 or 256 on a GPU */
+	uint32_t dtype;        /* enum kvt_dtype_pub, of K, V, queries and outputs */
+	uint32_t page_tokens;  /* tokens per page, e.g. 64 */
+	uint32_t dense_layers; /* the first dense_layers layers attend over every page */
+	uint32_t reps;         /* representative keys per page summary (0: Quest only) */
+};
+
+struct kvtier_attach_opts {
+	const char *socket;   /* NULL: $KVTIER_SOCKET, else the daemon's default path */
+	const char *tenant;   /* NULL or "": the caller's default tenant (per uid) */
+	uint64_t data_bytes;  /* shared data area; 0: the daemon's default (16 MiB) */
+	uint32_t ring_entries;
+	uint32_t max_live_seqs; /* sequences open at once; 0: 64 */
+};
+
+struct kvtier_client;
+
+/*
+ * Attaches to the daemon. -ENOENT/-ECONNREFUSED (no daemon), -EACCES (uid not
+ * allowed), -EINVAL/-EMSGSIZE (layout refused: the reason is logged to stderr),
+ * -EPROTO (wire version mismatch), -ENOMEM, -ENODEV (the daemon's device cannot be
+ * used here). *out is owned by the caller until kvtier_detach.
+ */
+int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach_opts *opts,
+		  struct kvtier_client **out);
+/* Detaches: the daemon frees this client's sequences. NULL is a no-op. */
+void kvtier_detach(struct kvtier_client *c);
+
+/* "cpu" or "cuda": where kvtier_attend runs and KVT_MEM_DEVICE memory lives. */
+const char *kvtier_backend(const struct kvtier_client *c);
+
+/* Sequences. Ids are small integers, valid on this client only. */
+int kvtier_seq_create(struct kvtier_client *c, uint32_t *out);
+/* Frees the sequence's pages (pages a fork still reads stay until it closes). */
+int kvtier_seq_close(struct kvtier_client *c, uint32_t seq);
+/*
+ * A new sequence that shares the first prefix_tokens tokens of parent (every layer
+ * must hold that many): full pages are shared, not copied. -ERANGE, -ENOENT, -EMFILE.
+ */
+int kvtier_seq_fork(struct kvtier_client *c, uint32_t parent, uint32_t prefix_tokens,
+		    uint32_t *out);
+/* Tokens appended to layer of seq. */
+int kvtier_seq_tokens(struct kvtier_client *c, uint32_t seq, uint32_t layer, uint32_t *out);
+
+enum kvtier_mem {
+	KVT_MEM_HOST = 0,
+	KVT_MEM_DEVICE = 1u << 0,
+};
+
+/*
+ * Appends ntok tokens to one layer of seq: k and v are [ntok][kv_heads][head_dim]
+ * (host or device). Large appends are split to fit the data area. Returns 0; on an
+ * error (-EDQUOT: the tenant's disk quota; -ENOSPC: disk or summaries full; -EAGAIN)
+ * the tokens before the failing one are kept (kvtier_seq_tokens tells how many).
+ */
+int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
+		  const void *v, uint32_t ntok, unsigned mem);
+
+struct kvtier_select_params {
+	uint32_t budget_pages;  /* top-k: pages in all, sinks and window included */
+	uint32_t sink_tokens;   /* e.g. 64 */
+	uint32_t window_tokens; /* e.g. 256 */
+	uint32_t top_p_mode;    /* 1: top-p (capped at budget_pages) instead of top-k */
+	float top_p;
+};
+
+/* A step's page tables for a batch of sequences, reused across steps and layers. */
+struct kvtier_table;
+
+/* A table for batches of up to max_seqs sequences. NULL on failure. */
+struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_seqs);
+void kvtier_table_destroy(struct kvtier_table *t);
+/*
+ * The table's content for host inspection, valid until the next select into it:
+ * rows = nseq * kv_heads; slots[r * stride + i] for i < n_pages[r] (GPU pool slots
+ * of the selected full pages, ascending page order); tail_len[r] tokens in the page
+ * still filling.
+ */
+struct kvtier_table_view {
+	uint32_t rows, stride, layer;
+	const int32_t *slots, *n_pages, *tail_len;
+	const int32_t *tail_slot; /* [rows] slot in kvtier_memory.tail_pool, or -1 */
+};
+void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *out);
+
+/*
+ * Selects the pages of layer for the sequences seqs[0..nseq) against the step's
+ * queries q [nseq * kv_heads][group][head_dim] (host or device), and makes them
+ * resident on the GPU, pinned until the next select of that layer of the sequence.
+ * -ENOENT (a sequence), -EINVAL, -ENOBUFS (the GPU pool cannot hold the pinned pages,
+ * or a dense layer's pages do not fit the table), -EIO/-EBADMSG (a page could not be
+ * read: never served wrong).
+ */
+int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, uint32_t layer,
+		  const void *q, unsigned mem, const struct kvtier_select_params *p,
+		  struct kvtier_table *t);
+
+/*
+ * Attention of the queries q (the same as selected with, host or device) over the
+ * table's pages plus each sequence's filling page: out [rows][group][head_dim], lse
+ * [rows][group] (may be NULL), both host or device as q. scale: usually
+ * 1/sqrt(head_dim).
+ */
+int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const void *q,
+		  void *out, float *lse, float scale, unsigned mem);
+
+/*
+ * Where the pages are, for an engine that runs its own attention kernel over a table:
+ * slot s of the GPU pool is at pool + s * slot_bytes (K[page_tokens][head_dim] then
+ * V), read-only; the page still filling of row r is slot tail_slot of tail_pool (the
+ * library's copy, same stride). Both in the backend's memory. Valid until detach.
+ */
+struct kvtier_memory {
+	const void *pool;
+	uint64_t pool_bytes, slot_bytes;
+	const void *tail_pool;
+};
+void kvtier_memory(const struct kvtier_client *c, struct kvtier_memory *out);
+
+/* A round trip through the request ring that does nothing (for benchmarks). */
+int kvtier_nop(struct kvtier_client *c);
+/* A round trip over the control socket (PING/PONG). */
+int kvtier_ping(struct kvtier_client *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,204 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef KVT_IPC_WIRE_H
+#define KVT_IPC_WIRE_H
+
+/*
+ * The wire format between kvtierd and its clients. Two channels:
+ *
+ *   Control  a Unix stream socket: framed messages (struct kvt_msg_hdr + payload).
+ *            The client says HELLO with its model layout; the daemon answers WELCOME
+ *            and hands over, with SCM_RIGHTS, the file descriptors listed in
+ *            enum kvt_welcome_fd. The socket stays open: its EOF is how the daemon
+ *            learns that a client died.
+ *   Data     one shared-memory region per client (the ring memfd): a request ring
+ *            (client produces, daemon consumes), a completion ring (the reverse)
+ *            and a data area that requests point into with offsets. A request is a
+ *            64-byte struct kvt_sqe; its completion a 32-byte struct kvt_cqe carrying
+ *            the same user_data. Wake-ups go over two eventfds.
+ *
+ * Everything is little-endian, fixed-width, and size-checked below. The daemon copies
+ * every request (and every array a request points at) out of shared memory once,
+ * validates the copy against the client's own tables and uses only the copy.
+ */
+
+#include <stdint.h>
+
+#define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
+#define KVT_WIRE_VERSION 1
+
+#define KVT_MSG_MAX (64u * 1024)
+
+enum kvt_msg_type {
+	KVT_MSG_HELLO = 1,   /* client -> daemon: struct kvt_hello */
+	KVT_MSG_WELCOME = 2, /* daemon -> client: struct kvt_welcome + fds */
+	KVT_MSG_ERROR = 3,   /* daemon -> client: a text reason; the daemon then hangs up */
+	KVT_MSG_PING = 4,    /* either way, empty; answered with PONG */
+	KVT_MSG_PONG = 5,
+	KVT_MSG_STATS = 6,       /* either side of HELLO, empty; answered with STATS_REPLY */
+	KVT_MSG_STATS_REPLY = 7, /* struct kvt_wire_stats */
+	KVT_MSG_TYPE_MAX
+};
+
+struct kvt_msg_hdr {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t type;   /* enum kvt_msg_type */
+	uint32_t len;    /* payload bytes after this header, <= KVT_MSG_MAX */
+	int32_t status;  /* 0 or -errno (ERROR) */
+};
+_Static_assert(sizeof(struct kvt_msg_hdr) == 16, "wire format");
+
+/* The model a client attaches with. */
+struct kvt_wire_layout {
+	uint32_t layers;
+	uint32_t kv_heads;
+	uint32_t group;        /* query heads per KV head */
+	uint32_t head_dim;
+	uint32_t dtype;        /* enum kvt_dtype */
+	uint32_t page_tokens;
+	uint32_t dense_layers; /* layers 0 .. dense_layers-1 attend over every page */
+	uint32_t reps;         /* representative keys per page summary */
+};
+_Static_assert(sizeof(struct kvt_wire_layout) == 32, "wire format");
+
+#define KVT_TENANT_NAME_MAX 32
+
+struct kvt_hello {
+	uint32_t size; /* sizeof(struct kvt_hello): lets the struct grow */
+	uint32_t flags;
+	struct kvt_wire_layout layout;
+	char tenant[KVT_TENANT_NAME_MAX]; /* "" for the caller's default tenant */
+	uint32_t ring_entries;            /* requested; 0: the daemon's default */
+	uint32_t pad_;
+	uint64_t data_bytes;              /* requested data area; 0: default */
+};
+_Static_assert(sizeof(struct kvt_hello) == 88, "wire format");
+
+enum kvt_welcome_fd {
+	KVT_FD_RING = 0, /* the ring memfd (read-write) */
+	KVT_FD_REQ,      /* eventfd: client -> daemon, "requests queued" */
+	KVT_FD_CMP,      /* eventfd: daemon -> client, "completions posted" */
+	KVT_FD_POOL,     /* the tenant's GPU pool (VMM POSIX fd, or a memfd on the cpu device) */
+	KVT_FD_HOST,     /* the tenant's host arena (sealed memfd, read-only mappings) */
+	KVT_FD_MAX
+};
+
+enum kvt_wire_device {
+	KVT_WIRE_DEV_CPU = 0,
+	KVT_WIRE_DEV_CUDA = 1,
+};
+
+struct kvt_welcome {
+	uint32_t size;
+	uint32_t client_id;
+	uint32_t tenant_id;
+	uint32_t device;       /* enum kvt_wire_device */
+	uint32_t sq_entries;   /* powers of two */
+	uint32_t cq_entries;
+	uint64_t ring_bytes;   /* size of the ring memfd */
+	uint64_t data_off;     /* data area, within the ring memfd */
+	uint64_t data_bytes;
+	uint64_t pool_bytes;   /* GPU pool mapping size */
+	uint64_t slot_bytes;   /* stride of a pool slot (the store's page size) */
+	uint64_t host_bytes;   /* host arena mapping size */
+	uint32_t max_seqs;     /* sequence ids are < max_seqs */
+	uint32_t max_batch;    /* sequences in one batched request */
+	uint32_t page_bytes;   /* bytes of this client's page: 2 * T * D * dtype size */
+	int32_t device_ordinal;
+	uint8_t reserved[64];  /* the CUDA IPC event handle (prefetch ordering) */
+};
+_Static_assert(sizeof(struct kvt_welcome) == 152, "wire format");
+
+/* The daemon's counters, for tools and tests (kvtierctl has the full set). */
+struct kvt_wire_stats {
+	uint32_t size;
+	uint32_t clients;
+	uint64_t pages, seqs;
+	uint64_t tier_used[3];  /* slots in use: gpu, host, nvme */
+	uint64_t tier_slots[3];
+	uint64_t accepted, rejected, disconnects;
+	uint64_t requests, bad_requests;
+};
+_Static_assert(sizeof(struct kvt_wire_stats) == 112, "wire format");
+
+/* ---- the shared region ---- */
+
+#define KVT_RING_MAGIC 0x474e49525456564bull /* "KVVTRING" */
+
+/*
+ * At offset 0 of the ring memfd. Each index lives on its own cache line; the side
+ * that writes an index is named beside it. The daemon never reads back what it wrote
+ * (it keeps its own copies of sq_head and cq_tail), and checks what the client wrote
+ * (sq_tail, cq_head) against the ring size before using it.
+ */
+struct kvt_ring_hdr {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t sq_entries, cq_entries;
+	uint32_t sqe_off, cqe_off; /* arrays, from the region's start */
+	uint32_t pad0;
+	uint64_t data_off, data_bytes;
+	uint8_t pad1[16];
+	uint32_t sq_head; /* daemon */
+	uint8_t pad2[60];
+	uint32_t sq_tail; /* client */
+	uint8_t pad3[60];
+	uint32_t cq_head; /* client */
+	uint8_t pad4[60];
+	uint32_t cq_tail; /* daemon */
+	uint8_t pad5[60];
+	uint32_t cq_wait; /* client: set while it sleeps on the CMP eventfd */
+	uint8_t pad6[60];
+};
+_Static_assert(sizeof(struct kvt_ring_hdr) == 6 * 64, "wire format");
+
+enum kvt_op_code {
+	KVT_OP_NOP = 0,
+	KVT_OP_SEQ_CREATE, /* -> res: the new sequence id */
+	KVT_OP_SEQ_CLOSE,  /* seq */
+	KVT_OP_SEQ_FORK,   /* seq: parent, ntok: prefix tokens -> res: the new id */
+	KVT_OP_APPEND,     /* seq, layer, ntok; off[0]: K, off[1]: V, each [ntok][kv_heads][D] */
+	KVT_OP_SELECT,     /* layer, nseq; see struct kvt_sqe */
+	KVT_OP_SEQ_INFO,   /* seq -> res: tokens of layer `layer` */
+	KVT_OP_MAX
+};
+
+enum kvt_select_flags {
+	KVT_SEL_TOPP = 1u << 0, /* top-p (arg top_p) instead of top-k */
+};
+
+/*
+ * One request. SELECT: seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
+ * at off[1]; the answer at off[2]: int32 table[rows][out_stride] (pool slots), then
+ * int32 n_out[rows], then int32 tail_len[rows], rows = nseq * kv_heads.
+ */
+struct kvt_sqe {
+	uint8_t op;     /* enum kvt_op_code */
+	uint8_t flags;  /* enum kvt_select_flags */
+	uint16_t layer;
+	uint32_t seq;   /* sequence id (or nseq for SELECT) */
+	uint64_t user_data;
+	uint32_t ntok;
+	uint32_t budget;       /* SELECT: pages beside sinks and window */
+	uint64_t off[3];
+	uint32_t out_stride;   /* SELECT: >= budget + sink and window pages */
+	uint32_t sink_tokens;
+	uint32_t window_tokens;
+	float top_p;
+};
+_Static_assert(sizeof(struct kvt_sqe) == 64, "wire format");
+
+struct kvt_cqe {
+	uint64_t user_data;
+	int32_t res;    /* >= 0 or -errno */
+	uint32_t pad_;
+	uint64_t aux[2]; /* APPEND: aux[0] tokens accepted; SELECT: aux[0] pages brought up */
+};
+_Static_assert(sizeof(struct kvt_cqe) == 32, "wire format");
+
+/* Acquire/release on indices shared with the other process. */
+#define kvt_load_acquire(p)	 __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define kvt_store_release(p, v)	 __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define kvt_smp_mb()		 __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+#endif

@@ -1,0 +1,646 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Integration: the real kvtierd on a temporary socket and store, real client
+ * processes over libkvtier, KV larger than the GPU pool and the host tier together
+ * (so pages live on disk), attention checked against a dense reference computed
+ * here; several clients, kill -9 of a client, malformed messages, a refused uid.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "helpers.h"
+#include "ipc/kvtier.h"
+#include "ipc/wire.h"
+
+/* The model: small enough to check by hand, f32 so the reference is tight. */
+#define LAYERS 2
+#define HEADS  2
+#define GROUP  2
+#define D      64
+#define T      16
+#define PB     (2 * T * D * 4) /* 8 KiB */
+#define PREFILL 1024           /* 64 pages per (layer, head): 256 pages, 2 MiB */
+
+static char sock_path[108];
+static bool in_child; /* a forked client: a failed check exits instead of longjmp'ing */
+
+#define check_eq(a, b) check((long long)(a) == (long long)(b))
+#define check(c)                                                                               \
+	do {                                                                                   \
+		if (!(c)) {                                                                    \
+			if (in_child) {                                                        \
+				fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c); \
+				_exit(99);                                                     \
+			}                                                                      \
+			fail_msg("%s:%d: %s", __FILE__, __LINE__, #c);                         \
+		}                                                                              \
+	} while (0)
+static const char *store_dir;
+static pid_t daemon_pid = -1;
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- the data: a deterministic value for every (salt, layer, head, token, channel) ---- */
+
+static float gen(uint32_t salt, uint32_t layer, uint32_t head, uint32_t tok, uint32_t d, int v)
+{
+	uint64_t x = ((uint64_t)salt * 0x9e3779b97f4a7c15ull) ^ ((uint64_t)layer << 52) ^
+		     ((uint64_t)head << 44) ^ ((uint64_t)tok << 12) ^ ((uint64_t)d << 2) ^ (uint64_t)v;
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdull;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ull;
+	x ^= x >> 33;
+	return (float)((double)(x >> 11) / (double)(1ull << 53) * 2.0 - 1.0);
+}
+
+/* the token at position tok of a sequence: the parent's salt before the fork point */
+struct seqdesc {
+	uint32_t id;
+	uint32_t salt, parent_salt, fork_at; /* tokens < fork_at come from parent_salt */
+	uint32_t ntok;
+};
+
+static float kv_of(const struct seqdesc *s, uint32_t l, uint32_t h, uint32_t tok, uint32_t d,
+		   int v)
+{
+	return gen(tok < s->fork_at ? s->parent_salt : s->salt, l, h, tok, d, v);
+}
+
+static void append_tokens(struct kvtier_client *c, struct seqdesc *s, uint32_t n)
+{
+	float *k = malloc((size_t)n * HEADS * D * 4), *v = malloc((size_t)n * HEADS * D * 4);
+	for (uint32_t l = 0; l < LAYERS; l++) {
+		for (uint32_t t = 0; t < n; t++)
+			for (uint32_t h = 0; h < HEADS; h++)
+				for (uint32_t d = 0; d < D; d++) {
+					size_t i = ((size_t)t * HEADS + h) * D + d;
+					k[i] = kv_of(s, l, h, s->ntok + t, d, 0);
+					v[i] = kv_of(s, l, h, s->ntok + t, d, 1);
+				}
+		check_eq(kvtier_append(c, s->id, l, k, v, n, KVT_MEM_HOST), 0);
+	}
+	s->ntok += n;
+	free(k);
+	free(v);
+}
+
+static void query(uint32_t salt, uint32_t step, uint32_t l, float *q)
+{
+	for (uint32_t h = 0; h < HEADS; h++)
+		for (uint32_t g = 0; g < GROUP; g++)
+			for (uint32_t d = 0; d < D; d++)
+				q[((size_t)h * GROUP + g) * D + d] =
+					2.0f * gen(salt, l, h, 7777 + g, d, 2) +
+					0.2f * gen(salt, l, h, 9000 + step, d, 3);
+}
+
+/* Which page of (s, l, h) a pool slot holds, comparing every byte; -1 if none. */
+static int page_of_slot(const struct seqdesc *s, uint32_t l, uint32_t h, const float *slot)
+{
+	for (uint32_t p = 0; p < s->ntok / T; p++) {
+		bool ok = true;
+		for (uint32_t t = 0; t < T && ok; t++)
+			for (uint32_t d = 0; d < D && ok; d++)
+				ok = slot[t * D + d] == kv_of(s, l, h, p * T + t, d, 0) &&
+				     slot[(T + t) * D + d] == kv_of(s, l, h, p * T + t, d, 1);
+		if (ok)
+			return (int)p;
+	}
+	return -1;
+}
+
+/* Dense attention of q over the given pages plus the tail, in double. */
+static void reference(const struct seqdesc *s, uint32_t l, uint32_t h, const float *q,
+		      const int *pages, int npages, float *out)
+{
+	uint32_t tail0 = s->ntok / T * T;
+	uint32_t ntoks = (uint32_t)npages * T + (s->ntok - tail0);
+	uint32_t *toks = malloc(ntoks * sizeof(uint32_t));
+	uint32_t n = 0;
+	for (int i = 0; i < npages; i++)
+		for (uint32_t t = 0; t < T; t++)
+			toks[n++] = (uint32_t)pages[i] * T + t;
+	for (uint32_t t = tail0; t < s->ntok; t++)
+		toks[n++] = t;
+	double *lg = malloc(n * sizeof(double));
+	for (uint32_t g = 0; g < GROUP; g++) {
+		double m = -INFINITY, sum = 0, acc[D] = {0};
+		for (uint32_t i = 0; i < n; i++) {
+			double x = 0;
+			for (uint32_t d = 0; d < D; d++)
+				x += (double)q[g * D + d] * kv_of(s, l, h, toks[i], d, 0);
+			lg[i] = x / sqrt((double)D);
+			if (lg[i] > m)
+				m = lg[i];
+		}
+		for (uint32_t i = 0; i < n; i++) {
+			double p = exp(lg[i] - m);
+			sum += p;
+			for (uint32_t d = 0; d < D; d++)
+				acc[d] += p * kv_of(s, l, h, toks[i], d, 1);
+		}
+		for (uint32_t d = 0; d < D; d++)
+			out[g * D + d] = (float)(acc[d] / sum);
+	}
+	free(lg);
+	free(toks);
+}
+
+/*
+ * One decode step for a batch: append a token to every layer, then per layer select
+ * and attend, and check every row: each selected slot holds a page of that row (byte
+ * for byte), sinks and window are in, at most the budget, output = reference over the
+ * selected pages and the tail. Returns the pages selected in all.
+ */
+static unsigned step(struct kvtier_client *c, struct seqdesc *s, uint32_t n, uint32_t stepno,
+		     uint32_t budget, struct kvtier_table *tab)
+{
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	unsigned total = 0;
+	for (uint32_t b = 0; b < n; b++)
+		append_tokens(c, &s[b], 1);
+	uint32_t ids[8];
+	for (uint32_t b = 0; b < n; b++)
+		ids[b] = s[b].id;
+	const size_t qn = (size_t)HEADS * GROUP * D;
+	float *q = malloc(n * qn * 4), *out = malloc(n * qn * 4), ref[GROUP * D];
+	struct kvtier_select_params sp = {.budget_pages = budget, .sink_tokens = T,
+					  .window_tokens = 2 * T};
+	for (uint32_t l = 0; l < LAYERS; l++) {
+		for (uint32_t b = 0; b < n; b++)
+			query(s[b].salt, stepno, l, q + b * qn);
+		check_eq(kvtier_select(c, ids, n, l, q, KVT_MEM_HOST, &sp, tab), 0);
+		check_eq(kvtier_attend(c, tab, q, out, NULL, 1.0f / sqrtf(D), KVT_MEM_HOST), 0);
+		struct kvtier_table_view v;
+		kvtier_table_view(tab, &v);
+		check_eq(v.rows, n * HEADS);
+		for (uint32_t r = 0; r < v.rows; r++) {
+			const struct seqdesc *sq = &s[r / HEADS];
+			uint32_t h = r % HEADS, full = sq->ntok / T;
+			int pages[512], np = v.n_pages[r];
+			check(np <= (int)(budget < full ? budget : full));
+			check_eq(v.tail_len[r], (int)(sq->ntok % T));
+			bool sink = false;
+			for (int j = 0; j < np; j++) {
+				const float *slot = (const float *)((const char *)mem.pool +
+								     (uint64_t)v.slots[r * v.stride + j] * mem.slot_bytes);
+				pages[j] = page_of_slot(sq, l, h, slot);
+				check(pages[j] >= 0);
+				if (j)
+					check(pages[j] > pages[j - 1]);
+				sink |= pages[j] == 0;
+			}
+			check(sink);
+			check_eq(pages[np - 1], (int)full - 1); /* the window */
+			reference(sq, l, h, q + (size_t)r * GROUP * D, pages, np, ref);
+			for (uint32_t i = 0; i < GROUP * D; i++)
+				check(fabsf(out[(size_t)r * GROUP * D + i] - ref[i]) <= 2e-5f);
+			total += (unsigned)np;
+		}
+	}
+	free(q);
+	free(out);
+	return total;
+}
+
+/* ---- the daemon ---- */
+
+static int connect_raw(void)
+{
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int stats(struct kvt_wire_stats *w)
+{
+	int fd = connect_raw();
+	if (fd < 0)
+		return -1;
+	struct kvt_msg_hdr h = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_STATS, 0, 0};
+	int ret = -1;
+	if (send(fd, &h, sizeof(h), MSG_NOSIGNAL) == sizeof(h) &&
+	    recv(fd, &h, sizeof(h), MSG_WAITALL) == sizeof(h) && h.type == KVT_MSG_STATS_REPLY &&
+	    h.len >= sizeof(*w) && recv(fd, w, sizeof(*w), MSG_WAITALL) == sizeof(*w))
+		ret = 0;
+	close(fd);
+	return ret;
+}
+
+static int start_daemon(void **state)
+{
+	static char dir[64] = "/tmp/kvtd-XXXXXX";
+	if (!mkdtemp(dir))
+		return -1;
+	chmod(dir, 0755);
+	snprintf(sock_path, sizeof(sock_path), "%s/kvtierd.sock", dir);
+	store_dir = strdup(t_dir("daemon"));
+	const char *bin = getenv("KVT_DAEMON");
+	daemon_pid = fork();
+	if (daemon_pid == 0) {
+		char sd[512];
+		snprintf(sd, sizeof(sd), "store.state_dir=%s", store_dir);
+		char sk[200];
+		snprintf(sk, sizeof(sk), "ipc.socket=%s", sock_path);
+		/* GPU pool 128 pages, host 256: two sequences of 256 pages each spill to disk */
+		execl(bin, "kvtierd", "-o", sk, "-o", sd, "-o", "store.device=cpu", "-o",
+		      "store.page_bytes=8K", "-o", "store.nvme_bytes=64M", "-o", "tenant.gpu_bytes=1M",
+		      "-o", "tenant.host_bytes=2M", "-o", "ipc.socket_mode=0666", "-o",
+		      "ipc.data_bytes=1M", "-o", "daemon.promote_timeout_ms=3000", (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500; i++) {
+		struct kvt_wire_stats w;
+		if (stats(&w) == 0)
+			return 0;
+		if (waitpid(daemon_pid, NULL, WNOHANG) == daemon_pid)
+			return -1;
+		usleep(10000);
+	}
+	return -1;
+}
+
+static int stop_daemon(void **state)
+{
+	int st = 0;
+	if (daemon_pid > 0) {
+		kill(daemon_pid, SIGTERM);
+		waitpid(daemon_pid, &st, 0);
+	}
+	unlink(sock_path);
+	t_rmdir(store_dir);
+	/* SIGTERM: a clean exit 0 */
+	return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+static void daemon_alive(void)
+{
+	struct kvt_wire_stats w;
+	assert_int_equal(stats(&w), 0);
+	assert_int_equal(waitpid(daemon_pid, NULL, WNOHANG), 0);
+}
+
+static struct kvtier_client *attach(const char *tenant)
+{
+	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
+	struct kvtier_attach_opts o = {.socket = sock_path, .tenant = tenant, .max_live_seqs = 8};
+	struct kvtier_client *c = NULL;
+	int ret = kvtier_attach(&lay, &o, &c);
+	if (ret < 0)
+		fprintf(stderr, "attach: %s\n", strerror(-ret));
+	return c;
+}
+
+/* ---- tests ---- */
+
+static void test_decode_offloaded(void **state)
+{
+	struct kvtier_client *c = attach(NULL);
+	assert_non_null(c);
+	assert_string_equal(kvtier_backend(c), "cpu");
+	struct seqdesc s[2] = {{.salt = 11, .fork_at = 0}, {.salt = 12, .fork_at = 0}};
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(kvtier_seq_create(c, &s[i].id), 0);
+		append_tokens(c, &s[i], PREFILL);
+	}
+	struct kvt_wire_stats w;
+	assert_int_equal(stats(&w), 0);
+	/* more pages than GPU pool and host tier hold together: the rest only on disk */
+	assert_true(w.pages == 2 * LAYERS * HEADS * (PREFILL / T));
+	assert_true(w.pages > w.tier_slots[0] + w.tier_slots[1]);
+	struct kvtier_table *tab = kvtier_table_create(c, 2);
+	assert_non_null(tab);
+	/* budget 8 pages of 64: the batch of two, 24 steps, slowly drifting queries */
+	for (uint32_t t = 0; t < 24; t++)
+		assert_true(step(c, s, 2, t, 8, tab) > 0);
+	/* each sequence alone, a larger budget (pins last until the next select of a
+	 * layer: the pool holds 128 pages) */
+	for (uint32_t t = 0; t < 2; t++)
+		step(c, &s[t], 1, 100 + t, 12, tab);
+	uint32_t n;
+	assert_int_equal(kvtier_seq_tokens(c, s[0].id, 1, &n), 0);
+	assert_int_equal(n, PREFILL + 25);
+	kvtier_table_destroy(tab);
+	for (int i = 0; i < 2; i++)
+		assert_int_equal(kvtier_seq_close(c, s[i].id), 0);
+	assert_int_equal(kvtier_seq_close(c, s[0].id), -ENOENT);
+	kvtier_detach(c);
+}
+
+static void test_fork(void **state)
+{
+	struct kvtier_client *c = attach(NULL);
+	assert_non_null(c);
+	struct seqdesc p = {.salt = 21};
+	assert_int_equal(kvtier_seq_create(c, &p.id), 0);
+	append_tokens(c, &p, 200); /* 12 full pages + 8 tokens */
+	struct kvtier_table *tab = kvtier_table_create(c, 1);
+	/* forks inside a stored page, at a page boundary, and in the parent's filling page */
+	uint32_t at[3] = {37, 64, 196};
+	for (int i = 0; i < 3; i++) {
+		struct seqdesc ch = {.salt = 30 + (uint32_t)i, .parent_salt = 21, .fork_at = at[i],
+				     .ntok = at[i]};
+		assert_int_equal(kvtier_seq_fork(c, p.id, at[i], &ch.id), 0);
+		append_tokens(c, &ch, 40);
+		step(c, &ch, 1, 5, 4096, tab); /* every page: the dense reference */
+		step(c, &ch, 1, 6, 3, tab);
+		assert_int_equal(kvtier_seq_close(c, ch.id), 0);
+	}
+	uint32_t bad;
+	assert_int_equal(kvtier_seq_fork(c, p.id, 999, &bad), -ERANGE);
+	/* the parent closes first; a fork still reads its pages */
+	struct seqdesc ch = {.salt = 40, .parent_salt = 21, .fork_at = 100, .ntok = 100};
+	assert_int_equal(kvtier_seq_fork(c, p.id, 100, &ch.id), 0);
+	assert_int_equal(kvtier_seq_close(c, p.id), 0);
+	p.ntok = 0;
+	step(c, &ch, 1, 7, 4096, tab);
+	assert_int_equal(kvtier_seq_close(c, ch.id), 0);
+	kvtier_table_destroy(tab);
+	kvtier_detach(c);
+	struct kvt_wire_stats w;
+	assert_int_equal(stats(&w), 0);
+	assert_int_equal(w.seqs, 0);
+}
+
+static int client_loop(uint32_t salt, const char *tenant)
+{
+	struct kvtier_client *c = attach(tenant);
+	if (!c)
+		return 2;
+	struct seqdesc s = {.salt = salt};
+	if (kvtier_seq_create(c, &s.id) < 0)
+		return 3;
+	append_tokens(c, &s, 300);
+	struct kvtier_table *tab = kvtier_table_create(c, 1);
+	for (uint32_t t = 0; t < 10; t++)
+		step(c, &s, 1, t, 6, tab);
+	kvtier_table_destroy(tab);
+	kvtier_seq_close(c, s.id);
+	kvtier_detach(c);
+	return 0;
+}
+
+static void test_many_clients(void **state)
+{
+	pid_t pids[4];
+	for (int i = 0; i < 4; i++) {
+		pids[i] = fork();
+		if (pids[i] == 0 && (in_child = true))
+			_exit(client_loop(50 + (uint32_t)i, i % 2 ? "other" : NULL));
+	}
+	for (int i = 0; i < 4; i++) {
+		int st;
+		assert_int_equal(waitpid(pids[i], &st, 0), pids[i]);
+		assert_true(WIFEXITED(st));
+		assert_int_equal(WEXITSTATUS(st), 0);
+	}
+	daemon_alive();
+}
+
+static void test_kill9(void **state)
+{
+	int pfd[2];
+	assert_int_equal(pipe(pfd), 0);
+	pid_t pid = fork();
+	if (pid == 0) {
+		in_child = true;
+		close(pfd[0]);
+		struct kvtier_client *c = attach(NULL);
+		struct seqdesc s[2] = {{.salt = 61}, {.salt = 62}};
+		for (int i = 0; i < 2; i++) {
+			kvtier_seq_create(c, &s[i].id);
+			append_tokens(c, &s[i], 400);
+		}
+		struct kvtier_table *tab = kvtier_table_create(c, 2);
+		for (uint32_t t = 0;; t++) {
+			step(c, s, 2, t, 8, tab);
+			if (t == 2 && write(pfd[1], "x", 1) != 1)
+				_exit(1);
+		}
+	}
+	close(pfd[1]);
+	char x;
+	assert_int_equal(read(pfd[0], &x, 1), 1);
+	close(pfd[0]);
+	usleep(2000); /* somewhere in a step */
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	double t0 = now_s();
+	struct kvt_wire_stats w;
+	do {
+		assert_int_equal(stats(&w), 0);
+	} while ((w.clients > 1 || w.seqs || w.pages) && now_s() - t0 < 2.0);
+	double took = now_s() - t0;
+	/* within one second, its pins released and its sequences freed */
+	assert_int_equal(w.seqs, 0);
+	assert_int_equal(w.pages, 0);
+	assert_true(took < 1.0);
+	assert_int_equal(client_loop(70, NULL), 0);
+}
+
+/* A raw handshake, so that the test can write anything into the ring. */
+struct raw {
+	int sock, fds[KVT_FD_MAX];
+	struct kvt_welcome w;
+	uint8_t *ring;
+};
+
+static int raw_attach(struct raw *r, uint16_t version, uint32_t head_dim)
+{
+	memset(r, 0, sizeof(*r));
+	r->sock = connect_raw();
+	struct kvt_hello h = {.size = sizeof(h),
+			      .layout = {LAYERS, HEADS, GROUP, head_dim, KVTIER_F32, T, 0, 2}};
+	struct kvt_msg_hdr mh = {KVT_WIRE_MAGIC, version, KVT_MSG_HELLO, sizeof(h), 0};
+	struct iovec iov[2] = {{&mh, sizeof(mh)}, {&h, sizeof(h)}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+	if (sendmsg(r->sock, &m, MSG_NOSIGNAL) < 0)
+		return -errno;
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * KVT_FD_MAX)];
+		struct cmsghdr a;
+	} u;
+	struct iovec ri = {&mh, sizeof(mh)};
+	struct msghdr rm = {.msg_iov = &ri, .msg_iovlen = 1, .msg_control = u.buf,
+			    .msg_controllen = sizeof(u.buf)};
+	if (recvmsg(r->sock, &rm, MSG_WAITALL) != sizeof(mh))
+		return -ECONNRESET;
+	if (mh.type != KVT_MSG_WELCOME)
+		return mh.status ? mh.status : -EPROTO;
+	memcpy(r->fds, CMSG_DATA(CMSG_FIRSTHDR(&rm)), sizeof(r->fds));
+	if (recv(r->sock, &r->w, sizeof(r->w), MSG_WAITALL) != sizeof(r->w))
+		return -EPROTO;
+	r->ring = mmap(NULL, r->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+		       r->fds[KVT_FD_RING], 0);
+	return r->ring == MAP_FAILED ? -errno : 0;
+}
+
+/* Submits a request (or just an index) and says whether the daemon hung up. */
+static bool raw_submit_hangs_up(struct raw *r, const struct kvt_sqe *e, uint32_t tail_bump)
+{
+	struct kvt_ring_hdr *h = (struct kvt_ring_hdr *)r->ring;
+	struct kvt_sqe *sq = (struct kvt_sqe *)(r->ring + h->sqe_off);
+	if (e)
+		sq[h->sq_tail & (h->sq_entries - 1)] = *e;
+	kvt_store_release(&h->sq_tail, h->sq_tail + tail_bump);
+	uint64_t one = 1;
+	if (write(r->fds[KVT_FD_REQ], &one, 8) != 8)
+		return false;
+	struct pollfd p = {r->sock, POLLIN | POLLRDHUP, 0};
+	for (int i = 0; i < 100; i++) {
+		if (poll(&p, 1, 20) == 1) {
+			char b[512];
+			while (recv(r->sock, b, sizeof(b), MSG_DONTWAIT) > 0)
+				;
+			if (recv(r->sock, b, sizeof(b), MSG_DONTWAIT) == 0)
+				return true;
+		}
+	}
+	return false;
+}
+
+static void raw_close(struct raw *r)
+{
+	if (r->ring && r->ring != MAP_FAILED)
+		munmap(r->ring, r->w.ring_bytes);
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		if (r->fds[i] > 0)
+			close(r->fds[i]);
+	close(r->sock);
+}
+
+static bool hung_up(int fd)
+{
+	char b[512];
+	struct pollfd p = {fd, POLLIN | POLLRDHUP, 0};
+	for (int i = 0; i < 100; i++) {
+		if (poll(&p, 1, 20) == 1) {
+			ssize_t n;
+			while ((n = recv(fd, b, sizeof(b), MSG_DONTWAIT)) > 0)
+				;
+			if (n == 0)
+				return true;
+		}
+	}
+	return false;
+}
+
+static void test_malformed(void **state)
+{
+	struct raw r;
+	/* wrong version: an error, then the hang-up */
+	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION + 1, D), -EPROTONOSUPPORT);
+	assert_true(hung_up(r.sock));
+	raw_close(&r);
+	/* a layout no kernel takes */
+	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, 0), -EINVAL);
+	raw_close(&r);
+	/* bad magic; an oversized length; garbage bytes */
+	struct kvt_msg_hdr bad[3] = {{0xdeadbeef, KVT_WIRE_VERSION, KVT_MSG_HELLO, 88, 0},
+				     {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_HELLO, 1u << 30, 0},
+				     {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, 999, 0, 0}};
+	for (int i = 0; i < 3; i++) {
+		int fd = connect_raw();
+		assert_true(fd >= 0);
+		assert_int_equal(send(fd, &bad[i], sizeof(bad[i]), MSG_NOSIGNAL), sizeof(bad[i]));
+		assert_true(hung_up(fd));
+		close(fd);
+		daemon_alive();
+	}
+	/* ring abuse by an attached client */
+	struct kvt_sqe cases[4] = {
+		{.op = KVT_OP_SELECT, .seq = 1, .layer = 0, .out_stride = 8, .off = {0, 64, 1ull << 40}},
+		{.op = KVT_OP_APPEND, .seq = 1u << 30, .layer = 0, .ntok = 1},
+		{.op = KVT_OP_APPEND, .seq = 0, .layer = 77, .ntok = 1},
+		{.op = 200},
+	};
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
+		assert_true(raw_submit_hangs_up(&r, &cases[i], 1));
+		raw_close(&r);
+		daemon_alive();
+	}
+	/* a request index far past the ring */
+	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
+	assert_true(raw_submit_hangs_up(&r, NULL, 5000));
+	raw_close(&r);
+	/* and a well-behaved client is served throughout */
+	struct kvtier_client *c = attach(NULL);
+	assert_non_null(c);
+	assert_int_equal(kvtier_nop(c), 0);
+	assert_int_equal(kvtier_ping(c), 0);
+	uint32_t id;
+	assert_int_equal(kvtier_seq_create(c, &id), 0);
+	assert_int_equal(kvtier_seq_close(c, id), 0);
+	assert_int_equal(kvtier_seq_close(c, id), -ENOENT); /* a closed id: an error, no hang-up */
+	assert_int_equal(kvtier_nop(c), 0);
+	kvtier_detach(c);
+}
+
+static void test_disallowed_uid(void **state)
+{
+	if (geteuid() != 0)
+		skip();
+	pid_t pid = fork();
+	if (pid == 0) {
+		in_child = true;
+		if (setgid(65534) < 0 || setuid(65534) < 0)
+			_exit(10);
+		struct kvtier_client *c = attach(NULL);
+		_exit(c ? 11 : 0);
+	}
+	int st;
+	waitpid(pid, &st, 0);
+	assert_true(WIFEXITED(st));
+	assert_int_equal(WEXITSTATUS(st), 0);
+	struct kvt_wire_stats w;
+	assert_int_equal(stats(&w), 0);
+	assert_true(w.rejected >= 1);
+}
+
+int main(void)
+{
+	if (!getenv("KVT_DAEMON")) {
+		fprintf(stderr, "KVT_DAEMON: path of kvtierd\n");
+		return 1;
+	}
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_decode_offloaded),
+		cmocka_unit_test(test_fork),
+		cmocka_unit_test(test_many_clients),
+		cmocka_unit_test(test_malformed),
+		cmocka_unit_test(test_kill9),
+		cmocka_unit_test(test_disallowed_uid),
+	};
+	return cmocka_run_group_tests(tests, start_daemon, stop_daemon);
+}
