@@ -278,7 +278,7 @@ static void send_stats(struct kvd_client *c)
 	struct kvd *d = c->d;
 	struct kvt_store_stats st;
 	kvt_store_stats(d->store, &st);
-	struct kvt_wire_stats w = {.size = sizeof(w), .clients = d->nclients, .pages = st.pages,
+	struct kvt_wire_stats w = {.size = sizeof(w), .pages = st.pages,
 				   .seqs = st.seqs, .accepted = d->accepted, .rejected = d->rejected,
 				   .disconnects = d->disconnects};
 	for (int t = 0; t < 3; t++) {
@@ -288,6 +288,7 @@ static void send_stats(struct kvd_client *c)
 	struct kvd_client *o;
 	kvt_list_for_each_entry(o, &d->clients, link)
 	{
+		w.clients += o->attached && !o->dead;
 		w.requests += o->requests;
 		w.bad_requests += o->bad_requests;
 	}

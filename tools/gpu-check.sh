@@ -2,8 +2,9 @@
 # On the GPU machine: build, run the whole suite (GPU tests included), the promotion
 # benchmark (gather kernel and cudaMemcpyBatchAsync), the nvme benchmark and the demo.
 # Logs go to $OUT (or ./gpu-out); a short table comes last.
-#   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels]
-# "kernels": build, tests and the kernel benchmark only.
+#   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels|daemon]
+# "kernels": build, tests and the kernel benchmark only. "daemon": build, tests, then
+# kvtierd on the GPU with the Python binding test, the decode loop and the IPC bench.
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -20,6 +21,25 @@ meson test -C build-gpu --print-errorlogs --num-processes 4 >"$out/tests.log" 2>
 tests_rc=$?
 grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/tests.log" | tail -12
 grep -h "gpu:" build-gpu/meson-logs/testlog.txt | head -2
+if [ "$what" = daemon ]; then
+	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu bash tests/ipc/test_binding.sh "$PWD/build-gpu" "$PWD" \
+		>"$out/binding-cuda.txt" 2>&1
+	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|gpu |FAIL" "$out/binding-cuda.txt"
+	d=$(mktemp -d -p "$PWD/build-gpu")
+	export KVTIER_SOCKET=$d/s.sock KVTIER_LIB=$PWD/build-gpu/libkvtier.so
+	./build-gpu/kvtierd -o ipc.socket="$KVTIER_SOCKET" -o store.state_dir="$d" -o tenant.gpu_bytes=32M \
+		-o tenant.host_bytes=64M -o store.nvme_bytes=1G 2>"$out/kvtierd.log" &
+	pid=$!
+	for _ in $(seq 100); do [ -S "$KVTIER_SOCKET" ] && break; sleep 0.1; done
+	python3 tools/decode_loop.py >"$out/decode-loop.txt" 2>&1
+	echo "== decode loop on cuda: rc $?"; cat "$out/decode-loop.txt" | tail -8
+	./build-gpu/tools/kvtier-bench-ipc "$KVTIER_SOCKET" 100000 >"$out/ipc.txt" 2>&1
+	echo "== ipc"; cat "$out/ipc.txt"
+	kill -TERM $pid; wait $pid; echo "kvtierd exit $?"
+	grep -E "^<[34]>" "$out/kvtierd.log" | head -20
+	echo "tests rc $tests_rc"
+	exit 0
+fi
 # jemalloc's static TLS cannot come with a dlopen()ed library: preload it.
 je=$(ldd build-gpu/libkvtier.so | awk '/libjemalloc/ {print $3}')
 LD_PRELOAD=$je python3 tools/bench_kernels.py --lib build-gpu/libkvtier.so >"$out/kernels.txt" 2>&1

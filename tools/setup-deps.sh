@@ -3,7 +3,7 @@
 # The CUDA Toolkit is optional: found at /usr/local/cuda (or nvcc on PATH), it is used.
 set -euo pipefail
 pkgs=(meson ninja-build pkg-config gcc g++ liburing-dev libjemalloc-dev libnuma-dev
-      libcmocka-dev libxxhash-dev fio)
+      libcmocka-dev libxxhash-dev libinih-dev fio python3 python3-numpy)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

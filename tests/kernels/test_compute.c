@@ -525,6 +525,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 	a.tail_len = dev_dup(c, h->tail_len, h->rows * 4);
 	a.out = dev_dup(c, out, qn * es);
 	a.lse = dev_dup(c, lse, (size_t)h->rows * h->g.group * 4);
+	if (h->tail_pool)
+		a.tail_pool = dev_dup(c, h->tail_pool, (size_t)h->rows * h->slot_bytes);
 	for (int rep = 0; rep < 2; rep++) /* twice: the split counters must reset */
 		assert_int_equal(kvt_attend(c, &a, NULL), 0);
 	fetch(c, out, a.out, qn * es);
@@ -535,6 +537,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 	kvt_compute_free(c, (void *)a.n_pages);
 	kvt_compute_free(c, (void *)a.tail_slot);
 	kvt_compute_free(c, (void *)a.tail_len);
+	if (a.tail_pool)
+		kvt_compute_free(c, (void *)a.tail_pool);
 }
 
 static void att_case(const struct att_case *ac)
@@ -570,6 +574,28 @@ static void att_case(const struct att_case *ac)
 				    .n_pages = np, .tail_slot = ts, .tail_len = tl, .out = out,
 				    .lse = lse};
 	run_attend(C, &a, pool_bytes, out, lse);
+	/* the same tails from a pool of their own (a client's filling pages): same result */
+	{
+		uint8_t *tp = malloc((size_t)rows * slot_bytes);
+		int32_t *ts2 = malloc(rows * 4);
+		void *out2 = malloc(qn * es);
+		float *lse2 = malloc(rows * G * 4);
+		for (uint32_t r = 0; r < rows; r++) {
+			ts2[r] = ts[r] >= 0 ? (int32_t)r : -1;
+			memcpy(tp + r * slot_bytes, (uint8_t *)pool + (ts[r] >= 0 ? ts[r] : 0) * slot_bytes,
+			       slot_bytes);
+		}
+		struct kvt_attend_args a2 = a;
+		a2.tail_slot = ts2;
+		a2.tail_pool = tp;
+		run_attend(C, &a2, pool_bytes, out2, lse2);
+		assert_memory_equal(out2, out, qn * es);
+		assert_memory_equal(lse2, lse, rows * G * 4);
+		free(tp);
+		free(ts2);
+		free(out2);
+		free(lse2);
+	}
 	double *w = malloc(sizeof(double) * (ac->stride + 1) * T), acc[256];
 	for (uint32_t r = 0; r < rows; r++)
 		for (uint32_t h = 0; h < G; h++) {

@@ -1,0 +1,241 @@
+# SPDX-License-Identifier: MIT
+"""Python binding of libkvtier (ctypes): attach to kvtierd, append K/V, select pages,
+run sparse attention. Tensors are numpy arrays or torch tensors (CPU, or CUDA when the
+daemon runs on a GPU); K/V of new tokens are [ntok, kv_heads, head_dim], queries
+[nseq * kv_heads * group, head_dim] in the usual GQA head order.
+
+    import kvtier
+    c = kvtier.Client(layers=32, kv_heads=8, group=4, head_dim=128, dtype="bf16")
+    s = c.seq_create()
+    c.append(s, layer, k, v)
+    t = c.select([s], layer, q, budget_pages=32)
+    out = c.attend(t, q)
+
+Errors raise OSError with the errno the library returned.
+"""
+import ctypes
+import ctypes.util
+import errno
+import os
+
+DTYPES = {"f16": 0, "fp16": 0, "float16": 0, "bf16": 1, "bfloat16": 1, "f32": 2, "fp32": 2,
+          "float32": 2}
+MEM_DEVICE = 1
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("layers", "kv_heads", "group", "head_dim",
+                                                "dtype", "page_tokens", "dense_layers", "reps")]
+
+
+class _Opts(ctypes.Structure):
+    _fields_ = [("socket", ctypes.c_char_p), ("tenant", ctypes.c_char_p),
+                ("data_bytes", ctypes.c_uint64), ("ring_entries", ctypes.c_uint32),
+                ("max_live_seqs", ctypes.c_uint32)]
+
+
+class _SelParams(ctypes.Structure):
+    _fields_ = [("budget_pages", ctypes.c_uint32), ("sink_tokens", ctypes.c_uint32),
+                ("window_tokens", ctypes.c_uint32), ("top_p_mode", ctypes.c_uint32),
+                ("top_p", ctypes.c_float)]
+
+
+class _View(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_uint32), ("stride", ctypes.c_uint32), ("layer", ctypes.c_uint32),
+                ("slots", ctypes.POINTER(ctypes.c_int32)),
+                ("n_pages", ctypes.POINTER(ctypes.c_int32)),
+                ("tail_len", ctypes.POINTER(ctypes.c_int32)),
+                ("tail_slot", ctypes.POINTER(ctypes.c_int32))]
+
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("pool", ctypes.c_void_p), ("pool_bytes", ctypes.c_uint64),
+                ("slot_bytes", ctypes.c_uint64), ("tail_pool", ctypes.c_void_p)]
+
+
+def _load(path=None):
+    cands = [path, os.environ.get("KVTIER_LIB")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    cands += [os.path.join(here, "..", "..", "build", "libkvtier.so"), ctypes.util.find_library("kvtier")]
+    for p in cands:
+        if p and (os.path.exists(p) or not os.path.isabs(p)):
+            try:
+                lib = ctypes.CDLL(p)
+                break
+            except OSError:
+                continue
+    else:
+        raise OSError(errno.ENOENT, "libkvtier.so not found (set KVTIER_LIB)")
+    P, U32, I = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int
+    sig = {
+        "kvtier_attach": (I, [ctypes.POINTER(_Layout), ctypes.POINTER(_Opts), ctypes.POINTER(P)]),
+        "kvtier_detach": (None, [P]),
+        "kvtier_backend": (ctypes.c_char_p, [P]),
+        "kvtier_seq_create": (I, [P, ctypes.POINTER(U32)]),
+        "kvtier_seq_close": (I, [P, U32]),
+        "kvtier_seq_fork": (I, [P, U32, U32, ctypes.POINTER(U32)]),
+        "kvtier_seq_tokens": (I, [P, U32, U32, ctypes.POINTER(U32)]),
+        "kvtier_append": (I, [P, U32, U32, P, P, U32, ctypes.c_uint]),
+        "kvtier_table_create": (P, [P, U32]),
+        "kvtier_table_destroy": (None, [P]),
+        "kvtier_table_view": (None, [P, ctypes.POINTER(_View)]),
+        "kvtier_select": (I, [P, ctypes.POINTER(U32), U32, U32, P, ctypes.c_uint,
+                              ctypes.POINTER(_SelParams), P]),
+        "kvtier_attend": (I, [P, P, P, P, P, ctypes.c_float, ctypes.c_uint]),
+        "kvtier_memory": (None, [P, ctypes.POINTER(_Memory)]),
+        "kvtier_nop": (I, [P]),
+        "kvtier_ping": (I, [P]),
+    }
+    for name, (res, args) in sig.items():
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
+    return lib
+
+
+def _check(ret, what):
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def _ptr(x):
+    """(address, mem flag, keepalive) of a numpy array or torch tensor, contiguous."""
+    if hasattr(x, "data_ptr"):  # torch
+        x = x.contiguous()
+        return x.data_ptr(), (MEM_DEVICE if x.is_cuda else 0), x
+    import numpy as np
+    x = np.ascontiguousarray(x)
+    return x.ctypes.data, 0, x
+
+
+class Table:
+    """Page tables of one select (a batch of sequences, one layer)."""
+
+    def __init__(self, client, max_seqs):
+        self._c = client
+        self._t = client._lib.kvtier_table_create(client._h, max_seqs)
+        if not self._t:
+            raise OSError(errno.EINVAL, "kvtier_table_create")
+        self.max_seqs = max_seqs
+
+    def view(self):
+        """(slots [rows, stride], n_pages [rows], tail_len [rows]) as numpy arrays."""
+        import numpy as np
+        v = _View()
+        self._c._lib.kvtier_table_view(self._t, ctypes.byref(v))
+        rows, stride = v.rows, v.stride
+        slots = np.ctypeslib.as_array(v.slots, (rows * stride,)).reshape(rows, stride).copy()
+        n = np.ctypeslib.as_array(v.n_pages, (rows,)).copy()
+        tail = np.ctypeslib.as_array(v.tail_len, (rows,)).copy()
+        return slots, n, tail
+
+    def close(self):
+        if self._t:
+            self._c._lib.kvtier_table_destroy(self._t)
+            self._t = None
+
+    def __del__(self):
+        self.close()
+
+
+class Client:
+    def __init__(self, layers, kv_heads, group, head_dim, dtype="bf16", page_tokens=64,
+                 dense_layers=2, reps=4, socket=None, tenant=None, data_bytes=0,
+                 max_live_seqs=0, lib=None):
+        self._lib = _load(lib)
+        self.layers, self.kv_heads, self.group, self.head_dim = layers, kv_heads, group, head_dim
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else int(dtype)
+        lay = _Layout(layers, kv_heads, group, head_dim, self.dtype, page_tokens, dense_layers, reps)
+        opts = _Opts(socket.encode() if socket else None, tenant.encode() if tenant else None,
+                     data_bytes, 0, max_live_seqs)
+        h = ctypes.c_void_p()
+        _check(self._lib.kvtier_attach(ctypes.byref(lay), ctypes.byref(opts), ctypes.byref(h)),
+               "kvtier_attach")
+        self._h = h
+        self._tables = {}
+
+    @property
+    def backend(self):
+        return self._lib.kvtier_backend(self._h).decode()
+
+    def close(self):
+        if getattr(self, "_h", None):
+            for t in self._tables.values():
+                t.close()
+            self._lib.kvtier_detach(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def seq_create(self):
+        s = ctypes.c_uint32()
+        _check(self._lib.kvtier_seq_create(self._h, ctypes.byref(s)), "seq_create")
+        return s.value
+
+    def seq_close(self, seq):
+        _check(self._lib.kvtier_seq_close(self._h, seq), "seq_close")
+
+    def seq_fork(self, parent, prefix_tokens):
+        s = ctypes.c_uint32()
+        _check(self._lib.kvtier_seq_fork(self._h, parent, prefix_tokens, ctypes.byref(s)),
+               "seq_fork")
+        return s.value
+
+    def seq_tokens(self, seq, layer=0):
+        n = ctypes.c_uint32()
+        _check(self._lib.kvtier_seq_tokens(self._h, seq, layer, ctypes.byref(n)), "seq_tokens")
+        return n.value
+
+    def append(self, seq, layer, k, v):
+        """k, v: [ntok, kv_heads, head_dim] in the layout's dtype."""
+        ntok = k.shape[0]
+        kp, km, kk = _ptr(k)
+        vp, vm, vk = _ptr(v)
+        _check(self._lib.kvtier_append(self._h, seq, layer, kp, vp, ntok, km), "append")
+
+    def select(self, seqs, layer, q, budget_pages, sink_tokens=64, window_tokens=256,
+               top_p=None):
+        """Selects and brings to the GPU the pages of layer for q; returns a Table."""
+        n = len(seqs)
+        t = self._tables.get(n)
+        if t is None:
+            t = self._tables[n] = Table(self, n)
+        ids = (ctypes.c_uint32 * n)(*seqs)
+        qp, qm, qk = _ptr(q)
+        p = _SelParams(budget_pages, sink_tokens, window_tokens, 1 if top_p is not None else 0,
+                       top_p or 0.0)
+        _check(self._lib.kvtier_select(self._h, ids, n, layer, qp, qm, ctypes.byref(p), t._t),
+               "select")
+        return t
+
+    def attend(self, table, q, out=None, lse=None, scale=None):
+        """Sparse attention over the table; out like q (allocated if None)."""
+        if out is None:
+            if hasattr(q, "data_ptr"):
+                import torch
+                out = torch.empty_like(q)
+            else:
+                import numpy as np
+                out = np.empty_like(q)
+        qp, qm, qk = _ptr(q)
+        op, om, ok = _ptr(out)
+        lp = _ptr(lse)[0] if lse is not None else None
+        s = scale if scale is not None else self.head_dim ** -0.5
+        _check(self._lib.kvtier_attend(self._h, table._t, qp, op, lp, s, qm), "attend")
+        return out
+
+    def memory(self):
+        m = _Memory()
+        self._lib.kvtier_memory(self._h, ctypes.byref(m))
+        return {"pool": m.pool, "pool_bytes": m.pool_bytes, "slot_bytes": m.slot_bytes,
+                "tail_pool": m.tail_pool}
+
+    def nop(self):
+        _check(self._lib.kvtier_nop(self._h), "nop")

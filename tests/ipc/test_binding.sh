@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The Python binding end to end: a real kvtierd, tools/decode_loop.py through ctypes,
+# with a budget that covers every page so that sparse attention must equal the dense
+# reference (up to fp16 rounding); then a budget that does not (must stay close on this
+# clustered workload).
+set -euo pipefail
+build=$1 src=$2
+py=python3
+$py -c 'import numpy' 2>/dev/null || py=/usr/bin/python3
+$py -c 'import numpy' 2>/dev/null || { echo "numpy missing: skip"; exit 77; }
+run=$(mktemp -d /tmp/kvtier-bind-XXXXXX)
+dir="${KVT_TEST_DIR:-.}/kvt-test-binding-$$"
+mkdir -p "$dir"
+export KVTIER_SOCKET=$run/s.sock KVTIER_LIB=$build/libkvtier.so
+"$build/kvtierd" -o ipc.socket="$KVTIER_SOCKET" -o store.state_dir="$dir" -o store.device="${KVT_TEST_DEVICE:-cpu}" \
+	-o tenant.gpu_bytes=16M -o tenant.host_bytes=16M -o store.nvme_bytes=256M &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$run" "$dir"' EXIT
+for _ in $(seq 100); do [ -S "$KVTIER_SOCKET" ] && break; sleep 0.05; done
+$py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
+	--context 2000 --steps 9 --budget 64 --max-error 0.01
+$py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
+	--context 4000 --steps 9 --budget 16 --max-error 0.2
+kill -TERM $pid
+wait $pid
