@@ -724,7 +724,10 @@ out:
 struct kvd_fork {
 	struct kvd_wait w;
 	uint32_t child;
-	uint64_t off; /* where the child's partial pages go: [layer][head][page] */
+	uint64_t off;  /* where the child's partial pages go: [layer][head][page] */
+	uint8_t *buf;  /* pages read from the store, [layer][head][page]: owned here, so a
+			* read that lands after the client left writes nothing of its */
+	uint8_t *read; /* [layer]: that layer's partial page is in buf */
 };
 
 static void fork_cb(void *arg, int res)
@@ -743,6 +746,10 @@ static void fork_finish(struct kvd_wait *w)
 	struct kvd_seq *q = seq_get(c, f->child);
 	if (w->err && q)
 		seq_free(c, q);
+	for (uint32_t l = 0; !w->err && q && f->read && l < c->layout.layers; l++)
+		if (f->read[l])
+			memcpy(q->layer[l].fill, f->buf + (size_t)l * c->layout.kv_heads * c->page_bytes,
+			       (size_t)c->layout.kv_heads * c->page_bytes);
 	/* The client keeps its own copy of the page it fills: it gets the partial page. */
 	const size_t pb = c->page_bytes, H = c->layout.kv_heads;
 	for (uint32_t l = 0; !w->err && q && l < c->layout.layers; l++)
@@ -753,7 +760,10 @@ static void fork_finish(struct kvd_wait *w)
 
 static void fork_release(struct kvd_wait *w)
 {
-	kvt_free(w);
+	struct kvd_fork *f = (struct kvd_fork *)w;
+	kvt_free(f->buf);
+	kvt_free(f->read);
+	kvt_free(f);
 }
 
 static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
@@ -816,11 +826,21 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 			memcpy(L->fill, P->fill, (size_t)H * pb);
 			continue;
 		}
+		if (!f->buf) {
+			f->buf = kvt_malloc((size_t)c->layout.layers * H * pb);
+			f->read = kvt_calloc(c->layout.layers, 1);
+			if (!f->buf || !f->read) {
+				ret = -ENOMEM;
+				break;
+			}
+		}
+		f->read[l] = 1;
 		for (uint32_t h = 0; h < H && !ret; h++) {
 			struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)l,
 					     .kv_head = (uint16_t)h, .seq = P->owner[full]->sseq,
 					     .index = full};
-			ret = kvt_store_read(d->store, &k, L->fill + (size_t)h * pb, pb, fork_cb, f);
+			ret = kvt_store_read(d->store, &k, f->buf + ((size_t)l * H + h) * pb, pb,
+					     fork_cb, f);
 			if (ret == 0)
 				f->w.pending++;
 		}
@@ -833,6 +853,11 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	fork_finish(&f->w);
 	fork_release(&f->w);
+}
+
+static bool is_fork(const struct kvd_wait *w)
+{
+	return w->finish == fork_finish;
 }
 
 /* ---- dispatch ---- */
@@ -895,8 +920,12 @@ int kvd_engine_attach(struct kvd_client *c)
 void kvd_engine_detach(struct kvd_client *c)
 {
 	if (c->busy) {
-		c->busy->c = NULL; /* finishes on its own, posting nothing */
+		struct kvd_wait *w = c->busy;
+		w->c = NULL; /* finishes on its own, posting nothing */
+		w->retry = NULL;
 		c->busy = NULL;
+		if (!w->pending)
+			w->release(w);
 	}
 	for (uint32_t i = 0; c->seqs && i < c->d->cfg.max_seqs && c->nseqs; i++)
 		if (c->seqs[i])
@@ -931,6 +960,8 @@ void kvd_engine_tick(struct kvd *d)
 				 (unsigned long long)st.tier[1].used, (unsigned long long)st.tier[1].slots,
 				 (unsigned long long)st.pages_dirty, (unsigned long long)st.backpressure);
 			kvd_complete(c, w->user_data, -ENOBUFS, 0, 0);
+			if (is_fork(w) && seq_get(c, ((struct kvd_fork *)w)->child))
+				seq_free(c, seq_get(c, ((struct kvd_fork *)w)->child));
 			c->busy = NULL;
 			c->kicked = true;
 			w->c = NULL;

@@ -119,8 +119,10 @@ static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
 	/* The entry must be visible before the index that hands it over. */
 	kvt_store_release(&c->hdr->sq_tail, ++c->sq_tail);
 	uint64_t one = 1;
-	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0)
+	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0) {
+		c->dead = true; /* the request is in the ring: the client cannot go on */
 		return -errno;
+	}
 	int ret = wait_cqe(c);
 	if (ret < 0)
 		return ret;
@@ -521,7 +523,7 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 		}
 		struct kvt_sqe r = {.op = KVT_OP_APPEND, .seq = seq, .layer = (uint16_t)layer,
 				    .ntok = n, .off = {0, voff}};
-		struct kvt_cqe e;
+		struct kvt_cqe e = {0};
 		ret = call(c, &r, &e);
 		if (ret < 0 && ret != -ECONNRESET && ret != -EPROTO && e.aux[0] > n)
 			ret = -EPROTO;

@@ -17,6 +17,12 @@ export KVTIER_SOCKET=$run/s.sock KVTIER_LIB=$build/libkvtier.so
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$run" "$dir"' EXIT
 for _ in $(seq 100); do [ -S "$KVTIER_SOCKET" ] && break; sleep 0.05; done
+# A sanitized libkvtier inside python: its runtimes must be loaded first (and python's
+# own allocations are not ours to report).
+san=$(ldd "$build/libkvtier.so" | awk '/libasan|libubsan/ {print $3}' | paste -sd: -)
+if [ -n "$san" ]; then
+	py="env LD_PRELOAD=$san ASAN_OPTIONS=detect_leaks=0 $py"
+fi
 $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
 	--context 2000 --steps 9 --budget 64 --max-error 0.01
 $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
