@@ -235,14 +235,47 @@ static void cuda_host_unregister(kvt_device *dev, void *p)
 	to_errno(cudaHostUnregister(p), "cudaHostUnregister");
 }
 
-static int cuda_mem_create(kvt_device *dev, size_t size, kvt_dev_mem *out)
+static CUmemAllocationProp pool_prop(const cuda_device *d)
 {
-	auto *d = reinterpret_cast<cuda_device *>(dev);
 	CUmemAllocationProp prop = {};
 	prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
 	prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
 	prop.location.id = d->ordinal;
 	prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+	return prop;
+}
+
+/* Reserves an address range for h, maps it and grants this device access. */
+static int map_handle(cuda_device *d, CUmemGenericAllocationHandle h, size_t size,
+		      CUmemAccess_flags flags, CUdeviceptr *out)
+{
+	CUmemAllocationProp prop = pool_prop(d);
+	size_t gran = 0;
+	CUdeviceptr va = 0;
+	int ret = cu_errno(d->d.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+			   "granularity");
+	if (ret < 0 || (ret = cu_errno(d->d.reserve(&va, size, gran, 0, 0), "cuMemAddressReserve")) < 0)
+		return ret;
+	if ((ret = cu_errno(d->d.map(va, size, 0, h, 0), "cuMemMap")) < 0) {
+		d->d.addr_free(va, size);
+		return ret;
+	}
+	CUmemAccessDesc acc = {};
+	acc.location = prop.location;
+	acc.flags = flags;
+	if ((ret = cu_errno(d->d.set_access(va, size, &acc, 1), "cuMemSetAccess")) < 0) {
+		d->d.unmap(va, size);
+		d->d.addr_free(va, size);
+		return ret;
+	}
+	*out = va;
+	return 0;
+}
+
+static int cuda_mem_create(kvt_device *dev, size_t size, kvt_dev_mem *out)
+{
+	auto *d = reinterpret_cast<cuda_device *>(dev);
+	CUmemAllocationProp prop = pool_prop(d);
 	size_t gran = 0;
 	int ret = cu_errno(d->d.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
 			   "granularity");
@@ -254,32 +287,22 @@ static int cuda_mem_create(kvt_device *dev, size_t size, kvt_dev_mem *out)
 		return ret;
 	CUdeviceptr va = 0;
 	int fd = -1;
-	if ((ret = cu_errno(d->d.reserve(&va, size, gran, 0, 0), "cuMemAddressReserve")) < 0)
-		goto release;
-	if ((ret = cu_errno(d->d.map(va, size, 0, h, 0), "cuMemMap")) < 0)
-		goto unreserve;
-	{
-		CUmemAccessDesc acc = {};
-		acc.location = prop.location;
-		acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-		if ((ret = cu_errno(d->d.set_access(va, size, &acc, 1), "cuMemSetAccess")) < 0)
-			goto unmap;
+	if ((ret = map_handle(d, h, size, CU_MEM_ACCESS_FLAGS_PROT_READWRITE, &va)) < 0) {
+		d->d.release(h);
+		return ret;
 	}
 	if ((ret = cu_errno(d->d.export_handle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-			    "cuMemExportToShareableHandle")) < 0)
-		goto unmap;
+			    "cuMemExportToShareableHandle")) < 0) {
+		d->d.unmap(va, size);
+		d->d.addr_free(va, size);
+		d->d.release(h);
+		return ret;
+	}
 	out->ptr = reinterpret_cast<void *>(va);
 	out->size = size;
 	out->fd = fd;
 	out->handle = h;
 	return 0;
-unmap:
-	d->d.unmap(va, size);
-unreserve:
-	d->d.addr_free(va, size);
-release:
-	d->d.release(h);
-	return ret;
 }
 
 static void cuda_mem_destroy(kvt_device *dev, kvt_dev_mem *m)
@@ -307,39 +330,17 @@ static int cuda_mem_import(kvt_device *dev, int fd, size_t size, kvt_dev_mem *ou
 			   "cuMemImportFromShareableHandle");
 	if (ret < 0)
 		return ret;
-	CUmemAllocationProp prop = {};
-	prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-	prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-	prop.location.id = d->ordinal;
-	size_t gran = 0;
+	/* Read-only: a client reads pages, the daemon alone writes them. */
 	CUdeviceptr va = 0;
-	if ((ret = cu_errno(d->d.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
-			    "granularity")) < 0)
-		goto release;
-	if ((ret = cu_errno(d->d.reserve(&va, size, gran, 0, 0), "cuMemAddressReserve")) < 0)
-		goto release;
-	if ((ret = cu_errno(d->d.map(va, size, 0, h, 0), "cuMemMap")) < 0)
-		goto unreserve;
-	{
-		/* Read-only: a client reads pages, the daemon alone writes them. */
-		CUmemAccessDesc acc = {};
-		acc.location = prop.location;
-		acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
-		if ((ret = cu_errno(d->d.set_access(va, size, &acc, 1), "cuMemSetAccess")) < 0) {
-			d->d.unmap(va, size);
-			goto unreserve;
-		}
+	if ((ret = map_handle(d, h, size, CU_MEM_ACCESS_FLAGS_PROT_READ, &va)) < 0) {
+		d->d.release(h);
+		return ret;
 	}
 	out->ptr = reinterpret_cast<void *>(va);
 	out->size = size;
 	out->fd = -1;
 	out->handle = h;
 	return 0;
-unreserve:
-	d->d.addr_free(va, size);
-release:
-	d->d.release(h);
-	return ret;
 }
 
 struct cuda_batch_ctx {
