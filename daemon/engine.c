@@ -555,17 +555,14 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		kvd_complete(c, r->user_data, -EINVAL, 0, 0);
 		return;
 	}
-	uint32_t *ids = host_tmp(d, nseq * sizeof(uint32_t));
-	if (!ids) {
-		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
-		return;
-	}
-	memcpy(ids, c->data + r->off[0], nseq * sizeof(uint32_t));
-	struct kvd_seq **seqs = kvt_malloc(nseq * sizeof(*seqs));
+	/* the sequences, and their ids copied out of shared memory once */
+	struct kvd_seq **seqs = kvt_malloc(nseq * (sizeof(*seqs) + sizeof(uint32_t)));
 	if (!seqs) {
 		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
 		return;
 	}
+	uint32_t *ids = (uint32_t *)(seqs + nseq);
+	memcpy(ids, c->data + r->off[0], nseq * sizeof(uint32_t));
 	uint32_t stride = 1;
 	for (uint32_t b = 0; b < nseq; b++) {
 		if (ids[b] >= d->cfg.max_seqs) {
@@ -642,10 +639,8 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	if (!c->sum_pool) /* nothing summarized yet: every row is empty */
 		sc.summaries = d_idx;
 	if ((ret = kvt_select_layer(d->cc, &pol, r->layer, &sc, &sel, NULL)) < 0 ||
-	    (ret = kvt_compute_sync(d->cc, NULL)) < 0) {
-		ret = ret == -EINVAL ? -EINVAL : ret;
+	    (ret = kvt_compute_sync(d->cc, NULL)) < 0)
 		goto out;
-	}
 	struct kvd_select *s = kvt_calloc(1, sizeof(*s));
 	if (!s) {
 		ret = -ENOMEM;

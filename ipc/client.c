@@ -47,6 +47,7 @@ struct kvtier_client {
 	struct kvt_dev_mem pool;
 	void *host;
 	struct kvt_compute *cc;
+	bool gpu; /* the backend's memory is not host memory: host q/out are staged */
 	/* the pages still filling: a host copy and the backend's, slot (live, layer, head) */
 	uint32_t max_live;
 	struct live_seq *live;
@@ -64,7 +65,6 @@ struct kvtier_table {
 	uint32_t max_seqs, rows, stride, layer, cap_cells;
 	int32_t *slots, *n_pages, *tail_len, *tail_slot; /* host */
 	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
-	bool dev_stale;
 };
 
 /* ---- the ring ---- */
@@ -288,6 +288,7 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	    (ret = c->dev->ops->mem_import(c->dev, c->fds[KVT_FD_POOL], c->w.pool_bytes, &c->pool)) < 0 ||
 	    (ret = kvt_compute_open(dev, &c->cc)) < 0)
 		goto fail;
+	c->gpu = c->w.device == KVT_WIRE_DEV_CUDA;
 	c->host = mmap(NULL, c->w.host_bytes, PROT_READ, MAP_SHARED, c->fds[KVT_FD_HOST], 0);
 	if (c->host == MAP_FAILED) {
 		c->host = NULL;
@@ -706,7 +707,7 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		return -EINVAL;
 	const size_t qbytes = (size_t)t->rows * c->layout.group * c->row;
 	const size_t lbytes = (size_t)t->rows * c->layout.group * sizeof(float);
-	const bool host_io = !(mem & KVT_MEM_DEVICE) && strcmp(kvt_compute_name(c->cc), "cpu");
+	const bool host_io = !(mem & KVT_MEM_DEVICE) && c->gpu;
 	pthread_mutex_lock(&c->lock);
 	int ret = 0;
 	const void *qd = q;
@@ -722,16 +723,13 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		od = c->out_dev;
 		ld = lse ? c->lse_dev : NULL;
 	}
+	/* the backend's copies of the table and the tails (host memory on cpu) */
 	size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
-	bool cpu = !strcmp(kvt_compute_name(c->cc), "cpu");
 	struct kvt_attend_args a = {
 		.g = c->geom, .rows = t->rows, .stride = t->stride, .scale = scale, .q = qd,
-		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes,
-		.table = cpu ? t->slots : t->d_slots,
-		.n_pages = cpu ? t->n_pages : t->d_n_pages,
-		.tail_slot = cpu ? t->tail_slot : t->d_n_pages + 2 * mr,
-		.tail_len = cpu ? t->tail_len : t->d_n_pages + mr,
-		.out = od, .lse = ld, .tail_pool = cpu ? (void *)c->tail_host : c->tail_dev,
+		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes, .table = t->d_slots,
+		.n_pages = t->d_n_pages, .tail_slot = t->d_n_pages + 2 * mr,
+		.tail_len = t->d_n_pages + mr, .out = od, .lse = ld, .tail_pool = c->tail_dev,
 	};
 	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;
