@@ -74,6 +74,16 @@ static const struct opt opts[] = {
 	{"tenant.max_tenants", OPT_U32, F(max_tenants), 1, 255, false, "tenants at once"},
 	{"tenant.summary_bytes", OPT_SIZE, F(summary_bytes), 64 * KiB, 1 * TiB, false,
 	 "page summaries a client may hold"},
+	{"prefetch.enable", OPT_BOOL, F(prefetch), 0, 1, true,
+	 "after each selection, fetch the pages the next step is likely to need"},
+	{"prefetch.gpu_margin_pct", OPT_U32, F(gpu_margin_pct), 0, 1000, true,
+	 "next-best pages per row kept on the GPU, in percent of the step's budget"},
+	{"prefetch.host_margin_pct", OPT_U32, F(host_margin_pct), 0, 10000, true,
+	 "next-best pages per row brought from NVMe to host RAM (deeper: disk is slow)"},
+	{"prefetch.drift_pct", OPT_U32, F(drift_pct), 0, 1000, true,
+	 "weight of each page's score trend over the last step in the plan"},
+	{"prefetch.wasted_steps", OPT_U32, F(wasted_steps), 1, 1000000, true,
+	 "a prefetched page not selected within this many steps counts as wasted"},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
 	{"daemon.promote_timeout_ms", OPT_U32, F(promote_timeout_ms), 10, 600000, true,
 	 "a selection whose pages cannot be brought up in this time fails"},
@@ -109,6 +119,11 @@ void kvt_config_defaults(struct kvt_config *c)
 	snprintf(c->disk_full, sizeof(c->disk_full), "refuse");
 	c->page_bytes = 32 * KiB;
 	c->queue_depth = 64;
+	c->prefetch = true;
+	c->gpu_margin_pct = 100;
+	c->host_margin_pct = 300;
+	c->drift_pct = 100;
+	c->wasted_steps = 16;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

@@ -43,6 +43,12 @@ struct kvt_config {
 	uint64_t disk_quota_bytes; /* 0: no quota beyond the store's size */
 	uint32_t max_tenants;
 	uint64_t summary_bytes;    /* per client, summaries of every page it holds */
+	/* prefetch */
+	bool prefetch;             /* plan and fetch the next step's pages */
+	uint32_t gpu_margin_pct;   /* next-best pages brought to the GPU, % of the budget */
+	uint32_t host_margin_pct;  /* and deeper, from NVMe to host RAM, % of the budget */
+	uint32_t drift_pct;        /* weight of a page's score trend in the plan */
+	uint32_t wasted_steps;     /* a prefetched page unused this many steps is wasted */
 	/* daemon */
 	uint32_t log_level;
 	uint32_t promote_timeout_ms;

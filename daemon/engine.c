@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -208,12 +209,28 @@ static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t nee
 		return -ENOMEM;
 	L->owner = ow;
 	int32_t *rec = kvt_malloc((size_t)H * nc * sizeof(int32_t));
-	if (!rec)
+	float *prev = kvt_malloc((size_t)H * nc * sizeof(float));
+	uint32_t *pfs = kvt_calloc((size_t)H * nc, sizeof(uint32_t));
+	if (!rec || !prev || !pfs) {
+		kvt_free(rec);
+		kvt_free(prev);
+		kvt_free(pfs);
 		return -ENOMEM;
-	for (uint32_t h = 0; h < H && L->cap; h++)
+	}
+	for (size_t i = 0; i < (size_t)H * nc; i++)
+		prev[i] = NAN;
+	for (uint32_t h = 0; h < H && L->cap; h++) {
 		memcpy(rec + (size_t)h * nc, L->rec + (size_t)h * L->cap, L->cap * sizeof(int32_t));
+		memcpy(prev + (size_t)h * nc, L->prev + (size_t)h * L->cap, L->cap * sizeof(float));
+		memcpy(pfs + (size_t)h * nc, L->pf_step + (size_t)h * L->cap,
+		       L->cap * sizeof(uint32_t));
+	}
 	kvt_free(L->rec);
+	kvt_free(L->prev);
+	kvt_free(L->pf_step);
 	L->rec = rec;
+	L->prev = prev;
+	L->pf_step = pfs;
 	L->cap = nc;
 	return 0;
 }
@@ -266,6 +283,8 @@ static void seq_free(struct kvd_client *c, struct kvd_seq *q)
 		kvt_free(L->pinned);
 		kvt_free(L->owner);
 		kvt_free(L->rec);
+		kvt_free(L->prev);
+		kvt_free(L->pf_step);
 		kvt_free(L->fill);
 	}
 	for (uint32_t i = 0; i < q->nrefs; i++)
@@ -433,6 +452,143 @@ static void wait_done(struct kvd_wait *w)
 
 /* ---- selection ---- */
 
+/* Both the sequence's and the client's counters. */
+#define PF_ADD(c, q, field, n)                                                                 \
+	do {                                                                                   \
+		(q)->st.field += (n);                                                          \
+		(c)->pf.field += (n);                                                          \
+	} while (0)
+
+void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_stats *from)
+{
+	uint64_t *t = (uint64_t *)to;
+	const uint64_t *f = (const uint64_t *)from;
+	for (size_t i = 0; i < sizeof(*to) / sizeof(uint64_t); i++)
+		t[i] += f[i];
+}
+
+static struct kvd_client *client_by_id(struct kvd *d, uint32_t id)
+{
+	struct kvd_client *c;
+	kvt_list_for_each_entry(c, &d->clients, link)
+		if (c->id == id)
+			return c;
+	return NULL;
+}
+
+static unsigned lat_bucket(uint64_t ns)
+{
+	uint64_t us = ns / 1000;
+	unsigned b = 0;
+	while (us > 1 && b < KVTIER_LAT_BUCKETS - 1) {
+		us >>= 1;
+		b++;
+	}
+	return b;
+}
+
+/* A fetch the prefetcher started: it outlives the client, so it names it by id. */
+struct kvd_pf {
+	struct kvd *d;
+	uint32_t client;
+	uint32_t bytes;
+	uint8_t tier;
+	bool from_disk;
+	uint64_t t0;
+};
+
+static void pf_cb(void *arg, int res)
+{
+	struct kvd_pf *p = arg;
+	struct kvd_client *c = client_by_id(p->d, p->client);
+	struct kvtier_prefetch_stats *st = c ? &c->pf : &p->d->pf_gone;
+	if (res == 0) {
+		unsigned b = lat_bucket(kvd_now_ns() - p->t0);
+		if (p->tier == TIER_GPU) {
+			st->lat_gpu[b]++;
+			st->bytes_h2d += p->bytes;
+		} else {
+			st->lat_host[b]++;
+		}
+		if (p->from_disk)
+			st->bytes_nvme += p->bytes;
+	}
+	kvt_free(p);
+}
+
+/* Starts bringing page p of head h to tier `to`, unless it is there or on its way. */
+static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L, uint32_t h,
+		     const struct page_key *k, enum tier_id to)
+{
+	struct kvd *d = c->d;
+	struct kvt_page_info pi;
+	if (kvt_store_page_info(d->store, k, &pi) < 0)
+		return;
+	unsigned have = pi.valid | pi.inflight;
+	if ((have & (1u << to)) || (to == TIER_HOST && (have & (1u << TIER_GPU))))
+		return;
+	struct kvd_pf *p = kvt_malloc(sizeof(*p));
+	if (!p)
+		return;
+	*p = (struct kvd_pf){.d = d, .client = c->id, .bytes = c->page_bytes, .tier = (uint8_t)to,
+			     .from_disk = !(have & (1u << TIER_HOST)), .t0 = kvd_now_ns()};
+	if (kvt_store_promote(d->store, k, to, pf_cb, p) < 0) {
+		kvt_free(p);
+		PF_ADD(c, q, prefetch_refused, 1);
+		return;
+	}
+	if (to == TIER_GPU)
+		PF_ADD(c, q, prefetch_gpu, 1);
+	else
+		PF_ADD(c, q, prefetch_host, 1);
+	uint32_t *ps = &L->pf_step[(size_t)h * L->cap + k->index];
+	if (!*ps)
+		*ps = L->steps;
+}
+
+/* A page the plan ranks: its predicted score. */
+struct cand {
+	float s;
+	uint32_t p;
+};
+
+/* Keeps the k best of a stream (a min-heap on s). */
+static void heap_push(struct cand *hp, uint32_t *n, uint32_t k, struct cand c)
+{
+	uint32_t i;
+	if (*n < k) {
+		i = (*n)++;
+		while (i && hp[(i - 1) / 2].s > c.s) {
+			hp[i] = hp[(i - 1) / 2];
+			i = (i - 1) / 2;
+		}
+		hp[i] = c;
+		return;
+	}
+	if (!k || c.s <= hp[0].s)
+		return;
+	i = 0; /* replace the root and sift down */
+	for (;;) {
+		uint32_t l = 2 * i + 1, m = i;
+		float ms = c.s;
+		if (l < k && hp[l].s < ms)
+			m = l, ms = hp[l].s;
+		if (l + 1 < k && hp[l + 1].s < ms)
+			m = l + 1;
+		if (m == i)
+			break;
+		hp[i] = hp[m];
+		i = m;
+	}
+	hp[i] = c;
+}
+
+static int cand_desc(const void *a, const void *b)
+{
+	const struct cand *x = a, *y = b;
+	return x->s > y->s ? -1 : x->s < y->s ? 1 : (x->p > y->p) - (x->p < y->p);
+}
+
 struct kvd_prom {
 	struct kvd_select *s;
 	uint32_t i;
@@ -442,12 +598,14 @@ struct kvd_select {
 	struct kvd_wait w;
 	uint32_t layer, rows, out_stride;
 	uint64_t out_off;
+	bool host_ok;          /* the client reads pages in place from the host arena */
 	struct page_key *keys; /* [rows][out_stride] */
+	uint8_t *to;           /* [rows][out_stride] tier a page the answer waits for goes to */
 	int32_t *n_out, *tail_len;
 	struct kvd_prom *prom;
-	uint32_t *todo; /* promotions the store refused for room: retried */
+	uint32_t *todo; /* moves the store refused for room: retried */
 	uint32_t ntodo;
-	uint64_t promoted;
+	uint64_t hits, waited;
 };
 
 static void sel_cb(void *arg, int res)
@@ -459,8 +617,6 @@ static void sel_cb(void *arg, int res)
 		s->todo[s->ntodo++] = p->i;
 	else if (res < 0 && !s->w.err)
 		s->w.err = res;
-	else if (res == 0)
-		s->promoted++;
 	if (!s->w.pending && !s->ntodo)
 		s->w.retry = NULL;
 	wait_done(&s->w);
@@ -469,7 +625,8 @@ static void sel_cb(void *arg, int res)
 static void sel_start(struct kvd_select *s, uint32_t i)
 {
 	struct kvd *d = s->w.d;
-	int ret = kvt_store_promote(d->store, &s->keys[i], TIER_GPU, sel_cb, &s->prom[i]);
+	int ret = kvt_store_promote(d->store, &s->keys[i], (enum tier_id)s->to[i], sel_cb,
+				    &s->prom[i]);
 	if (ret == -EAGAIN)
 		s->todo[s->ntodo++] = i;
 	else if (ret < 0 && !s->w.err)
@@ -506,22 +663,28 @@ static void sel_finish(struct kvd_wait *w)
 		for (int32_t j = 0; j < s->n_out[r]; j++) {
 			const struct page_key *k = &s->keys[(size_t)r * s->out_stride + j];
 			struct kvt_page_info pi;
-			if (kvt_store_page_info(d->store, k, &pi) < 0 || !(pi.valid & (1u << TIER_GPU))) {
+			int32_t slot = -1;
+			if (kvt_store_page_info(d->store, k, &pi) == 0) {
+				if (pi.valid & (1u << TIER_GPU))
+					slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
+				else if (s->host_ok && (pi.valid & (1u << TIER_HOST)))
+					slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_HOST]) | KVT_SLOT_HOST;
+			}
+			if (slot < 0) {
 				/* pinned pages stay: this is a bug, and never a wrong page */
-				kvt_err("engine", "client %u: selected page %u of layer %u left the GPU",
-					c->id, k->index, k->layer);
+				kvt_err("engine", "client %u: selected page %u of layer %u is not "
+					"where it was brought", c->id, k->index, k->layer);
 				kvd_complete(c, w->user_data, -EIO, 0, 0);
 				return;
 			}
-			table[(size_t)r * s->out_stride + j] = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
+			table[(size_t)r * s->out_stride + j] = slot;
 			kvt_store_touch(d->store, k, 1.0f);
 		}
 		n_out[r] = s->n_out[r];
 		tail[r] = s->tail_len[r];
 	}
 	c->selects++;
-	c->promoted += s->promoted;
-	kvd_complete(c, w->user_data, 0, s->promoted, 0);
+	kvd_complete(c, w->user_data, 0, s->hits, s->waited);
 }
 
 static void sel_release(struct kvd_wait *w)
@@ -533,6 +696,132 @@ static void sel_release(struct kvd_wait *w)
 	kvt_free(s);
 }
 
+/* Is page p of a row with ntok tokens a sink or window page (never substituted)? */
+static bool always_page(const struct kvt_sqe *r, uint32_t T, uint32_t ntok, uint32_t p)
+{
+	uint32_t sinks = (r->sink_tokens + T - 1) / T;
+	return p < sinks || (uint64_t)(p + 1) * T + r->window_tokens > ntok;
+}
+
+/*
+ * The prefetcher's view of one row after its selection: the pages not selected,
+ * ranked by predicted score (this step's, plus drift_pct of its change since the last
+ * step: a page whose score rises is fetched before it enters the top-k), best first.
+ * Returns how many of the best are in out (at most k).
+ */
+static uint32_t rank_row(struct kvd *d, struct kvd_layer *L, uint32_t h, const float *sc,
+			 const uint8_t *sel, struct cand *out, uint32_t k)
+{
+	const float drift = (float)d->cfg.drift_pct / 100.0f;
+	float *prev = L->prev + (size_t)h * L->cap;
+	uint32_t n = 0;
+	for (uint32_t p = 0; p < L->stored; p++) {
+		float s = sc[p], pv = prev[p];
+		prev[p] = s;
+		if (sel[p] || !isfinite(s))
+			continue;
+		heap_push(out, &n, k, (struct cand){isnan(pv) ? s : s + drift * (s - pv), p});
+	}
+	qsort(out, n, sizeof(*out), cand_desc);
+	return n;
+}
+
+static bool resident(const struct kvt_page_info *pi, bool host_ok)
+{
+	return (pi->valid & (1u << TIER_GPU)) || (host_ok && (pi->valid & (1u << TIER_HOST)));
+}
+
+/* Counts the row's prefetched pages now selected (used) and those that waited too
+ * long (wasted). */
+static void pf_account(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L, uint32_t h,
+		       const uint8_t *sel)
+{
+	const uint32_t lim = c->d->cfg.wasted_steps;
+	uint32_t *ps = L->pf_step + (size_t)h * L->cap;
+	for (uint32_t p = 0; p < L->stored; p++) {
+		if (!ps[p])
+			continue;
+		if (sel[p]) {
+			PF_ADD(c, q, prefetch_used, 1);
+			ps[p] = 0;
+		} else if (L->steps - ps[p] > lim) {
+			PF_ADD(c, q, prefetch_wasted, 1);
+			ps[p] = 0;
+		}
+	}
+}
+
+/*
+ * KVT_SEL_SUBST: a selected page only on NVMe (not a sink or window page) is replaced
+ * by the best-ranked page that is resident, so the step reads nothing from disk.
+ */
+static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L,
+		       const struct kvt_sqe *r, bool host_ok, uint32_t h, int32_t *o, int32_t n,
+		       uint8_t *sm, struct cand *cd, uint32_t nc)
+{
+	struct kvd *d = c->d;
+	const uint32_t T = c->layout.page_tokens;
+	uint32_t ci = 0;
+	bool moved = false;
+	for (int32_t j = 0; j < n && ci < nc; j++) {
+		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
+				     .kv_head = (uint16_t)h, .seq = L->owner[o[j]]->sseq,
+				     .index = (uint32_t)o[j]};
+		struct kvt_page_info pi;
+		if (kvt_store_page_info(d->store, &k, &pi) < 0 || resident(&pi, host_ok) ||
+		    (pi.inflight & (1u << TIER_GPU)) || always_page(r, T, L->ntok, k.index))
+			continue;
+		for (; ci < nc; ci++) {
+			k.index = cd[ci].p;
+			k.seq = L->owner[k.index]->sseq;
+			if (kvt_store_page_info(d->store, &k, &pi) == 0 && resident(&pi, host_ok)) {
+				sm[o[j]] = 0;
+				sm[k.index] = 1;
+				o[j] = (int32_t)k.index;
+				cd[ci++].s = -INFINITY; /* taken */
+				PF_ADD(c, q, substituted, 1);
+				moved = true;
+				break;
+			}
+		}
+	}
+	if (moved) /* the table stays in ascending page order */
+		for (int32_t j = 1; j < n; j++)
+			for (int32_t i = j; i > 0 && o[i - 1] > o[i]; i--) {
+				int32_t t = o[i];
+				o[i] = o[i - 1];
+				o[i - 1] = t;
+			}
+}
+
+/* Where one selected page is: counted, and if it must be waited for, where it goes. */
+static int classify(struct kvd_client *c, struct kvd_seq *q, bool host_ok,
+		    const struct kvt_page_info *pi)
+{
+	const unsigned G = 1u << TIER_GPU, Hm = 1u << TIER_HOST;
+	if (pi->valid & G) {
+		PF_ADD(c, q, hit, 1);
+		return -1;
+	}
+	if (pi->inflight & G) {
+		PF_ADD(c, q, late, 1);
+		return TIER_GPU;
+	}
+	if (pi->valid & Hm) {
+		if (host_ok) {
+			PF_ADD(c, q, host, 1);
+			return -1;
+		}
+		PF_ADD(c, q, fetched, 1);
+		return TIER_GPU;
+	}
+	if (pi->inflight & Hm)
+		PF_ADD(c, q, late, 1);
+	else
+		PF_ADD(c, q, disk, 1);
+	return host_ok ? TIER_HOST : TIER_GPU;
+}
+
 static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
@@ -541,9 +830,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint64_t rows = (uint64_t)nseq * H;
 	const uint64_t qbytes = rows * lo->group * lo->head_dim * esize(c);
 	const uint64_t obytes = rows * ((uint64_t)r->out_stride + 2) * sizeof(int32_t);
+	const unsigned flags = KVT_SEL_TOPP | KVT_SEL_HOST | KVT_SEL_SUBST;
 	int ret = -EINVAL;
 	if (!nseq || nseq > d->cfg.max_batch || r->layer >= lo->layers || !r->out_stride ||
-	    r->out_stride > (1u << 24) || (r->flags & ~KVT_SEL_TOPP) ||
+	    r->out_stride > (1u << 24) || (r->flags & ~flags) ||
 	    !in_data(c, r->off[0], nseq * sizeof(uint32_t)) || !in_data(c, r->off[1], qbytes) ||
 	    !in_data(c, r->off[2], obytes)) {
 		kvd_client_kill(c, "SELECT out of bounds (nseq %u layer %u out_stride %u)", nseq,
@@ -557,6 +847,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	/* the sequences, and their ids copied out of shared memory once */
 	struct kvd_seq **seqs = kvt_malloc(nseq * (sizeof(*seqs) + sizeof(uint32_t)));
+	uint8_t *plan = NULL;
 	if (!seqs) {
 		kvd_complete(c, r->user_data, -ENOMEM, 0, 0);
 		return;
@@ -575,6 +866,11 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			ret = -ENOENT;
 			goto out;
 		}
+		for (uint32_t j = 0; j < b; j++)
+			if (seqs[j] == seqs[b]) { /* its pins would be dropped under it */
+				ret = -EINVAL;
+				goto out;
+			}
 		if ((ret = flush_pending(c, seqs[b], r->layer)) < 0)
 			goto out;
 		if (seqs[b]->layer[r->layer].stored > stride)
@@ -648,7 +944,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	const size_t cells = rows * r->out_stride;
 	s->keys = kvt_malloc(cells * sizeof(*s->keys) + rows * 2 * sizeof(int32_t) +
-			     cells * sizeof(int32_t));
+			     cells * sizeof(int32_t) + cells);
 	s->prom = kvt_malloc(cells * sizeof(*s->prom));
 	s->todo = kvt_malloc(cells * sizeof(*s->todo));
 	if (!s->keys || !s->prom || !s->todo) {
@@ -659,6 +955,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	int32_t *h_out = (int32_t *)(s->keys + cells);
 	s->n_out = h_out + cells;
 	s->tail_len = s->n_out + rows;
+	s->to = (uint8_t *)(s->tail_len + rows);
 	if ((ret = kvt_compute_download(d->cc, h_out, d_out, cells * sizeof(int32_t))) < 0 ||
 	    (ret = kvt_compute_download(d->cc, s->n_out, d_nout, rows * sizeof(int32_t))) < 0) {
 		sel_release(&s->w);
@@ -672,34 +969,125 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	s->rows = (uint32_t)rows;
 	s->out_stride = r->out_stride;
 	s->out_off = r->off[2];
+	s->host_ok = r->flags & KVT_SEL_HOST;
+	for (uint64_t row = 0; row < rows && !s->w.err; row++)
+		if (s->n_out[row] < 0 || (uint32_t)s->n_out[row] > r->out_stride)
+			s->w.err = -EIO;
+		else
+			for (int32_t j = 0; j < s->n_out[row] && !s->w.err; j++)
+				if ((uint32_t)h_out[row * r->out_stride + j] >=
+				    seqs[row / H]->layer[r->layer].stored)
+					s->w.err = -EIO;
+	/*
+	 * The prefetcher's plan needs every page's score (on the host) and a map of the
+	 * selected pages; substitution needs the ranking too.
+	 */
+	const bool planning = !dense && !s->w.err && (d->cfg.prefetch || (r->flags & KVT_SEL_SUBST));
+	const uint32_t gm = (uint32_t)((uint64_t)r->budget * d->cfg.gpu_margin_pct / 100);
+	const uint32_t hm = (uint32_t)((uint64_t)r->budget * d->cfg.host_margin_pct / 100);
+	const uint32_t K = d->cfg.prefetch ? gm + hm + r->out_stride : r->out_stride;
+	float *h_sc = NULL;
+	uint8_t *selmap = NULL;
+	struct cand *cands = NULL;
+	uint32_t *ncand = NULL;
+	if (planning) {
+		plan = kvt_malloc(rows * stride * (sizeof(float) + 1) +
+				  rows * (K * sizeof(struct cand) + sizeof(uint32_t)));
+		if (!plan) {
+			sel_release(&s->w);
+			ret = -ENOMEM;
+			goto out;
+		}
+		h_sc = (float *)plan;
+		cands = (struct cand *)(h_sc + rows * stride);
+		ncand = (uint32_t *)(cands + rows * K);
+		selmap = (uint8_t *)(ncand + rows);
+		if ((ret = kvt_compute_download(d->cc, h_sc, d_sc, rows * stride * sizeof(float))) < 0) {
+			sel_release(&s->w);
+			goto out;
+		}
+	}
 	/* The previous step's pins of these rows go first: their pages may make room. */
-	for (uint32_t b = 0; b < nseq; b++)
+	for (uint32_t b = 0; b < nseq; b++) {
 		unpin_layer(d, &seqs[b]->layer[r->layer]);
+		seqs[b]->layer[r->layer].steps++;
+		PF_ADD(c, seqs[b], steps, 1);
+	}
+	/* 1: rank each row's other pages, substitute, pin what the answer names (so that
+	 * no move started below evicts a page selected for a later row) */
 	for (uint64_t row = 0; row < rows && !s->w.err; row++) {
 		struct kvd_seq *q = seqs[row / H];
 		struct kvd_layer *L = &q->layer[r->layer];
-		if (s->n_out[row] < 0 || (uint32_t)s->n_out[row] > r->out_stride)
-			s->w.err = -EIO;
-		for (int32_t j = 0; j < s->n_out[row] && !s->w.err; j++) {
+		const uint32_t h = (uint32_t)(row % H);
+		int32_t *o = h_out + row * r->out_stride;
+		const int32_t n = s->n_out[row];
+		PF_ADD(c, q, selected, (uint64_t)n);
+		if (planning) {
+			uint8_t *sm = selmap + row * stride;
+			struct cand *cd = cands + row * K;
+			memset(sm, 0, L->stored);
+			for (int32_t j = 0; j < n; j++)
+				sm[o[j]] = 1;
+			ncand[row] = rank_row(d, L, h, h_sc + row * stride, sm, cd, K);
+			if (r->flags & KVT_SEL_SUBST)
+				substitute(c, q, L, r, s->host_ok, h, o, n, sm, cd, ncand[row]);
+			if (d->cfg.prefetch)
+				pf_account(c, q, L, h, sm);
+		}
+		for (int32_t j = 0; j < n; j++) {
 			size_t i = row * r->out_stride + (size_t)j;
-			uint32_t p = (uint32_t)h_out[i];
-			if (p >= L->stored) {
-				s->w.err = -EIO;
-				break;
-			}
 			s->keys[i] = (struct page_key){.tenant = c->tenant->id,
 						       .layer = (uint16_t)r->layer,
-						       .kv_head = (uint16_t)(row % H),
-						       .seq = L->owner[p]->sseq, .index = p};
+						       .kv_head = (uint16_t)h,
+						       .seq = L->owner[o[j]]->sseq,
+						       .index = (uint32_t)o[j]};
 			s->prom[i] = (struct kvd_prom){s, (uint32_t)i};
 			if ((ret = pin_key(d, L, &s->keys[i])) < 0) {
 				s->w.err = ret;
 				break;
 			}
+		}
+	}
+	/* 2: where each selected page is; start the moves the answer waits for */
+	for (uint64_t row = 0; row < rows && !s->w.err; row++) {
+		struct kvd_seq *q = seqs[row / H];
+		for (int32_t j = 0; j < s->n_out[row] && !s->w.err; j++) {
+			size_t i = row * r->out_stride + (size_t)j;
+			struct kvt_page_info pi;
+			if ((ret = kvt_store_page_info(d->store, &s->keys[i], &pi)) < 0) {
+				s->w.err = ret;
+				break;
+			}
+			int to = classify(c, q, s->host_ok, &pi);
+			if (to < 0) {
+				s->hits += (pi.valid >> TIER_GPU) & 1;
+				continue;
+			}
+			s->to[i] = (uint8_t)to;
+			s->waited++;
 			sel_start(s, (uint32_t)i);
 		}
 	}
+	/* 3: the plan for the next step: what this one reads from host RAM, then the
+	 * next-best pages to the GPU, and deeper ones from NVMe to host RAM */
+	for (uint64_t row = 0; planning && d->cfg.prefetch && row < rows && !s->w.err; row++) {
+		struct kvd_seq *q = seqs[row / H];
+		struct kvd_layer *L = &q->layer[r->layer];
+		const uint32_t h = (uint32_t)(row % H);
+		const struct cand *cd = cands + row * K;
+		for (int32_t j = 0; j < s->n_out[row]; j++)
+			prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j], TIER_GPU);
+		for (uint32_t i = 0, g = 0; i < ncand[row] && g < gm + hm; i++) {
+			if (cd[i].s == -INFINITY)
+				continue; /* taken as a substitute */
+			struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
+					     .kv_head = (uint16_t)h, .seq = L->owner[cd[i].p]->sseq,
+					     .index = cd[i].p};
+			prefetch(c, q, L, h, &k, g++ < gm ? TIER_GPU : TIER_HOST);
+		}
+	}
 	kvt_free(seqs);
+	kvt_free(plan);
 	if (!s->ntodo)
 		s->w.retry = NULL;
 	if (s->w.pending || s->ntodo) {
@@ -711,6 +1099,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	return;
 out:
 	kvt_free(seqs);
+	kvt_free(plan);
 	kvd_complete(c, r->user_data, ret, 0, 0);
 }
 
@@ -892,6 +1281,20 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 	case KVT_OP_SELECT:
 		do_select(c, r);
 		return;
+	case KVT_OP_STATS:
+		if (!in_data(c, r->off[0], sizeof(struct kvtier_prefetch_stats))) {
+			kvd_client_kill(c, "STATS out of bounds (off %llu)",
+					(unsigned long long)r->off[0]);
+			return;
+		}
+		if (r->seq != KVT_SEQ_ALL && !(q = seq_get(c, r->seq))) {
+			kvd_complete(c, r->user_data, -ENOENT, 0, 0);
+			return;
+		}
+		memcpy(c->data + r->off[0], r->seq == KVT_SEQ_ALL ? &c->pf : &q->st,
+		       sizeof(struct kvtier_prefetch_stats));
+		kvd_complete(c, r->user_data, 0, 0, 0);
+		return;
 	case KVT_OP_SEQ_INFO:
 		if (!(q = seq_get(c, r->seq)) || r->layer >= c->layout.layers) {
 			kvd_complete(c, r->user_data, q ? -EINVAL : -ENOENT, 0, 0);
@@ -914,6 +1317,8 @@ int kvd_engine_attach(struct kvd_client *c)
 
 void kvd_engine_detach(struct kvd_client *c)
 {
+	kvd_pf_add(&c->d->pf_gone, &c->pf);
+	memset(&c->pf, 0, sizeof(c->pf));
 	if (c->busy) {
 		struct kvd_wait *w = c->busy;
 		w->c = NULL; /* finishes on its own, posting nothing */

@@ -49,6 +49,10 @@ struct kvd_layer {
 	uint32_t sealed_heads; /* of a pending seal: heads already put */
 	struct page_key *pinned; /* pins of the last selection */
 	uint32_t npinned, pincap;
+	/* the prefetcher's memory of this layer, [kv_heads][cap] like rec */
+	float *prev;       /* each page's score at the last selection (NAN: none yet) */
+	uint32_t *pf_step; /* the selection after which a prefetch of it started (0: none) */
+	uint32_t steps;    /* selections of this layer so far */
 };
 
 struct kvd_seq {
@@ -56,6 +60,7 @@ struct kvd_seq {
 	struct kvd_origin *own;
 	struct kvd_origin **refs; /* every origin whose pages it reads, own first */
 	uint32_t nrefs;
+	struct kvtier_prefetch_stats st; /* its steps (no latencies: those are the client's) */
 	struct kvd_layer layer[];
 };
 
@@ -119,7 +124,8 @@ struct kvd_client {
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;
 	/* counters */
-	uint64_t requests, bad_requests, tokens, selects, promoted;
+	uint64_t requests, bad_requests, tokens, selects;
+	struct kvtier_prefetch_stats pf;
 };
 
 struct kvd_scratch {
@@ -163,6 +169,7 @@ struct kvd {
 	bool stopping;
 	/* counters */
 	uint64_t accepted, rejected, disconnects;
+	struct kvtier_prefetch_stats pf_gone; /* of clients that left */
 };
 
 /* server.c */
@@ -186,5 +193,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *sqe);
 void kvd_engine_tick(struct kvd *d);
 void kvd_engine_stop(struct kvd *d);
 uint64_t kvd_now_ns(void);
+/* to += from, counter by counter */
+void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_stats *from);
 
 #endif

@@ -256,6 +256,8 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		.max_batch = d->cfg.max_batch,
 		.page_bytes = c->page_bytes,
 		.device_ordinal = 0,
+		.host_stride = tier_host_stride(kvt_store_tier(d->store, TIER_HOST)),
+		.host_headroom = kvt_store_tier(d->store, TIER_HOST)->p.headroom,
 	};
 	int fds[KVT_FD_MAX] = {c->ring_fd, c->req_efd, c->cmp_efd, c->tenant->pool_fd,
 			       c->tenant->host_fd};
@@ -284,13 +286,19 @@ static void send_stats(struct kvd_client *c)
 	for (int t = 0; t < 3; t++) {
 		w.tier_used[t] = st.tier[t].used;
 		w.tier_slots[t] = st.tier[t].slots;
+		w.promotions[t] = st.promotions[t];
 	}
+	w.writebacks = st.writebacks;
+	w.read_errors = st.read_errors;
+	w.backpressure = st.backpressure;
+	w.pf = d->pf_gone;
 	struct kvd_client *o;
 	kvt_list_for_each_entry(o, &d->clients, link)
 	{
 		w.clients += o->attached && !o->dead;
 		w.requests += o->requests;
 		w.bad_requests += o->bad_requests;
+		kvd_pf_add(&w.pf, &o->pf);
 	}
 	send_msg(c->sock, KVT_MSG_STATS_REPLY, 0, &w, sizeof(w), NULL, 0);
 }

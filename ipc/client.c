@@ -7,6 +7,8 @@
 #include "wire.h"
 #include "daemon/log.h"
 #include "kernels/compute.h"
+
+_Static_assert(KVTIER_SLOT_HOST == KVT_SLOT_HOST, "one host-slot bit");
 #include "tiers/device.h"
 
 #include <errno.h>
@@ -46,6 +48,7 @@ struct kvtier_client {
 	struct kvt_device *dev;
 	struct kvt_dev_mem pool;
 	void *host;
+	void *host_dev;  /* the host arena as the backend's kernels address it, or NULL */
 	struct kvt_compute *cc;
 	bool gpu; /* the backend's memory is not host memory: host q/out are staged */
 	/* the pages still filling: a host copy and the backend's, slot (live, layer, head) */
@@ -191,6 +194,9 @@ static int recv_welcome(struct kvtier_client *c)
 	if (h.type != KVT_MSG_WELCOME || h.len < sizeof(c->w))
 		return -EPROTO;
 	memcpy(&c->w, payload, sizeof(c->w));
+	if (!c->w.slot_bytes || c->w.host_stride < c->w.page_bytes ||
+	    c->w.host_headroom >= c->w.host_stride)
+		return -EPROTO;
 	for (int i = 0; i < KVT_FD_MAX; i++)
 		if (c->fds[i] < 0)
 			return -EPROTO;
@@ -295,6 +301,11 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 		ret = -errno;
 		goto fail;
 	}
+	/* Pages in the host arena are read in place where the backend can map it
+	 * read-only; without that, every selected page comes to the GPU pool first. */
+	if (!(o.flags & KVTIER_ATTACH_NO_HOST_READS) &&
+	    c->dev->ops->host_map_ro(c->dev, c->host, c->w.host_bytes, &c->host_dev) < 0)
+		c->host_dev = NULL;
 	if ((ret = alloc_tails(c)) < 0)
 		goto fail;
 	*out = c;
@@ -316,6 +327,8 @@ void kvtier_detach(struct kvtier_client *c)
 		kvt_compute_close(c->cc);
 	}
 	if (c->dev) {
+		if (c->host_dev)
+			c->dev->ops->host_unregister(c->dev, c->host);
 		if (c->pool.ptr)
 			c->dev->ops->mem_destroy(c->dev, &c->pool);
 		kvt_device_close(c->dev);
@@ -586,6 +599,24 @@ void kvtier_memory(const struct kvtier_client *c, struct kvtier_memory *out)
 {
 	*out = (struct kvtier_memory){.pool = c->pool.ptr, .pool_bytes = c->w.pool_bytes,
 				      .slot_bytes = c->w.slot_bytes, .tail_pool = c->tail_dev};
+	if (c->host_dev) {
+		out->host_pool = (const uint8_t *)c->host_dev + c->w.host_headroom;
+		out->host_slot_bytes = c->w.host_stride;
+	}
+}
+
+int kvtier_stats(struct kvtier_client *c, uint32_t seq, struct kvtier_prefetch_stats *out)
+{
+	if (!c || !out)
+		return -EINVAL;
+	struct kvt_sqe r = {.op = KVT_OP_STATS, .seq = seq == UINT32_MAX ? KVT_SEQ_ALL : seq};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = call(c, &r, &e);
+	if (ret == 0)
+		memcpy(out, c->data, sizeof(*out));
+	pthread_mutex_unlock(&c->lock);
+	return ret;
 }
 
 static int ensure_dev(struct kvtier_client *c, void **p, size_t *have, size_t need)
@@ -659,7 +690,9 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		memcpy(c->data + qoff, q, qbytes);
 	if (ret)
 		goto out;
-	struct kvt_sqe r = {.op = KVT_OP_SELECT, .flags = p->top_p_mode ? KVT_SEL_TOPP : 0,
+	unsigned fl = (p->top_p_mode ? KVT_SEL_TOPP : 0) | (c->host_dev ? KVT_SEL_HOST : 0) |
+		      ((p->flags & KVTIER_SEL_SUBSTITUTE) ? KVT_SEL_SUBST : 0);
+	struct kvt_sqe r = {.op = KVT_OP_SELECT, .flags = (uint8_t)fl,
 			    .layer = (uint16_t)layer, .seq = nseq, .budget = p->budget_pages,
 			    .off = {0, qoff, ooff}, .out_stride = stride,
 			    .sink_tokens = p->sink_tokens, .window_tokens = p->window_tokens,
@@ -670,14 +703,19 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	const int32_t *tab = (const int32_t *)(c->data + ooff);
 	const int32_t *n_out = tab + rows * stride, *tail = n_out + rows;
 	const uint64_t nslots = c->w.pool_bytes / c->w.slot_bytes;
+	const uint64_t nhost = c->w.host_bytes / c->w.host_stride;
 	for (size_t row = 0; row < rows && !ret; row++) {
 		struct live_seq *l = live_get(c, seqs[row / H]);
 		uint32_t want_tail = l->ntok[layer] % T;
 		if (n_out[row] < 0 || (uint32_t)n_out[row] > stride || tail[row] != (int32_t)want_tail)
 			ret = -EPROTO;
-		for (int32_t j = 0; j < n_out[row] && !ret; j++)
-			if (tab[row * stride + j] < 0 || (uint64_t)tab[row * stride + j] >= nslots)
+		for (int32_t j = 0; j < n_out[row] && !ret; j++) {
+			int32_t v = tab[row * stride + j];
+			if (v < 0 || ((v & KVT_SLOT_HOST) ? !c->host_dev ||
+						   (uint64_t)(v & ~KVT_SLOT_HOST) >= nhost
+						 : (uint64_t)v >= nslots))
 				ret = -EPROTO;
+		}
 		t->n_pages[row] = n_out[row];
 		t->tail_len[row] = (int32_t)want_tail;
 		t->tail_slot[row] = want_tail ? (int32_t)tail_slot(c, (uint32_t)c->live_of[seqs[row / H]],
@@ -730,6 +768,8 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes, .table = t->d_slots,
 		.n_pages = t->d_n_pages, .tail_slot = t->d_n_pages + 2 * mr,
 		.tail_len = t->d_n_pages + mr, .out = od, .lse = ld, .tail_pool = c->tail_dev,
+		.host_pool = c->host_dev ? (const uint8_t *)c->host_dev + c->w.host_headroom : NULL,
+		.host_slot_bytes = c->w.host_stride,
 	};
 	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;

@@ -49,12 +49,19 @@ struct kvtier_layout {
 	uint32_t reps;         /* representative keys per page summary (0: Quest only) */
 };
 
+enum kvtier_attach_flags {
+	/* Never read pages in place from the host arena: every selected page is brought
+	 * to the GPU pool before kvtier_select returns. */
+	KVTIER_ATTACH_NO_HOST_READS = 1u << 0,
+};
+
 struct kvtier_attach_opts {
 	const char *socket;   /* NULL: $KVTIER_SOCKET, else the daemon's default path */
 	const char *tenant;   /* NULL or "": the caller's default tenant (per uid) */
 	uint64_t data_bytes;  /* shared data area; 0: the daemon's default (16 MiB) */
 	uint32_t ring_entries;
 	uint32_t max_live_seqs; /* sequences open at once; 0: 64 */
+	uint32_t flags;         /* enum kvtier_attach_flags */
 };
 
 struct kvtier_client;
@@ -100,12 +107,20 @@ enum kvtier_mem {
 int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
 		  const void *v, uint32_t ntok, unsigned mem);
 
+enum kvtier_select_flags {
+	/* A selected page found only on NVMe is replaced by the best-scored page not
+	 * selected that is resident (counted in kvtier_prefetch_stats.substituted), so
+	 * the step never waits for the disk. Sink and window pages are never replaced. */
+	KVTIER_SEL_SUBSTITUTE = 1u << 0,
+};
+
 struct kvtier_select_params {
 	uint32_t budget_pages;  /* top-k: pages in all, sinks and window included */
 	uint32_t sink_tokens;   /* e.g. 64 */
 	uint32_t window_tokens; /* e.g. 256 */
 	uint32_t top_p_mode;    /* 1: top-p (capped at budget_pages) instead of top-k */
 	float top_p;
+	uint32_t flags;         /* enum kvtier_select_flags */
 };
 
 /* A step's page tables for a batch of sequences, reused across steps and layers. */
@@ -116,10 +131,11 @@ struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_s
 void kvtier_table_destroy(struct kvtier_table *t);
 /*
  * The table's content for host inspection, valid until the next select into it:
- * rows = nseq * kv_heads; slots[r * stride + i] for i < n_pages[r] (GPU pool slots
- * of the selected full pages, ascending page order); tail_len[r] tokens in the page
- * still filling.
+ * rows = nseq * kv_heads; slots[r * stride + i] for i < n_pages[r] (the selected full
+ * pages in ascending page order: a GPU pool slot, or, with KVTIER_SLOT_HOST set, a
+ * slot of the host arena); tail_len[r] tokens in the page still filling.
  */
+#define KVTIER_SLOT_HOST 0x40000000
 struct kvtier_table_view {
 	uint32_t rows, stride, layer;
 	const int32_t *slots, *n_pages, *tail_len;
@@ -130,7 +146,10 @@ void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *o
 /*
  * Selects the pages of layer for the sequences seqs[0..nseq) against the step's
  * queries q [nseq * kv_heads][group][head_dim] (host or device), and makes them
- * resident on the GPU, pinned until the next select of that layer of the sequence.
+ * readable by kvtier_attend, pinned until the next select of that layer of the
+ * sequence: in the GPU pool, or read in place from the pinned host arena where a
+ * page is there and not (yet) on the GPU. Meanwhile the daemon starts bringing up
+ * the pages the next step is likely to need (its prefetcher: kvtier_stats).
  * -ENOENT (a sequence), -EINVAL, -ENOBUFS (the GPU pool cannot hold the pinned pages,
  * or a dense layer's pages do not fit the table), -EIO/-EBADMSG (a page could not be
  * read: never served wrong).
@@ -158,8 +177,43 @@ struct kvtier_memory {
 	const void *pool;
 	uint64_t pool_bytes, slot_bytes;
 	const void *tail_pool;
+	/* KVTIER_SLOT_HOST slot s is at host_pool + s * host_slot_bytes (an address the
+	 * backend's kernels read: mapped pinned host memory); NULL when this client does
+	 * not read host pages in place */
+	const void *host_pool;
+	uint64_t host_slot_bytes;
 };
 void kvtier_memory(const struct kvtier_client *c, struct kvtier_memory *out);
+
+/*
+ * Where a decode step's pages were found and what the daemon's prefetcher did. A step
+ * is one select of one (sequence, layer). Latencies: the prefetcher's fetches from
+ * issue to arrival, lat_*[i] counting those of [2^i, 2^(i+1)) microseconds (the last
+ * bucket open); bytes and latencies are kept per client only.
+ */
+#define KVTIER_LAT_BUCKETS 24
+
+struct kvtier_prefetch_stats {
+	uint64_t steps;       /* selections of one (sequence, layer) */
+	uint64_t selected;    /* pages selected */
+	uint64_t hit;         /* on the GPU when the selection was made */
+	uint64_t late;        /* on their way then (a prefetch): the answer waited for them */
+	uint64_t host;        /* read in place from host RAM */
+	uint64_t disk;        /* only on NVMe: read during the step */
+	uint64_t fetched;     /* in host RAM, brought to the GPU during the step (no host reads) */
+	uint64_t substituted; /* only on NVMe, replaced (KVTIER_SEL_SUBSTITUTE) */
+	uint64_t prefetch_gpu, prefetch_host; /* prefetches started, by destination */
+	uint64_t prefetch_used;    /* prefetched pages selected within prefetch.wasted_steps */
+	uint64_t prefetch_wasted;  /* ... and not */
+	uint64_t prefetch_refused; /* the store had no room to start them */
+	uint64_t bytes_h2d, bytes_nvme; /* prefetched into the GPU, and read from NVMe */
+	uint64_t lat_gpu[KVTIER_LAT_BUCKETS];  /* host RAM -> GPU */
+	uint64_t lat_host[KVTIER_LAT_BUCKETS]; /* NVMe -> host RAM */
+};
+
+/* The counters of one sequence (no bytes or latencies), or with seq = UINT32_MAX the
+ * client's. 0, -ENOENT. */
+int kvtier_stats(struct kvtier_client *c, uint32_t seq, struct kvtier_prefetch_stats *out);
 
 /* A round trip through the request ring that does nothing (for benchmarks). */
 int kvtier_nop(struct kvtier_client *c);

@@ -23,8 +23,10 @@
 
 #include <stdint.h>
 
+#include "ipc/kvtier.h"
+
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 1
+#define KVT_WIRE_VERSION 2
 
 #define KVT_MSG_MAX (64u * 1024)
 
@@ -106,8 +108,15 @@ struct kvt_welcome {
 	uint32_t page_bytes;   /* bytes of this client's page: 2 * T * D * dtype size */
 	int32_t device_ordinal;
 	uint8_t reserved[64];  /* the CUDA IPC event handle (prefetch ordering) */
+	uint64_t host_stride;  /* host arena: slot i's page at i * host_stride + host_headroom */
+	uint32_t host_headroom;
+	uint32_t pad_;
 };
-_Static_assert(sizeof(struct kvt_welcome) == 152, "wire format");
+_Static_assert(sizeof(struct kvt_welcome) == 168, "wire format");
+
+/* The prefetcher's counters (struct kvtier_prefetch_stats) are the public header's. */
+_Static_assert(sizeof(struct kvtier_prefetch_stats) == 120 + 2 * 8 * KVTIER_LAT_BUCKETS,
+	       "wire format");
 
 /* The daemon's counters, for tools and tests (kvtierctl has the full set). */
 struct kvt_wire_stats {
@@ -118,8 +127,12 @@ struct kvt_wire_stats {
 	uint64_t tier_slots[3];
 	uint64_t accepted, rejected, disconnects;
 	uint64_t requests, bad_requests;
+	/* page moves of the store, by destination tier, and its write-backs */
+	uint64_t promotions[3], writebacks, read_errors, backpressure;
+	struct kvtier_prefetch_stats pf; /* every client's, those gone included */
 };
-_Static_assert(sizeof(struct kvt_wire_stats) == 112, "wire format");
+_Static_assert(sizeof(struct kvt_wire_stats) == 160 + sizeof(struct kvtier_prefetch_stats),
+	       "wire format");
 
 /* ---- the shared region ---- */
 
@@ -160,17 +173,26 @@ enum kvt_op_code {
 	KVT_OP_APPEND,     /* seq, layer, ntok; off[0]: K, off[1]: V, each [ntok][kv_heads][D] */
 	KVT_OP_SELECT,     /* layer, nseq; see struct kvt_sqe */
 	KVT_OP_SEQ_INFO,   /* seq -> res: tokens of layer `layer` */
+	KVT_OP_STATS,      /* seq (or KVT_SEQ_ALL: the client's) -> struct
+			    * kvtier_prefetch_stats at off[0] */
 	KVT_OP_MAX
 };
 
+#define KVT_SEQ_ALL 0xffffffffu
+
 enum kvt_select_flags {
-	KVT_SEL_TOPP = 1u << 0, /* top-p (arg top_p) instead of top-k */
+	KVT_SEL_TOPP = 1u << 0,  /* top-p (arg top_p) instead of top-k */
+	KVT_SEL_HOST = 1u << 1,  /* the client reads the host arena: the answer may name
+				  * host slots (KVT_SLOT_HOST) for pages not on the GPU */
+	KVT_SEL_SUBST = 1u << 2, /* a page only on NVMe is replaced by the next-best page
+				  * that is resident, counted, instead of read at once */
 };
 
 /*
  * One request. SELECT: seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
  * at off[1]; the answer at off[2]: int32 table[rows][out_stride] (pool slots), then
- * int32 n_out[rows], then int32 tail_len[rows], rows = nseq * kv_heads.
+ * int32 n_out[rows], then int32 tail_len[rows], rows = nseq * kv_heads. A slot with
+ * KVT_SLOT_HOST (0x40000000, kernels/compute.h) set is a slot of the host arena.
  */
 struct kvt_sqe {
 	uint8_t op;     /* enum kvt_op_code */
@@ -192,7 +214,8 @@ struct kvt_cqe {
 	uint64_t user_data;
 	int32_t res;    /* >= 0 or -errno */
 	uint32_t pad_;
-	uint64_t aux[2]; /* APPEND: aux[0] tokens accepted; SELECT: aux[0] pages brought up */
+	uint64_t aux[2]; /* APPEND: aux[0] tokens accepted; SELECT: aux[0] pages already on
+			  * the GPU, aux[1] pages the step had to wait for */
 };
 _Static_assert(sizeof(struct kvt_cqe) == 32, "wire format");
 

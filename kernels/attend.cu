@@ -74,11 +74,17 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 	}
 	const size_t vofs = (size_t)T_ * D;
 	for (uint32_t e = e0; e < e1; e++) {
-		const int32_t slot = e < n ? a.table[(size_t)r * a.stride + e] : tslot;
+		int32_t slot = e < n ? a.table[(size_t)r * a.stride + e] : tslot;
 		const int len = e < n ? T_ : tlen;
 		const void *base = e < n || !a.tail_pool ? a.pool : a.tail_pool;
+		uint64_t sb = a.slot_bytes;
+		if (e < n && (slot & KVT_SLOT_HOST)) { /* read in place from pinned host memory */
+			base = a.host_pool;
+			sb = a.host_slot_bytes;
+			slot &= ~KVT_SLOT_HOST;
+		}
 		const T *kp = reinterpret_cast<const T *>(static_cast<const char *>(base) +
-							  (uint64_t)slot * a.slot_bytes) +
+							  (uint64_t)slot * sb) +
 			      lane * 8;
 		for (int t0 = 0; t0 < len; t0 += TPI * ATT_CHUNK) {
 			kvt_raw8<T> kr[ATT_CHUNK], vr[ATT_CHUNK];

@@ -152,6 +152,8 @@ int kvt_check_attend(const struct kvt_attend_args *a)
 		return 0;
 	if (!a->q || !a->pool || !a->out || !a->n_pages || (!a->table && a->stride) ||
 	    (a->tail_slot && !a->tail_len) ||
+	    (a->host_pool && a->host_slot_bytes < 2ull * a->g.page_tokens * a->g.head_dim *
+						     kvt_dtype_size(a->g.dtype)) ||
 	    a->slot_bytes < 2ull * a->g.page_tokens * a->g.head_dim * kvt_dtype_size(a->g.dtype))
 		return -EINVAL;
 	return 0;

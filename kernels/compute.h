@@ -22,7 +22,9 @@
  *            row-major in the KV dtype; slot s starts at pool + s * slot_bytes.
  *   Page table  int32 slots, table[r * stride + i] for i < n_pages[r]: the full pages
  *            row r attends to, in any order; plus, when tail_slot[r] >= 0, the page
- *            still filling, of which the first tail_len[r] tokens are valid.
+ *            still filling, of which the first tail_len[r] tokens are valid. A slot
+ *            with KVT_SLOT_HOST set names slot (s & ~KVT_SLOT_HOST) of host_pool
+ *            instead (a page read in place from mapped pinned host memory).
  *   Summary  one record per page, in the KV dtype (f32 for f32 KV):
  *            [min][max] (head_dim each, Quest) then [rep 0]..[rep R-1] (head_dim each,
  *            the means of R equal sub-blocks of the page's keys, InfLLM), so
@@ -162,7 +164,14 @@ struct kvt_attend_args {
 	/* where tail slots are (same slot_bytes), or NULL: in pool. A client keeps the
 	 * page it is still filling in memory of its own. */
 	const void *tail_pool;
+	/* where KVT_SLOT_HOST slots are (device-visible mapped host memory), and their
+	 * stride; NULL when the table names none */
+	const void *host_pool;
+	uint64_t host_slot_bytes;
 };
+
+/* A page-table entry with this bit is a slot of the host pool (attend's host_pool). */
+#define KVT_SLOT_HOST 0x40000000
 
 struct kvt_compute;
 

@@ -239,6 +239,20 @@ static int cpu_select(struct kvt_compute *base, const struct kvt_select_args *a,
 	return 0;
 }
 
+/* Entry e of row r (e == n: the tail): a pool slot, a host-pool slot or a tail slot. */
+static const uint8_t *page_addr(const struct kvt_attend_args *a, uint32_t r, uint32_t e,
+				uint32_t n, int32_t tslot)
+{
+	if (e == n)
+		return (const uint8_t *)(a->tail_pool ? a->tail_pool : a->pool) +
+		       (uint64_t)tslot * a->slot_bytes;
+	int32_t s = a->table[(size_t)r * a->stride + e];
+	if (s & KVT_SLOT_HOST)
+		return (const uint8_t *)a->host_pool +
+		       (uint64_t)(s & ~KVT_SLOT_HOST) * a->host_slot_bytes;
+	return (const uint8_t *)a->pool + (uint64_t)s * a->slot_bytes;
+}
+
 static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a, void *stream)
 {
 	struct cpu_compute *c = (struct cpu_compute *)base;
@@ -262,10 +276,8 @@ static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a,
 			uint32_t nt = 0;
 			float m = -INFINITY;
 			for (uint32_t e = 0; e <= n; e++) {
-				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
 				uint32_t len = e < n ? T : tlen;
-				const uint8_t *k = (const uint8_t *)(e < n || !a->tail_pool ? a->pool : a->tail_pool) +
-						   (uint64_t)slot * a->slot_bytes;
+				const uint8_t *k = page_addr(a, r, e, n, tslot);
 				for (uint32_t t = 0; t < len; t++) {
 					float dot = 0;
 					for (uint32_t d = 0; d < D; d++)
@@ -278,10 +290,8 @@ static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a,
 			memset(acc, 0, sizeof(float) * D);
 			nt = 0;
 			for (uint32_t e = 0; e <= n; e++) {
-				int32_t slot = e < n ? a->table[(size_t)r * a->stride + e] : tslot;
 				uint32_t len = e < n ? T : tlen;
-				const uint8_t *v = (const uint8_t *)(e < n || !a->tail_pool ? a->pool : a->tail_pool) +
-						   (uint64_t)slot * a->slot_bytes +
+				const uint8_t *v = page_addr(a, r, e, n, tslot) +
 						   (size_t)T * D * kvt_dtype_size(dt);
 				for (uint32_t t = 0; t < len; t++) {
 					float p = expf(logit[nt++] - m);

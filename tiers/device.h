@@ -91,6 +91,13 @@ struct kvt_device_ops {
 	 * stays the caller's. Undone with mem_destroy (out->fd is -1). 0 or -errno.
 	 */
 	int (*mem_import)(struct kvt_device *d, int fd, size_t size, struct kvt_dev_mem *out);
+	/*
+	 * Makes a read-only host mapping (another process's pinned arena) readable by the
+	 * device's kernels in place: *dev is the address they use. Undone with
+	 * host_unregister(p). 0, -EOPNOTSUPP (the device cannot map read-only memory),
+	 * -errno.
+	 */
+	int (*host_map_ro)(struct kvt_device *d, void *p, size_t len, void **dev);
 };
 
 struct kvt_device {

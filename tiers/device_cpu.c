@@ -114,6 +114,14 @@ static int cpu_host_register(struct kvt_device *d, void *p, size_t len)
 	return 0;
 }
 
+static int cpu_host_map_ro(struct kvt_device *d, void *p, size_t len, void **dev)
+{
+	(void)d;
+	(void)len;
+	*dev = p; /* the cpu device's kernels read host memory as it is */
+	return 0;
+}
+
 static void cpu_host_unregister(struct kvt_device *d, void *p)
 {
 	(void)d;
@@ -238,6 +246,7 @@ const struct kvt_device_ops kvt_device_cpu_ops = {
 	.mem_create = cpu_mem_create,
 	.mem_destroy = cpu_mem_destroy,
 	.mem_import = cpu_mem_import,
+	.host_map_ro = cpu_host_map_ro,
 	.copy_submit = cpu_copy_submit,
 	.event_fd = cpu_event_fd,
 	.poll = cpu_poll,

@@ -229,6 +229,25 @@ static int cuda_host_register(kvt_device *dev, void *p, size_t len)
 			"cudaHostRegister");
 }
 
+static int cuda_host_map_ro(kvt_device *dev, void *p, size_t len, void **out)
+{
+	(void)dev;
+	int ro = 0, dev_id = 0;
+	if (cudaGetDevice(&dev_id) != cudaSuccess ||
+	    cudaDeviceGetAttribute(&ro, cudaDevAttrHostRegisterReadOnlySupported, dev_id) !=
+		    cudaSuccess ||
+	    !ro)
+		return -EOPNOTSUPP;
+	int ret = to_errno(cudaHostRegister(p, len, cudaHostRegisterPortable | cudaHostRegisterMapped |
+							   cudaHostRegisterReadOnly),
+			   "cudaHostRegister(read-only)");
+	if (ret < 0)
+		return ret;
+	if ((ret = to_errno(cudaHostGetDevicePointer(out, p, 0), "cudaHostGetDevicePointer")) < 0)
+		cudaHostUnregister(p);
+	return ret;
+}
+
 static void cuda_host_unregister(kvt_device *dev, void *p)
 {
 	(void)dev;
@@ -472,6 +491,7 @@ static const kvt_device_ops cuda_ops = {
 	cuda_poll,
 	cuda_memcpy,
 	cuda_mem_import,
+	cuda_host_map_ro,
 };
 
 extern "C" const kvt_device_ops *const kvt_device_cuda_ops = &cuda_ops;

@@ -161,6 +161,8 @@ extern const struct tier_ops tier_nvme_ops;
 /* host specifics: fd of an arena (to share it), its size and base. */
 int tier_host_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, uint64_t *len);
 int tier_gpu_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, uint64_t *len);
+/* Where the host tier puts slot i's payload in an arena: i * stride + headroom. */
+uint32_t tier_host_stride(struct tier *t);
 /* The (first) arena of tenant, or -ENOENT. */
 int tier_host_tenant_arena(struct tier *t, uint32_t tenant);
 int tier_gpu_tenant_arena(struct tier *t, uint32_t tenant);

@@ -219,6 +219,11 @@ static void *host_slot_ptr(struct tier *t, tier_slot_t s)
 	return a->base + TIER_SLOT_INDEX(s) * h->stride + t->p.headroom;
 }
 
+uint32_t tier_host_stride(struct tier *t)
+{
+	return ((struct host_tier *)t)->stride;
+}
+
 static int host_submit(struct tier *t, struct tier_io **ios, unsigned n)
 {
 	struct host_tier *h = (struct host_tier *)t;

@@ -31,13 +31,13 @@ class _Layout(ctypes.Structure):
 class _Opts(ctypes.Structure):
     _fields_ = [("socket", ctypes.c_char_p), ("tenant", ctypes.c_char_p),
                 ("data_bytes", ctypes.c_uint64), ("ring_entries", ctypes.c_uint32),
-                ("max_live_seqs", ctypes.c_uint32)]
+                ("max_live_seqs", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class _SelParams(ctypes.Structure):
     _fields_ = [("budget_pages", ctypes.c_uint32), ("sink_tokens", ctypes.c_uint32),
                 ("window_tokens", ctypes.c_uint32), ("top_p_mode", ctypes.c_uint32),
-                ("top_p", ctypes.c_float)]
+                ("top_p", ctypes.c_float), ("flags", ctypes.c_uint32)]
 
 
 class _View(ctypes.Structure):
@@ -50,7 +50,22 @@ class _View(ctypes.Structure):
 
 class _Memory(ctypes.Structure):
     _fields_ = [("pool", ctypes.c_void_p), ("pool_bytes", ctypes.c_uint64),
-                ("slot_bytes", ctypes.c_uint64), ("tail_pool", ctypes.c_void_p)]
+                ("slot_bytes", ctypes.c_uint64), ("tail_pool", ctypes.c_void_p),
+                ("host_pool", ctypes.c_void_p), ("host_slot_bytes", ctypes.c_uint64)]
+
+
+LAT_BUCKETS = 24
+STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "substituted",
+                "prefetch_gpu", "prefetch_host", "prefetch_used", "prefetch_wasted",
+                "prefetch_refused", "bytes_h2d", "bytes_nvme")
+SLOT_HOST = 0x40000000
+ATTACH_NO_HOST_READS = 1
+SEL_SUBSTITUTE = 1
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in STATS_FIELDS] + [
+        ("lat_gpu", ctypes.c_uint64 * LAT_BUCKETS), ("lat_host", ctypes.c_uint64 * LAT_BUCKETS)]
 
 
 def _load(path=None):
@@ -83,6 +98,7 @@ def _load(path=None):
                               ctypes.POINTER(_SelParams), P]),
         "kvtier_attend": (I, [P, P, P, P, P, ctypes.c_float, ctypes.c_uint]),
         "kvtier_memory": (None, [P, ctypes.POINTER(_Memory)]),
+        "kvtier_stats": (I, [P, U32, ctypes.POINTER(_Stats)]),
         "kvtier_nop": (I, [P]),
         "kvtier_ping": (I, [P]),
     }
@@ -141,13 +157,13 @@ class Table:
 class Client:
     def __init__(self, layers, kv_heads, group, head_dim, dtype="bf16", page_tokens=64,
                  dense_layers=2, reps=4, socket=None, tenant=None, data_bytes=0,
-                 max_live_seqs=0, lib=None):
+                 max_live_seqs=0, host_reads=True, lib=None):
         self._lib = _load(lib)
         self.layers, self.kv_heads, self.group, self.head_dim = layers, kv_heads, group, head_dim
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else int(dtype)
         lay = _Layout(layers, kv_heads, group, head_dim, self.dtype, page_tokens, dense_layers, reps)
         opts = _Opts(socket.encode() if socket else None, tenant.encode() if tenant else None,
-                     data_bytes, 0, max_live_seqs)
+                     data_bytes, 0, max_live_seqs, 0 if host_reads else ATTACH_NO_HOST_READS)
         h = ctypes.c_void_p()
         _check(self._lib.kvtier_attach(ctypes.byref(lay), ctypes.byref(opts), ctypes.byref(h)),
                "kvtier_attach")
@@ -201,8 +217,9 @@ class Client:
         _check(self._lib.kvtier_append(self._h, seq, layer, kp, vp, ntok, km), "append")
 
     def select(self, seqs, layer, q, budget_pages, sink_tokens=64, window_tokens=256,
-               top_p=None):
-        """Selects and brings to the GPU the pages of layer for q; returns a Table."""
+               top_p=None, substitute=False):
+        """Selects the pages of layer for q and makes them readable (GPU pool, or
+        pinned host RAM read in place); returns a Table."""
         n = len(seqs)
         t = self._tables.get(n)
         if t is None:
@@ -210,7 +227,7 @@ class Client:
         ids = (ctypes.c_uint32 * n)(*seqs)
         qp, qm, qk = _ptr(q)
         p = _SelParams(budget_pages, sink_tokens, window_tokens, 1 if top_p is not None else 0,
-                       top_p or 0.0)
+                       top_p or 0.0, SEL_SUBSTITUTE if substitute else 0)
         _check(self._lib.kvtier_select(self._h, ids, n, layer, qp, qm, ctypes.byref(p), t._t),
                "select")
         return t
@@ -235,7 +252,18 @@ class Client:
         m = _Memory()
         self._lib.kvtier_memory(self._h, ctypes.byref(m))
         return {"pool": m.pool, "pool_bytes": m.pool_bytes, "slot_bytes": m.slot_bytes,
-                "tail_pool": m.tail_pool}
+                "tail_pool": m.tail_pool, "host_pool": m.host_pool,
+                "host_slot_bytes": m.host_slot_bytes}
+
+    def stats(self, seq=None):
+        """The prefetcher's counters (kvtier_prefetch_stats) of a sequence or, with
+        None, of this client, as a dict; lat_gpu/lat_host are lists of log2-us buckets."""
+        st = _Stats()
+        _check(self._lib.kvtier_stats(self._h, 0xFFFFFFFF if seq is None else seq,
+                                      ctypes.byref(st)), "stats")
+        d = {n: getattr(st, n) for n in STATS_FIELDS}
+        d["lat_gpu"], d["lat_host"] = list(st.lat_gpu), list(st.lat_host)
+        return d
 
     def nop(self):
         _check(self._lib.kvtier_nop(self._h), "nop")

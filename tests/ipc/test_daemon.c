@@ -133,6 +133,17 @@ static int page_of_slot(const struct seqdesc *s, uint32_t l, uint32_t h, const f
 	return -1;
 }
 
+/* A table entry's page: in the GPU pool, or read in place from the host arena. */
+static const float *slot_addr(const struct kvtier_memory *m, int32_t s)
+{
+	if (s & KVTIER_SLOT_HOST) {
+		check(m->host_pool != NULL);
+		return (const float *)((const char *)m->host_pool +
+				       (uint64_t)(s & ~KVTIER_SLOT_HOST) * m->host_slot_bytes);
+	}
+	return (const float *)((const char *)m->pool + (uint64_t)s * m->slot_bytes);
+}
+
 /* Dense attention of q over the given pages plus the tail, in double. */
 static void reference(const struct seqdesc *s, uint32_t l, uint32_t h, const float *q,
 		      const int *pages, int npages, float *out)
@@ -207,8 +218,7 @@ static unsigned step(struct kvtier_client *c, struct seqdesc *s, uint32_t n, uin
 			check_eq(v.tail_len[r], (int)(sq->ntok % T));
 			bool sink = false;
 			for (int j = 0; j < np; j++) {
-				const float *slot = (const float *)((const char *)mem.pool +
-								     (uint64_t)v.slots[r * v.stride + j] * mem.slot_bytes);
+				const float *slot = slot_addr(&mem, v.slots[r * v.stride + j]);
 				pages[j] = page_of_slot(sq, l, h, slot);
 				check(pages[j] >= 0);
 				if (j)

@@ -527,6 +527,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 	a.lse = dev_dup(c, lse, (size_t)h->rows * h->g.group * 4);
 	if (h->tail_pool)
 		a.tail_pool = dev_dup(c, h->tail_pool, (size_t)h->rows * h->slot_bytes);
+	if (h->host_pool)
+		a.host_pool = dev_dup(c, h->host_pool, pool_bytes / h->slot_bytes * h->host_slot_bytes);
 	for (int rep = 0; rep < 2; rep++) /* twice: the split counters must reset */
 		assert_int_equal(kvt_attend(c, &a, NULL), 0);
 	fetch(c, out, a.out, qn * es);
@@ -539,6 +541,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 	kvt_compute_free(c, (void *)a.tail_len);
 	if (a.tail_pool)
 		kvt_compute_free(c, (void *)a.tail_pool);
+	if (a.host_pool)
+		kvt_compute_free(c, (void *)a.host_pool);
 }
 
 static void att_case(const struct att_case *ac)
@@ -593,6 +597,29 @@ static void att_case(const struct att_case *ac)
 		assert_memory_equal(lse2, lse, rows * G * 4);
 		free(tp);
 		free(ts2);
+		free(out2);
+		free(lse2);
+	}
+	/* every third page read from a host pool of another stride (the miss path): same */
+	{
+		const uint64_t hsb = slot_bytes + 4096 + 64;
+		uint8_t *hp = calloc(nslots, hsb);
+		int32_t *t2 = malloc((size_t)rows * ac->stride * 4);
+		void *out2 = malloc(qn * es);
+		float *lse2 = malloc(rows * G * 4);
+		for (uint32_t i = 0; i < nslots; i++)
+			memcpy(hp + i * hsb, (uint8_t *)pool + i * slot_bytes, slot_bytes);
+		for (size_t i = 0; i < (size_t)rows * ac->stride; i++)
+			t2[i] = table[i] | (i % 3 == 1 ? KVT_SLOT_HOST : 0);
+		struct kvt_attend_args a2 = a;
+		a2.table = t2;
+		a2.host_pool = hp;
+		a2.host_slot_bytes = hsb;
+		run_attend(C, &a2, pool_bytes, out2, lse2);
+		assert_memory_equal(out2, out, qn * es);
+		assert_memory_equal(lse2, lse, rows * G * 4);
+		free(hp);
+		free(t2);
 		free(out2);
 		free(lse2);
 	}
