@@ -84,6 +84,8 @@ static const struct opt opts[] = {
 	 "weight of each page's score trend over the last step in the plan"},
 	{"prefetch.wasted_steps", OPT_U32, F(wasted_steps), 1, 1000000, true,
 	 "a prefetched page not selected within this many steps counts as wasted"},
+	{"prefetch.max_disk_inflight", OPT_U32, F(max_disk_prefetch), 1, 65536, true,
+	 "prefetches reading from NVMe at once (a step's own disk reads queue behind them)"},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
 	{"daemon.promote_timeout_ms", OPT_U32, F(promote_timeout_ms), 10, 600000, true,
 	 "a selection whose pages cannot be brought up in this time fails"},
@@ -121,7 +123,8 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->queue_depth = 64;
 	c->prefetch = true;
 	c->gpu_margin_pct = 100;
-	c->host_margin_pct = 300;
+	c->host_margin_pct = 200;
+	c->max_disk_prefetch = 32;
 	c->drift_pct = 100;
 	c->wasted_steps = 16;
 

@@ -49,6 +49,7 @@ struct kvt_config {
 	uint32_t host_margin_pct;  /* and deeper, from NVMe to host RAM, % of the budget */
 	uint32_t drift_pct;        /* weight of a page's score trend in the plan */
 	uint32_t wasted_steps;     /* a prefetched page unused this many steps is wasted */
+	uint32_t max_disk_prefetch; /* prefetches reading from NVMe at once */
 	/* daemon */
 	uint32_t log_level;
 	uint32_t promote_timeout_ms;

@@ -501,6 +501,8 @@ static void pf_cb(void *arg, int res)
 {
 	struct kvd_pf *p = arg;
 	struct kvd_client *c = client_by_id(p->d, p->client);
+	if (p->from_disk)
+		p->d->pf_disk_inflight--;
 	struct kvtier_prefetch_stats *st = c ? &c->pf : &p->d->pf_gone;
 	if (res == 0) {
 		unsigned b = lat_bucket(kvd_now_ns() - p->t0);
@@ -527,16 +529,23 @@ static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *
 	unsigned have = pi.valid | pi.inflight;
 	if ((have & (1u << to)) || (to == TIER_HOST && (have & (1u << TIER_GPU))))
 		return;
-	struct kvd_pf *p = kvt_malloc(sizeof(*p));
-	if (!p)
+	/* Disk reads of prefetches are bounded, so that a step's own reads do not queue
+	 * behind many of them. */
+	const bool disk = !(have & (1u << TIER_HOST));
+	struct kvd_pf *p = NULL;
+	if ((disk && d->pf_disk_inflight >= d->cfg.max_disk_prefetch) ||
+	    !(p = kvt_malloc(sizeof(*p)))) {
+		PF_ADD(c, q, prefetch_refused, 1);
 		return;
+	}
 	*p = (struct kvd_pf){.d = d, .client = c->id, .bytes = c->page_bytes, .tier = (uint8_t)to,
-			     .from_disk = !(have & (1u << TIER_HOST)), .t0 = kvd_now_ns()};
-	if (kvt_store_promote(d->store, k, to, pf_cb, p) < 0) {
+			     .from_disk = disk, .t0 = kvd_now_ns()};
+	if (kvt_store_prefetch(d->store, k, to, pf_cb, p) < 0) {
 		kvt_free(p);
 		PF_ADD(c, q, prefetch_refused, 1);
 		return;
 	}
+	d->pf_disk_inflight += disk;
 	if (to == TIER_GPU)
 		PF_ADD(c, q, prefetch_gpu, 1);
 	else

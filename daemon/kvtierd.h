@@ -170,6 +170,7 @@ struct kvd {
 	/* counters */
 	uint64_t accepted, rejected, disconnects;
 	struct kvtier_prefetch_stats pf_gone; /* of clients that left */
+	uint32_t pf_disk_inflight; /* prefetches reading from NVMe */
 };
 
 /* server.c */

@@ -851,6 +851,31 @@ int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_i
 	return 0;
 }
 
+int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		       kvt_store_cb cb, void *arg)
+{
+	if (to != TIER_HOST && to != TIER_GPU)
+		return -EINVAL;
+	if (!s->tier[to])
+		return -ENODEV;
+	struct page *pg = page_find(s, k);
+	if (!pg)
+		return -ENOENT;
+	if (!(pg->valid & B(to)) && !(pg->busy & B(to))) {
+		/* Room in every tier on the way, now (evicting cold copies), or nothing. */
+		for (int t = TIER_HOST; t >= (int)to; t--) {
+			if (t == TIER_HOST && (pg->valid | pg->busy) & B(TIER_HOST))
+				continue;
+			tier_slot_t slot;
+			int ret = slot_get(s, (enum tier_id)t, pg->key.tenant, &slot);
+			if (ret < 0)
+				return ret == -ENOSPC ? -EAGAIN : ret;
+			s->tier[t]->ops->free(s->tier[t], slot);
+		}
+	}
+	return kvt_store_promote(s, k, to, cb, arg);
+}
+
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
 			void *arg)
 {

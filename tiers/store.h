@@ -124,6 +124,14 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		      kvt_store_cb cb, void *arg);
 
+/*
+ * promote for pages that are only likely to be needed: starts only where every tier
+ * on the way has room now (free, or by evicting a cold copy), and never waits for
+ * room: -EAGAIN instead, nothing started.
+ */
+int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		       kvt_store_cb cb, void *arg);
+
 /* Makes sure the page is on NVMe; cb runs when it is. */
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
 			void *arg);

@@ -5,6 +5,8 @@
 #   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels|daemon]
 # "kernels": build, tests and the kernel benchmark only. "daemon": build, tests, then
 # kvtierd on the GPU with the Python binding test, the decode loop and the IPC bench.
+# "prefetch": build, tests, the binding test on cuda, then tools/bench_prefetch.py
+# (a small run first, then the Llama-3.1-8B shape at 128K).
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -21,6 +23,21 @@ meson test -C build-gpu --print-errorlogs --num-processes 4 >"$out/tests.log" 2>
 tests_rc=$?
 grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/tests.log" | tail -12
 grep -h "gpu:" build-gpu/meson-logs/testlog.txt | head -2
+if [ "$what" = prefetch ]; then
+	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu bash tests/ipc/test_binding.sh "$PWD/build-gpu" "$PWD" \
+		>"$out/binding-cuda.txt" 2>&1
+	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|FAIL" "$out/binding-cuda.txt"
+	echo "== bench_prefetch, small"
+	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu --layers 4 --context 16384 \
+		--steps 16 --pool-frac 0.5 >"$out/prefetch-small.txt" 2>&1
+	echo "rc $?"; tail -12 "$out/prefetch-small.txt"
+	echo "== bench_prefetch, Llama-3.1-8B shape, 128K"
+	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu ${PF_ARGS:-} >"$out/prefetch.txt" 2>&1
+	echo "rc $?"; tail -14 "$out/prefetch.txt"
+	grep -E "^<[34]>" build-gpu/bench-prefetch-kvtierd.log | sort | uniq -c | sort -rn | head -10
+	echo "tests rc $tests_rc"
+	exit 0
+fi
 if [ "$what" = daemon ]; then
 	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu bash tests/ipc/test_binding.sh "$PWD/build-gpu" "$PWD" \
 		>"$out/binding-cuda.txt" 2>&1

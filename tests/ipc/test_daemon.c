@@ -426,12 +426,14 @@ static void test_prefetch(void **state)
 	const double sel = (double)(b.selected - a.selected);
 	const double hit = (double)(b.hit - a.hit) / sel;
 	print_message("prefetch: %.0f pages selected in 64 steps: hit %.3f, late %.3f, host %.3f, "
-		      "disk %.3f; prefetched %llu to the GPU, %llu to host, used %llu, wasted %llu\n",
+		      "disk %.3f; prefetched %llu to the GPU, %llu to host, used %llu, wasted %llu, "
+		      "refused %llu\n",
 		      sel, hit, (double)(b.late - a.late) / sel, (double)(b.host - a.host) / sel,
 		      (double)(b.disk - a.disk) / sel, (unsigned long long)(b.prefetch_gpu - a.prefetch_gpu),
 		      (unsigned long long)(b.prefetch_host - a.prefetch_host),
 		      (unsigned long long)(b.prefetch_used - a.prefetch_used),
-		      (unsigned long long)(b.prefetch_wasted - a.prefetch_wasted));
+		      (unsigned long long)(b.prefetch_wasted - a.prefetch_wasted),
+		      (unsigned long long)(b.prefetch_refused - a.prefetch_refused));
 	assert_true(hit >= PF_FLOOR);
 	assert_true(b.steps - a.steps == 64 * LAYERS);
 	assert_true(b.hit + b.late + b.host + b.disk + b.fetched == b.selected);
