@@ -766,13 +766,13 @@ static void pf_account(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
  */
 static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L,
 		       const struct kvt_sqe *r, bool host_ok, uint32_t h, int32_t *o, int32_t n,
-		       uint8_t *sm, struct cand *cd, uint32_t nc)
+		       uint8_t *sm, const float *sc, struct cand *cd, uint32_t nc)
 {
 	struct kvd *d = c->d;
 	const uint32_t T = c->layout.page_tokens;
 	uint32_t ci = 0;
 	bool moved = false;
-	for (int32_t j = 0; j < n && ci < nc; j++) {
+	for (int32_t j = 0; j < n; j++) {
 		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
 				     .kv_head = (uint16_t)h, .seq = L->owner[o[j]]->sseq,
 				     .index = (uint32_t)o[j]};
@@ -780,19 +780,30 @@ static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 		if (kvt_store_page_info(d->store, &k, &pi) < 0 || resident(&pi, host_ok) ||
 		    (pi.inflight & (1u << TIER_GPU)) || always_page(r, T, L->ntok, k.index))
 			continue;
-		for (; ci < nc; ci++) {
+		int64_t sub = -1;
+		for (; ci < nc && sub < 0; ci++) {
 			k.index = cd[ci].p;
 			k.seq = L->owner[k.index]->sseq;
 			if (kvt_store_page_info(d->store, &k, &pi) == 0 && resident(&pi, host_ok)) {
-				sm[o[j]] = 0;
-				sm[k.index] = 1;
-				o[j] = (int32_t)k.index;
-				cd[ci++].s = -INFINITY; /* taken */
-				PF_ADD(c, q, substituted, 1);
-				moved = true;
-				break;
+				sub = k.index;
+				cd[ci].s = -INFINITY; /* taken */
 			}
 		}
+		/* none among the ranked: the best-scored resident page of all */
+		for (uint32_t p = 0; ci >= nc && p < L->stored; p++) {
+			k.index = p;
+			k.seq = L->owner[p]->sseq;
+			if (!sm[p] && isfinite(sc[p]) && (sub < 0 || sc[p] > sc[sub]) &&
+			    kvt_store_page_info(d->store, &k, &pi) == 0 && resident(&pi, host_ok))
+				sub = p;
+		}
+		if (sub < 0)
+			break; /* nothing resident is left to take */
+		sm[o[j]] = 0;
+		sm[sub] = 1;
+		o[j] = (int32_t)sub;
+		PF_ADD(c, q, substituted, 1);
+		moved = true;
 	}
 	if (moved) /* the table stays in ascending page order */
 		for (int32_t j = 1; j < n; j++)
@@ -1039,7 +1050,8 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 				sm[o[j]] = 1;
 			ncand[row] = rank_row(d, L, h, h_sc + row * stride, sm, cd, K);
 			if (r->flags & KVT_SEL_SUBST)
-				substitute(c, q, L, r, s->host_ok, h, o, n, sm, cd, ncand[row]);
+				substitute(c, q, L, r, s->host_ok, h, o, n, sm, h_sc + row * stride, cd,
+					   ncand[row]);
 			if (d->cfg.prefetch)
 				pf_account(c, q, L, h, sm);
 		}

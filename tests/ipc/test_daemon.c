@@ -283,6 +283,15 @@ static int stats(struct kvt_wire_stats *w)
 	return ret;
 }
 
+/* Every test starts with the default queries and select flags, whatever the last one
+ * left behind when it failed. */
+static int reset_globals(void **state)
+{
+	drifting = false;
+	sel_flags = 0;
+	return 0;
+}
+
 static int start_daemon(void **state)
 {
 	static char dir[64] = "/tmp/kvtd-XXXXXX";
@@ -758,13 +767,13 @@ int main(void)
 		return 1;
 	}
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_decode_offloaded),
-		cmocka_unit_test(test_prefetch),
-		cmocka_unit_test(test_fork),
-		cmocka_unit_test(test_many_clients),
-		cmocka_unit_test(test_malformed),
-		cmocka_unit_test(test_kill9),
-		cmocka_unit_test(test_disallowed_uid),
+		cmocka_unit_test_setup(test_decode_offloaded, reset_globals),
+		cmocka_unit_test_setup(test_prefetch, reset_globals),
+		cmocka_unit_test_setup(test_fork, reset_globals),
+		cmocka_unit_test_setup(test_many_clients, reset_globals),
+		cmocka_unit_test_setup(test_malformed, reset_globals),
+		cmocka_unit_test_setup(test_kill9, reset_globals),
+		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 	};
 	return cmocka_run_group_tests(tests, start_daemon, stop_daemon);
 }
