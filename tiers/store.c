@@ -308,9 +308,14 @@ static bool lru_tier(enum tier_id t)
 	return t == TIER_GPU || t == TIER_HOST;
 }
 
+/*
+ * The LRU lists hold the copies that may be evicted one day: a pinned page is off them
+ * until its last unpin (so that a scan from the cold end never wades through pages in
+ * use, however many a step pins), then goes back as the most recent.
+ */
 static void lru_touch(struct kvt_store *s, struct page *pg, enum tier_id t)
 {
-	if (!lru_tier(t))
+	if (!lru_tier(t) || pg->pins)
 		return;
 	kvt_list_del(&pg->lru[t]);
 	kvt_list_add(&s->lru[t], &pg->lru[t]);
@@ -959,7 +964,10 @@ int kvt_store_pin(struct kvt_store *s, const struct page_key *k)
 		return -ENOENT;
 	if (pg->pins == UINT16_MAX)
 		return -EOVERFLOW;
-	pg->pins++;
+	if (!pg->pins++) {
+		kvt_list_del(&pg->lru[TIER_GPU]);
+		kvt_list_del(&pg->lru[TIER_HOST]);
+	}
 	return 0;
 }
 
@@ -970,7 +978,10 @@ int kvt_store_unpin(struct kvt_store *s, const struct page_key *k)
 		return -ENOENT;
 	if (!pg->pins)
 		return -EINVAL;
-	pg->pins--;
+	if (!--pg->pins)
+		for (int t = TIER_GPU; t <= TIER_HOST; t++)
+			if ((pg->valid & B(t)) && !pg->dropped)
+				lru_touch(s, pg, (enum tier_id)t);
 	return 0;
 }
 
