@@ -1096,7 +1096,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		struct kvd_layer *L = &q->layer[r->layer];
 		const uint32_t h = (uint32_t)(row % H);
 		const struct cand *cd = cands + row * K;
-		for (int32_t j = 0; j < s->n_out[row]; j++)
+		for (int32_t j = 0; s->host_ok && j < s->n_out[row]; j++) /* else waited for */
 			prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j], TIER_GPU);
 		for (uint32_t i = 0, g = 0; i < ncand[row] && g < gm + hm; i++) {
 			if (cd[i].s == -INFINITY)

@@ -406,7 +406,8 @@ static void test_decode_offloaded(void **state)
  * the step asks for them.
  */
 #define PF_PREFILL 2048 /* 128 pages per (layer, head): 512 pages, 4 MiB */
-#define PF_FLOOR   0.95 /* the hit rate this loop must reach: it measures 0.99 (0.94 with no margin) */
+/* the hit rate this loop must reach: it measures 0.99 (0.94 with no prefetch margin) */
+#define PF_FLOOR 0.95
 
 static void test_prefetch(void **state)
 {
