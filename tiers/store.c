@@ -831,8 +831,12 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 	return 0;
 }
 
-int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
-		      kvt_store_cb cb, void *arg)
+/*
+ * Brings a copy of the page to `to`; with only_if_room, starts only where every tier on
+ * the way has room now (free, or by evicting a cold copy) and else returns -EAGAIN.
+ */
+static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		   bool only_if_room, kvt_store_cb cb, void *arg)
 {
 	if (to != TIER_HOST && to != TIER_GPU)
 		return -EINVAL;
@@ -841,6 +845,16 @@ int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_i
 	struct page *pg = page_find(s, k);
 	if (!pg)
 		return -ENOENT;
+	const bool there = (pg->valid | pg->busy) & B(to); /* or on its way */
+	for (int t = TIER_HOST; only_if_room && !there && t >= (int)to; t--) {
+		if ((pg->valid | pg->busy) & B(t))
+			continue;
+		tier_slot_t slot;
+		int ret = slot_get(s, (enum tier_id)t, pg->key.tenant, &slot);
+		if (ret < 0)
+			return ret == -ENOSPC ? -EAGAIN : ret;
+		s->tier[t]->ops->free(s->tier[t], slot);
+	}
 	pg->last_access = ++s->clock;
 	pg->seq->last_access = pg->last_access;
 	if (pg->valid & B(to)) {
@@ -856,29 +870,16 @@ int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_i
 	return 0;
 }
 
+int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		      kvt_store_cb cb, void *arg)
+{
+	return promote(s, k, to, false, cb, arg);
+}
+
 int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		       kvt_store_cb cb, void *arg)
 {
-	if (to != TIER_HOST && to != TIER_GPU)
-		return -EINVAL;
-	if (!s->tier[to])
-		return -ENODEV;
-	struct page *pg = page_find(s, k);
-	if (!pg)
-		return -ENOENT;
-	if (!(pg->valid & B(to)) && !(pg->busy & B(to))) {
-		/* Room in every tier on the way, now (evicting cold copies), or nothing. */
-		for (int t = TIER_HOST; t >= (int)to; t--) {
-			if (t == TIER_HOST && (pg->valid | pg->busy) & B(TIER_HOST))
-				continue;
-			tier_slot_t slot;
-			int ret = slot_get(s, (enum tier_id)t, pg->key.tenant, &slot);
-			if (ret < 0)
-				return ret == -ENOSPC ? -EAGAIN : ret;
-			s->tier[t]->ops->free(s->tier[t], slot);
-		}
-	}
-	return kvt_store_promote(s, k, to, cb, arg);
+	return promote(s, k, to, true, cb, arg);
 }
 
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
