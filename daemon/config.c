@@ -86,6 +86,8 @@ static const struct opt opts[] = {
 	 "a prefetched page not selected within this many steps counts as wasted"},
 	{"prefetch.max_disk_inflight", OPT_U32, F(max_disk_prefetch), 1, 65536, true,
 	 "prefetches reading from NVMe at once (a step's own disk reads queue behind them)"},
+	{"metrics.listen", OPT_STR, F(metrics_listen), 0, 0, false,
+	 "Prometheus endpoint: ADDR:PORT (a loopback address; port 0: any), or \"off\""},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
 	{"daemon.promote_timeout_ms", OPT_U32, F(promote_timeout_ms), 10, 600000, true,
 	 "a selection whose pages cannot be brought up in this time fails"},
@@ -121,6 +123,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	snprintf(c->disk_full, sizeof(c->disk_full), "refuse");
 	c->page_bytes = 32 * KiB;
 	c->queue_depth = 64;
+	snprintf(c->metrics_listen, sizeof(c->metrics_listen), "127.0.0.1:9477");
 	c->prefetch = true;
 	c->gpu_margin_pct = 100;
 	c->host_margin_pct = 200;
@@ -321,6 +324,21 @@ int kvt_config_get(const struct kvt_config *c, const char *name, char *buf, size
 	if (!o)
 		return -ENOENT;
 	format(c, o, buf, len);
+	return 0;
+}
+
+int kvt_config_each(const struct kvt_config *c,
+		    int (*fn)(void *arg, const char *name, const char *value, bool reloadable,
+			      const char *help),
+		    void *arg)
+{
+	for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+		char v[512];
+		format(c, &opts[i], v, sizeof(v));
+		int r = fn(arg, opts[i].name, v, opts[i].reloadable, opts[i].help);
+		if (r)
+			return r;
+	}
 	return 0;
 }
 

@@ -50,6 +50,8 @@ struct kvt_config {
 	uint32_t drift_pct;        /* weight of a page's score trend in the plan */
 	uint32_t wasted_steps;     /* a prefetched page unused this many steps is wasted */
 	uint32_t max_disk_prefetch; /* prefetches reading from NVMe at once */
+	/* stats */
+	char metrics_listen[64];
 	/* daemon */
 	uint32_t log_level;
 	uint32_t promote_timeout_ms;
@@ -67,6 +69,11 @@ int kvt_config_get(const struct kvt_config *c, const char *name, char *buf, size
 /* Reads an INI file over c. 0, -errno (unreadable), -EINVAL (errors are logged with
  * their line). */
 int kvt_config_load(struct kvt_config *c, const char *path, bool running);
+/* Calls fn for every option, in table order, until it returns non-zero (returned). */
+int kvt_config_each(const struct kvt_config *c,
+		    int (*fn)(void *arg, const char *name, const char *value, bool reloadable,
+			      const char *help),
+		    void *arg);
 /* "name = value  # help" for every option. */
 void kvt_config_dump(const struct kvt_config *c, FILE *f);
 /* Applies the reloadable options of fresh to live; returns how many changed. */

@@ -387,7 +387,7 @@ static void do_append(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint64_t bytes = (uint64_t)r->ntok * H * row;
 	if (r->seq >= d->cfg.max_seqs || r->layer >= c->layout.layers || !r->ntok ||
 	    bytes > c->data_bytes || !in_data(c, r->off[0], bytes) || !in_data(c, r->off[1], bytes)) {
-		kvd_client_kill(c, "APPEND out of bounds (seq %u layer %u ntok %u off %llu/%llu)",
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "APPEND out of bounds (seq %u layer %u ntok %u off %llu/%llu)",
 				r->seq, r->layer, r->ntok, (unsigned long long)r->off[0],
 				(unsigned long long)r->off[1]);
 		return;
@@ -615,6 +615,7 @@ struct kvd_select {
 	uint32_t *todo; /* moves the store refused for room: retried */
 	uint32_t ntodo;
 	uint64_t hits, waited;
+	uint64_t t0; /* the request taken from the ring */
 };
 
 static void sel_cb(void *arg, int res)
@@ -693,6 +694,17 @@ static void sel_finish(struct kvd_wait *w)
 		tail[r] = s->tail_len[r];
 	}
 	c->selects++;
+	uint64_t now = kvd_now_ns();
+	uint64_t ut = (now - s->t0) / 1000, uc = (w->start_ns - s->t0) / 1000;
+	unsigned bt = kvt_hist_bucket(ut), bc = kvt_hist_bucket(uc);
+	c->sel_lat[bt]++;
+	d->sel_lat[bt]++;
+	c->sel_compute[bc]++;
+	d->sel_compute[bc]++;
+	c->sel_lat_sum_us += ut;
+	d->sel_lat_sum_us += ut;
+	c->sel_compute_sum_us += uc;
+	d->sel_compute_sum_us += uc;
 	kvd_complete(c, w->user_data, 0, s->hits, s->waited);
 }
 
@@ -844,6 +856,7 @@ static int classify(struct kvd_client *c, struct kvd_seq *q, bool host_ok,
 
 static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 {
+	const uint64_t t0 = kvd_now_ns();
 	struct kvd *d = c->d;
 	const struct kvt_wire_layout *lo = &c->layout;
 	const uint32_t nseq = r->seq, H = lo->kv_heads, T = lo->page_tokens;
@@ -856,7 +869,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	    r->out_stride > (1u << 24) || (r->flags & ~flags) ||
 	    !in_data(c, r->off[0], nseq * sizeof(uint32_t)) || !in_data(c, r->off[1], qbytes) ||
 	    !in_data(c, r->off[2], obytes)) {
-		kvd_client_kill(c, "SELECT out of bounds (nseq %u layer %u out_stride %u)", nseq,
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SELECT out of bounds (nseq %u layer %u out_stride %u)", nseq,
 				r->layer, r->out_stride);
 		return;
 	}
@@ -878,7 +891,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	for (uint32_t b = 0; b < nseq; b++) {
 		if (ids[b] >= d->cfg.max_seqs) {
 			kvt_free(seqs);
-			kvd_client_kill(c, "SELECT of sequence id %u (max %u)", ids[b], d->cfg.max_seqs);
+			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SELECT of sequence id %u (max %u)", ids[b], d->cfg.max_seqs);
 			return;
 		}
 		seqs[b] = seq_get(c, ids[b]);
@@ -985,6 +998,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	s->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
 				 .start_ns = kvd_now_ns(), .finish = sel_finish,
 				 .retry = sel_retry, .release = sel_release};
+	s->t0 = t0;
 	s->layer = r->layer;
 	s->rows = (uint32_t)rows;
 	s->out_stride = r->out_stride;
@@ -1272,7 +1286,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 	struct kvd_seq *q;
 	if ((r->op == KVT_OP_SEQ_CLOSE || r->op == KVT_OP_SEQ_FORK || r->op == KVT_OP_SEQ_INFO) &&
 	    (r->seq >= c->d->cfg.max_seqs || r->layer >= c->layout.layers)) {
-		kvd_client_kill(c, "request %u: sequence id %u or layer %u out of range", r->op,
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "request %u: sequence id %u or layer %u out of range", r->op,
 				r->seq, r->layer);
 		return;
 	}
@@ -1304,7 +1318,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 		return;
 	case KVT_OP_STATS:
 		if (!in_data(c, r->off[0], sizeof(struct kvtier_prefetch_stats))) {
-			kvd_client_kill(c, "STATS out of bounds (off %llu)",
+			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "STATS out of bounds (off %llu)",
 					(unsigned long long)r->off[0]);
 			return;
 		}
@@ -1325,7 +1339,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 			     q->layer[r->layer].stored, 0);
 		return;
 	default:
-		kvd_client_kill(c, "unknown request op %u", r->op);
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "unknown request op %u", r->op);
 	}
 }
 

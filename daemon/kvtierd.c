@@ -211,11 +211,14 @@ int main(int argc, char **argv)
 	}
 	d->sseq_next = (uint64_t)time(NULL) << 24;
 	d->lsock = -1;
-	if ((ret = kvd_server_start(d)) < 0) {
+	d->start_ns = kvd_now_ns();
+	if ((ret = kvd_ctl_start(d)) < 0 || (ret = kvd_server_start(d)) < 0) {
 		kvt_compute_close(d->cc);
 		kvt_store_close(d->store);
+		kvd_ctl_stop(d);
 		return 1;
 	}
+	kvd_metrics_start(d);
 	struct sigaction sa = {.sa_handler = on_signal};
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGTERM, &sa, NULL);
@@ -245,12 +248,14 @@ int main(int argc, char **argv)
 		}
 	}
 	kvt_notice("kvtierd", "stopping");
+	kvd_metrics_stop(d);
 	kvd_server_stop(d);
 	ret = kvt_store_flush(d->store);
 	if (ret < 0)
 		kvt_warn("kvtierd", "write-back at exit: %s", strerror(-ret));
 	kvt_compute_close(d->cc);
 	kvt_store_close(d->store);
+	kvd_ctl_stop(d);
 	kvt_notice("kvtierd", "stopped");
 	free(sets);
 	kvt_free(d);

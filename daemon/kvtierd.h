@@ -13,11 +13,24 @@
 #include <sys/types.h>
 
 #include "config.h"
+#include "daemon/json.h"
 #include "daemon/list.h"
 #include "daemon/loop.h"
 #include "ipc/wire.h"
 #include "kernels/compute.h"
 #include "tiers/store.h"
+
+/* Why a client was disconnected (counted by reason). */
+enum kvd_disc {
+	KVD_DISC_CLOSED = 0,  /* the client closed its socket (or it died) */
+	KVD_DISC_PROTOCOL,    /* a malformed control message */
+	KVD_DISC_REFUSED,     /* HELLO refused: layout, limits, tenants */
+	KVD_DISC_BAD_REQUEST, /* a malformed request or a corrupt ring index */
+	KVD_DISC_ERROR,       /* an error on our side (memory, eventfd, socket) */
+	KVD_DISC_STOPPING,    /* the daemon stopped */
+	KVD_DISC_MAX
+};
+const char *kvd_disc_name(enum kvd_disc why);
 
 struct kvd_tenant {
 	uint32_t id;
@@ -126,6 +139,16 @@ struct kvd_client {
 	/* counters */
 	uint64_t requests, bad_requests, tokens, selects;
 	struct kvtier_prefetch_stats pf;
+	uint64_t sel_lat[KVT_HIST_BUCKETS];     /* select: request to answer, log2 us */
+	uint64_t sel_compute[KVT_HIST_BUCKETS]; /* of which scoring and top-k */
+	uint64_t sel_lat_sum_us, sel_compute_sum_us;
+	uint64_t attach_ns;
+	/* control connections (kvtierctl): no HELLO, CTL messages */
+	bool ctl;
+	enum kvd_disc disc;
+	struct kvt_buf tx; /* answers not yet sent */
+	size_t tx_off;
+	struct kvt_op out_op; /* ops_inflight bit 2: waiting to send */
 };
 
 struct kvd_scratch {
@@ -168,7 +191,14 @@ struct kvd {
 	size_t host_tmp_bytes;
 	bool stopping;
 	/* counters */
+	uint64_t start_ns;
 	uint64_t accepted, rejected, disconnects;
+	uint64_t disc[KVD_DISC_MAX];
+	uint64_t sel_lat[KVT_HIST_BUCKETS], sel_compute[KVT_HIST_BUCKETS];
+	uint64_t sel_lat_sum_us, sel_compute_sum_us;
+	uint64_t ctl_requests;
+	struct kvd_ctl *ctl;         /* control commands, jobs, bandwidth samples: ctl.c */
+	struct kvd_metrics *metrics; /* the Prometheus endpoint: metrics.c */
 	struct kvtier_prefetch_stats pf_gone; /* of clients that left */
 	uint32_t pf_disk_inflight; /* prefetches reading from NVMe */
 };
@@ -182,8 +212,26 @@ void kvd_server_tick(struct kvd *d);
 void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t aux0,
 		  uint64_t aux1);
 /* Marks a client for disconnection with a logged reason. */
-void kvd_client_kill(struct kvd_client *c, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
+void kvd_client_kill(struct kvd_client *c, enum kvd_disc why, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+int kvd_send_msg(int fd, uint16_t type, int32_t status, const void *payload, uint32_t len,
+		 const int *fds, unsigned nfds);
+
+/* ctl.c: kvtierctl's commands */
+int kvd_ctl_start(struct kvd *d);
+void kvd_ctl_stop(struct kvd *d);
+void kvd_ctl_request(struct kvd_client *c, const uint8_t *payload, uint32_t len);
+void kvd_ctl_forget(struct kvd_client *c); /* frees what a connection had queued */
+void kvd_ctl_tick(struct kvd *d);
+
+/* metrics.c: the Prometheus text and its HTTP endpoint */
+int kvd_metrics_start(struct kvd *d); /* a bind failure is logged, not fatal */
+void kvd_metrics_stop(struct kvd *d);
+void kvd_metrics_tick(struct kvd *d);
+void kvd_metrics_render(struct kvd *d, struct kvt_buf *b);
+/* "ADDR:PORT" the endpoint listens on; -ENOENT when there is none. */
+int kvd_metrics_address(struct kvd *d, char *buf, size_t len);
 
 /* engine.c */
 int kvd_engine_attach(struct kvd_client *c);

@@ -29,22 +29,35 @@
 
 static void client_arm(struct kvd_client *c);
 
-void kvd_client_kill(struct kvd_client *c, const char *fmt, ...)
+const char *kvd_disc_name(enum kvd_disc why)
+{
+	static const char *const names[KVD_DISC_MAX] = {"closed", "protocol", "refused",
+							 "bad_request", "error", "stopping"};
+	return (unsigned)why < KVD_DISC_MAX ? names[why] : "?";
+}
+
+void kvd_client_kill(struct kvd_client *c, enum kvd_disc why, const char *fmt, ...)
 {
 	if (c->dead)
 		return;
+	c->disc = why;
 	va_list ap;
 	va_start(ap, fmt);
 	vsnprintf(c->why, sizeof(c->why), fmt, ap);
 	va_end(ap);
 	c->dead = true;
-	kvt_notice("server", "client %u (pid %d uid %u): disconnected: %s", c->id, (int)c->pid,
-		   (unsigned)c->uid, c->why);
+	if (c->ctl && why == KVD_DISC_CLOSED)
+		kvt_info("server", "control connection %u (pid %d uid %u) closed", c->id,
+			 (int)c->pid, (unsigned)c->uid);
+	else
+		kvt_notice("server", "%s %u (pid %d uid %u): disconnected: %s",
+			   c->ctl ? "control connection" : "client", c->id, (int)c->pid,
+			   (unsigned)c->uid, c->why);
 }
 
 /* ---- control messages ---- */
 
-static int send_msg(int fd, uint16_t type, int32_t status, const void *payload, uint32_t len,
+int kvd_send_msg(int fd, uint16_t type, int32_t status, const void *payload, uint32_t len,
 		    const int *fds, unsigned nfds)
 {
 	struct kvt_msg_hdr h = {.magic = KVT_WIRE_MAGIC, .version = KVT_WIRE_VERSION,
@@ -73,7 +86,7 @@ static int send_msg(int fd, uint16_t type, int32_t status, const void *payload, 
 
 static void send_error(int fd, int err, const char *why)
 {
-	send_msg(fd, KVT_MSG_ERROR, -err, why, (uint32_t)strlen(why) + 1, NULL, 0);
+	kvd_send_msg(fd, KVT_MSG_ERROR, -err, why, (uint32_t)strlen(why) + 1, NULL, 0);
 }
 
 /* ---- tenants ---- */
@@ -204,7 +217,7 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 	struct kvt_hello m;
 	if (h->len < sizeof(m)) {
 		send_error(c->sock, EPROTO, "HELLO too short");
-		kvd_client_kill(c, "HELLO of %u bytes", h->len);
+		kvd_client_kill(c, KVD_DISC_PROTOCOL, "HELLO of %u bytes", h->len);
 		return;
 	}
 	memcpy(&m, payload, sizeof(m));
@@ -222,7 +235,7 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		why = ret == -EUSERS ? "too many tenants" : "tenant arenas";
 	if (ret < 0) {
 		send_error(c->sock, -ret, why);
-		kvd_client_kill(c, "HELLO refused: %s", why);
+		kvd_client_kill(c, KVD_DISC_REFUSED, "HELLO refused: %s", why);
 		return;
 	}
 	c->layout = m.layout;
@@ -235,7 +248,7 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 	uint64_t data = m.data_bytes ? m.data_bytes : d->cfg.data_bytes;
 	if ((ret = make_ring(c, entries, data)) < 0 || (ret = kvd_engine_attach(c)) < 0) {
 		send_error(c->sock, -ret, "out of memory");
-		kvd_client_kill(c, "ring: %s", strerror(-ret));
+		kvd_client_kill(c, KVD_DISC_ERROR, "ring: %s", strerror(-ret));
 		return;
 	}
 	struct kvt_device *dev = kvt_store_device(d->store);
@@ -261,11 +274,12 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 	};
 	int fds[KVT_FD_MAX] = {c->ring_fd, c->req_efd, c->cmp_efd, c->tenant->pool_fd,
 			       c->tenant->host_fd};
-	if ((ret = send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, KVT_FD_MAX)) < 0) {
-		kvd_client_kill(c, "WELCOME: %s", strerror(-ret));
+	if ((ret = kvd_send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, KVT_FD_MAX)) < 0) {
+		kvd_client_kill(c, KVD_DISC_ERROR, "WELCOME: %s", strerror(-ret));
 		return;
 	}
 	c->attached = true;
+	c->attach_ns = kvd_now_ns();
 	c->tenant->clients++;
 	kvt_notice("server", "client %u (pid %d uid %u): attached, tenant %u, %u layers x %u kv "
 		   "heads x %u, page %u tokens, ring %u, data %llu KiB", c->id, (int)c->pid,
@@ -300,7 +314,7 @@ static void send_stats(struct kvd_client *c)
 		w.bad_requests += o->bad_requests;
 		kvd_pf_add(&w.pf, &o->pf);
 	}
-	send_msg(c->sock, KVT_MSG_STATS_REPLY, 0, &w, sizeof(w), NULL, 0);
+	kvd_send_msg(c->sock, KVT_MSG_STATS_REPLY, 0, &w, sizeof(w), NULL, 0);
 }
 
 /* Reads what the socket has and handles every whole message. */
@@ -309,14 +323,14 @@ static void sock_read(struct kvd_client *c)
 	for (;;) {
 		ssize_t n = recv(c->sock, c->rx + c->rx_len, sizeof(c->rx) - c->rx_len, MSG_DONTWAIT);
 		if (n == 0) {
-			kvd_client_kill(c, c->attached ? "connection closed" : "closed before HELLO");
+			kvd_client_kill(c, KVD_DISC_CLOSED, c->attached ? "connection closed" : "closed before HELLO");
 			return;
 		}
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
-				kvd_client_kill(c, "recv: %s", strerror(errno));
+				kvd_client_kill(c, KVD_DISC_CLOSED, "recv: %s", strerror(errno));
 			return;
 		}
 		c->rx_len += (size_t)n;
@@ -324,17 +338,17 @@ static void sock_read(struct kvd_client *c)
 			struct kvt_msg_hdr h;
 			memcpy(&h, c->rx, sizeof(h));
 			if (h.magic != KVT_WIRE_MAGIC) {
-				kvd_client_kill(c, "bad magic %08x", h.magic);
+				kvd_client_kill(c, KVD_DISC_PROTOCOL, "bad magic %08x", h.magic);
 				return;
 			}
 			if (h.version != KVT_WIRE_VERSION) {
 				send_error(c->sock, EPROTONOSUPPORT, "wire version not supported");
-				kvd_client_kill(c, "wire version %u (we speak %u)", h.version,
+				kvd_client_kill(c, KVD_DISC_PROTOCOL, "wire version %u (we speak %u)", h.version,
 						KVT_WIRE_VERSION);
 				return;
 			}
 			if (h.len > KVT_MSG_MAX) {
-				kvd_client_kill(c, "message of %u bytes", h.len);
+				kvd_client_kill(c, KVD_DISC_PROTOCOL, "message of %u bytes", h.len);
 				return;
 			}
 			if (c->rx_len < sizeof(h) + h.len)
@@ -343,11 +357,13 @@ static void sock_read(struct kvd_client *c)
 			if (h.type == KVT_MSG_HELLO && !c->attached)
 				hello(c, &h, payload);
 			else if (h.type == KVT_MSG_PING && c->attached)
-				send_msg(c->sock, KVT_MSG_PONG, 0, NULL, 0, NULL, 0);
+				kvd_send_msg(c->sock, KVT_MSG_PONG, 0, NULL, 0, NULL, 0);
 			else if (h.type == KVT_MSG_STATS)
 				send_stats(c);
+			else if (h.type == KVT_MSG_CTL && !c->attached)
+				kvd_ctl_request(c, payload, h.len);
 			else
-				kvd_client_kill(c, "unexpected message type %u", h.type);
+				kvd_client_kill(c, KVD_DISC_PROTOCOL, "unexpected message type %u", h.type);
 			memmove(c->rx, c->rx + sizeof(h) + h.len, c->rx_len - sizeof(h) - h.len);
 			c->rx_len -= sizeof(h) + h.len;
 		}
@@ -363,7 +379,7 @@ void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t au
 		return;
 	uint32_t head = kvt_load_acquire(&c->hdr->cq_head);
 	if (c->cq_tail - head >= c->cq_entries) {
-		kvd_client_kill(c, "completion ring index corrupt or overrun (head %u tail %u)", head,
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "completion ring index corrupt or overrun (head %u tail %u)", head,
 				c->cq_tail);
 		return;
 	}
@@ -391,7 +407,7 @@ static void ring_drain(struct kvd_client *c)
 	while (!c->dead && !c->busy) {
 		uint32_t tail = kvt_load_acquire(&c->hdr->sq_tail);
 		if (tail - c->sq_head > c->sq_entries) {
-			kvd_client_kill(c, "request ring index corrupt (head %u tail %u, %u entries)",
+			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "request ring index corrupt (head %u tail %u, %u entries)",
 					c->sq_head, tail, c->sq_entries);
 			return;
 		}
@@ -399,7 +415,7 @@ static void ring_drain(struct kvd_client *c)
 			return;
 		uint32_t chead = kvt_load_acquire(&c->hdr->cq_head);
 		if (c->cq_tail - chead > c->cq_entries) {
-			kvd_client_kill(c, "completion ring index corrupt (head %u tail %u)", chead,
+			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "completion ring index corrupt (head %u tail %u)", chead,
 					c->cq_tail);
 			return;
 		}
@@ -416,7 +432,8 @@ static void ring_drain(struct kvd_client *c)
 
 /* ---- event loop operations ---- */
 
-/* ops_inflight: bit 0 the socket poll, bit 1 the eventfd read. */
+/* ops_inflight: bit 0 the socket poll, bit 1 the eventfd read, bit 2 a control
+ * connection's wait to send (ctl.c). */
 static void sock_op_fn(struct kvt_op *op, int res, uint32_t flags)
 {
 	struct kvd_client *c = kvt_container_of(op, struct kvd_client, sock_op);
@@ -424,7 +441,7 @@ static void sock_op_fn(struct kvt_op *op, int res, uint32_t flags)
 	if (c->dead)
 		return;
 	if (res < 0 && res != -ECANCELED)
-		kvd_client_kill(c, "poll: %s", strerror(-res));
+		kvd_client_kill(c, KVD_DISC_ERROR, "poll: %s", strerror(-res));
 	else
 		sock_read(c);
 	if (!c->dead)
@@ -437,7 +454,7 @@ static void efd_op_fn(struct kvt_op *op, int res, uint32_t flags)
 	c->ops_inflight &= ~2u;
 	c->kicked = true;
 	if (!c->dead && res < 0 && res != -EAGAIN && res != -EINTR && res != -ECANCELED)
-		kvd_client_kill(c, "eventfd: %s", strerror(-res));
+		kvd_client_kill(c, KVD_DISC_ERROR, "eventfd: %s", strerror(-res));
 }
 
 static void client_arm(struct kvd_client *c)
@@ -538,21 +555,25 @@ static void client_free(struct kvd_client *c)
 	close(c->sock);
 	kvt_list_del(&c->link);
 	d->nclients--;
-	d->disconnects++;
+	if (!c->ctl) { /* a kvtierctl leaving is no event */
+		d->disconnects++;
+		d->disc[c->disc]++;
+	}
+	kvd_ctl_forget(c);
 	kvt_free(c);
 }
 
 /* A dead client's pending operations are made to complete; then it is freed. */
 static void client_retire(struct kvd_client *c)
 {
-	if (c->ops_inflight & 1)
-		shutdown(c->sock, SHUT_RDWR); /* the poll completes with POLLHUP */
+	if (c->ops_inflight & 5)
+		shutdown(c->sock, SHUT_RDWR); /* the polls complete with POLLHUP */
 	if (c->ops_inflight & 2) {
 		uint64_t one = 1;
 		ssize_t w = write(c->req_efd, &one, sizeof(one));
 		(void)w;
 	}
-	if (c->ops_inflight & 3)
+	if (c->ops_inflight & 7)
 		return;
 	client_free(c);
 }
@@ -566,6 +587,8 @@ void kvd_server_tick(struct kvd *d)
 		d->lsock_armed = true;
 	}
 	kvd_engine_tick(d);
+	kvd_ctl_tick(d);
+	kvd_metrics_tick(d);
 	struct kvd_client *c, *tmp;
 	kvt_list_for_each_entry_safe(c, tmp, &d->clients, link)
 	{
@@ -653,7 +676,7 @@ void kvd_server_stop(struct kvd *d)
 	}
 	struct kvd_client *c;
 	kvt_list_for_each_entry(c, &d->clients, link)
-		kvd_client_kill(c, "daemon stopping");
+		kvd_client_kill(c, KVD_DISC_STOPPING, "daemon stopping");
 	/* let every client's operations complete, then free them */
 	for (int i = 0; i < 200 && !kvt_list_empty(&d->clients); i++) {
 		kvd_server_tick(d);

@@ -38,6 +38,8 @@ enum kvt_msg_type {
 	KVT_MSG_PONG = 5,
 	KVT_MSG_STATS = 6,       /* either side of HELLO, empty; answered with STATS_REPLY */
 	KVT_MSG_STATS_REPLY = 7, /* struct kvt_wire_stats */
+	KVT_MSG_CTL = 8,         /* kvtierctl -> daemon, never after HELLO: a command (below) */
+	KVT_MSG_CTL_REPLY = 9,   /* its answer, in one or more pieces (below) */
 	KVT_MSG_TYPE_MAX
 };
 
@@ -49,6 +51,18 @@ struct kvt_msg_hdr {
 	int32_t status;  /* 0 or -errno (ERROR) */
 };
 _Static_assert(sizeof(struct kvt_msg_hdr) == 16, "wire format");
+
+/*
+ * Control commands (kvtierctl). The payload of CTL is the command's words, each ended
+ * by a NUL: the command ("status", "tiers", "clients", "seqs", "pages", "stats",
+ * "metrics", "config", "evict", "drain", "flush", "job", "cancel"), then arguments as
+ * "name=value" words ("client=3", "tier=gpu", "name=prefetch.enable"; "config" takes
+ * "get" or "set" first). The answer is JSON ("metrics": Prometheus text), sent as CTL_REPLY
+ * pieces of at most KVT_MSG_MAX bytes: status 1 on every piece but the last, whose
+ * status is 0, or -errno with {"error": "why"}. Commands that change anything (config
+ * set, evict, drain, flush, cancel) are for root and the daemon's own user only.
+ */
+#define KVT_CTL_MORE 1
 
 /* The model a client attaches with. */
 struct kvt_wire_layout {

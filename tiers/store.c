@@ -44,6 +44,7 @@ struct page {
 	tier_slot_t slot[TIER_MAX];
 	uint64_t epoch;
 	uint64_t last_access;
+	uint64_t born_ms, touch_ms; /* monotonic: when put, when last touched (0: never) */
 	float score;
 	uint32_t len;
 	uint16_t pins;
@@ -62,6 +63,7 @@ struct move {
 	struct page *pg;
 	enum tier_id src, dst;
 	tier_slot_t slot; /* the slot written: dst's (or the nvme slot) */
+	uint64_t t0_ns;
 };
 
 struct ready {
@@ -98,6 +100,19 @@ struct kvt_store {
 	float score_ema;
 	struct kvt_store_stats st;
 };
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+const char *kvt_evict_reason_name(enum kvt_evict_reason r)
+{
+	static const char *const names[KVT_EVICT_MAX] = {"watermark", "room", "request", "stale"};
+	return (unsigned)r < KVT_EVICT_MAX ? names[r] : "?";
+}
 
 /* ---- maps ---- */
 
@@ -219,6 +234,7 @@ static struct page *page_new(struct kvt_store *s, const struct page_key *k)
 	pg->key = *k;
 	pg->key.pad = 0;
 	pg->seq = q;
+	pg->born_ms = now_ns() / 1000000;
 	for (int t = 0; t < TIER_MAX; t++)
 		pg->slot[t] = TIER_SLOT_NONE;
 	kvt_list_init(&pg->lru[0]);
@@ -327,7 +343,8 @@ static bool evictable(const struct page *pg, enum tier_id t)
 	       (pg->valid & ~B(t)) && !(pg->busy & B(t));
 }
 
-static void drop_copy(struct kvt_store *s, struct page *pg, enum tier_id t)
+static void drop_copy(struct kvt_store *s, struct page *pg, enum tier_id t,
+		      enum kvt_evict_reason why)
 {
 	struct tier *tr = s->tier[t];
 	tr->ops->free(tr, pg->slot[t]);
@@ -336,13 +353,14 @@ static void drop_copy(struct kvt_store *s, struct page *pg, enum tier_id t)
 	if (lru_tier(t))
 		kvt_list_del(&pg->lru[t]);
 	s->st.evictions[t]++;
+	s->st.evict_reason[t][why]++;
 }
 
 /*
  * Drops one copy from tier t, coldest first; a page that scored above the running
  * mean since its last chance gets one more pass (its score decays to the mean).
  */
-static bool evict_one(struct kvt_store *s, enum tier_id t)
+static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason why)
 {
 	/*
 	 * Bounded: pages that cannot go yet (dirty, pinned, read by a copy) may pile up
@@ -361,12 +379,12 @@ static bool evict_one(struct kvt_store *s, enum tier_id t)
 				fallback = pg;
 			continue;
 		}
-		drop_copy(s, pg, t);
+		drop_copy(s, pg, t, why);
 		return true;
 	}
 	/* Only recently high-scoring pages in reach: the coldest of them goes. */
 	if (fallback) {
-		drop_copy(s, fallback, t);
+		drop_copy(s, fallback, t, why);
 		return true;
 	}
 	return false;
@@ -378,7 +396,7 @@ static int slot_get(struct kvt_store *s, enum tier_id t, uint32_t tenant, tier_s
 	if (!tr)
 		return -ENODEV;
 	int ret = tr->ops->alloc(tr, tenant, out);
-	while (ret == -ENOSPC && lru_tier(t) && evict_one(s, t))
+	while (ret == -ENOSPC && lru_tier(t) && evict_one(s, t, KVT_EVICT_ROOM))
 		ret = tr->ops->alloc(tr, tenant, out);
 	return ret;
 }
@@ -403,6 +421,11 @@ static void move_done(struct tier_io *io)
 	struct kvt_store *s = m->s;
 	struct page *pg = m->pg;
 	int res = io->res;
+	enum tier_id via = m->dst == TIER_HOST ? m->src : m->dst;
+	int dir = m->dst == TIER_HOST ? TIER_READ : TIER_WRITE;
+	uint64_t us = (now_ns() - m->t0_ns) / 1000;
+	s->st.lat[via][dir][kvt_hist_bucket(us)]++;
+	s->st.lat_sum_us[via][dir] += us;
 	pg->busy &= (uint8_t)~B(m->dst);
 	pg->io_refs--;
 	pg->readers[m->src]--;
@@ -485,6 +508,7 @@ static int start_move(struct kvt_store *s, struct page *pg, enum tier_id src,
 	m->src = src;
 	m->dst = dst;
 	m->slot = slot;
+	m->t0_ns = now_ns();
 	struct tier_io *io = &m->io;
 	io->len = pg->len;
 	io->done = move_done;
@@ -668,6 +692,9 @@ static void page_drop(struct kvt_store *s, struct page *pg)
 {
 	page_unhash(s, pg);
 	s->st.pages_dropped++;
+	uint64_t life = now_ns() / 1000000 - pg->born_ms;
+	s->st.lifetime[kvt_hist_bucket(life)]++;
+	s->st.lifetime_sum_ms += life;
 	if (pg->io_refs) {
 		/* Slots of copies in flight are freed as they land (move_done). */
 		pg->dropped = true;
@@ -820,7 +847,7 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 	memcpy(p + pg->len, src, len);
 	pg->len += len;
 	if (pg->valid & B(TIER_GPU)) /* stale now: the next promote copies it again */
-		drop_copy(s, pg, TIER_GPU);
+		drop_copy(s, pg, TIER_GPU, KVT_EVICT_STALE);
 	s->st.appends++;
 	pg->last_access = ++s->clock;
 	if (seal || pg->len == s->p.page_bytes) {
@@ -925,7 +952,7 @@ int kvt_store_evict(struct kvt_store *s, const struct page_key *k, enum tier_id 
 		return -EBUSY;
 	if (!(pg->valid & ~B(from)))
 		return -EPERM;
-	drop_copy(s, pg, from);
+	drop_copy(s, pg, from, KVT_EVICT_REQUEST);
 	if (from == TIER_NVME) {
 		pg->state = KVT_PAGE_DIRTY; /* no longer on disk: the slot is wiped */
 		pg->slot[TIER_NVME] = TIER_SLOT_NONE;
@@ -993,6 +1020,12 @@ int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score)
 		return -ENOENT;
 	pg->score = score;
 	s->score_ema = 0.99f * s->score_ema + 0.01f * score;
+	uint64_t ms = now_ns() / 1000000;
+	if (pg->touch_ms) {
+		s->st.reuse_gap[kvt_hist_bucket(ms - pg->touch_ms)]++;
+		s->st.reuse_gap_sum_ms += ms - pg->touch_ms;
+	}
+	pg->touch_ms = ms ? ms : 1;
 	pg->last_access = ++s->clock;
 	pg->seq->last_access = pg->last_access;
 	for (int t = 0; t < 2; t++)
@@ -1001,12 +1034,8 @@ int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score)
 	return 0;
 }
 
-int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
-			struct kvt_page_info *out)
+static void page_info(const struct page *pg, struct kvt_page_info *out)
 {
-	struct page *pg = page_find(s, k);
-	if (!pg)
-		return -ENOENT;
 	out->state = (enum kvt_page_state)pg->state;
 	out->valid = pg->valid;
 	out->inflight = pg->busy;
@@ -1016,6 +1045,48 @@ int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
 	out->score = pg->score;
 	for (int t = 0; t < TIER_MAX; t++)
 		out->slot[t] = pg->slot[t];
+}
+
+int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
+			struct kvt_page_info *out)
+{
+	struct page *pg = page_find(s, k);
+	if (!pg)
+		return -ENOENT;
+	page_info(pg, out);
+	return 0;
+}
+
+int kvt_store_foreach(struct kvt_store *s, uint32_t tenant, uint64_t seq,
+		      kvt_store_page_fn fn, void *arg)
+{
+	struct kvt_page_info pi;
+	if (seq != UINT64_MAX && tenant != UINT32_MAX) {
+		struct seq *q = seq_find(s, tenant, seq);
+		if (!q)
+			return 0;
+		struct kvt_list *pos, *tmp;
+		kvt_list_for_each_safe(pos, tmp, &q->pages)
+		{
+			struct page *pg = kvt_container_of(pos, struct page, seq_link);
+			page_info(pg, &pi);
+			int r = fn(arg, &pg->key, &pi);
+			if (r)
+				return r;
+		}
+		return 0;
+	}
+	for (uint64_t b = 0; b <= s->pmask; b++) {
+		for (struct page *pg = s->pbuckets[b]; pg; pg = pg->hnext) {
+			if ((tenant != UINT32_MAX && pg->key.tenant != tenant) ||
+			    (seq != UINT64_MAX && pg->key.seq != seq))
+				continue;
+			page_info(pg, &pi);
+			int r = fn(arg, &pg->key, &pi);
+			if (r)
+				return r;
+		}
+	}
 	return 0;
 }
 
@@ -1061,7 +1132,7 @@ static void cron(struct kvt_store *s)
 		uint64_t high = u.slots * s->p.high_wm / 100, low = u.slots * s->p.low_wm / 100;
 		if (u.used <= high)
 			continue;
-		while (u.used > low && evict_one(s, (enum tier_id)t))
+		while (u.used > low && evict_one(s, (enum tier_id)t, KVT_EVICT_WATERMARK))
 			u.used--;
 	}
 }

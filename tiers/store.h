@@ -62,6 +62,29 @@ struct kvt_page_info {
 	float score;
 };
 
+/*
+ * Histograms: counts[i] holds values in [2^i, 2^(i+1)) units (bucket 0 also below 1,
+ * the last bucket open). Latencies in microseconds, lifetimes and reuse gaps in
+ * milliseconds.
+ */
+#define KVT_HIST_BUCKETS 32
+
+static inline unsigned kvt_hist_bucket(uint64_t v)
+{
+	unsigned b = v > 1 ? 63u - (unsigned)__builtin_clzll(v) : 0;
+	return b < KVT_HIST_BUCKETS ? b : KVT_HIST_BUCKETS - 1;
+}
+
+/* Why a copy left a tier. */
+enum kvt_evict_reason {
+	KVT_EVICT_WATERMARK = 0, /* background eviction above the high watermark */
+	KVT_EVICT_ROOM,          /* to make room for a page coming in */
+	KVT_EVICT_REQUEST,       /* kvt_store_evict: an operator or the daemon asked */
+	KVT_EVICT_STALE,         /* a GPU copy made stale by an append */
+	KVT_EVICT_MAX
+};
+const char *kvt_evict_reason_name(enum kvt_evict_reason r);
+
 struct kvt_store_stats {
 	struct tier_usage tier[TIER_MAX];
 	uint64_t pages, pages_filling, pages_dirty, seqs;
@@ -74,6 +97,13 @@ struct kvt_store_stats {
 	uint64_t recovered_pages, recovered_bad;
 	uint64_t backpressure;  /* operations refused with -EAGAIN: tier full of busy pages */
 	uint64_t meta_bytes;
+	uint64_t evict_reason[TIER_MAX][KVT_EVICT_MAX];
+	/* copies performed by each tier (TIER_READ: out of it, TIER_WRITE: into it),
+	 * from queueing to completion, failed ones included: log2 us */
+	uint64_t lat[TIER_MAX][2][KVT_HIST_BUCKETS];
+	uint64_t lifetime[KVT_HIST_BUCKETS];  /* put to drop of a page: log2 ms */
+	uint64_t reuse_gap[KVT_HIST_BUCKETS]; /* between two touches of a page: log2 ms */
+	uint64_t lat_sum_us[TIER_MAX][2], lifetime_sum_ms, reuse_gap_sum_ms; /* exact sums */
 };
 
 /* Completion: res 0 or -errno. */
@@ -157,6 +187,15 @@ int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score);
 
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
 			struct kvt_page_info *out);
+/*
+ * Calls fn for every page of the tenant's sequence seq (every page of every sequence
+ * with seq = UINT64_MAX; of every tenant with tenant = UINT32_MAX), until fn returns
+ * non-zero, which is returned. fn must not add or drop pages.
+ */
+typedef int (*kvt_store_page_fn)(void *arg, const struct page_key *k,
+				 const struct kvt_page_info *pi);
+int kvt_store_foreach(struct kvt_store *s, uint32_t tenant, uint64_t seq,
+		      kvt_store_page_fn fn, void *arg);
 /* The page's address in a memory tier (device address for the GPU), or NULL. */
 void *kvt_store_slot_ptr(struct kvt_store *s, const struct page_key *k, enum tier_id t);
 
