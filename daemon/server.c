@@ -354,7 +354,7 @@ static void sock_read(struct kvd_client *c)
 			if (c->rx_len < sizeof(h) + h.len)
 				break;
 			const uint8_t *payload = c->rx + sizeof(h);
-			if (h.type == KVT_MSG_HELLO && !c->attached)
+			if (h.type == KVT_MSG_HELLO && !c->attached && !c->ctl)
 				hello(c, &h, payload);
 			else if (h.type == KVT_MSG_PING && c->attached)
 				kvd_send_msg(c->sock, KVT_MSG_PONG, 0, NULL, 0, NULL, 0);

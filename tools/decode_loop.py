@@ -111,6 +111,12 @@ def main():
         print(f"daemon: {s['clients']} client(s), {s['seqs']} sequence(s), {s['pages']} pages")
         for i in range(3):
             print(f"  {names[i]:5s} {s['used'][i]:7d} of {s['slots'][i]:7d} slots in use")
+    ctl = os.environ.get("KVTIER_CTL")
+    if ctl and os.path.exists(ctl):  # what an operator sees while the sequence is live
+        import subprocess
+        for cmd in (["status"], ["seqs"], ["stats"]):
+            print(f"$ kvtierctl {' '.join(cmd)}", flush=True)
+            subprocess.run([ctl] + cmd, check=False)
     c.seq_close(seq)
     c.close()
     if args.max_error is not None and max(errs) > args.max_error:

@@ -2,11 +2,12 @@
 # On the GPU machine: build, run the whole suite (GPU tests included), the promotion
 # benchmark (gather kernel and cudaMemcpyBatchAsync), the nvme benchmark and the demo.
 # Logs go to $OUT (or ./gpu-out); a short table comes last.
-#   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels|daemon]
+#   source .devsys/env.sh && bash tools/gpu-check.sh [all|kernels|daemon|prefetch|ctl]
 # "kernels": build, tests and the kernel benchmark only. "daemon": build, tests, then
 # kvtierd on the GPU with the Python binding test, the decode loop and the IPC bench.
 # "prefetch": build, tests, the binding test on cuda, then tools/bench_prefetch.py
-# (a small run first, then the Llama-3.1-8B shape at 128K).
+# (a small run first, then the Llama-3.1-8B shape at 128K). "ctl": build, tests, the
+# kvtierctl test against a kvtierd on the GPU, the decode loop with kvtierctl's view.
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -35,6 +36,26 @@ if [ "$what" = prefetch ]; then
 	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu ${PF_ARGS:-} >"$out/prefetch.txt" 2>&1
 	echo "rc $?"; tail -14 "$out/prefetch.txt"
 	grep -E "^<[34]>" build-gpu/bench-prefetch-kvtierd.log | sort | uniq -c | sort -rn | head -10
+	echo "tests rc $tests_rc"
+	exit 0
+fi
+if [ "$what" = ctl ]; then
+	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu python3 tests/tools/test_kvtierctl.py \
+		"$PWD/build-gpu" "$PWD" >"$out/kvtierctl-cuda.txt" 2>&1
+	echo "== kvtierctl test on cuda: rc $?"; grep -E "^FAIL|failures|skipped" "$out/kvtierctl-cuda.txt"
+	d=$(mktemp -d -p "$PWD/build-gpu")
+	export KVTIER_SOCKET=$d/s.sock KVTIER_LIB=$PWD/build-gpu/libkvtier.so
+	export KVTIER_CTL=$PWD/build-gpu/tools/kvtierctl
+	./build-gpu/kvtierd -o ipc.socket="$KVTIER_SOCKET" -o store.state_dir="$d" -o tenant.gpu_bytes=32M \
+		-o tenant.host_bytes=64M -o store.nvme_bytes=1G -o metrics.listen=off 2>"$out/kvtierd.log" &
+	pid=$!
+	for _ in $(seq 100); do [ -S "$KVTIER_SOCKET" ] && break; sleep 0.1; done
+	python3 tools/decode_loop.py >"$out/decode-loop.txt" 2>&1
+	echo "== decode loop on cuda: rc $?"; tail -40 "$out/decode-loop.txt"
+	$KVTIER_CTL stats --prometheus >"$out/metrics.txt"
+	$KVTIER_CTL plan --model llama-3.1-8b --context 128K --sessions 4 >"$out/plan.txt"; cat "$out/plan.txt"
+	kill -TERM $pid; wait $pid; echo "kvtierd exit $?"
+	grep -E "^<[34]>" "$out/kvtierd.log" | head -20
 	echo "tests rc $tests_rc"
 	exit 0
 fi
