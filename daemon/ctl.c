@@ -447,6 +447,7 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "selects", o->selects);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "select_compute", o->sel_compute, KVT_HIST_BUCKETS, "us");
+		kvt_json_hist(j, "attention_latency", o->attn, KVT_HIST_BUCKETS, "us");
 		json_pf(j, "prefetch", &o->pf);
 		kvt_json_end(j);
 	}
@@ -678,6 +679,7 @@ static void cmd_stats(struct req *r)
 	kvt_json_end(j);
 	kvt_json_hist(j, "select_latency", d->sel_lat, KVT_HIST_BUCKETS, "us");
 	kvt_json_hist(j, "select_compute", d->sel_compute, KVT_HIST_BUCKETS, "us");
+	kvt_json_hist(j, "attention_latency", d->attn, KVT_HIST_BUCKETS, "us");
 	json_pf(j, "prefetch", &pf);
 	kvt_json_end(j);
 }

@@ -858,6 +858,13 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	const uint64_t t0 = kvd_now_ns();
 	struct kvd *d = c->d;
+	if (r->ntok) { /* the client's attention time of its last step */
+		unsigned b = kvt_hist_bucket(r->ntok);
+		c->attn[b]++;
+		d->attn[b]++;
+		c->attn_sum_us += r->ntok;
+		d->attn_sum_us += r->ntok;
+	}
 	const struct kvt_wire_layout *lo = &c->layout;
 	const uint32_t nseq = r->seq, H = lo->kv_heads, T = lo->page_tokens;
 	const uint64_t rows = (uint64_t)nseq * H;

@@ -142,6 +142,7 @@ struct kvd_client {
 	uint64_t sel_lat[KVT_HIST_BUCKETS];     /* select: request to answer, log2 us */
 	uint64_t sel_compute[KVT_HIST_BUCKETS]; /* of which scoring and top-k */
 	uint64_t sel_lat_sum_us, sel_compute_sum_us;
+	uint64_t attn[KVT_HIST_BUCKETS], attn_sum_us; /* kvtier_attend, as the client timed it */
 	uint64_t attach_ns;
 	/* control connections (kvtierctl): no HELLO, CTL messages */
 	bool ctl;
@@ -196,6 +197,7 @@ struct kvd {
 	uint64_t disc[KVD_DISC_MAX];
 	uint64_t sel_lat[KVT_HIST_BUCKETS], sel_compute[KVT_HIST_BUCKETS];
 	uint64_t sel_lat_sum_us, sel_compute_sum_us;
+	uint64_t attn[KVT_HIST_BUCKETS], attn_sum_us;
 	uint64_t ctl_requests;
 	struct kvd_ctl *ctl;         /* control commands, jobs, bandwidth samples: ctl.c */
 	struct kvd_metrics *metrics; /* the Prometheus endpoint: metrics.c */

@@ -321,6 +321,18 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		hist(b, "kvtier_select_duration_seconds", l, c->sel_lat, KVT_HIST_BUCKETS, 1e-6,
 		     (double)c->sel_lat_sum_us * 1e-6);
 	}
+	head(b, "kvtier_attention_duration_seconds", "histogram",
+	     "Sparse attention of one step (kvtier_attend), as the client timed it.");
+	hist(b, "kvtier_attention_duration_seconds", "", d->attn, KVT_HIST_BUCKETS, 1e-6,
+	     (double)d->attn_sum_us * 1e-6);
+	kvt_list_for_each_entry(c, &d->clients, link)
+	{
+		if (!c->attached || c->dead)
+			continue;
+		snprintf(l, sizeof(l), "client=\"%u\",tenant=\"%u\"", c->id, c->tenant->id);
+		hist(b, "kvtier_attention_duration_seconds", l, c->attn, KVT_HIST_BUCKETS, 1e-6,
+		     (double)c->attn_sum_us * 1e-6);
+	}
 	head(b, "kvtier_select_compute_seconds", "histogram",
 	     "Of a selection: scoring and top-k, before any page move.");
 	hist(b, "kvtier_select_compute_seconds", "", d->sel_compute, KVT_HIST_BUCKETS, 1e-6,

@@ -43,6 +43,7 @@ struct kvtier_client {
 	struct kvt_cqe *cqes;
 	uint8_t *data;
 	uint32_t sq_tail, cq_head;
+	uint32_t attend_us; /* the last kvtier_attend, told to the daemon with the next select */
 	uint64_t next_ud;
 	bool dead;
 	struct kvt_device *dev;
@@ -696,7 +697,8 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 			    .layer = (uint16_t)layer, .seq = nseq, .budget = p->budget_pages,
 			    .off = {0, qoff, ooff}, .out_stride = stride,
 			    .sink_tokens = p->sink_tokens, .window_tokens = p->window_tokens,
-			    .top_p = p->top_p};
+			    .top_p = p->top_p, .ntok = c->attend_us};
+	c->attend_us = 0;
 	struct kvt_cqe e;
 	if ((ret = call(c, &r, &e)) < 0)
 		goto out;
@@ -771,8 +773,13 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		.host_pool = c->host_dev ? (const uint8_t *)c->host_dev + c->w.host_headroom : NULL,
 		.host_slot_bytes = c->w.host_stride,
 	};
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	int64_t us = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_nsec - t0.tv_nsec) / 1000;
+	c->attend_us = us < 1 ? 1 : us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
 	if (host_io && ((ret = kvt_compute_download(c->cc, out, c->out_dev, qbytes)) < 0 ||
 			(lse && (ret = kvt_compute_download(c->cc, lse, c->lse_dev, lbytes)) < 0)))
 		goto out;

@@ -203,7 +203,8 @@ enum kvt_select_flags {
 };
 
 /*
- * One request. SELECT: seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
+ * One request. SELECT: ntok carries the client's last attention time in microseconds
+ * (0: none since the last select), for the stats; seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
  * at off[1]; the answer at off[2]: int32 table[rows][out_stride] (pool slots), then
  * int32 n_out[rows], then int32 tail_len[rows], rows = nseq * kv_heads. A slot with
  * KVT_SLOT_HOST (0x40000000, kernels/compute.h) set is a slot of the host arena.

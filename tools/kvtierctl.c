@@ -108,9 +108,9 @@ static char *ctl_call(int fd, const char *const *words, unsigned n, int *status,
 		struct kvt_msg_hdr r;
 		char why[256];
 		if (recv(fd, &r, sizeof(r), MSG_DONTWAIT) == sizeof(r) && r.type == KVT_MSG_ERROR) {
-			ssize_t n = recv(fd, why, sizeof(why) - 1, MSG_DONTWAIT);
-			why[n > 0 ? n : 0] = 0;
-			die("the daemon refused: %s", n > 0 ? why : strerror(-r.status));
+			ssize_t got = recv(fd, why, sizeof(why) - 1, MSG_DONTWAIT);
+			why[got > 0 ? got : 0] = 0;
+			die("the daemon refused: %s", got > 0 ? why : strerror(-r.status));
 		}
 		die("send: %s", strerror(e));
 	}
@@ -372,7 +372,8 @@ static void show_clients(const json_t *a, FILE *f)
 	struct table t = {0};
 	right_from(&t, 0);
 	t.right[3] = false;
-	t_row(&t, "ID|PID|UID|TENANT|UP|MODEL|SEQS|TOKENS|SELECTS|HIT%%|SEL P50|SEL P99|PREFETCHED");
+	t_row(&t, "ID|PID|UID|TENANT|UP|MODEL|SEQS|TOKENS|SELECTS|HIT%%|SEL P50|SEL P99|ATTN P50|"
+		  "PREFETCHED");
 	size_t i;
 	json_t *v;
 	json_array_foreach(a, i, v)
@@ -381,13 +382,14 @@ static void show_clients(const json_t *a, FILE *f)
 		char tenant[64];
 		snprintf(tenant, sizeof(tenant), "%.0f%s%s", num(v, "tenant"),
 			 *str(v, "tenant_name") ? ":" : "", str(v, "tenant_name"));
-		t_row(&t, "%.0f|%.0f|%.0f|%s|%s|%.0fx%.0fx%.0f %s|%.0f|%.0f|%.0f|%.1f|%s|%s|%.0f",
+		t_row(&t, "%.0f|%.0f|%.0f|%s|%s|%.0fx%.0fx%.0f %s|%.0f|%.0f|%.0f|%.1f|%s|%s|%s|%.0f",
 		      num(v, "id"), num(v, "pid"), num(v, "uid"), tenant,
 		      fmt_dur(b[0], 32, num(v, "attached_s")), num(l, "layers"), num(l, "kv_heads"),
 		      num(l, "head_dim"), str(l, "dtype"), num(v, "sequences"), num(v, "tokens"),
 		      num(v, "selects"), 100 * num(p, "hit_rate"),
 		      fmt_us(b[1], 32, hist_p(v, "select_latency", "p50")),
 		      fmt_us(b[2], 32, hist_p(v, "select_latency", "p99")),
+		      fmt_us(b[3], 32, hist_p(v, "attention_latency", "p50")),
 		      num(p, "prefetch_gpu") + num(p, "prefetch_host"));
 	}
 	if (!json_array_size(a))
@@ -478,10 +480,11 @@ static void show_stats(const json_t *s, FILE *f)
 		if (json_number_value(x) > 0)
 			fprintf(f, " %s=%.0f", k, json_number_value(x));
 	fputc('\n', f);
-	fprintf(f, "select: %.0f steps, p50 %s p99 %s (scoring p50 %s)\n", num(pf, "steps"),
-		fmt_us(b[0], 32, hist_p(s, "select_latency", "p50")),
+	fprintf(f, "select: %.0f steps, p50 %s p99 %s (scoring p50 %s); attention p50 %s\n",
+		num(pf, "steps"), fmt_us(b[0], 32, hist_p(s, "select_latency", "p50")),
 		fmt_us(b[1], 32, hist_p(s, "select_latency", "p99")),
-		fmt_us(b[2], 32, hist_p(s, "select_compute", "p50")));
+		fmt_us(b[2], 32, hist_p(s, "select_compute", "p50")),
+		fmt_us(b[3], 32, hist_p(s, "attention_latency", "p50")));
 	double sel = num(pf, "selected");
 	fprintf(f, "pages selected %.0f: on GPU %.1f%%, late %.0f, read from host %.0f, from disk "
 		   "%.0f, substituted %.0f\n",

@@ -54,7 +54,7 @@ def ctl(*args, sock=None, user=None, expect=0):
         cmd = ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if expect is not None and r.returncode != expect:
-        print(f"  {' '.join(args)} -> rc {r.returncode}\n  stdout: {r.stdout[-2000:]}\n"
+        print(f"  {' '.join(str(a) for a in args)} -> rc {r.returncode}\n  stdout: {r.stdout[-2000:]}\n"
               f"  stderr: {r.stderr[-2000:]}")
     check(expect is None or r.returncode == expect,
           f"kvtierctl {' '.join(str(a) for a in args)}: exit {r.returncode}")
@@ -332,7 +332,10 @@ try:
     check("done" in r.stdout, "cancel: nothing running")
     err = max(attend_all(i, l) for i in range(2) for l in range(L))
     check(err < 0.01, f"after flush, evict and drain: sparse over every page = dense ({err:.4f})")
-    check(ctl_json("stats")["tiers"][0]["evictions"]["request"] > 0, "evictions by request counted")
+    sj = ctl_json("stats")
+    check(sj["tiers"][0]["evictions"]["request"] > 0, "evictions by request counted")
+    check(sj["attention_latency"]["count"] >= 4 and sj["attention_latency"]["p50"] > 0,
+          "the clients' attention time reaches the stats")
 
     # ---- malformed control messages: an error answer or a hang-up, never a crash ----
     import struct
@@ -420,12 +423,15 @@ try:
     check(0 < g["step_seconds"]["floor"] < g["step_seconds"]["dense_hbm"], "plan: floor below dense")
     check(p["tiers_bytes"]["nvme"] > p["kv"]["total_bytes"], "plan: NVMe holds everything")
     png = os.path.join(tmp, "plan.png")
+    gp = shutil.which("gnuplot")
     r = ctl("plan", "--layers", 80, "--kv-heads", 8, "--head-dim", 128, "--context", "1M",
             "--sessions", 1, "--hit-gpu", 0.9, "--hit-host", 0.09, "--hit-disk", 0.01,
-            "--plot", png)
+            "--plot", png, expect=0 if gp else 1)
     check("step-time floor" in r.stdout and "given" in r.stdout, "plan: table, given rates")
-    if shutil.which("gnuplot"):
+    if gp:
         check(open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n", "plan --plot: a PNG")
+    else:
+        check("gnuplot" in r.stderr, "plan --plot without gnuplot: says so")
     ctl("plan", "--model", "nosuch", "--context", 1, "--sessions", 1, expect=2)
     ctl("plan", "--model", "qwen2.5-7b", expect=2)
 
