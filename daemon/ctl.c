@@ -22,7 +22,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define JOB_INFLIGHT 64
+#define JOB_INFLIGHT 64   /* page moves of a job in flight */
+#define JOB_PER_TICK 4096 /* pages a job looks at per event-loop tick */
 #define BW_SAMPLES   11 /* one a second: rates over the last 10 s */
 #define ARGS_MAX     16
 
@@ -872,7 +873,9 @@ static void job_run(struct kvd *d)
 	struct kvd_job *jb = &d->ctl->job;
 	if (!jb->running)
 		return;
-	while (!jb->cancelled && jb->next < jb->n && jb->inflight < JOB_INFLIGHT)
+	/* bounded per tick, so that clients' requests are served between the pieces */
+	for (unsigned i = 0; i < JOB_PER_TICK && !jb->cancelled && jb->next < jb->n &&
+			     jb->inflight < JOB_INFLIGHT; i++)
 		job_page(d, jb, &jb->keys[jb->next++]);
 	if (jb->inflight == 0 && (jb->cancelled || jb->next == jb->n))
 		job_end(jb);
@@ -1090,6 +1093,12 @@ void kvd_ctl_tick(struct kvd *d)
 	}
 	if (x->nsmp < BW_SAMPLES)
 		x->nsmp++;
+}
+
+bool kvd_ctl_busy(struct kvd *d)
+{
+	const struct kvd_job *jb = d->ctl ? &d->ctl->job : NULL;
+	return jb && jb->running && !jb->cancelled && jb->next < jb->n;
 }
 
 int kvd_ctl_start(struct kvd *d)

@@ -236,6 +236,7 @@ int main(int argc, char **argv)
 		struct kvd_client *c;
 		kvt_list_for_each_entry(c, &d->clients, link)
 			waiting |= c->busy != NULL || c->dead;
+		waiting |= kvd_ctl_busy(d);
 		ret = kvt_store_run(d->store, waiting ? 2 : 200);
 		if (ret < 0 && ret != -EINTR) {
 			kvt_err("kvtierd", "event loop: %s", strerror(-ret));

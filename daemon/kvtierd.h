@@ -226,6 +226,7 @@ void kvd_ctl_stop(struct kvd *d);
 void kvd_ctl_request(struct kvd_client *c, const uint8_t *payload, uint32_t len);
 void kvd_ctl_forget(struct kvd_client *c); /* frees what a connection had queued */
 void kvd_ctl_tick(struct kvd *d);
+bool kvd_ctl_busy(struct kvd *d); /* a job has pages it has not started */
 
 /* metrics.c: the Prometheus text and its HTTP endpoint */
 int kvd_metrics_start(struct kvd *d); /* a bind failure is logged, not fatal */

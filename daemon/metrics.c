@@ -79,6 +79,24 @@ static void label_value(char *out, size_t len, const char *v)
 	out[n] = 0;
 }
 
+/* A histogram in microseconds over every client, then one per client attached. */
+static void hist_clients(struct kvt_buf *b, struct kvd *d, const char *name, const char *help,
+			 const uint64_t *all, uint64_t all_sum_us, size_t h_off, size_t sum_off)
+{
+	char l[128];
+	head(b, name, "histogram", help);
+	hist(b, name, "", all, KVT_HIST_BUCKETS, 1e-6, (double)all_sum_us * 1e-6);
+	struct kvd_client *c;
+	kvt_list_for_each_entry(c, &d->clients, link)
+	{
+		if (!c->attached || c->dead)
+			continue;
+		snprintf(l, sizeof(l), "client=\"%u\",tenant=\"%u\"", c->id, c->tenant->id);
+		hist(b, name, l, (const uint64_t *)((const char *)c + h_off), KVT_HIST_BUCKETS, 1e-6,
+		     (double)*(const uint64_t *)((const char *)c + sum_off) * 1e-6);
+	}
+}
+
 void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 {
 	struct kvt_store_stats st;
@@ -309,30 +327,14 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		hist(b, "kvtier_prefetch_duration_seconds", l, c->pf.lat_host, KVTIER_LAT_BUCKETS, 1e-6,
 		     -1);
 	}
-	head(b, "kvtier_select_duration_seconds", "histogram",
-	     "Selections from the request taken to the answer posted (page waits included).");
-	hist(b, "kvtier_select_duration_seconds", "", d->sel_lat, KVT_HIST_BUCKETS, 1e-6,
-	     (double)d->sel_lat_sum_us * 1e-6);
-	kvt_list_for_each_entry(c, &d->clients, link)
-	{
-		if (!c->attached || c->dead)
-			continue;
-		snprintf(l, sizeof(l), "client=\"%u\",tenant=\"%u\"", c->id, c->tenant->id);
-		hist(b, "kvtier_select_duration_seconds", l, c->sel_lat, KVT_HIST_BUCKETS, 1e-6,
-		     (double)c->sel_lat_sum_us * 1e-6);
-	}
-	head(b, "kvtier_attention_duration_seconds", "histogram",
-	     "Sparse attention of one step (kvtier_attend), as the client timed it.");
-	hist(b, "kvtier_attention_duration_seconds", "", d->attn, KVT_HIST_BUCKETS, 1e-6,
-	     (double)d->attn_sum_us * 1e-6);
-	kvt_list_for_each_entry(c, &d->clients, link)
-	{
-		if (!c->attached || c->dead)
-			continue;
-		snprintf(l, sizeof(l), "client=\"%u\",tenant=\"%u\"", c->id, c->tenant->id);
-		hist(b, "kvtier_attention_duration_seconds", l, c->attn, KVT_HIST_BUCKETS, 1e-6,
-		     (double)c->attn_sum_us * 1e-6);
-	}
+	hist_clients(b, d, "kvtier_select_duration_seconds",
+		     "Selections from the request taken to the answer posted (page waits included).",
+		     d->sel_lat, d->sel_lat_sum_us, offsetof(struct kvd_client, sel_lat),
+		     offsetof(struct kvd_client, sel_lat_sum_us));
+	hist_clients(b, d, "kvtier_attention_duration_seconds",
+		     "Sparse attention of one step (kvtier_attend), as the client timed it.", d->attn,
+		     d->attn_sum_us, offsetof(struct kvd_client, attn),
+		     offsetof(struct kvd_client, attn_sum_us));
 	head(b, "kvtier_select_compute_seconds", "histogram",
 	     "Of a selection: scoring and top-k, before any page move.");
 	hist(b, "kvtier_select_compute_seconds", "", d->sel_compute, KVT_HIST_BUCKETS, 1e-6,
