@@ -34,7 +34,7 @@ static bool reserve(struct kvt_buf *b, size_t n)
 
 void kvt_buf_put(struct kvt_buf *b, const char *s, size_t n)
 {
-	if (!reserve(b, n))
+	if (!n || !reserve(b, n))
 		return;
 	memcpy(b->p + b->len, s, n);
 	b->len += n;
