@@ -678,6 +678,22 @@ static void cmd_stats(struct req *r)
 	kvt_json_u64(j, "bad_requests", bad);
 	kvt_json_u64(j, "control_requests", d->ctl_requests);
 	kvt_json_end(j);
+	kvt_json_arr(j, "tenants");
+	for (uint32_t t = 0; t < d->cfg.max_tenants; t++) {
+		const struct kvd_tenant *tn = &d->tenants[t];
+		if (!tn->used)
+			continue;
+		kvt_json_obj(j, NULL);
+		kvt_json_u64(j, "id", t);
+		kvt_json_str(j, "name", tn->name);
+		kvt_json_u64(j, "uid", tn->uid);
+		kvt_json_u64(j, "clients", tn->clients);
+		kvt_json_u64(j, "pages", tn->disk_pages);
+		kvt_json_u64(j, "gpu_arena_bytes", tn->pool_bytes);
+		kvt_json_u64(j, "host_arena_bytes", tn->host_bytes);
+		kvt_json_end(j);
+	}
+	kvt_json_end(j);
 	kvt_json_hist(j, "select_latency", d->sel_lat, KVT_HIST_BUCKETS, "us");
 	kvt_json_hist(j, "select_compute", d->sel_compute, KVT_HIST_BUCKETS, "us");
 	kvt_json_hist(j, "attention_latency", d->attn, KVT_HIST_BUCKETS, "us");

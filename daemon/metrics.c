@@ -231,6 +231,20 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		kvt_buf_printf(b, "kvtier_tenant_info{tenant=\"%u\",name=\"%s\",uid=\"%u\"} 1\n", t, v,
 			       (unsigned)d->tenants[t].uid);
 	}
+	head(b, "kvtier_tenant_pages", "gauge", "Pages a tenant has in the store (its disk quota).");
+	for (uint32_t t = 0; t < d->cfg.max_tenants; t++)
+		if (d->tenants[t].used)
+			kvt_buf_printf(b, "kvtier_tenant_pages{tenant=\"%u\"} %llu\n", t,
+				       (unsigned long long)d->tenants[t].disk_pages);
+	head(b, "kvtier_tenant_arena_bytes", "gauge", "A tenant's own arena in a memory tier.");
+	for (uint32_t t = 0; t < d->cfg.max_tenants; t++) {
+		if (!d->tenants[t].used)
+			continue;
+		kvt_buf_printf(b, "kvtier_tenant_arena_bytes{tenant=\"%u\",tier=\"gpu\"} %llu\n", t,
+			       (unsigned long long)d->tenants[t].pool_bytes);
+		kvt_buf_printf(b, "kvtier_tenant_arena_bytes{tenant=\"%u\",tier=\"host\"} %llu\n", t,
+			       (unsigned long long)d->tenants[t].host_bytes);
+	}
 	head(b, "kvtier_connections_total", "counter", "Connections accepted.");
 	kvt_buf_printf(b, "kvtier_connections_total %llu\n", (unsigned long long)d->accepted);
 	head(b, "kvtier_connections_rejected_total", "counter",

@@ -244,6 +244,8 @@ try:
     check(samples["kvtier_tier_capacity_bytes"][(("tier", "nvme"),)] == 256 << 20,
           "prometheus: nvme capacity")
     check(samples["kvtier_clients"][()] == 1, "prometheus: clients gauge")
+    check(samples["kvtier_tenant_pages"][(("tenant", "0"),)] == NP
+          and [t["pages"] for t in sj["tenants"]] == [NP], "tenant pages: prometheus and JSON")
     hb = samples["kvtier_copy_duration_seconds_bucket"]
     cnt = samples["kvtier_copy_duration_seconds_count"][(("op", "write"), ("tier", "nvme"))]
     check(hb[(("le", "+Inf"), ("op", "write"), ("tier", "nvme"))] == cnt and cnt > 0,
