@@ -345,6 +345,14 @@ try:
     check(r.stdout.startswith("job ") and "drain host done" in r.stdout, "job: last job")
     r = ctl("cancel")
     check("done" in r.stdout, "cancel: nothing running")
+    check(ctl_json("job")["op"] == "drain" and ctl_json("cancel")["state"] == "done",
+          "job --json, cancel --json")
+    r = ctl("flush")
+    check(re.search(r"^job \d+: flush done: \d+ of \d+ pages done", r.stdout, re.M) is not None,
+          "flush: summary line")
+    r = ctl("evict", "--tier", "gpu", "--client", cid, "--no-wait")
+    check(re.search(r"^job \d+: evict gpu (running|done)", r.stdout, re.M) is not None,
+          "evict --no-wait: returns with the job")
     err = max(attend_all(i, l) for i in range(2) for l in range(L))
     check(err < 0.01, f"after flush, evict and drain: sparse over every page = dense ({err:.4f})")
     sj = ctl_json("stats")
