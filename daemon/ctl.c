@@ -233,22 +233,6 @@ static double rate(const struct kvd_ctl *x, enum tier_id t, bool rd)
 	return (double)db * 1e9 / (double)(b->ns - a->ns);
 }
 
-static void json_tier_brief(struct kvt_json *j, const struct kvt_store_stats *st)
-{
-	kvt_json_arr(j, "tiers");
-	for (int t = 0; t < TIER_MAX; t++) {
-		const struct tier_usage *u = &st->tier[t];
-		kvt_json_obj(j, NULL);
-		kvt_json_str(j, "tier", tier_name((enum tier_id)t));
-		kvt_json_u64(j, "capacity_bytes", u->capacity_bytes);
-		kvt_json_u64(j, "used_bytes", u->used_bytes);
-		kvt_json_u64(j, "slots", u->slots);
-		kvt_json_u64(j, "used_slots", u->used);
-		kvt_json_end(j);
-	}
-	kvt_json_end(j);
-}
-
 static void json_job(struct kvt_json *j, const char *key, const struct kvd_job *jb)
 {
 	if (jb->kind == JOB_NONE) {
@@ -289,6 +273,48 @@ static const char *dtype_name(uint32_t dt)
 
 /* ---- commands ---- */
 
+/* Each tier's use; with full, its I/O, latency, evictions and errors too. */
+static void json_tiers(struct kvd *d, const struct kvt_store_stats *st, struct kvt_json *j,
+		       const char *key, bool full)
+{
+	kvt_json_arr(j, key);
+	for (int t = 0; t < TIER_MAX; t++) {
+		const struct tier_usage *u = &st->tier[t];
+		kvt_json_obj(j, NULL);
+		kvt_json_str(j, "tier", tier_name((enum tier_id)t));
+		kvt_json_u64(j, "capacity_bytes", u->capacity_bytes);
+		kvt_json_u64(j, "used_bytes", u->used_bytes);
+		kvt_json_u64(j, "slots", u->slots);
+		kvt_json_u64(j, "pages", u->used);
+		if (!full) {
+			kvt_json_end(j);
+			continue;
+		}
+		kvt_json_u64(j, "reads", u->reads);
+		kvt_json_u64(j, "writes", u->writes);
+		kvt_json_u64(j, "read_bytes", u->read_bytes);
+		kvt_json_u64(j, "write_bytes", u->write_bytes);
+		kvt_json_f64(j, "read_bytes_per_s", rate(d->ctl, (enum tier_id)t, true));
+		kvt_json_f64(j, "write_bytes_per_s", rate(d->ctl, (enum tier_id)t, false));
+		kvt_json_hist(j, "read_latency", st->lat[t][TIER_READ], KVT_HIST_BUCKETS, "us");
+		kvt_json_hist(j, "write_latency", st->lat[t][TIER_WRITE], KVT_HIST_BUCKETS, "us");
+		kvt_json_u64(j, "promotions", st->promotions[t]);
+		kvt_json_obj(j, "evictions");
+		for (int r = 0; r < KVT_EVICT_MAX; r++)
+			kvt_json_u64(j, kvt_evict_reason_name((enum kvt_evict_reason)r),
+				     st->evict_reason[t][r]);
+		kvt_json_end(j);
+		kvt_json_u64(j, "errors", u->errors);
+		kvt_json_obj(j, "errors_by_reason");
+		for (int e = 0; e < TIER_ERR_MAX; e++)
+			kvt_json_u64(j, tier_err_name((enum tier_err)e), u->err[e]);
+		kvt_json_end(j);
+		kvt_json_u64(j, "poisoned_slots", u->poisoned);
+		kvt_json_end(j);
+	}
+	kvt_json_end(j);
+}
+
 static void cmd_status(struct req *r)
 {
 	REQ_VARS;
@@ -323,46 +349,8 @@ static void cmd_status(struct req *r)
 	kvt_json_u64(j, "sequences", st.seqs);
 	kvt_json_u64(j, "pages", st.pages);
 	kvt_json_u64(j, "pages_dirty", st.pages_dirty);
-	json_tier_brief(j, &st);
+	json_tiers(d, &st, j, "tiers", false);
 	json_job(j, "job", &d->ctl->job);
-	kvt_json_end(j);
-}
-
-static void json_tiers(struct kvd *d, const struct kvt_store_stats *sp, struct kvt_json *j,
-		       const char *key)
-{
-	const struct kvt_store_stats st = *sp;
-	kvt_json_arr(j, key);
-	for (int t = 0; t < TIER_MAX; t++) {
-		const struct tier_usage *u = &st.tier[t];
-		kvt_json_obj(j, NULL);
-		kvt_json_str(j, "tier", tier_name((enum tier_id)t));
-		kvt_json_u64(j, "capacity_bytes", u->capacity_bytes);
-		kvt_json_u64(j, "used_bytes", u->used_bytes);
-		kvt_json_u64(j, "slots", u->slots);
-		kvt_json_u64(j, "pages", u->used);
-		kvt_json_u64(j, "reads", u->reads);
-		kvt_json_u64(j, "writes", u->writes);
-		kvt_json_u64(j, "read_bytes", u->read_bytes);
-		kvt_json_u64(j, "write_bytes", u->write_bytes);
-		kvt_json_f64(j, "read_bytes_per_s", rate(d->ctl, (enum tier_id)t, true));
-		kvt_json_f64(j, "write_bytes_per_s", rate(d->ctl, (enum tier_id)t, false));
-		kvt_json_hist(j, "read_latency", st.lat[t][TIER_READ], KVT_HIST_BUCKETS, "us");
-		kvt_json_hist(j, "write_latency", st.lat[t][TIER_WRITE], KVT_HIST_BUCKETS, "us");
-		kvt_json_u64(j, "promotions", st.promotions[t]);
-		kvt_json_obj(j, "evictions");
-		for (int r = 0; r < KVT_EVICT_MAX; r++)
-			kvt_json_u64(j, kvt_evict_reason_name((enum kvt_evict_reason)r),
-				     st.evict_reason[t][r]);
-		kvt_json_end(j);
-		kvt_json_u64(j, "errors", u->errors);
-		kvt_json_obj(j, "errors_by_reason");
-		for (int e = 0; e < TIER_ERR_MAX; e++)
-			kvt_json_u64(j, tier_err_name((enum tier_err)e), u->err[e]);
-		kvt_json_end(j);
-		kvt_json_u64(j, "poisoned_slots", u->poisoned);
-		kvt_json_end(j);
-	}
 	kvt_json_end(j);
 }
 
@@ -371,7 +359,7 @@ static void cmd_tiers(struct req *r)
 	REQ_VARS;
 	struct kvt_store_stats st;
 	kvt_store_stats(c->d->store, &st);
-	json_tiers(c->d, &st, j, NULL);
+	json_tiers(c->d, &st, j, NULL, true);
 }
 
 static void json_pf(struct kvt_json *j, const char *key, const struct kvtier_prefetch_stats *p)
@@ -664,7 +652,7 @@ static void cmd_stats(struct req *r)
 	kvt_json_hist(j, "page_lifetime", st.lifetime, KVT_HIST_BUCKETS, "ms");
 	kvt_json_hist(j, "page_reuse_gap", st.reuse_gap, KVT_HIST_BUCKETS, "ms");
 	kvt_json_end(j);
-	json_tiers(d, &st, j, "tiers");
+	json_tiers(d, &st, j, "tiers", true);
 	kvt_json_obj(j, "clients");
 	kvt_json_u64(j, "attached", clients);
 	kvt_json_u64(j, "accepted", d->accepted);
@@ -1098,14 +1086,17 @@ void kvd_ctl_tick(struct kvd *d)
 	uint64_t now = kvd_now_ns();
 	if (x->nsmp && now - x->smp[x->head].ns < 1000000000ull)
 		return;
-	struct kvt_store_stats st;
-	kvt_store_stats(d->store, &st);
 	x->head = (x->head + 1) % BW_SAMPLES;
 	struct bw_sample *s = &x->smp[x->head];
 	s->ns = now;
 	for (int t = 0; t < TIER_MAX; t++) {
-		s->rd[t] = st.tier[t].read_bytes;
-		s->wr[t] = st.tier[t].write_bytes;
+		/* the tiers' own counters: kvt_store_stats would walk every page */
+		struct tier *tr = kvt_store_tier(d->store, (enum tier_id)t);
+		struct tier_usage u = {0};
+		if (tr)
+			tr->ops->usage(tr, &u);
+		s->rd[t] = u.read_bytes;
+		s->wr[t] = u.write_bytes;
 	}
 	if (x->nsmp < BW_SAMPLES)
 		x->nsmp++;

@@ -44,28 +44,37 @@ static void die(const char *fmt, ...)
 
 /* ---- the control socket ---- */
 
-static int ctl_connect(void)
+/* The daemon's socket connected, or -errno. */
+static int ctl_try_connect(void)
 {
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
 	if (strlen(sock_path) >= sizeof(a.sun_path))
-		die("socket path too long: %s", sock_path);
+		return -ENAMETOOLONG;
 	snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
-		die("socket: %s", strerror(errno));
+		return -errno;
 	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
 		int e = errno;
-		if (e == ENOENT)
-			die("kvtierd is not running: no socket at %s (start kvtierd, or name its "
-			    "socket with -s or KVTIER_SOCKET)", sock_path);
-		if (e == ECONNREFUSED)
-			die("kvtierd is not running: %s is a stale socket", sock_path);
-		if (e == EACCES || e == EPERM)
-			die("permission denied on %s: run as the daemon's user or root, or have the "
-			    "daemon allow you (ipc.allow_uids, ipc.allow_gids, ipc.socket_mode)",
-			    sock_path);
-		die("connect %s: %s", sock_path, strerror(e));
+		close(fd);
+		return -e;
 	}
+	return fd;
+}
+
+static int ctl_connect(void)
+{
+	int fd = ctl_try_connect();
+	if (fd == -ENOENT)
+		die("kvtierd is not running: no socket at %s (start kvtierd, or name its "
+		    "socket with -s or KVTIER_SOCKET)", sock_path);
+	if (fd == -ECONNREFUSED)
+		die("kvtierd is not running: %s is a stale socket", sock_path);
+	if (fd == -EACCES || fd == -EPERM)
+		die("permission denied on %s: run as the daemon's user or root, or have the "
+		    "daemon allow you (ipc.allow_uids, ipc.allow_gids, ipc.socket_mode)", sock_path);
+	if (fd < 0)
+		die("connect %s: %s", sock_path, strerror(-fd));
 	return fd;
 }
 
@@ -308,7 +317,7 @@ static void show_status(const json_t *s, FILE *f)
 		double cap = num(v, "capacity_bytes"), used = num(v, "used_bytes");
 		t_row(&t, "%s|%s|%s|%.1f|%.0f", str(v, "tier"), fmt_bytes(b1, sizeof(b1), used),
 		      fmt_bytes(b2, sizeof(b2), cap), cap > 0 ? 100 * used / cap : 0,
-		      num(v, "used_slots"));
+		      num(v, "pages"));
 	}
 	t_print(&t, f);
 	json_t *job = json_object_get(s, "job");
@@ -689,14 +698,9 @@ static double parse_num(const char *s, const char *what)
 /* Hit rates and copy bandwidths the running daemon observed, where it has any. */
 static void plan_observe(struct plan *p)
 {
-	struct sockaddr_un a = {.sun_family = AF_UNIX};
-	snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		if (fd >= 0)
-			close(fd);
-		return;
-	}
+	int fd = ctl_try_connect();
+	if (fd < 0)
+		return; /* no daemon: assumed rates */
 	const char *w[] = {"stats"};
 	int st;
 	char *txt = ctl_call(fd, w, 1, &st, NULL);

@@ -334,11 +334,11 @@ try:
     r = ctl("drain", "--tier", "gpu")
     check("drain gpu done" in r.stdout, "drain gpu: summary line")
     jj = ctl_json("job")
-    gpu_left = ctl_json("status")["tiers"][0]["used_slots"]
+    gpu_left = ctl_json("status")["tiers"][0]["pages"]
     check(jj["op"] == "drain" and jj["failed"] == 0 and gpu_left <= jj["skipped"] <= PINNED,
           f"drain gpu: {gpu_left} pages left, {jj['skipped']} skipped (pinned)")
     j = ctl_json("drain", "--tier", "host")
-    host_left = ctl_json("status")["tiers"][1]["used_slots"]
+    host_left = ctl_json("status")["tiers"][1]["pages"]
     check(j["failed"] == 0 and host_left <= j["skipped"] <= PINNED and j["done"] > 0,
           f"drain host: {host_left} left ({j['skipped']} skipped: pinned)")
     r = ctl("job")
