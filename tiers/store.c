@@ -97,6 +97,7 @@ struct kvt_store {
 	unsigned moves_inflight;
 	uint64_t epoch;
 	uint64_t clock;
+	uint64_t now_ms; /* monotonic, read once per run: page ages need no finer clock */
 	float score_ema;
 	struct kvt_store_stats st;
 };
@@ -234,7 +235,7 @@ static struct page *page_new(struct kvt_store *s, const struct page_key *k)
 	pg->key = *k;
 	pg->key.pad = 0;
 	pg->seq = q;
-	pg->born_ms = now_ns() / 1000000;
+	pg->born_ms = s->now_ms;
 	for (int t = 0; t < TIER_MAX; t++)
 		pg->slot[t] = TIER_SLOT_NONE;
 	kvt_list_init(&pg->lru[0]);
@@ -692,7 +693,7 @@ static void page_drop(struct kvt_store *s, struct page *pg)
 {
 	page_unhash(s, pg);
 	s->st.pages_dropped++;
-	uint64_t life = now_ns() / 1000000 - pg->born_ms;
+	uint64_t life = s->now_ms - pg->born_ms;
 	s->st.lifetime[kvt_hist_bucket(life)]++;
 	s->st.lifetime_sum_ms += life;
 	if (pg->io_refs) {
@@ -1020,7 +1021,7 @@ int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score)
 		return -ENOENT;
 	pg->score = score;
 	s->score_ema = 0.99f * s->score_ema + 0.01f * score;
-	uint64_t ms = now_ns() / 1000000;
+	uint64_t ms = s->now_ms;
 	if (pg->touch_ms) {
 		s->st.reuse_gap[kvt_hist_bucket(ms - pg->touch_ms)]++;
 		s->st.reuse_gap_sum_ms += ms - pg->touch_ms;
@@ -1140,6 +1141,7 @@ static void cron(struct kvt_store *s)
 int kvt_store_run(struct kvt_store *s, int timeout_ms)
 {
 	int handled = 0;
+	s->now_ms = now_ns() / 1000000;
 	cron(s);
 	flush_queues(s);
 	if (kvt_list_empty(&s->ready)) {
@@ -1248,6 +1250,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	if (!s)
 		return -ENOMEM;
 	s->p = *p;
+	s->now_ms = now_ns() / 1000000;
 	if (!s->p.page_bytes)
 		s->p.page_bytes = 32768;
 	if (!s->p.queue_depth)
