@@ -669,6 +669,7 @@ static void sel_finish(struct kvd_wait *w)
 	}
 	int32_t *table = (int32_t *)(c->data + s->out_off);
 	int32_t *n_out = table + (size_t)s->rows * s->out_stride, *tail = n_out + s->rows;
+	int32_t *pages = tail + s->rows;
 	for (uint32_t r = 0; r < s->rows; r++) {
 		for (int32_t j = 0; j < s->n_out[r]; j++) {
 			const struct page_key *k = &s->keys[(size_t)r * s->out_stride + j];
@@ -688,6 +689,7 @@ static void sel_finish(struct kvd_wait *w)
 				return;
 			}
 			table[(size_t)r * s->out_stride + j] = slot;
+			pages[(size_t)r * s->out_stride + j] = (int32_t)k->index;
 			kvt_store_touch(d->store, k, 1.0f);
 		}
 		n_out[r] = s->n_out[r];
@@ -869,7 +871,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint32_t nseq = r->seq, H = lo->kv_heads, T = lo->page_tokens;
 	const uint64_t rows = (uint64_t)nseq * H;
 	const uint64_t qbytes = rows * lo->group * lo->head_dim * esize(c);
-	const uint64_t obytes = rows * ((uint64_t)r->out_stride + 2) * sizeof(int32_t);
+	const uint64_t obytes = rows * (2 * (uint64_t)r->out_stride + 2) * sizeof(int32_t);
 	const unsigned flags = KVT_SEL_TOPP | KVT_SEL_HOST | KVT_SEL_SUBST;
 	int ret = -EINVAL;
 	if (!nseq || nseq > d->cfg.max_batch || r->layer >= lo->layers || !r->out_stride ||

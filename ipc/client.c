@@ -67,7 +67,7 @@ struct kvtier_client {
 struct kvtier_table {
 	struct kvtier_client *c;
 	uint32_t max_seqs, rows, stride, layer, cap_cells;
-	int32_t *slots, *n_pages, *tail_len, *tail_slot; /* host */
+	int32_t *slots, *pages, *n_pages, *tail_len, *tail_slot; /* host */
 	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
 };
 
@@ -586,13 +586,15 @@ void kvtier_table_destroy(struct kvtier_table *t)
 	kvt_compute_free(t->c->cc, t->d_slots);
 	free(t->n_pages);
 	free(t->slots);
+	free(t->pages);
 	free(t);
 }
 
 void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *out)
 {
 	*out = (struct kvtier_table_view){.rows = t->rows, .stride = t->stride, .layer = t->layer,
-					  .slots = t->slots, .n_pages = t->n_pages,
+					  .slots = t->slots, .pages = t->pages,
+					  .n_pages = t->n_pages,
 					  .tail_len = t->tail_len, .tail_slot = t->tail_slot};
 }
 
@@ -664,21 +666,23 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		stride = 1;
 	uint64_t qoff = ((uint64_t)nseq * 4 + 63) & ~63ull;
 	uint64_t ooff = (qoff + qbytes + 63) & ~63ull;
-	uint64_t obytes = rows * ((uint64_t)stride + 2) * sizeof(int32_t);
+	uint64_t obytes = rows * (2 * (uint64_t)stride + 2) * sizeof(int32_t);
 	if (!ret && ooff + obytes > c->w.data_bytes)
 		ret = -EMSGSIZE;
 	if (!ret && rows * stride > t->cap_cells) {
 		int32_t *s = realloc(t->slots, rows * stride * sizeof(int32_t));
+		if (s)
+			t->slots = s;
+		int32_t *pg = realloc(t->pages, rows * stride * sizeof(int32_t));
+		if (pg)
+			t->pages = pg;
 		kvt_compute_free(c->cc, t->d_slots);
 		t->d_slots = NULL;
-		if (!s || kvt_compute_alloc(c->cc, rows * stride * sizeof(int32_t),
-					    (void **)&t->d_slots) < 0) {
-			if (s)
-				t->slots = s;
+		if (!s || !pg || kvt_compute_alloc(c->cc, rows * stride * sizeof(int32_t),
+						   (void **)&t->d_slots) < 0) {
 			t->cap_cells = 0;
 			ret = -ENOMEM;
 		} else {
-			t->slots = s;
 			t->cap_cells = (uint32_t)(rows * stride);
 		}
 	}
@@ -704,6 +708,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		goto out;
 	const int32_t *tab = (const int32_t *)(c->data + ooff);
 	const int32_t *n_out = tab + rows * stride, *tail = n_out + rows;
+	const int32_t *pages = tail + rows;
 	const uint64_t nslots = c->w.pool_bytes / c->w.slot_bytes;
 	const uint64_t nhost = c->w.host_bytes / c->w.host_stride;
 	for (size_t row = 0; row < rows && !ret; row++) {
@@ -712,8 +717,9 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		if (n_out[row] < 0 || (uint32_t)n_out[row] > stride || tail[row] != (int32_t)want_tail)
 			ret = -EPROTO;
 		for (int32_t j = 0; j < n_out[row] && !ret; j++) {
-			int32_t v = tab[row * stride + j];
-			if (v < 0 || ((v & KVT_SLOT_HOST) ? !c->host_dev ||
+			int32_t v = tab[row * stride + j], pg = pages[row * stride + j];
+			if (pg < 0 || (uint32_t)pg >= l->ntok[layer] / T || v < 0 ||
+			    ((v & KVT_SLOT_HOST) ? !c->host_dev ||
 						   (uint64_t)(v & ~KVT_SLOT_HOST) >= nhost
 						 : (uint64_t)v >= nslots))
 				ret = -EPROTO;
@@ -727,6 +733,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	if (ret)
 		goto out;
 	memcpy(t->slots, tab, rows * stride * sizeof(int32_t));
+	memcpy(t->pages, pages, rows * stride * sizeof(int32_t));
 	t->rows = (uint32_t)rows;
 	t->stride = stride;
 	t->layer = layer;

@@ -133,13 +133,15 @@ void kvtier_table_destroy(struct kvtier_table *t);
  * The table's content for host inspection, valid until the next select into it:
  * rows = nseq * kv_heads; slots[r * stride + i] for i < n_pages[r] (the selected full
  * pages in ascending page order: a GPU pool slot, or, with KVTIER_SLOT_HOST set, a
- * slot of the host arena); tail_len[r] tokens in the page still filling.
+ * slot of the host arena), pages[r * stride + i] the page index of that entry (page p
+ * holds tokens p * page_tokens ..); tail_len[r] tokens in the page still filling.
  */
 #define KVTIER_SLOT_HOST 0x40000000
 struct kvtier_table_view {
 	uint32_t rows, stride, layer;
 	const int32_t *slots, *n_pages, *tail_len;
 	const int32_t *tail_slot; /* [rows] slot in kvtier_memory.tail_pool, or -1 */
+	const int32_t *pages;     /* [rows][stride] page index of each slot */
 };
 void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *out);
 

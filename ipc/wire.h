@@ -26,7 +26,7 @@
 #include "ipc/kvtier.h"
 
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 2
+#define KVT_WIRE_VERSION 3
 
 #define KVT_MSG_MAX (64u * 1024)
 
@@ -206,7 +206,8 @@ enum kvt_select_flags {
  * One request. SELECT: ntok carries the client's last attention time in microseconds
  * (0: none since the last select), for the stats; seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
  * at off[1]; the answer at off[2]: int32 table[rows][out_stride] (pool slots), then
- * int32 n_out[rows], then int32 tail_len[rows], rows = nseq * kv_heads. A slot with
+ * int32 n_out[rows], then int32 tail_len[rows], then int32 pages[rows][out_stride] (the
+ * page index of each table entry), rows = nseq * kv_heads. A slot with
  * KVT_SLOT_HOST (0x40000000, kernels/compute.h) set is a slot of the host arena.
  */
 struct kvt_sqe {

@@ -45,7 +45,8 @@ class _View(ctypes.Structure):
                 ("slots", ctypes.POINTER(ctypes.c_int32)),
                 ("n_pages", ctypes.POINTER(ctypes.c_int32)),
                 ("tail_len", ctypes.POINTER(ctypes.c_int32)),
-                ("tail_slot", ctypes.POINTER(ctypes.c_int32))]
+                ("tail_slot", ctypes.POINTER(ctypes.c_int32)),
+                ("pages", ctypes.POINTER(ctypes.c_int32))]
 
 
 class _Memory(ctypes.Structure):
@@ -144,6 +145,13 @@ class Table:
         n = np.ctypeslib.as_array(v.n_pages, (rows,)).copy()
         tail = np.ctypeslib.as_array(v.tail_len, (rows,)).copy()
         return slots, n, tail
+
+    def pages(self):
+        """The page index of every entry of view()'s slots: [rows][stride]."""
+        import numpy as np
+        v = _View()
+        self._c._lib.kvtier_table_view(self._t, ctypes.byref(v))
+        return np.ctypeslib.as_array(v.pages, (v.rows * v.stride,)).reshape(v.rows, v.stride).copy()
 
     def close(self):
         if self._t:

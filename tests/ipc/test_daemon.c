@@ -237,6 +237,7 @@ static unsigned step(struct kvtier_client *c, struct seqdesc *s, uint32_t n, uin
 				const float *slot = slot_addr(&mem, v.slots[r * v.stride + j]);
 				pages[j] = page_of_slot(sq, l, h, slot);
 				check(pages[j] >= 0);
+				check_eq(v.pages[r * v.stride + j], pages[j]); /* what the view says */
 				if (j)
 					check(pages[j] > pages[j - 1]);
 				sink |= pages[j] == 0;
