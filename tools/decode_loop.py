@@ -24,7 +24,7 @@ import kvtier  # noqa: E402
 def daemon_stats(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
-    s.sendall(struct.pack("<IHHIi", 0x3154564B, 2, 6, 0, 0))
+    s.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 6, 0, 0))
     hdr = s.recv(16, socket.MSG_WAITALL)
     _, _, typ, ln, _ = struct.unpack("<IHHIi", hdr)
     body = s.recv(ln, socket.MSG_WAITALL)

@@ -60,6 +60,9 @@ STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "
                 "prefetch_gpu", "prefetch_host", "prefetch_used", "prefetch_wasted",
                 "prefetch_refused", "bytes_h2d", "bytes_nvme")
 SLOT_HOST = 0x40000000
+# The socket protocol (ipc/wire.h), for tools that speak it without the library.
+WIRE_MAGIC = 0x3154564B
+WIRE_VERSION = 3
 ATTACH_NO_HOST_READS = 1
 SEL_SUBSTITUTE = 1
 

@@ -361,12 +361,16 @@ try:
           "the clients' attention time reaches the stats")
 
     # ---- malformed control messages: an error answer or a hang-up, never a crash ----
+    import re
     import struct
+    wire = open(os.path.join(src, "ipc", "wire.h")).read()
+    check(int(re.search(r"define KVT_WIRE_VERSION (\d+)", wire).group(1)) == kvtier.WIRE_VERSION,
+          "the Python binding's WIRE_VERSION is ipc/wire.h's")
 
     def raw(payload, typ=8):
         s = socket.socket(socket.AF_UNIX)
         s.connect(SOCK)
-        s.sendall(struct.pack("<IHHIi", 0x3154564b, 2, typ, len(payload), 0) + payload)
+        s.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, typ, len(payload), 0) + payload)
         s.settimeout(10)
         out, status = b"", None
         try:
@@ -394,9 +398,9 @@ try:
     check(st_ == 0 and "store" in json.loads(out), "raw: too many words are cut, not trusted")
     s2 = socket.socket(socket.AF_UNIX)
     s2.connect(SOCK)
-    s2.sendall(struct.pack("<IHHIi", 0x3154564b, 2, 8, 7, 0) + b"status\0")
+    s2.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 8, 7, 0) + b"status\0")
     s2.recv(1 << 16)
-    s2.sendall(struct.pack("<IHHIi", 0x3154564b, 2, 1, 88, 0) + b"\0" * 88)  # HELLO now
+    s2.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 1, 88, 0) + b"\0" * 88)  # HELLO now
     s2.settimeout(10)
     check(s2.recv(1 << 16) == b"", "raw: HELLO on a control connection hangs up")
     s2.close()
