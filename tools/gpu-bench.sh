@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the GPU machine: build, then kvtier-bench's comparison (tools/BENCHMARKS.md, issue
+# #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
+#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|disk|all]
+# main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch: batch 8 at 16K and batch 32
+# at 4K (16 GiB of KV each, as 128K at batch 1); disk: kvtier alone at 256K with a host
+# tier of 20% of the KV (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
+# (or ./gpu-out).
+set -uo pipefail
+what=${1:-all}
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH
+if [ ! -x build-gpu/tools/kvtier-bench ] || [ -n "${REBUILD:-}" ]; then
+	meson setup build-gpu -Dcuda=enabled >"$out/build.log" 2>&1 || meson setup --reconfigure build-gpu >>"$out/build.log" 2>&1
+fi
+ninja -C build-gpu >>"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/machine.txt" 2>&1
+bench=./build-gpu/tools/kvtier-bench
+run() { # name, args...
+	local name=$1
+	shift
+	echo "== kvtier-bench $*"
+	$bench --dir build-gpu --no-progress --csv "$out/$name.csv" --plot "$out/plots-$name" "$@" \
+		>"$out/$name.txt" 2>"$out/$name.err"
+	echo "rc $?"
+	cat "$out/$name.err" | grep -v "^$" | tail -5
+}
+case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
+case $what in batch | all)
+	run batch8 --context 16K --batch 8
+	run batch32 --context 4K --batch 32
+	;;
+esac
+case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
+echo "== machine"; cat "$out/machine.txt"
+for f in main batch8 batch32 disk; do [ -f "$out/$f.txt" ] && cat "$out/$f.txt"; done
+exit 0
