@@ -86,6 +86,9 @@ static const struct opt opts[] = {
 	 "a prefetched page not selected within this many steps counts as wasted"},
 	{"prefetch.max_disk_inflight", OPT_U32, F(max_disk_prefetch), 1, 65536, true,
 	 "prefetches reading from NVMe at once (a step's own disk reads queue behind them)"},
+	{"select.substitute_gap", OPT_U32, F(substitute_gap), 0, 1000, true,
+	 "KVTIER_SEL_SUBSTITUTE replaces an NVMe-only page only when its score bound is at "
+	 "least this many nats below the row's best page (0: any such page)"},
 	{"metrics.listen", OPT_STR, F(metrics_listen), 0, 0, false,
 	 "Prometheus endpoint: ADDR:PORT (a loopback address; port 0: any), or \"off\""},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},

@@ -50,6 +50,7 @@ struct kvt_config {
 	uint32_t drift_pct;        /* weight of a page's score trend in the plan */
 	uint32_t wasted_steps;     /* a prefetched page unused this many steps is wasted */
 	uint32_t max_disk_prefetch; /* prefetches reading from NVMe at once */
+	uint32_t substitute_gap;   /* nats below a row's best page a page must be to be replaced */
 	/* stats */
 	char metrics_listen[64];
 	/* daemon */

@@ -58,6 +58,21 @@ static void *host_tmp(struct kvd *d, size_t bytes)
 	return p;
 }
 
+/* Pinned host staging of the select's copies: [0] what goes up, [1] what comes back. */
+static void *pinned(struct kvd *d, int i, size_t bytes)
+{
+	if (d->pin_bytes[i] >= bytes)
+		return d->pin[i];
+	kvt_compute_host_free(d->cc, d->pin[i]);
+	d->pin[i] = NULL;
+	d->pin_bytes[i] = 0;
+	size_t n = bytes < 65536 ? 65536 : bytes + bytes / 2;
+	if (kvt_compute_host_alloc(d->cc, n, &d->pin[i]) < 0)
+		return d->pin[i] = NULL;
+	d->pin_bytes[i] = n;
+	return d->pin[i];
+}
+
 /* ---- summary records ---- */
 
 static int rec_alloc(struct kvd_client *c, uint32_t n, int32_t *out)
@@ -776,7 +791,10 @@ static void pf_account(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 
 /*
  * KVT_SEL_SUBST: a selected page only on NVMe (not a sink or window page) is replaced
- * by the best-ranked page that is resident, so the step reads nothing from disk.
+ * by the best-ranked page that is resident, so the step reads nothing from disk. With
+ * select.substitute_gap > 0, only pages whose score bound lies that many nats or more
+ * below the row's best-scored page: those can hold little of the softmax mass, and
+ * the step still waits for any page that may matter (a needle the query just turned to).
  */
 static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L,
 		       const struct kvt_sqe *r, bool host_ok, uint32_t h, int32_t *o, int32_t n,
@@ -784,15 +802,26 @@ static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 {
 	struct kvd *d = c->d;
 	const uint32_t T = c->layout.page_tokens;
-	uint32_t ci = 0;
-	bool moved = false;
+	uint32_t ci = 0, ne = 0, ei = 0;
+	bool moved = false, scanned = false;
+	struct cand *extra = NULL;
+	float floor = INFINITY; /* pages scored above it are never replaced */
+	if (d->cfg.substitute_gap) {
+		float best = -INFINITY;
+		for (int32_t j = 0; j < n; j++)
+			if (!always_page(r, T, L->ntok, (uint32_t)o[j]) && sc[o[j]] > best)
+				best = sc[o[j]];
+		/* scores are q.k bounds; a logit is q.k / sqrt(D) */
+		floor = best - (float)d->cfg.substitute_gap * sqrtf((float)c->layout.head_dim);
+	}
 	for (int32_t j = 0; j < n; j++) {
 		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
 				     .kv_head = (uint16_t)h, .seq = L->owner[o[j]]->sseq,
 				     .index = (uint32_t)o[j]};
 		struct kvt_page_info pi;
-		if (kvt_store_page_info(d->store, &k, &pi) < 0 || resident(&pi, host_ok) ||
-		    (pi.inflight & (1u << TIER_GPU)) || always_page(r, T, L->ntok, k.index))
+		if (sc[o[j]] > floor || always_page(r, T, L->ntok, k.index) ||
+		    kvt_store_page_info(d->store, &k, &pi) < 0 || resident(&pi, host_ok) ||
+		    (pi.inflight & (1u << TIER_GPU)))
 			continue;
 		int64_t sub = -1;
 		for (; ci < nc && sub < 0; ci++) {
@@ -803,14 +832,23 @@ static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 				cd[ci].s = -INFINITY; /* taken */
 			}
 		}
-		/* none among the ranked: the best-scored resident page of all */
-		for (uint32_t p = 0; ci >= nc && p < L->stored; p++) {
-			k.index = p;
-			k.seq = L->owner[p]->sseq;
-			if (!sm[p] && isfinite(sc[p]) && (sub < 0 || sc[p] > sc[sub]) &&
-			    kvt_store_page_info(d->store, &k, &pi) == 0 && resident(&pi, host_ok))
-				sub = p;
+		/* none among the ranked: the best-scored resident pages of all, found in one
+		 * scan of the row (at most as many as there are pages to replace) */
+		if (sub < 0 && !scanned) {
+			scanned = true;
+			extra = kvt_malloc((size_t)n * sizeof(*extra));
+			for (uint32_t p = 0; extra && p < L->stored; p++) {
+				k.index = p;
+				k.seq = L->owner[p]->sseq;
+				if (!sm[p] && isfinite(sc[p]) &&
+				    kvt_store_page_info(d->store, &k, &pi) == 0 && resident(&pi, host_ok))
+					heap_push(extra, &ne, (uint32_t)(n - j), (struct cand){sc[p], p});
+			}
+			if (extra)
+				qsort(extra, ne, sizeof(*extra), cand_desc);
 		}
+		if (sub < 0 && ei < ne)
+			sub = extra[ei++].p;
 		if (sub < 0)
 			break; /* nothing resident is left to take */
 		sm[o[j]] = 0;
@@ -819,6 +857,7 @@ static void substitute(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 		PF_ADD(c, q, substituted, 1);
 		moved = true;
 	}
+	kvt_free(extra);
 	if (moved) /* the table stays in ascending page order */
 		for (int32_t j = 1; j < n; j++)
 			for (int32_t i = j; i > 0 && o[i - 1] > o[i]; i--) {
@@ -923,10 +962,20 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		ret = -ENOBUFS;
 		goto out;
 	}
-	/* host side of the call: record index, pages and tail of every row */
-	size_t hb = rows * stride * sizeof(int32_t) + rows * 2 * sizeof(int32_t);
-	int32_t *h_idx = host_tmp(d, hb);
-	if (!h_idx) {
+	/*
+	 * What goes up, in one pinned buffer and one copy: the record index, pages and
+	 * tail of every row, then the queries. What comes back (the selection, and the
+	 * scores when the prefetcher plans) in one more: a select synchronises once.
+	 */
+	const bool planning_wanted = !dense && (d->cfg.prefetch || (r->flags & KVT_SEL_SUBST));
+	const size_t ib = ((rows * stride + rows * 2) * sizeof(int32_t) + 255) & ~(size_t)255;
+	const size_t hb = ib + qbytes;
+	const size_t cells = rows * r->out_stride;
+	const size_t ob = (cells + rows) * sizeof(int32_t) +
+			  (planning_wanted ? rows * stride * sizeof(float) : 0);
+	int32_t *h_idx = pinned(d, 0, hb);
+	int32_t *h_res = pinned(d, 1, ob);
+	if (!h_idx || !h_res) {
 		ret = -ENOMEM;
 		goto out;
 	}
@@ -944,21 +993,17 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			h_tail[row] = (int32_t)(L->ntok - L->stored * T);
 		}
 	}
-	void *qd = scratch(d, SCR_Q, qbytes);
-	int32_t *d_idx = scratch(d, SCR_SUMIDX, rows * stride * sizeof(int32_t));
-	int32_t *d_np = scratch(d, SCR_NPAGES, rows * sizeof(int32_t));
-	int32_t *d_tail = scratch(d, SCR_TAIL, rows * sizeof(int32_t));
+	memcpy((uint8_t *)h_idx + ib, c->data + r->off[1], qbytes);
+	int32_t *d_idx = scratch(d, SCR_SUMIDX, hb);
 	float *d_sc = scratch(d, SCR_SCORES, rows * stride * sizeof(float));
-	int32_t *d_out = scratch(d, SCR_OUT, rows * r->out_stride * sizeof(int32_t));
-	int32_t *d_nout = scratch(d, SCR_NOUT, rows * sizeof(int32_t));
-	if (!qd || !d_idx || !d_np || !d_tail || !d_sc || !d_out || !d_nout) {
+	int32_t *d_nout = scratch(d, SCR_OUT, (cells + rows) * sizeof(int32_t));
+	if (!d_idx || !d_sc || !d_nout) {
 		ret = -ENOMEM;
 		goto out;
 	}
-	if ((ret = kvt_compute_upload(d->cc, qd, c->data + r->off[1], qbytes)) < 0 ||
-	    (ret = kvt_compute_upload(d->cc, d_idx, h_idx, rows * stride * sizeof(int32_t))) < 0 ||
-	    (ret = kvt_compute_upload(d->cc, d_np, h_np, rows * sizeof(int32_t))) < 0 ||
-	    (ret = kvt_compute_upload(d->cc, d_tail, h_tail, rows * sizeof(int32_t))) < 0)
+	int32_t *d_np = d_idx + rows * stride, *d_tail = d_np + rows, *d_out = d_nout + rows;
+	void *qd = (uint8_t *)d_idx + ib;
+	if ((ret = kvt_compute_copy_async(d->cc, d_idx, h_idx, hb, NULL)) < 0)
 		goto out;
 	struct kvt_layer_policy pol;
 	kvt_layer_policy_default(&pol);
@@ -976,7 +1021,13 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 				      .out = d_out, .n_out = d_nout};
 	if (!c->sum_pool) /* nothing summarized yet: every row is empty */
 		sc.summaries = d_idx;
+	float *h_scores = (float *)(h_res + cells + rows);
 	if ((ret = kvt_select_layer(d->cc, &pol, r->layer, &sc, &sel, NULL)) < 0 ||
+	    (ret = kvt_compute_copy_async(d->cc, h_res, d_nout, (cells + rows) * sizeof(int32_t),
+					  NULL)) < 0 ||
+	    (planning_wanted &&
+	     (ret = kvt_compute_copy_async(d->cc, h_scores, d_sc, rows * stride * sizeof(float),
+					   NULL)) < 0) ||
 	    (ret = kvt_compute_sync(d->cc, NULL)) < 0)
 		goto out;
 	struct kvd_select *s = kvt_calloc(1, sizeof(*s));
@@ -984,7 +1035,6 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		ret = -ENOMEM;
 		goto out;
 	}
-	const size_t cells = rows * r->out_stride;
 	s->keys = kvt_malloc(cells * sizeof(*s->keys) + rows * 2 * sizeof(int32_t) +
 			     cells * sizeof(int32_t) + cells);
 	s->prom = kvt_malloc(cells * sizeof(*s->prom));
@@ -998,11 +1048,8 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	s->n_out = h_out + cells;
 	s->tail_len = s->n_out + rows;
 	s->to = (uint8_t *)(s->tail_len + rows);
-	if ((ret = kvt_compute_download(d->cc, h_out, d_out, cells * sizeof(int32_t))) < 0 ||
-	    (ret = kvt_compute_download(d->cc, s->n_out, d_nout, rows * sizeof(int32_t))) < 0) {
-		sel_release(&s->w);
-		goto out;
-	}
+	memcpy(s->n_out, h_res, rows * sizeof(int32_t));
+	memcpy(h_out, h_res + rows, cells * sizeof(int32_t));
 	memcpy(s->tail_len, h_tail, rows * sizeof(int32_t));
 	s->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
 				 .start_ns = kvd_now_ns(), .finish = sel_finish,
@@ -1025,7 +1072,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	 * The prefetcher's plan needs every page's score (on the host) and a map of the
 	 * selected pages; substitution needs the ranking too.
 	 */
-	const bool planning = !dense && !s->w.err && (d->cfg.prefetch || (r->flags & KVT_SEL_SUBST));
+	const bool planning = planning_wanted && !s->w.err;
 	const uint32_t gm = (uint32_t)((uint64_t)r->budget * d->cfg.gpu_margin_pct / 100);
 	const uint32_t hm = (uint32_t)((uint64_t)r->budget * d->cfg.host_margin_pct / 100);
 	const uint32_t K = d->cfg.prefetch ? gm + hm + r->out_stride : r->out_stride;
@@ -1034,21 +1081,16 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	struct cand *cands = NULL;
 	uint32_t *ncand = NULL;
 	if (planning) {
-		plan = kvt_malloc(rows * stride * (sizeof(float) + 1) +
-				  rows * (K * sizeof(struct cand) + sizeof(uint32_t)));
+		plan = kvt_malloc(rows * stride + rows * (K * sizeof(struct cand) + sizeof(uint32_t)));
 		if (!plan) {
 			sel_release(&s->w);
 			ret = -ENOMEM;
 			goto out;
 		}
-		h_sc = (float *)plan;
-		cands = (struct cand *)(h_sc + rows * stride);
+		h_sc = h_scores; /* the pinned copy: nothing else runs before the plan is made */
+		cands = (struct cand *)plan;
 		ncand = (uint32_t *)(cands + rows * K);
 		selmap = (uint8_t *)(ncand + rows);
-		if ((ret = kvt_compute_download(d->cc, h_sc, d_sc, rows * stride * sizeof(float))) < 0) {
-			sel_release(&s->w);
-			goto out;
-		}
 	}
 	/* The previous step's pins of these rows go first: their pages may make room. */
 	for (uint32_t b = 0; b < nseq; b++) {
@@ -1434,6 +1476,8 @@ void kvd_engine_stop(struct kvd *d)
 		if (d->scr[i].p)
 			kvt_compute_free(d->cc, d->scr[i].p);
 	kvt_free(d->host_tmp);
+	for (int i = 0; i < 2; i++)
+		kvt_compute_host_free(d->cc, d->pin[i]);
 	struct kvd_zombie *z, *zt;
 	kvt_list_for_each_entry_safe(z, zt, &d->zombies, link)
 	{

@@ -158,13 +158,9 @@ struct kvd_scratch {
 };
 
 enum kvd_scratch_id {
-	SCR_Q = 0,
-	SCR_SUMIDX,
-	SCR_NPAGES,
-	SCR_TAIL,
+	SCR_SUMIDX = 0, /* a select's inputs: record index, pages, tails, queries */
 	SCR_SCORES,
-	SCR_OUT,
-	SCR_NOUT,
+	SCR_OUT,        /* its selection: n_out, then the table */
 	SCR_PAGES,
 	SCR_SLOTS,
 	SCR_RECS,
@@ -190,6 +186,8 @@ struct kvd {
 	struct kvd_scratch scr[SCR_MAX];
 	void *host_tmp;
 	size_t host_tmp_bytes;
+	void *pin[2]; /* pinned staging of a select's copies (engine.c) */
+	size_t pin_bytes[2];
 	bool stopping;
 	/* counters */
 	uint64_t start_ns;

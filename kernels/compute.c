@@ -100,6 +100,23 @@ int kvt_compute_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
 	return c->ops->memset(c, dst, byte, bytes);
 }
 
+int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			   void *stream)
+{
+	return bytes ? c->ops->copy_async(c, dst, src, bytes, stream) : 0;
+}
+
+int kvt_compute_host_alloc(struct kvt_compute *c, size_t bytes, void **out)
+{
+	return c->ops->host_alloc(c, bytes, out);
+}
+
+void kvt_compute_host_free(struct kvt_compute *c, void *p)
+{
+	if (p)
+		c->ops->host_free(c, p);
+}
+
 int kvt_check_summarize(const struct kvt_summarize_args *a)
 {
 	if (!a || kvt_geom_check(&a->g) < 0)

@@ -197,6 +197,17 @@ void kvt_compute_free(struct kvt_compute *c, void *p);
 int kvt_compute_upload(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
 int kvt_compute_download(struct kvt_compute *c, void *dst, const void *src, size_t bytes);
 int kvt_compute_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes);
+/*
+ * A copy in either direction queued on stream (NULL: the backend's own) behind what was
+ * issued there before, complete once kvt_compute_sync of that stream returns: several
+ * copies and kernels then cost one synchronisation. cpu copies at once.
+ */
+int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			   void *stream);
+/* Host memory for kvt_compute_copy_async: pinned on cuda (a pageable buffer would make
+ * the copy synchronous and slow). */
+int kvt_compute_host_alloc(struct kvt_compute *c, size_t bytes, void **out);
+void kvt_compute_host_free(struct kvt_compute *c, void *p);
 
 /*
  * The operations. stream: a cudaStream_t for cuda (NULL: the backend's own stream),

@@ -67,6 +67,13 @@ static int cpu_copy(struct kvt_compute *c, void *dst, const void *src, size_t by
 	return 0;
 }
 
+static int cpu_copy_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			  void *stream)
+{
+	memmove(dst, src, bytes);
+	return 0;
+}
+
 static int cpu_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
 {
 	memset(dst, byte, bytes);
@@ -329,4 +336,7 @@ const struct kvt_compute_ops kvt_compute_cpu_ops = {
 	.select = cpu_select,
 	.attend = cpu_attend,
 	.sync = cpu_sync,
+	.copy_async = cpu_copy_async,
+	.host_alloc = cpu_alloc,
+	.host_free = cpu_free,
 };

@@ -103,6 +103,24 @@ static int cuda_download(kvt_compute *base, void *dst, const void *src, size_t b
 	return ret < 0 ? ret : kvt_cuda_errno(cudaStreamSynchronize(c->stream), "download");
 }
 
+static int cuda_copy_async(kvt_compute *base, void *dst, const void *src, size_t bytes,
+			   void *stream)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	return kvt_cuda_errno(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, pick(c, stream)),
+			      "copy");
+}
+
+static int cuda_host_alloc(kvt_compute *, size_t bytes, void **out)
+{
+	return kvt_cuda_errno(cudaMallocHost(out, bytes ? bytes : 1), "host alloc");
+}
+
+static void cuda_host_free(kvt_compute *, void *p)
+{
+	cudaFreeHost(p);
+}
+
 static int cuda_memset(kvt_compute *base, void *dst, int byte, size_t bytes)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
@@ -152,4 +170,7 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_select,
 	cuda_attend,
 	cuda_sync,
+	cuda_copy_async,
+	cuda_host_alloc,
+	cuda_host_free,
 };

@@ -27,6 +27,12 @@ struct kvt_compute_ops {
 	int (*select)(struct kvt_compute *c, const struct kvt_select_args *a, void *stream);
 	int (*attend)(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
 	int (*sync)(struct kvt_compute *c, void *stream);
+	/* ordered with the stream's kernels; done when a sync of the stream returns */
+	int (*copy_async)(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			  void *stream);
+	/* host memory the device copies to and from at full speed (pinned) */
+	int (*host_alloc)(struct kvt_compute *c, size_t bytes, void **out);
+	void (*host_free)(struct kvt_compute *c, void *p);
 };
 
 /* Every backend's object starts with this. */

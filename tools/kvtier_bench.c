@@ -79,8 +79,11 @@ struct opts {
 	uint32_t steps, warmup, threads;
 	double gpu_frac, host_frac;
 	unsigned methods;
-	const char *device, *kvtierd, *socket, *dir, *csv, *plot;
-	bool progress, keep;
+	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
+	bool progress, keep, substitute;
+	uint32_t subst_gap;
+	const char *dopt[32];
+	uint32_t ndopt;
 	uint64_t seed;
 };
 
@@ -535,8 +538,8 @@ struct result {
 	uint64_t n_err, n_rec, n_found;
 	double cover_sum, err_sum;
 	uint64_t n_cover;
-	double prefill_s;
-	char extra[160];
+	double prefill_s, flush_s;
+	char extra[256];
 };
 
 static int cmp_d(const void *a, const void *b)
@@ -943,7 +946,10 @@ static void run_reload(struct gpu *g, struct run *r, struct result *res)
 		for (uint32_t l = 0; l < r->L && !ret; l++) {
 			struct kvt_attend_args a;
 			attend_args(r, &m, buf, l, 0, s, &a);
-			if ((ret = g->dev->ops->memcpy(g->dev, buf, host + l * r->layer_bytes,
+			/* the copy runs on the device's own stream: the last layer's attention
+			 * must be done with the buffer first */
+			if ((ret = kvt_compute_sync(g->cc, NULL)) < 0 ||
+			    (ret = g->dev->ops->memcpy(g->dev, buf, host + l * r->layer_bytes,
 						       r->layer_bytes, KVT_H2D)) < 0)
 				break;
 			ret = kvt_attend(g->cc, &a, NULL);
@@ -1064,6 +1070,20 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		 (unsigned long long)((r->page_bytes + 4095) & ~4095ull));
 	char bin[PATH_MAX];
 	const char *exe = find_kvtierd(bin, sizeof(bin));
+	const char *argv[64];
+	int na = 0;
+	argv[na++] = exe;
+	for (int i = 0; i < 10; i++)
+		argv[na++] = "-o", argv[na++] = a[i];
+	argv[na++] = "-o", argv[na++] = "ipc.data_bytes_max=256M";
+	argv[na++] = "-o", argv[na++] = "daemon.promote_timeout_ms=120000";
+	argv[na++] = "-o", argv[na++] = "metrics.listen=off";
+	char gap[64];
+	snprintf(gap, sizeof(gap), "select.substitute_gap=%u", O.subst_gap);
+	argv[na++] = "-o", argv[na++] = gap;
+	for (uint32_t i = 0; i < O.ndopt; i++) /* the user's last */
+		argv[na++] = "-o", argv[na++] = O.dopt[i];
+	argv[na] = NULL;
 	pid_t pid = fork();
 	if (pid < 0)
 		return -errno;
@@ -1071,9 +1091,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		FILE *f = freopen(dm->log, "w", stderr);
 		(void)f;
 		dup2(2, 1);
-		execlp(exe, exe, "-o", a[0], "-o", a[1], "-o", a[2], "-o", a[3], "-o", a[4], "-o", a[5],
-		       "-o", a[6], "-o", a[7], "-o", a[8], "-o", a[9], "-o", "ipc.data_bytes_max=256M", "-o",
-		       "daemon.promote_timeout_ms=120000", "-o", "metrics.listen=off", (char *)NULL);
+		execvp(exe, (char *const *)argv);
 		fprintf(stderr, "exec %s: %s\n", exe, strerror(errno));
 		_exit(127);
 	}
@@ -1196,6 +1214,20 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		failed = true;
 		goto out;
 	}
+	/*
+	 * The prefill's write-back to NVMe goes on after the appends return: let it finish
+	 * (kvtierctl flush waits for it), so that the steps measure decoding, not decoding
+	 * beside a disk busy with gigabytes of writes.
+	 */
+	if (!O.socket) {
+		char cmd[2 * PATH_MAX + 64], ctl[PATH_MAX];
+		snprintf(ctl, sizeof(ctl), "%s/kvtierctl", self_dir);
+		snprintf(cmd, sizeof(cmd), "'%s' --socket '%s' flush >/dev/null", ctl, dm.sock);
+		double f0 = now();
+		if (access(ctl, X_OK) < 0 || system(cmd) != 0)
+			fprintf(stderr, "kvtier-bench: no write-back wait (%s flush failed or missing)\n", ctl);
+		res->flush_s = now() - f0;
+	}
 	tab = kvtier_table_create(c, r->B);
 	q = dalloc(g, (size_t)r->S * r->L * qper * r->esz);
 	out = dalloc(g, (size_t)r->L * qper * r->esz);
@@ -1206,23 +1238,29 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		goto out;
 	}
 	struct kvtier_select_params sp = {.budget_pages = O.budget / r->T, .sink_tokens = O.sink,
-					  .window_tokens = O.window};
+					  .window_tokens = O.window,
+					  .flags = O.substitute ? KVTIER_SEL_SUBSTITUTE : 0};
 	struct kvtier_prefetch_stats st0 = {0}, st1 = {0};
 	uint32_t nt = 0;
+	double t_app = 0, t_sel = 0; /* of the timed steps: in kvtier_append, kvtier_select */
 	label(lb, sizeof(lb), r, M_KVTIER, "steps");
 	for (uint32_t s = 0; s < r->S && !ret; s++) {
 		bar(lb, s, r->S);
 		if (s == O.warmup && (ret = kvtier_stats(c, UINT32_MAX, &st0)) < 0)
 			break;
-		double t0 = now();
+		double t0 = now(), ta = 0, tsel = 0;
 		for (uint32_t l = 0; l < r->L && !ret; l++) {
+			double u0 = now();
 			for (uint32_t b = 0; b < r->B && !ret; b++) {
 				const uint8_t *k = nk + ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
 				ret = kvtier_append(c, seqs[b], l, k, k + stepb, 1, KVT_MEM_HOST);
 			}
 			const uint8_t *ql = (const uint8_t *)q + ((size_t)s * r->L + l) * qper * r->esz;
+			double u1 = now();
 			if (ret || (ret = kvtier_select(c, seqs, r->B, l, ql, KVT_MEM_DEVICE, &sp, tab)) < 0)
 				break;
+			ta += u1 - u0;
+			tsel += now() - u1;
 			if (s >= O.warmup) {
 				struct kvtier_table_view v;
 				kvtier_table_view(tab, &v);
@@ -1238,6 +1276,8 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		if (ret || s < O.warmup)
 			continue;
 		times[nt++] = t1 - t0;
+		t_app += ta;
+		t_sel += tsel;
 		if ((ret = kvt_compute_download(g->cc, h_out, out, (size_t)r->L * qper * r->esz)) < 0 ||
 		    (ret = kvt_compute_download(g->cc, h_lse, lse,
 						(size_t)r->L * r->rows * r->G * sizeof(float))) < 0)
@@ -1260,12 +1300,24 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	res->pcie = ((double)(st1.bytes_h2d - st0.bytes_h2d) +
 		     pb * (double)(st1.fetched - st0.fetched + st1.host - st0.host)) / steps;
 	res->nvme = ((double)(st1.bytes_nvme - st0.bytes_nvme) + pb * (double)(st1.disk - st0.disk)) / steps;
+	double sum = 0;
+	for (uint32_t i = 0; i < nt; i++)
+		sum += times[i];
 	snprintf(res->extra, sizeof(res->extra),
-		 "prefill %.1f s; per step: %.0f pages selected, %.1f from host in place, %.1f waited "
-		 "for, %.1f read from disk",
-		 res->prefill_s, sel / steps, (double)(st1.host - st0.host) / steps,
+		 "prefill %.1f s (+%.1f s write-back); a step: %.0f%% append, %.0f%% select, %.0f%% attend; %.0f pages "
+		 "selected, %.1f read from host in place, %.1f waited for, %.1f read from disk",
+		 res->prefill_s, res->flush_s, 100 * t_app / sum, 100 * t_sel / sum, 100 * (sum - t_app - t_sel) / sum,
+		 sel / steps, (double)(st1.host - st0.host) / steps,
 		 (double)(st1.fetched - st0.fetched + st1.late - st0.late) / steps,
 		 (double)(st1.disk - st0.disk) / steps);
+	if (O.daemon_stats) { /* the daemon's own view of the run, through kvtierctl */
+		char cmd[3 * PATH_MAX + 128], c2[16];
+		fmt_tokens(c2, sizeof(c2), r->N);
+		snprintf(cmd, sizeof(cmd), "{ echo '== kvtier %s batch %u'; '%s/kvtierctl' --socket '%s' "
+			 "stats; } >>'%s' 2>&1", c2, r->B, self_dir, ao.socket, O.daemon_stats);
+		if (system(cmd) != 0)
+			fprintf(stderr, "kvtier-bench: kvtierctl stats failed (see %s)\n", O.daemon_stats);
+	}
 out:
 	if (tab)
 		kvtier_table_destroy(tab);
@@ -1499,6 +1551,11 @@ static void usage(FILE *f)
 		"  --keep              keep that directory (store, kvtierd.log)\n"
 		"  --csv FILE          the results as CSV\n"
 		"  --plot DIR          PNG plots (gnuplot): DIR/step_time.png, DIR/error.png\n"
+		"  --daemon-stats FILE append `kvtierctl stats` of each kvtier run to FILE\n"
+		"  --daemon-opt K=V    a kvtierd setting for the started daemon (repeatable)\n"
+		"  --substitute[=GAP]  kvtier selects with KVTIER_SEL_SUBSTITUTE: a page only on\n"
+		"                      NVMe is replaced by the best resident one, if its score\n"
+		"                      bound is GAP nats or more below the row's best (0: any)\n"
 		"  --threads N         KV generation threads (all cores)\n"
 		"  --seed N            the generator's seed (1)\n"
 		"  --no-progress       no progress bar (default when stderr is not a terminal)\n");
@@ -1509,7 +1566,7 @@ int main(int argc, char **argv)
 	enum { O_LAYERS = 256, O_HEADS, O_GROUP, O_HDIM, O_DTYPE, O_CTX, O_BATCH, O_BUDGET, O_SINK,
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
-	       O_SEED, O_NOPROG, O_MODEL, O_HELP };
+	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1521,7 +1578,9 @@ int main(int argc, char **argv)
 		{"small", 0, 0, O_SMALL}, {"kvtierd", 1, 0, O_KVTIERD}, {"socket", 1, 0, O_SOCKET},
 		{"dir", 1, 0, O_DIR}, {"keep", 0, 0, O_KEEP}, {"csv", 1, 0, O_CSV},
 		{"plot", 1, 0, O_PLOT}, {"threads", 1, 0, O_THREADS}, {"seed", 1, 0, O_SEED},
-		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
+		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP},
+		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
+		{"substitute", 2, 0, O_SUBST}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -1609,6 +1668,24 @@ int main(int argc, char **argv)
 		case O_KEEP: O.keep = true; continue;
 		case O_CSV: O.csv = optarg; continue;
 		case O_PLOT: O.plot = optarg; continue;
+		case O_DSTATS: O.daemon_stats = optarg; continue;
+		case O_SUBST:
+			O.substitute = true;
+			if (optarg) {
+				if (!num_ok || u > 1000) {
+					fprintf(stderr, "kvtier-bench: --substitute=GAP takes nats, 0-1000\n");
+					return 2;
+				}
+				O.subst_gap = v;
+			}
+			continue;
+		case O_DOPT:
+			if (O.ndopt == sizeof(O.dopt) / sizeof(O.dopt[0]) || !strchr(optarg, '=')) {
+				fprintf(stderr, "kvtier-bench: --daemon-opt KEY=VALUE, at most 32\n");
+				return 2;
+			}
+			O.dopt[O.ndopt++] = optarg;
+			continue;
 		case O_NOPROG: O.progress = false; continue;
 		case 'h':
 		case O_HELP: usage(stdout); return 0;

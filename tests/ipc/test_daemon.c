@@ -284,6 +284,35 @@ static int stats(struct kvt_wire_stats *w)
 	return ret;
 }
 
+/* A control command (words, each NUL-ended); its last answer piece's status. */
+static int ctl_cmd(const char *words, size_t len)
+{
+	int fd = connect_raw();
+	if (fd < 0)
+		return -1;
+	struct kvt_msg_hdr h = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_CTL, (uint32_t)len, 0};
+	int ret = -1;
+	char buf[4096];
+	if (send(fd, &h, sizeof(h), MSG_NOSIGNAL) == sizeof(h) &&
+	    send(fd, words, len, MSG_NOSIGNAL) == (ssize_t)len)
+		while (recv(fd, &h, sizeof(h), MSG_WAITALL) == sizeof(h) && h.type == KVT_MSG_CTL_REPLY) {
+			for (uint32_t got = 0; got < h.len;) {
+				ssize_t k = recv(fd, buf, h.len - got < sizeof(buf) ? h.len - got : sizeof(buf), 0);
+				if (k <= 0)
+					break;
+				got += (uint32_t)k;
+			}
+			if (h.status != KVT_CTL_MORE) {
+				ret = h.status;
+				break;
+			}
+		}
+	close(fd);
+	return ret;
+}
+
+#define CTL(s) ctl_cmd(s, sizeof(s) - 1)
+
 /* Every test starts with the default queries and select flags, whatever the last one
  * left behind when it failed. */
 static int reset_globals(void **state)
@@ -465,6 +494,17 @@ static void test_prefetch(void **state)
 	print_message("substitution: %llu pages\n", (unsigned long long)(a.substituted - b.substituted));
 	assert_true(a.substituted > b.substituted);
 	assert_true(a.disk == b.disk);
+	/* with select.substitute_gap, only pages scored far below the row's best are
+	 * replaced: at a gap no page is that far below, the step reads from disk instead */
+	assert_int_equal(CTL("config\0set\0name=select.substitute_gap\0value=1000\0"), 0);
+	step(c, &s, 1, 900, 8, tab);
+	assert_int_equal(kvtier_stats(c, s.id, &b), 0);
+	print_message("substitution at a 1000-nat gap: %llu pages, %llu read from disk\n",
+		      (unsigned long long)(b.substituted - a.substituted),
+		      (unsigned long long)(b.disk - a.disk));
+	assert_true(b.substituted == a.substituted && b.disk > a.disk);
+	assert_int_equal(CTL("config\0set\0name=select.substitute_gap\0value=0\0"), 0);
+	assert_int_equal(CTL("config\0set\0name=select.substitute_gap\0value=x\0"), -EINVAL);
 	sel_flags = 0;
 	/* the daemon's counters include this client's */
 	assert_int_equal(stats(&w), 0);
