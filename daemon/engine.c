@@ -533,9 +533,13 @@ static void pf_cb(void *arg, int res)
 	kvt_free(p);
 }
 
-/* Starts bringing page p of head h to tier `to`, unless it is there or on its way. */
+/*
+ * Starts bringing page p of head h to tier `to`, unless it is there or on its way.
+ * *full: the tiers that had no room (nothing evictable) earlier in this plan; they are
+ * not asked again, each refusal having walked their LRU lists.
+ */
 static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L, uint32_t h,
-		     const struct page_key *k, enum tier_id to)
+		     const struct page_key *k, enum tier_id to, unsigned *full)
 {
 	struct kvd *d = c->d;
 	struct kvt_page_info pi;
@@ -548,16 +552,21 @@ static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *
 	 * behind many of them. */
 	const bool disk = !(have & (1u << TIER_HOST));
 	struct kvd_pf *p = NULL;
-	if ((disk && d->pf_disk_inflight >= d->cfg.max_disk_prefetch) ||
+	if ((*full & (1u << to)) || (disk && (*full & (1u << TIER_HOST))) ||
+	    (disk && d->pf_disk_inflight >= d->cfg.max_disk_prefetch) ||
 	    !(p = kvt_malloc(sizeof(*p)))) {
 		PF_ADD(c, q, prefetch_refused, 1);
 		return;
 	}
 	*p = (struct kvd_pf){.d = d, .client = c->id, .bytes = c->page_bytes, .tier = (uint8_t)to,
 			     .from_disk = disk, .t0 = kvd_now_ns()};
-	if (kvt_store_prefetch(d->store, k, to, pf_cb, p) < 0) {
+	int ret = kvt_store_prefetch(d->store, k, to, pf_cb, p);
+	if (ret < 0) {
 		kvt_free(p);
 		PF_ADD(c, q, prefetch_refused, 1);
+		/* no room in `to`, or in host RAM on the way from disk */
+		if (ret == -EAGAIN)
+			*full |= disk ? (1u << TIER_HOST) | (1u << to) : 1u << to;
 		return;
 	}
 	d->pf_disk_inflight += disk;
@@ -682,6 +691,7 @@ static void sel_finish(struct kvd_wait *w)
 		kvd_complete(c, w->user_data, w->err, 0, 0);
 		return;
 	}
+	const uint64_t tf = kvd_now_ns();
 	int32_t *table = (int32_t *)(c->data + s->out_off);
 	int32_t *n_out = table + (size_t)s->rows * s->out_stride, *tail = n_out + s->rows;
 	int32_t *pages = tail + s->rows;
@@ -712,6 +722,7 @@ static void sel_finish(struct kvd_wait *w)
 	}
 	c->selects++;
 	uint64_t now = kvd_now_ns();
+	d->sel_phase_ns[4] += now - tf;
 	uint64_t ut = (now - s->t0) / 1000, uc = (w->start_ns - s->t0) / 1000;
 	unsigned bt = kvt_hist_bucket(ut), bc = kvt_hist_bucket(uc);
 	c->sel_lat[bt]++;
@@ -1003,6 +1014,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	int32_t *d_np = d_idx + rows * stride, *d_tail = d_np + rows, *d_out = d_nout + rows;
 	void *qd = (uint8_t *)d_idx + ib;
+	const uint64_t t_dev = kvd_now_ns();
 	if ((ret = kvt_compute_copy_async(d->cc, d_idx, h_idx, hb, NULL)) < 0)
 		goto out;
 	struct kvt_layer_policy pol;
@@ -1134,6 +1146,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			}
 		}
 	}
+	const uint64_t t_rank = kvd_now_ns();
 	/* 2: where each selected page is; start the moves the answer waits for */
 	for (uint64_t row = 0; row < rows && !s->w.err; row++) {
 		struct kvd_seq *q = seqs[row / H];
@@ -1154,26 +1167,36 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			sel_start(s, (uint32_t)i);
 		}
 	}
+	const uint64_t t_where = kvd_now_ns();
 	/* 3: the plan for the next step: what this one reads from host RAM, then the
 	 * next-best pages to the GPU, and deeper ones from NVMe to host RAM */
+	unsigned full = 0;
 	for (uint64_t row = 0; planning && d->cfg.prefetch && row < rows && !s->w.err; row++) {
 		struct kvd_seq *q = seqs[row / H];
 		struct kvd_layer *L = &q->layer[r->layer];
 		const uint32_t h = (uint32_t)(row % H);
 		const struct cand *cd = cands + row * K;
 		for (int32_t j = 0; s->host_ok && j < s->n_out[row]; j++) /* else waited for */
-			prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j], TIER_GPU);
+			prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j], TIER_GPU,
+				 &full);
 		for (uint32_t i = 0, g = 0; i < ncand[row] && g < gm + hm; i++) {
 			if (cd[i].s == -INFINITY)
 				continue; /* taken as a substitute */
 			struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
 					     .kv_head = (uint16_t)h, .seq = L->owner[cd[i].p]->sseq,
 					     .index = cd[i].p};
-			prefetch(c, q, L, h, &k, g++ < gm ? TIER_GPU : TIER_HOST);
+			prefetch(c, q, L, h, &k, g++ < gm ? TIER_GPU : TIER_HOST, &full);
 		}
 	}
 	kvt_free(seqs);
 	kvt_free(plan);
+	const uint64_t t_plan = kvd_now_ns();
+	d->sel_phase_ns[0] += t_dev - t0;
+	d->sel_phase_ns[5] += s->w.start_ns - t_dev;
+	d->sel_phase_ns[1] += t_rank - s->w.start_ns;
+	d->sel_phase_ns[2] += t_where - t_rank;
+	d->sel_phase_ns[3] += t_plan - t_where;
+	d->sel_phase_n++;
 	if (!s->ntodo)
 		s->w.retry = NULL;
 	if (s->w.pending || s->ntodo) {
@@ -1472,6 +1495,16 @@ void kvd_engine_tick(struct kvd *d)
 
 void kvd_engine_stop(struct kvd *d)
 {
+	if (d->sel_phase_n) {
+		const double n = (double)d->sel_phase_n * 1e3;
+		kvt_notice("engine", "%llu selects, daemon time per select: inputs %.1f us, copies "
+			   "and kernels %.1f us, ranking and pins %.1f us, finding pages %.1f us, "
+			   "prefetches %.1f us, answer %.1f us", (unsigned long long)d->sel_phase_n,
+			   (double)d->sel_phase_ns[0] / n, (double)d->sel_phase_ns[5] / n,
+			   (double)d->sel_phase_ns[1] / n,
+			   (double)d->sel_phase_ns[2] / n, (double)d->sel_phase_ns[3] / n,
+			   (double)d->sel_phase_ns[4] / n);
+	}
 	for (int i = 0; i < SCR_MAX; i++)
 		if (d->scr[i].p)
 			kvt_compute_free(d->cc, d->scr[i].p);

@@ -1122,15 +1122,16 @@ static void daemon_stop(struct daemon *dm, bool failed)
 			waitpid(dm->pid, &status, 0);
 		}
 	}
-	if (failed) { /* the daemon's last words */
-		FILE *f = fopen(dm->log, "r");
-		char line[512];
-		if (f) {
+	/* the daemon's last words: all of them after a failure, else where its time went */
+	FILE *f = dm->log[0] ? fopen(dm->log, "r") : NULL;
+	char line[1024];
+	if (f) {
+		if (failed)
 			fprintf(stderr, "kvtier-bench: kvtierd's log (%s):\n", dm->log);
-			while (fgets(line, sizeof(line), f))
-				fprintf(stderr, "  %s", line);
-			fclose(f);
-		}
+		while (fgets(line, sizeof(line), f))
+			if (failed || strstr(line, "per select"))
+				fprintf(stderr, "  kvtierd: %s", line);
+		fclose(f);
 	}
 	if (!O.keep && dm->dir[0])
 		rm_rf(dm->dir);
