@@ -1591,9 +1591,9 @@ int main(int argc, char **argv)
 			O.batch[0] = 1, O.batch[1] = 2, O.nbatch = 2;
 			O.budget = 512, O.window = 128, O.steps = 4, O.warmup = 2;
 		}
-	int ch, n;
+	int ch, n, li = 0;
 	uint32_t v;
-	while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "h", lo, &li)) != -1) {
 		char *end = NULL;
 		unsigned long long u = optarg ? strtoull(optarg, &end, 10) : 0;
 		v = (uint32_t)u;
@@ -1694,8 +1694,7 @@ int main(int argc, char **argv)
 		default: break;
 		}
 		if (!num_ok) {
-			fprintf(stderr, "kvtier-bench: %s needs a number, not '%s'\n", argv[optind - 1],
-				optarg);
+			fprintf(stderr, "kvtier-bench: --%s needs a number, not '%s'\n", lo[li].name, optarg);
 			return 2;
 		}
 		switch (ch) {

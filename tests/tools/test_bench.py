@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""kvtier-bench's CI run (--cpu --small): every method runs, and what it reports holds.
+
+The four methods read the same KV and queries, so: full reload must give dense
+attention's answers exactly; kvtier (a kvtierd of its own, KV offloaded to host RAM and
+NVMe) must give exactly the answers of the same selection made in-process (sparse),
+whatever tier each page came from; every planted needle must be found. Then the CSV,
+the plots and the option checks.
+
+    test_bench.py BUILD_DIR
+"""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+build = sys.argv[1]
+bench = os.path.join(build, "tools", "kvtier-bench")
+failures = 0
+
+
+def check(cond, what):
+    global failures
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures += 1
+
+
+tmp = tempfile.mkdtemp(prefix="kvt-bench-", dir=os.environ.get("KVT_TEST_DIR"))
+try:
+    csv_path = os.path.join(tmp, "bench.csv")
+    plots = os.path.join(tmp, "plots")
+    dstats = os.path.join(tmp, "daemon-stats.txt")
+    args = [bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--csv", csv_path,
+            "--daemon-stats", dstats]
+    if shutil.which("gnuplot"):
+        args += ["--plot", plots]
+    env = dict(os.environ)
+    env.pop("KVT_LOG_LEVEL", None)  # the daemon's notices: where its select time went
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    print(p.stdout)
+    print(p.stderr, file=sys.stderr)
+    check(p.returncode == 0, f"kvtier-bench --cpu --small: exit {p.returncode}")
+    check("speed-up over full reload" in p.stdout, "the summary lines come last")
+
+    rows = list(csv.DictReader(open(csv_path)))
+    check(len(rows) == 16, f"CSV: 2 contexts x 2 batches x 4 methods ({len(rows)} rows)")
+    by = {(r["context"], r["batch"], r["method"]): r for r in rows}
+    for (ctx, b) in {(r["context"], r["batch"]) for r in rows}:
+        tag = f"{ctx} tokens, batch {b}"
+        d, rl, sp, kv = (by[(ctx, b, m)] for m in ("dense", "reload", "sparse", "kvtier"))
+        check(all(r["status"] == "ok" for r in (d, rl, sp, kv)), f"{tag}: every method ran")
+        check(all(float(r["step_p50_ms"]) > 0 and float(r["step_p99_ms"]) >= float(r["step_p50_ms"])
+                  for r in (d, rl, sp, kv)), f"{tag}: step times, p99 >= p50")
+        check(float(rl["rel_err_max"]) == 0.0 and float(rl["mass_covered"]) == 1.0,
+              f"{tag}: full reload answers exactly as dense")
+        check(float(rl["pcie_MB_per_step"]) > 0, f"{tag}: full reload moves the KV every step")
+        m, e = float(sp["mass_covered"]), float(sp["rel_err_mean"])
+        check(0.9 < m <= 1.0 and e < 0.05, f"{tag}: sparse covers {m:.4f} of the mass, error {e:.1e}")
+        check(float(sp["needle_recall"]) == 1.0, f"{tag}: sparse finds every needle")
+        check(kv["mass_covered"] == sp["mass_covered"] and kv["rel_err_mean"] == sp["rel_err_mean"]
+              and kv["rel_err_max"] == sp["rel_err_max"],
+              f"{tag}: kvtier's answers are the in-process selection's, exactly")
+        check(float(kv["needle_recall"]) == 1.0, f"{tag}: kvtier finds every needle")
+        h = float(kv["hit_rate"])
+        check(0.5 < h <= 1.0, f"{tag}: kvtier hit rate {h:.3f}")
+        check(float(kv["prefill_s"]) > 0, f"{tag}: kvtier's prefill time")
+    # the KV was offloaded: some step read pages from host RAM or NVMe
+    check(any(float(by[k]["nvme_MB_per_step"]) > 0 for k in by if k[2] == "kvtier"),
+          "kvtier read pages from NVMe (the GPU pool and host tier hold a part of the KV)")
+    if os.path.exists(os.path.join(build, "tools", "kvtierctl")):
+        s = open(dstats).read()
+        check(s.count("== kvtier") == 4 and "select:" in s, "the daemon's stats of each kvtier run")
+    if shutil.which("gnuplot"):
+        for f in ("step_time.png", "error.png"):
+            b = open(os.path.join(plots, f), "rb").read(8)
+            check(b == b"\x89PNG\r\n\x1a\n", f"plot {f}")
+    check("per select" in p.stderr, "where the daemon's select time went")
+    check(not [f for f in os.listdir(tmp) if f.startswith("kvtier-bench-")],
+          "the started daemons' stores are removed")
+
+    # substitution: kvtier may then attend to other pages than sparse; the run still holds
+    p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--context", "4K",
+                        "--batch", "1", "--methods", "dense,kvtier", "--substitute=4"],
+                       capture_output=True, text=True, timeout=300)
+    check(p.returncode == 0 and " kvtier " in p.stdout, "--substitute=4 runs")
+
+    # bad options: a clear error, exit 2
+    for bad in (["--context", "0"], ["--methods", "dense,fast"], ["--gpu-budget", "2"],
+                ["--batch", "x"], ["--model", "gpt-9"], ["--steps", "-1"], ["extra"]):
+        p = subprocess.run([bench] + bad, capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2 and "kvtier-bench:" in p.stderr,
+              f"{' '.join(bad)}: refused ({p.stderr.strip().splitlines()[-1] if p.stderr else ''})")
+    p = subprocess.run([bench, "--help"], capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0 and "--gpu-budget" in p.stdout, "--help")
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+print(f"{failures} failures")
+sys.exit(1 if failures else 0)
