@@ -1444,7 +1444,8 @@ static int write_csv(const char *path, const struct row *rows, uint32_t n)
 }
 
 /* PNG plots through gnuplot: step time and error against context, a line per method
- * (and batch). */
+ * (and batch). DIR/bench.gp and its data are kept: where gnuplot is missing (the GPU
+ * machine), `cd DIR && gnuplot bench.gp` draws them elsewhere. */
 static int plot(const char *dir, const struct row *rows, uint32_t n)
 {
 	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
@@ -1486,16 +1487,21 @@ static int plot(const char *dir, const struct row *rows, uint32_t n)
 	const char *what[2][3] = {{"step_time.png", "decode step, p50 (ms)", "2"},
 				  {"error.png", "output relative error against dense", "3"}};
 	for (int p = 0; p < 2; p++) {
-		fprintf(f, "set output '%s/%s'\nset ylabel '%s'\nset title 'kvtier-bench: %s'\nplot ", dir,
+		fprintf(f, "set output '%s'\nset ylabel '%s'\nset title 'kvtier-bench: %s'\nplot ",
 			what[p][0], what[p][1], O.m.name);
 		for (uint32_t i = 0; i < blocks; i++)
-			fprintf(f, "%s'%s' index %u using 1:%s with linespoints title '%s'",
-				i ? ", " : "", dat, i, what[p][2], titles[i]);
+			fprintf(f, "%s'bench.dat' index %u using 1:%s with linespoints title '%s'",
+				i ? ", " : "", i, what[p][2], titles[i]);
 		fprintf(f, "\n");
 	}
 	fclose(f);
-	char cmd[PATH_MAX + 64];
-	snprintf(cmd, sizeof(cmd), "gnuplot '%s' 2>&1", gp);
+	if (system("command -v gnuplot >/dev/null 2>&1") != 0) {
+		fprintf(stderr, "kvtier-bench: no gnuplot here: `cd %s && gnuplot bench.gp` draws the "
+				"plots elsewhere\n", dir);
+		return 0;
+	}
+	char cmd[2 * PATH_MAX + 64];
+	snprintf(cmd, sizeof(cmd), "cd '%s' && gnuplot bench.gp 2>&1", dir);
 	int rc = system(cmd);
 	return rc == 0 ? 0 : -ENOEXEC;
 }
