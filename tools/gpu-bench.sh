@@ -3,7 +3,7 @@
 # #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
 #   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|disk|all]
 # main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch: batch 8 at 16K and batch 32
-# at 4K (16 GiB of KV each, as 128K at batch 1); disk: kvtier alone at 256K with a host
+# at 8K (16 and 32 GiB of KV; 128K at batch 1 is 16 GiB); disk: kvtier alone at 256K with a host
 # tier of 20% of the KV (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
 # (or ./gpu-out).
 set -uo pipefail
@@ -30,7 +30,7 @@ run() { # name, args...
 case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
 case $what in batch | all)
 	run batch8 --context 16K --batch 8
-	run batch32 --context 4K --batch 32
+	run batch32 --context 8K --batch 32
 	;;
 esac
 case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
