@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: build, then kvtier-bench's comparison (tools/BENCHMARKS.md, issue
 # #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
-#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|disk|all]
+#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|disk|all]
 # main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch: batch 8 at 16K and batch 32
 # at 8K (16 and 32 GiB of KV; 128K at batch 1 is 16 GiB); disk: kvtier alone at 256K with a host
 # tier of 20% of the KV (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
@@ -28,11 +28,8 @@ run() { # name, args...
 	cat "$out/$name.err" | grep -v "^$" | tail -5
 }
 case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
-case $what in batch | all)
-	run batch8 --context 16K --batch 8
-	run batch32 --context 8K --batch 32
-	;;
-esac
+case $what in batch | batch8 | all) run batch8 --context 16K --batch 8 ;; esac
+case $what in batch | batch32 | all) run batch32 --context 8K --batch 32 ;; esac
 case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
 echo "== machine"; cat "$out/machine.txt"
 for f in main batch8 batch32 disk; do [ -f "$out/$f.txt" ] && cat "$out/$f.txt"; done
