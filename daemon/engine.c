@@ -224,7 +224,7 @@ static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t nee
 		return -ENOMEM;
 	L->owner = ow;
 	int32_t *rec = kvt_malloc((size_t)H * nc * sizeof(int32_t));
-	float *prev = kvt_malloc((size_t)H * nc * sizeof(float));
+	struct kvd_prev *prev = kvt_malloc((size_t)H * nc * sizeof(*prev));
 	uint32_t *pfs = kvt_calloc((size_t)H * nc, sizeof(uint32_t));
 	if (!rec || !prev || !pfs) {
 		kvt_free(rec);
@@ -233,10 +233,10 @@ static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t nee
 		return -ENOMEM;
 	}
 	for (size_t i = 0; i < (size_t)H * nc; i++)
-		prev[i] = NAN;
+		prev[i] = (struct kvd_prev){NAN, 0};
 	for (uint32_t h = 0; h < H && L->cap; h++) {
 		memcpy(rec + (size_t)h * nc, L->rec + (size_t)h * L->cap, L->cap * sizeof(int32_t));
-		memcpy(prev + (size_t)h * nc, L->prev + (size_t)h * L->cap, L->cap * sizeof(float));
+		memcpy(prev + (size_t)h * nc, L->prev + (size_t)h * L->cap, L->cap * sizeof(*prev));
 		memcpy(pfs + (size_t)h * nc, L->pf_step + (size_t)h * L->cap,
 		       L->cap * sizeof(uint32_t));
 	}
@@ -627,6 +627,10 @@ struct kvd_prom {
 	uint32_t i;
 };
 
+/* kvd_select.to of a page the answer does not wait for: on the GPU, or read in place */
+#define TO_NONE 0xff
+#define TO_HOST_READ 0xfe
+
 struct kvd_select {
 	struct kvd_wait w;
 	uint32_t layer, rows, out_stride;
@@ -756,17 +760,24 @@ static bool always_page(const struct kvt_sqe *r, uint32_t T, uint32_t ntok, uint
  * The prefetcher's view of one row after its selection: the pages not selected,
  * ranked by predicted score (this step's, plus drift_pct of its change since the last
  * step: a page whose score rises is fetched before it enters the top-k), best first.
- * Returns how many of the best are in out (at most k).
+ * The GPU has picked the row's ncand best-scored pages (pages[], any order): only those
+ * are ranked, so a plan costs the same at 1M tokens as at 8K. A page's trend is known
+ * when it was a candidate at the last selection too. Returns how many of the best are
+ * in out (at most k).
  */
 static uint32_t rank_row(struct kvd *d, struct kvd_layer *L, uint32_t h, const float *sc,
-			 const uint8_t *sel, struct cand *out, uint32_t k)
+			 const uint8_t *sel, const int32_t *pages, uint32_t ncand, struct cand *out,
+			 uint32_t k)
 {
 	const float drift = (float)d->cfg.drift_pct / 100.0f;
-	float *prev = L->prev + (size_t)h * L->cap;
+	struct kvd_prev *prev = L->prev + (size_t)h * L->cap;
 	uint32_t n = 0;
-	for (uint32_t p = 0; p < L->stored; p++) {
-		float s = sc[p], pv = prev[p];
-		prev[p] = s;
+	for (uint32_t i = 0; i < ncand; i++) {
+		const uint32_t p = (uint32_t)pages[i];
+		if (p >= L->stored)
+			continue;
+		float s = sc[p], pv = prev[p].at + 1 == L->steps ? prev[p].s : NAN;
+		prev[p] = (struct kvd_prev){s, L->steps};
 		if (sel[p] || !isfinite(s))
 			continue;
 		heap_push(out, &n, k, (struct cand){isnan(pv) ? s : s + drift * (s - pv), p});
@@ -780,24 +791,28 @@ static bool resident(const struct kvt_page_info *pi, bool host_ok)
 	return (pi->valid & (1u << TIER_GPU)) || (host_ok && (pi->valid & (1u << TIER_HOST)));
 }
 
-/* Counts the row's prefetched pages now selected (used) and those that waited too
- * long (wasted). */
+/* Counts the row's prefetched pages now selected (used: o[0..n) are the selection)
+ * and, every wasted_steps selections, those that waited too long (wasted). */
 static void pf_account(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L, uint32_t h,
-		       const uint8_t *sel)
+		       const int32_t *o, int32_t n)
 {
 	const uint32_t lim = c->d->cfg.wasted_steps;
 	uint32_t *ps = L->pf_step + (size_t)h * L->cap;
-	for (uint32_t p = 0; p < L->stored; p++) {
-		if (!ps[p])
-			continue;
-		if (sel[p]) {
-			PF_ADD(c, q, prefetch_used, 1);
-			ps[p] = 0;
-		} else if (L->steps - ps[p] > lim) {
+	for (int32_t j = 0; j < n; j++)
+		if (ps[o[j]]) {
+			if (L->steps - ps[o[j]] > lim)
+				PF_ADD(c, q, prefetch_wasted, 1);
+			else
+				PF_ADD(c, q, prefetch_used, 1);
+			ps[o[j]] = 0;
+		}
+	if (L->steps % lim)
+		return;
+	for (uint32_t p = 0; p < L->stored; p++)
+		if (ps[p] && L->steps - ps[p] > lim) {
 			PF_ADD(c, q, prefetch_wasted, 1);
 			ps[p] = 0;
 		}
-	}
 }
 
 /*
@@ -979,11 +994,21 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	 * scores when the prefetcher plans) in one more: a select synchronises once.
 	 */
 	const bool planning_wanted = !dense && (d->cfg.prefetch || (r->flags & KVT_SEL_SUBST));
+	const uint32_t gm = (uint32_t)((uint64_t)r->budget * d->cfg.gpu_margin_pct / 100);
+	const uint32_t hm = (uint32_t)((uint64_t)r->budget * d->cfg.host_margin_pct / 100);
+	/* the plan's candidates, picked on the GPU: the best-scored pages, twice the
+	 * margins beyond the selection (the plan re-ranks them by trend), and as many
+	 * again for substitutes */
+	uint64_t kc = (uint64_t)r->out_stride + (d->cfg.prefetch ? 2ull * (gm + hm) : 0) +
+		      ((r->flags & KVT_SEL_SUBST) ? r->out_stride : 0);
+	const uint32_t K2 = (uint32_t)(kc < stride ? kc : stride);
 	const size_t ib = ((rows * stride + rows * 2) * sizeof(int32_t) + 255) & ~(size_t)255;
 	const size_t hb = ib + qbytes;
 	const size_t cells = rows * r->out_stride;
 	const size_t ob = (cells + rows) * sizeof(int32_t) +
-			  (planning_wanted ? rows * stride * sizeof(float) : 0);
+			  (planning_wanted ? rows * stride * sizeof(float) +
+						     rows * ((size_t)K2 + 1) * sizeof(int32_t)
+					   : 0);
 	int32_t *h_idx = pinned(d, 0, hb);
 	int32_t *h_res = pinned(d, 1, ob);
 	if (!h_idx || !h_res) {
@@ -1008,7 +1033,9 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	int32_t *d_idx = scratch(d, SCR_SUMIDX, hb);
 	float *d_sc = scratch(d, SCR_SCORES, rows * stride * sizeof(float));
 	int32_t *d_nout = scratch(d, SCR_OUT, (cells + rows) * sizeof(int32_t));
-	if (!d_idx || !d_sc || !d_nout) {
+	int32_t *d_ncand = planning_wanted ? scratch(d, SCR_CAND, rows * ((size_t)K2 + 1) * sizeof(int32_t))
+					   : NULL;
+	if (!d_idx || !d_sc || !d_nout || (planning_wanted && !d_ncand)) {
 		ret = -ENOMEM;
 		goto out;
 	}
@@ -1034,12 +1061,24 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	if (!c->sum_pool) /* nothing summarized yet: every row is empty */
 		sc.summaries = d_idx;
 	float *h_scores = (float *)(h_res + cells + rows);
+	int32_t *h_ncand = (int32_t *)(h_scores + rows * stride), *h_cand = h_ncand + rows;
+	struct kvt_select_args cs = sel;
+	if (planning_wanted)
+		cs = (struct kvt_select_args){
+			.mode = KVT_SELECT_TOPK, .rows = (uint32_t)rows, .stride = stride,
+			.out_stride = K2, .budget_pages = K2, .page_tokens = T,
+			.sink_tokens = r->sink_tokens, .window_tokens = r->window_tokens,
+			.logit_scale = sel.logit_scale, .scores = d_sc, .n_pages = d_np,
+			.tail_len = d_tail, .out = d_ncand + rows, .n_out = d_ncand};
 	if ((ret = kvt_select_layer(d->cc, &pol, r->layer, &sc, &sel, NULL)) < 0 ||
+	    (planning_wanted && (ret = kvt_select(d->cc, &cs, NULL)) < 0) ||
 	    (ret = kvt_compute_copy_async(d->cc, h_res, d_nout, (cells + rows) * sizeof(int32_t),
 					  NULL)) < 0 ||
 	    (planning_wanted &&
-	     (ret = kvt_compute_copy_async(d->cc, h_scores, d_sc, rows * stride * sizeof(float),
-					   NULL)) < 0) ||
+	     ((ret = kvt_compute_copy_async(d->cc, h_scores, d_sc, rows * stride * sizeof(float),
+					    NULL)) < 0 ||
+	      (ret = kvt_compute_copy_async(d->cc, h_ncand, d_ncand,
+					    rows * ((size_t)K2 + 1) * sizeof(int32_t), NULL)) < 0)) ||
 	    (ret = kvt_compute_sync(d->cc, NULL)) < 0)
 		goto out;
 	struct kvd_select *s = kvt_calloc(1, sizeof(*s));
@@ -1085,8 +1124,6 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	 * selected pages; substitution needs the ranking too.
 	 */
 	const bool planning = planning_wanted && !s->w.err;
-	const uint32_t gm = (uint32_t)((uint64_t)r->budget * d->cfg.gpu_margin_pct / 100);
-	const uint32_t hm = (uint32_t)((uint64_t)r->budget * d->cfg.host_margin_pct / 100);
 	const uint32_t K = d->cfg.prefetch ? gm + hm + r->out_stride : r->out_stride;
 	float *h_sc = NULL;
 	uint8_t *selmap = NULL;
@@ -1125,12 +1162,15 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			memset(sm, 0, L->stored);
 			for (int32_t j = 0; j < n; j++)
 				sm[o[j]] = 1;
-			ncand[row] = rank_row(d, L, h, h_sc + row * stride, sm, cd, K);
+			const int32_t nc = h_ncand[row];
+			ncand[row] = nc < 0 || (uint32_t)nc > K2 ? 0 :
+				rank_row(d, L, h, h_sc + row * stride, sm, h_cand + row * K2,
+					 (uint32_t)nc, cd, K);
 			if (r->flags & KVT_SEL_SUBST)
 				substitute(c, q, L, r, s->host_ok, h, o, n, sm, h_sc + row * stride, cd,
 					   ncand[row]);
 			if (d->cfg.prefetch)
-				pf_account(c, q, L, h, sm);
+				pf_account(c, q, L, h, o, n);
 		}
 		for (int32_t j = 0; j < n; j++) {
 			size_t i = row * r->out_stride + (size_t)j;
@@ -1159,7 +1199,9 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			}
 			int to = classify(c, q, s->host_ok, &pi);
 			if (to < 0) {
-				s->hits += (pi.valid >> TIER_GPU) & 1;
+				const bool gpu = (pi.valid >> TIER_GPU) & 1;
+				s->hits += gpu;
+				s->to[i] = gpu ? TO_NONE : TO_HOST_READ;
 				continue;
 			}
 			s->to[i] = (uint8_t)to;
@@ -1176,9 +1218,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		struct kvd_layer *L = &q->layer[r->layer];
 		const uint32_t h = (uint32_t)(row % H);
 		const struct cand *cd = cands + row * K;
-		for (int32_t j = 0; s->host_ok && j < s->n_out[row]; j++) /* else waited for */
-			prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j], TIER_GPU,
-				 &full);
+		for (int32_t j = 0; j < s->n_out[row]; j++) /* the others are there or waited for */
+			if (s->to[row * r->out_stride + (size_t)j] == TO_HOST_READ)
+				prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j],
+					 TIER_GPU, &full);
 		for (uint32_t i = 0, g = 0; i < ncand[row] && g < gm + hm; i++) {
 			if (cd[i].s == -INFINITY)
 				continue; /* taken as a substitute */

@@ -63,7 +63,10 @@ struct kvd_layer {
 	struct page_key *pinned; /* pins of the last selection */
 	uint32_t npinned, pincap;
 	/* the prefetcher's memory of this layer, [kv_heads][cap] like rec */
-	float *prev;       /* each page's score at the last selection (NAN: none yet) */
+	struct kvd_prev {
+		float s;     /* the page's score when it was last a candidate */
+		uint32_t at; /* at that selection (steps) */
+	} *prev;
 	uint32_t *pf_step; /* the selection after which a prefetch of it started (0: none) */
 	uint32_t steps;    /* selections of this layer so far */
 };
@@ -161,6 +164,7 @@ enum kvd_scratch_id {
 	SCR_SUMIDX = 0, /* a select's inputs: record index, pages, tails, queries */
 	SCR_SCORES,
 	SCR_OUT,        /* its selection: n_out, then the table */
+	SCR_CAND,       /* the plan's candidates: n per row, then the pages */
 	SCR_PAGES,
 	SCR_SLOTS,
 	SCR_RECS,
