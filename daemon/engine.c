@@ -1078,8 +1078,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	     ((ret = kvt_compute_copy_async(d->cc, h_scores, d_sc, rows * stride * sizeof(float),
 					    NULL)) < 0 ||
 	      (ret = kvt_compute_copy_async(d->cc, h_ncand, d_ncand,
-					    rows * ((size_t)K2 + 1) * sizeof(int32_t), NULL)) < 0)) ||
-	    (ret = kvt_compute_sync(d->cc, NULL)) < 0)
+					    rows * ((size_t)K2 + 1) * sizeof(int32_t), NULL)) < 0)))
+		goto out;
+	const uint64_t t_sync = kvd_now_ns();
+	if ((ret = kvt_compute_sync(d->cc, NULL)) < 0)
 		goto out;
 	struct kvd_select *s = kvt_calloc(1, sizeof(*s));
 	if (!s) {
@@ -1236,6 +1238,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint64_t t_plan = kvd_now_ns();
 	d->sel_phase_ns[0] += t_dev - t0;
 	d->sel_phase_ns[5] += s->w.start_ns - t_dev;
+	d->sel_phase_ns[6] += s->w.start_ns - t_sync;
 	d->sel_phase_ns[1] += t_rank - s->w.start_ns;
 	d->sel_phase_ns[2] += t_where - t_rank;
 	d->sel_phase_ns[3] += t_plan - t_where;
@@ -1541,9 +1544,10 @@ void kvd_engine_stop(struct kvd *d)
 	if (d->sel_phase_n) {
 		const double n = (double)d->sel_phase_n * 1e3;
 		kvt_notice("engine", "%llu selects, daemon time per select: inputs %.1f us, copies "
-			   "and kernels %.1f us, ranking and pins %.1f us, finding pages %.1f us, "
-			   "prefetches %.1f us, answer %.1f us", (unsigned long long)d->sel_phase_n,
-			   (double)d->sel_phase_ns[0] / n, (double)d->sel_phase_ns[5] / n,
+			   "and kernels %.1f us (%.1f waiting for the device), ranking and pins %.1f "
+			   "us, finding pages %.1f us, prefetches %.1f us, answer %.1f us",
+			   (unsigned long long)d->sel_phase_n, (double)d->sel_phase_ns[0] / n,
+			   (double)d->sel_phase_ns[5] / n, (double)d->sel_phase_ns[6] / n,
 			   (double)d->sel_phase_ns[1] / n,
 			   (double)d->sel_phase_ns[2] / n, (double)d->sel_phase_ns[3] / n,
 			   (double)d->sel_phase_ns[4] / n);

@@ -193,7 +193,7 @@ struct kvd {
 	void *pin[2]; /* pinned staging of a select's copies (engine.c) */
 	/* where selects spend the daemon's time, ns in all: inputs and kernels, the plan's
 	 * ranking and pins, finding the pages, starting prefetches, the answer */
-	uint64_t sel_phase_ns[6], sel_phase_n;
+	uint64_t sel_phase_ns[7], sel_phase_n;
 	size_t pin_bytes[2];
 	bool stopping;
 	/* counters */
