@@ -412,6 +412,27 @@ static void parallel_for(uint64_t n, void (*fn)(void *, uint64_t), void *arg)
 		pthread_join(th[i], NULL);
 }
 
+/* A row's generator, with room for one token's K and V (or one query, in k). */
+struct gen {
+	struct grow g;
+	float *k, *v;
+};
+
+static void gen_open(const struct run *r, struct gen *x, uint32_t l, uint32_t b, uint32_t h)
+{
+	float *dir = malloc(((size_t)NDIR + 2) * r->D * sizeof(float));
+	if (!dir)
+		abort();
+	grow_init(r, &x->g, dir, l, b, h);
+	x->k = dir + (size_t)NDIR * r->D;
+	x->v = x->k + r->D;
+}
+
+static void gen_close(struct gen *x)
+{
+	free(x->g.dir);
+}
+
 /* One layer's KV in page layout: row r's page p in slot r * P + p of dst. */
 struct fill_pages {
 	const struct run *r;
@@ -427,25 +448,21 @@ static void fill_pages_item(void *a, uint64_t it)
 	const struct run *r = f->r;
 	const uint32_t chunks = (r->P + PAGES_PER_ITEM - 1) / PAGES_PER_ITEM;
 	const uint32_t row = (uint32_t)(it / chunks), p0 = (uint32_t)(it % chunks) * PAGES_PER_ITEM;
-	float *dir = malloc((size_t)NDIR * r->D * sizeof(float) + 2 * r->D * sizeof(float));
-	if (!dir)
-		abort();
-	float *k = dir + (size_t)NDIR * r->D, *v = k + r->D;
-	struct grow g;
-	grow_init(r, &g, dir, f->l, row / r->H, row % r->H);
+	struct gen x;
+	gen_open(r, &x, f->l, row / r->H, row % r->H);
 	const uint32_t end = r->N + r->S;
 	for (uint32_t p = p0; p < p0 + PAGES_PER_ITEM && p < r->P; p++) {
 		uint8_t *slot = f->dst + ((size_t)row * r->P + p) * r->slot_bytes;
 		memset(slot, 0, r->slot_bytes);
 		for (uint32_t i = 0; i < r->T && p * r->T + i < end; i++) {
-			gen_kv(r, &g, p * r->T + i, k, v);
+			gen_kv(r, &x.g, p * r->T + i, x.k, x.v);
 			for (uint32_t d = 0; d < r->D; d++) {
-				put(slot, (size_t)i * r->D + d, k[d]);
-				put(slot, (size_t)(r->T + i) * r->D + d, v[d]);
+				put(slot, (size_t)i * r->D + d, x.k[d]);
+				put(slot, (size_t)(r->T + i) * r->D + d, x.v[d]);
 			}
 		}
 	}
-	free(dir);
+	gen_close(&x);
 }
 
 static void fill_layer_pages(const struct run *r, uint32_t l, void *dst)
@@ -470,21 +487,17 @@ static void fill_tok_item(void *a, uint64_t it)
 	const struct run *r = f->r;
 	const uint32_t chunks = (f->n + TOK_PER_ITEM - 1) / TOK_PER_ITEM;
 	const uint32_t h = (uint32_t)(it / chunks), i0 = (uint32_t)(it % chunks) * TOK_PER_ITEM;
-	float *dir = malloc((size_t)NDIR * r->D * sizeof(float) + 2 * r->D * sizeof(float));
-	if (!dir)
-		abort();
-	float *k = dir + (size_t)NDIR * r->D, *v = k + r->D;
-	struct grow g;
-	grow_init(r, &g, dir, f->l, f->b, h);
+	struct gen x;
+	gen_open(r, &x, f->l, f->b, h);
 	for (uint32_t i = i0; i < i0 + TOK_PER_ITEM && i < f->n; i++) {
-		gen_kv(r, &g, f->t0 + i, k, v);
+		gen_kv(r, &x.g, f->t0 + i, x.k, x.v);
 		size_t o = ((size_t)i * r->H + h) * r->D;
 		for (uint32_t d = 0; d < r->D; d++) {
-			put(f->k, o + d, k[d]);
-			put(f->v, o + d, v[d]);
+			put(f->k, o + d, x.k[d]);
+			put(f->v, o + d, x.v[d]);
 		}
 	}
-	free(dir);
+	gen_close(&x);
 }
 
 static void fill_tokens(const struct run *r, uint32_t l, uint32_t b, uint32_t t0, uint32_t n,
@@ -510,20 +523,16 @@ static void fill_q_item(void *a, uint64_t it)
 	const struct fill_q *f = a;
 	const struct run *r = f->r;
 	const uint32_t l = (uint32_t)(it / r->rows), row = (uint32_t)(it % r->rows);
-	float *dir = malloc(((size_t)NDIR + 1) * r->D * sizeof(float));
-	if (!dir)
-		abort();
-	float *q = dir + (size_t)NDIR * r->D;
-	struct grow g;
-	grow_init(r, &g, dir, l, row / r->H, row % r->H);
+	struct gen x;
+	gen_open(r, &x, l, row / r->H, row % r->H);
 	for (uint32_t s = 0; s < r->S; s++)
 		for (uint32_t gi = 0; gi < r->G; gi++) {
-			gen_q(r, &g, s, gi, q);
+			gen_q(r, &x.g, s, gi, x.k);
 			size_t o = ((((size_t)s * r->L + l) * r->rows + row) * r->G + gi) * r->D;
 			for (uint32_t d = 0; d < r->D; d++)
-				put(f->q, o + d, q[d]);
+				put(f->q, o + d, x.k[d]);
 		}
-	free(dir);
+	gen_close(&x);
 }
 
 /* ---- results ---- */
