@@ -1078,8 +1078,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	     ((ret = kvt_compute_copy_async(d->cc, h_scores, d_sc, rows * stride * sizeof(float),
 					    NULL)) < 0 ||
 	      (ret = kvt_compute_copy_async(d->cc, h_ncand, d_ncand,
-					    rows * ((size_t)K2 + 1) * sizeof(int32_t), NULL)) < 0)))
+					    rows * ((size_t)K2 + 1) * sizeof(int32_t), NULL)) < 0))) {
+		kvt_compute_sync(d->cc, NULL); /* nothing queued may still read the staging */
 		goto out;
+	}
 	const uint64_t t_sync = kvd_now_ns();
 	if ((ret = kvt_compute_sync(d->cc, NULL)) < 0)
 		goto out;
