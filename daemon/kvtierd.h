@@ -191,8 +191,9 @@ struct kvd {
 	void *host_tmp;
 	size_t host_tmp_bytes;
 	void *pin[2]; /* pinned staging of a select's copies (engine.c) */
-	/* where selects spend the daemon's time, ns in all: inputs and kernels, the plan's
-	 * ranking and pins, finding the pages, starting prefetches, the answer */
+	/* where selects spend the daemon's time, ns in all: [0] inputs, [5] copies and
+	 * kernels, of which [6] waiting for the device, [1] the plan's ranking and pins,
+	 * [2] finding the pages, [3] starting prefetches, [4] the answer */
 	uint64_t sel_phase_ns[7], sel_phase_n;
 	size_t pin_bytes[2];
 	bool stopping;
