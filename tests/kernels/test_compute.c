@@ -773,7 +773,7 @@ static void test_policy(void **state)
 }
 
 /* Queued copies through pinned host memory, both ways, then one sync: what a select
- * does. The bytes come back as they went, after a kernel on the same stream. */
+ * does. The bytes come back as they went. */
 static void test_copy_async(void **state)
 {
 	const size_t n = 3 << 20; /* not a multiple of any page size */
