@@ -536,10 +536,10 @@ static void pf_cb(void *arg, int res)
 /*
  * Starts bringing page p of head h to tier `to`, unless it is there or on its way.
  * *full: the tiers that had no room (nothing evictable) earlier in this plan; they are
- * not asked again, each refusal having walked their LRU lists.
+ * not asked again, each refusal having walked their LRU lists. now: the plan's clock.
  */
 static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *L, uint32_t h,
-		     const struct page_key *k, enum tier_id to, unsigned *full)
+		     const struct page_key *k, enum tier_id to, unsigned *full, uint64_t now)
 {
 	struct kvd *d = c->d;
 	struct kvt_page_info pi;
@@ -559,7 +559,7 @@ static void prefetch(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer *
 		return;
 	}
 	*p = (struct kvd_pf){.d = d, .client = c->id, .bytes = c->page_bytes, .tier = (uint8_t)to,
-			     .from_disk = disk, .t0 = kvd_now_ns()};
+			     .from_disk = disk, .t0 = now};
 	int ret = kvt_store_prefetch(d->store, k, to, pf_cb, p);
 	if (ret < 0) {
 		kvt_free(p);
@@ -1128,7 +1128,9 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	 * selected pages; substitution needs the ranking too.
 	 */
 	const bool planning = planning_wanted && !s->w.err;
-	const uint32_t K = d->cfg.prefetch ? gm + hm + r->out_stride : r->out_stride;
+	/* ranked per row: the margins, and substitutes */
+	const uint32_t K = (d->cfg.prefetch ? gm + hm : 0) +
+			   ((r->flags & KVT_SEL_SUBST) ? r->out_stride : 0);
 	float *h_sc = NULL;
 	uint8_t *selmap = NULL;
 	struct cand *cands = NULL;
@@ -1225,14 +1227,14 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		for (int32_t j = 0; j < s->n_out[row]; j++) /* the others are there or waited for */
 			if (s->to[row * r->out_stride + (size_t)j] == TO_HOST_READ)
 				prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j],
-					 TIER_GPU, &full);
+					 TIER_GPU, &full, t_where);
 		for (uint32_t i = 0, g = 0; i < ncand[row] && g < gm + hm; i++) {
 			if (cd[i].s == -INFINITY)
 				continue; /* taken as a substitute */
 			struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)r->layer,
 					     .kv_head = (uint16_t)h, .seq = L->owner[cd[i].p]->sseq,
 					     .index = cd[i].p};
-			prefetch(c, q, L, h, &k, g++ < gm ? TIER_GPU : TIER_HOST, &full);
+			prefetch(c, q, L, h, &k, g++ < gm ? TIER_GPU : TIER_HOST, &full, t_where);
 		}
 	}
 	kvt_free(seqs);

@@ -57,6 +57,8 @@ struct kvtier_client {
 	struct live_seq *live;
 	int32_t *live_of;   /* [max_seqs] live index of a sequence id, or -1 */
 	uint8_t *tail_host;
+	uint8_t *stage; /* pinned: one page per KV head, what an append sends to tail_dev */
+	bool data_pinned; /* the data area is registered with the device */
 	void *tail_dev;
 	void *q_dev, *out_dev;
 	size_t q_dev_bytes, out_dev_bytes;
@@ -211,7 +213,9 @@ static int alloc_tails(struct kvtier_client *c)
 	c->tail_host = calloc(1, bytes);
 	c->live = calloc(c->max_live, sizeof(*c->live));
 	c->live_of = malloc(c->w.max_seqs * sizeof(int32_t));
-	if (!c->tail_host || !c->live || !c->live_of)
+	if (!c->tail_host || !c->live || !c->live_of ||
+	    kvt_compute_host_alloc(c->cc, (size_t)c->layout.kv_heads * c->w.slot_bytes,
+				   (void **)&c->stage) < 0)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < c->w.max_seqs; i++)
 		c->live_of[i] = -1;
@@ -307,6 +311,9 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	if (!(o.flags & KVTIER_ATTACH_NO_HOST_READS) &&
 	    c->dev->ops->host_map_ro(c->dev, c->host, c->w.host_bytes, &c->host_dev) < 0)
 		c->host_dev = NULL;
+	/* The data area pinned, so that queries and K/V in device memory come and go by DMA
+	 * (best effort: unpinned, the copies are slower, not wrong). */
+	c->data_pinned = c->dev->ops->host_register(c->dev, c->data, c->w.data_bytes) == 0;
 	if ((ret = alloc_tails(c)) < 0)
 		goto fail;
 	*out = c;
@@ -321,6 +328,7 @@ void kvtier_detach(struct kvtier_client *c)
 	if (!c)
 		return;
 	if (c->cc) {
+		kvt_compute_host_free(c->cc, c->stage);
 		kvt_compute_free(c->cc, c->tail_dev);
 		kvt_compute_free(c->cc, c->q_dev);
 		kvt_compute_free(c->cc, c->out_dev);
@@ -330,6 +338,8 @@ void kvtier_detach(struct kvtier_client *c)
 	if (c->dev) {
 		if (c->host_dev)
 			c->dev->ops->host_unregister(c->dev, c->host);
+		if (c->data_pinned)
+			c->dev->ops->host_unregister(c->dev, c->ring + c->w.data_off);
 		if (c->pool.ptr)
 			c->dev->ops->mem_destroy(c->dev, &c->pool);
 		kvt_device_close(c->dev);
@@ -492,23 +502,28 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
 		first = n0;
 	if (first == n1)
 		return 0;
-	for (uint32_t h = 0; h < H; h++) {
+	/* each head's new rows into its page here and into the pinned staging, from which
+	 * they go up queued: one synchronisation for every head of the append */
+	const size_t p0 = first % T, np = n1 - first;
+	int ret = 0;
+	for (uint32_t h = 0; h < H && ret == 0; h++) {
 		size_t s = tail_slot(c, li, layer, h) * c->w.slot_bytes;
-		uint8_t *page = c->tail_host + s;
+		uint8_t *page = c->tail_host + s, *st = c->stage + (size_t)h * c->w.slot_bytes;
 		for (uint32_t t = first; t < n1; t++) {
 			size_t i = (size_t)(t - n0) * H + h, pos = t % T;
 			memcpy(page + pos * c->row, c->data + i * c->row, c->row);
 			memcpy(page + (T + pos) * c->row, c->data + voff + i * c->row, c->row);
 		}
-		size_t p0 = first % T, np = n1 - first;
+		memcpy(st + p0 * c->row, page + p0 * c->row, np * c->row);
+		memcpy(st + (T + p0) * c->row, page + (T + p0) * c->row, np * c->row);
 		uint8_t *dev = (uint8_t *)c->tail_dev + s;
-		int ret;
-		if ((ret = kvt_compute_upload(c->cc, dev + p0 * c->row, page + p0 * c->row, np * c->row)) < 0 ||
-		    (ret = kvt_compute_upload(c->cc, dev + (T + p0) * c->row, page + (T + p0) * c->row,
-					      np * c->row)) < 0)
-			return ret;
+		if ((ret = kvt_compute_copy_async(c->cc, dev + p0 * c->row, st + p0 * c->row,
+						  np * c->row, NULL)) == 0)
+			ret = kvt_compute_copy_async(c->cc, dev + (T + p0) * c->row, st + (T + p0) * c->row,
+						     np * c->row, NULL);
 	}
-	return 0;
+	int sret = kvt_compute_sync(c->cc, NULL); /* the staging is reused by the next append */
+	return ret < 0 ? ret : sret;
 }
 
 int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
