@@ -195,7 +195,8 @@ static void unpin_layer(struct kvd *d, struct kvd_layer *L)
 	L->npinned = 0;
 }
 
-static int pin_key(struct kvd *d, struct kvd_layer *L, const struct page_key *k)
+/* Records a pin of L's selection: taken now, or already held (kept from the last). */
+static int pin_key(struct kvd *d, struct kvd_layer *L, const struct page_key *k, bool held)
 {
 	if (L->npinned == L->pincap) {
 		uint32_t nc = L->pincap ? L->pincap * 2 : 64;
@@ -205,10 +206,64 @@ static int pin_key(struct kvd *d, struct kvd_layer *L, const struct page_key *k)
 		L->pinned = p;
 		L->pincap = nc;
 	}
-	int ret = kvt_store_pin(d->store, k);
+	int ret = held ? 0 : kvt_store_pin(d->store, k);
 	if (ret == 0)
 		L->pinned[L->npinned++] = *k;
 	return ret;
+}
+
+/*
+ * The previous step's pins of one layer of a sequence, taken over by a select: the
+ * pages selected again keep their pin, the others are unpinned as each row is
+ * settled, before any move starts (they may make room), and what was not reached
+ * (an error) at the end.
+ */
+struct old_pins {
+	struct page_key *p;
+	uint32_t n, at;
+};
+
+static void old_pins_take(struct kvd_layer *L, struct old_pins *o)
+{
+	*o = (struct old_pins){L->pinned, L->npinned, 0};
+	L->pinned = NULL;
+	L->npinned = L->pincap = 0;
+}
+
+static void old_pins_done(struct kvd *d, struct old_pins *o)
+{
+	for (; o->at < o->n; o->at++)
+		kvt_store_unpin(d->store, &o->p[o->at]);
+	kvt_free(o->p);
+	o->p = NULL;
+}
+
+static bool same_key(const struct page_key *a, const struct page_key *b)
+{
+	return a->index == b->index && a->seq == b->seq && a->kv_head == b->kv_head &&
+	       a->layer == b->layer && a->tenant == b->tenant;
+}
+
+/* Pins k, or keeps the old pin when the old pins of its head hold it; unpins the old
+ * pins of the head below it. Keys come in ascending page order per head. */
+static int repin(struct kvd *d, struct kvd_layer *L, struct old_pins *o, const struct page_key *k)
+{
+	while (o->at < o->n && o->p[o->at].kv_head == k->kv_head && o->p[o->at].index < k->index)
+		kvt_store_unpin(d->store, &o->p[o->at++]);
+	if (o->at < o->n && same_key(&o->p[o->at], k)) {
+		int ret = pin_key(d, L, k, true); /* the store's pin stays as it is */
+		if (ret == 0)
+			o->at++;
+		return ret;
+	}
+	return pin_key(d, L, k, false);
+}
+
+/* The old pins of head h not selected again: unpinned once its row is settled. */
+static void old_pins_head_done(struct kvd *d, struct old_pins *o, uint16_t h)
+{
+	while (o->at < o->n && o->p[o->at].kv_head == h)
+		kvt_store_unpin(d->store, &o->p[o->at++]);
 }
 
 static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t need)
@@ -1147,9 +1202,14 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		ncand = (uint32_t *)(cands + rows * K);
 		selmap = (uint8_t *)(ncand + rows);
 	}
-	/* The previous step's pins of these rows go first: their pages may make room. */
+	/* The previous step's pins of these rows: kept where a page is selected again,
+	 * the others let go before any move starts (their pages may make room). */
+	struct old_pins *op = kvt_malloc(nseq * sizeof(*op));
 	for (uint32_t b = 0; b < nseq; b++) {
-		unpin_layer(d, &seqs[b]->layer[r->layer]);
+		if (op)
+			old_pins_take(&seqs[b]->layer[r->layer], &op[b]);
+		else
+			unpin_layer(d, &seqs[b]->layer[r->layer]);
 		seqs[b]->layer[r->layer].steps++;
 		PF_ADD(c, seqs[b], steps, 1);
 	}
@@ -1186,12 +1246,19 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 						       .seq = L->owner[o[j]]->sseq,
 						       .index = (uint32_t)o[j]};
 			s->prom[i] = (struct kvd_prom){s, (uint32_t)i};
-			if ((ret = pin_key(d, L, &s->keys[i])) < 0) {
+			ret = op ? repin(d, L, &op[row / H], &s->keys[i])
+				 : pin_key(d, L, &s->keys[i], false);
+			if (ret < 0) {
 				s->w.err = ret;
 				break;
 			}
 		}
+		if (op)
+			old_pins_head_done(d, &op[row / H], (uint16_t)h);
 	}
+	for (uint32_t b = 0; op && b < nseq; b++)
+		old_pins_done(d, &op[b]);
+	kvt_free(op);
 	const uint64_t t_rank = kvd_now_ns();
 	/* 2: where each selected page is; start the moves the answer waits for */
 	for (uint64_t row = 0; row < rows && !s->w.err; row++) {

@@ -284,8 +284,9 @@ static int stats(struct kvt_wire_stats *w)
 	return ret;
 }
 
-/* A control command (words, each NUL-ended); its last answer piece's status. */
-static int ctl_cmd(const char *words, size_t len)
+/* A control command (words, each NUL-ended); its last answer piece's status. The
+ * answer's first bytes go to out (NUL-ended) when out is not NULL. */
+static int ctl_cmd_out(const char *words, size_t len, char *out, size_t outlen)
 {
 	int fd = connect_raw();
 	if (fd < 0)
@@ -293,6 +294,7 @@ static int ctl_cmd(const char *words, size_t len)
 	struct kvt_msg_hdr h = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_CTL, (uint32_t)len, 0};
 	int ret = -1;
 	char buf[4096];
+	size_t have = 0;
 	if (send(fd, &h, sizeof(h), MSG_NOSIGNAL) == sizeof(h) &&
 	    send(fd, words, len, MSG_NOSIGNAL) == (ssize_t)len)
 		while (recv(fd, &h, sizeof(h), MSG_WAITALL) == sizeof(h) && h.type == KVT_MSG_CTL_REPLY) {
@@ -301,6 +303,12 @@ static int ctl_cmd(const char *words, size_t len)
 				if (k <= 0)
 					break;
 				got += (uint32_t)k;
+				if (out && have + 1 < outlen) {
+					size_t m = (size_t)k < outlen - 1 - have ? (size_t)k : outlen - 1 - have;
+					memcpy(out + have, buf, m);
+					have += m;
+					out[have] = 0;
+				}
 			}
 			if (h.status != KVT_CTL_MORE) {
 				ret = h.status;
@@ -311,7 +319,7 @@ static int ctl_cmd(const char *words, size_t len)
 	return ret;
 }
 
-#define CTL(s) ctl_cmd(s, sizeof(s) - 1)
+#define CTL(s) ctl_cmd_out(s, sizeof(s) - 1, NULL, 0)
 
 /* Every test starts with the default queries and select flags, whatever the last one
  * left behind when it failed. */
@@ -460,9 +468,20 @@ static void test_prefetch(void **state)
 		step(c, &s, 1, t, 8, tab);
 	struct kvtier_prefetch_stats a, b, cl;
 	assert_int_equal(kvtier_stats(c, s.id, &a), 0);
+	unsigned last = 0;
 	for (uint32_t t = 8; t < 72; t++)
-		step(c, &s, 1, t, 8, tab);
+		last = step(c, &s, 1, t, 8, tab);
 	assert_int_equal(kvtier_stats(c, s.id, &b), 0);
+	/* pins kept from step to step, and let go: exactly the last selection's pages are
+	 * pinned (one per page: rows and layers are different pages) */
+	char js[8192];
+	js[0] = 0;
+	assert_int_equal(ctl_cmd_out("seqs\0", 5, js, sizeof(js)), 0);
+	const char *pp = strstr(js, "\"pages_pinned\":");
+	assert_non_null(pp);
+	print_message("pinned after 64 steps: %llu, the last step selected %u\n",
+		      strtoull(pp + 15, NULL, 10), last);
+	assert_int_equal(strtoull(pp + 15, NULL, 10), last);
 	const double sel = (double)(b.selected - a.selected);
 	const double hit = (double)(b.hit - a.hit) / sel;
 	print_message("prefetch: %.0f pages selected in 64 steps: hit %.3f, late %.3f, host %.3f, "
@@ -510,7 +529,21 @@ static void test_prefetch(void **state)
 	assert_int_equal(stats(&w), 0);
 	assert_true(w.pf.selected >= a.selected && w.pf.prefetch_gpu >= a.prefetch_gpu);
 	kvtier_table_destroy(tab);
+	assert_true(w.pages > 0);
 	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	/* every pin the selects kept from step to step was let go: the sequence's pages
+	 * are all freed, in every tier (a pinned page would keep its slots) */
+	for (int i = 0; i < 200 && stats(&w) == 0 &&
+			w.pages + w.tier_used[0] + w.tier_used[1] + w.tier_used[2];
+	     i++)
+		usleep(10000);
+	assert_int_equal(stats(&w), 0);
+	print_message("pages left after the close: %llu; slots in use gpu %llu host %llu nvme %llu\n",
+		      (unsigned long long)w.pages, (unsigned long long)w.tier_used[0],
+		      (unsigned long long)w.tier_used[1], (unsigned long long)w.tier_used[2]);
+	assert_int_equal(w.pages, 0);
+	for (int t = 0; t < 3; t++)
+		assert_int_equal(w.tier_used[t], 0);
 	kvtier_detach(c);
 
 	/* a client that reads nothing in place: every page comes to the GPU pool first */
