@@ -1079,7 +1079,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		 (unsigned long long)((r->page_bytes + 4095) & ~4095ull));
 	char bin[PATH_MAX];
 	const char *exe = find_kvtierd(bin, sizeof(bin));
-	const char *argv[64];
+	const char *argv[2 * (10 + 4 + 32) + 2]; /* ours, the fixed ones, the user's */
 	int na = 0;
 	argv[na++] = exe;
 	for (int i = 0; i < 10; i++)
@@ -1557,7 +1557,8 @@ static void usage(FILE *f)
 		"  --host-budget FRAC  kvtier's host tier as a share of the KV (0.50)\n"
 		"  --dense-layers N    first layers that attend over every page (0)\n"
 		"  --steps N --warmup N   timed decode steps, and untimed ones before (32, 8)\n"
-		"  --methods LIST      dense,reload,sparse,kvtier (all)\n"
+		"  --methods LIST      dense,reload,sparse,kvtier (all); mass, error and needle\n"
+		"                      columns need dense or reload in the run (the reference)\n"
 		"  --device cpu|cuda|auto, --cpu   where attention runs and kvtierd keeps its pool\n"
 		"  --small             a small shape for a quick run: model small, contexts 2K,4K,\n"
 		"                      batch 1,2, budget 512, window 128, 4 timed steps\n"
