@@ -781,7 +781,7 @@ static void sel_finish(struct kvd_wait *w)
 	}
 	c->selects++;
 	uint64_t now = kvd_now_ns();
-	d->sel_phase_ns[4] += now - tf;
+	d->sel_phase_ns[SEL_ANSWER] += now - tf;
 	uint64_t ut = (now - s->t0) / 1000, uc = (w->start_ns - s->t0) / 1000;
 	unsigned bt = kvt_hist_bucket(ut), bc = kvt_hist_bucket(uc);
 	c->sel_lat[bt]++;
@@ -1307,12 +1307,12 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	kvt_free(seqs);
 	kvt_free(plan);
 	const uint64_t t_plan = kvd_now_ns();
-	d->sel_phase_ns[0] += t_dev - t0;
-	d->sel_phase_ns[5] += s->w.start_ns - t_dev;
-	d->sel_phase_ns[6] += s->w.start_ns - t_sync;
-	d->sel_phase_ns[1] += t_rank - s->w.start_ns;
-	d->sel_phase_ns[2] += t_where - t_rank;
-	d->sel_phase_ns[3] += t_plan - t_where;
+	d->sel_phase_ns[SEL_INPUTS] += t_dev - t0;
+	d->sel_phase_ns[SEL_DEVICE] += s->w.start_ns - t_dev;
+	d->sel_phase_ns[SEL_WAIT] += s->w.start_ns - t_sync;
+	d->sel_phase_ns[SEL_RANK] += t_rank - s->w.start_ns;
+	d->sel_phase_ns[SEL_WHERE] += t_where - t_rank;
+	d->sel_phase_ns[SEL_PLAN] += t_plan - t_where;
 	d->sel_phase_n++;
 	if (!s->ntodo)
 		s->w.retry = NULL;
@@ -1617,11 +1617,10 @@ void kvd_engine_stop(struct kvd *d)
 		kvt_notice("engine", "%llu selects, daemon time per select: inputs %.1f us, copies "
 			   "and kernels %.1f us (%.1f waiting for the device), ranking and pins %.1f "
 			   "us, finding pages %.1f us, prefetches %.1f us, answer %.1f us",
-			   (unsigned long long)d->sel_phase_n, (double)d->sel_phase_ns[0] / n,
-			   (double)d->sel_phase_ns[5] / n, (double)d->sel_phase_ns[6] / n,
-			   (double)d->sel_phase_ns[1] / n,
-			   (double)d->sel_phase_ns[2] / n, (double)d->sel_phase_ns[3] / n,
-			   (double)d->sel_phase_ns[4] / n);
+			   (unsigned long long)d->sel_phase_n, (double)d->sel_phase_ns[SEL_INPUTS] / n,
+			   (double)d->sel_phase_ns[SEL_DEVICE] / n, (double)d->sel_phase_ns[SEL_WAIT] / n,
+			   (double)d->sel_phase_ns[SEL_RANK] / n, (double)d->sel_phase_ns[SEL_WHERE] / n,
+			   (double)d->sel_phase_ns[SEL_PLAN] / n, (double)d->sel_phase_ns[SEL_ANSWER] / n);
 	}
 	for (int i = 0; i < SCR_MAX; i++)
 		if (d->scr[i].p)

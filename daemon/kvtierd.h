@@ -155,6 +155,18 @@ struct kvd_client {
 	struct kvt_op out_op; /* ops_inflight bit 2: waiting to send */
 };
 
+/* The phases of a select, in order (the device wait is part of SEL_DEVICE). */
+enum kvd_sel_phase {
+	SEL_INPUTS,  /* sequences, record index, queries staged */
+	SEL_DEVICE,  /* copies up, score and top-k kernels, copies back */
+	SEL_WAIT,    /* of SEL_DEVICE: waiting for the device after the launches */
+	SEL_RANK,    /* the plan's ranking, substitution, pins */
+	SEL_WHERE,   /* finding each selected page, starting the moves waited for */
+	SEL_PLAN,    /* starting the prefetches */
+	SEL_ANSWER,  /* the table written back */
+	SEL_PHASES
+};
+
 struct kvd_scratch {
 	void *p;
 	size_t bytes;
@@ -191,10 +203,8 @@ struct kvd {
 	void *host_tmp;
 	size_t host_tmp_bytes;
 	void *pin[2]; /* pinned staging of a select's copies (engine.c) */
-	/* where selects spend the daemon's time, ns in all: [0] inputs, [5] copies and
-	 * kernels, of which [6] waiting for the device, [1] the plan's ranking and pins,
-	 * [2] finding the pages, [3] starting prefetches, [4] the answer */
-	uint64_t sel_phase_ns[7], sel_phase_n;
+	/* where selects spend the daemon's time, ns in all (enum kvd_sel_phase) */
+	uint64_t sel_phase_ns[SEL_PHASES], sel_phase_n;
 	size_t pin_bytes[2];
 	bool stopping;
 	/* counters */
