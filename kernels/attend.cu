@@ -8,14 +8,28 @@
  * memory; the splits of a row write (output, log2-sum-exp) partials to a workspace
  * and the last split to finish (a per-row counter) merges them, so one launch does
  * all of it.
+ *
+ * Short rows (a sparse decode step: a few dozen pages per row) take a second kernel
+ * on sm_90: a thread-block cluster per (row, head chunk), up to 16 blocks of 256
+ * threads, each taking an equal share of the row's pages with all their tokens'
+ * loads in flight at once; the blocks merge through distributed shared memory,
+ * with no workspace, fence or counter. A decode step's whole selection is then one
+ * round trip to memory and one merge.
  */
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include <cooperative_groups.h>
+#include <type_traits>
 
 #include "kernels/cuda_common.cuh"
 
+namespace cg = cooperative_groups;
+
 #define ATT_THREADS 128
+#define CL_THREADS 256
 
 struct att_launch {
 	kvt_attend_args a;
@@ -24,6 +38,225 @@ struct att_launch {
 	int *counters; /* [rows][hchunks] */
 	uint32_t pps, splits, hchunks;
 };
+
+/*
+ * One chunk of CH tokens per thread (loaded already; ok(c): token c is real) into a
+ * thread's online softmax over GM query heads: all logits of the chunk first (they
+ * are independent), then one rescale per head, then the values.
+ */
+template <typename T, int D, int GM, int CH, typename V>
+__device__ __forceinline__ void att_chunk(const kvt_raw8<T> (&kr)[CH], const kvt_raw8<T> (&vr)[CH],
+					  V ok, const float (&qf)[GM][8], float (&m)[GM],
+					  float (&l)[GM], float (&acc)[GM][8])
+{
+	constexpr int LPT = D / 8;
+	float sc[CH][GM];
+#pragma unroll
+	for (int c = 0; c < CH; c++) {
+		float kf[8];
+		kr[c].to_float(kf);
+#pragma unroll
+		for (int g = 0; g < GM; g++) {
+			float x = 0;
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				x += qf[g][j] * kf[j];
+			x = kvt_group_sum<LPT>(x);
+			sc[c][g] = ok(c) ? x : -INFINITY;
+		}
+	}
+	float mx[GM];
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		mx[g] = m[g];
+#pragma unroll
+		for (int c = 0; c < CH; c++)
+			mx[g] = fmaxf(mx[g], sc[c][g]);
+		/* nothing valid yet: keep the state, exponents of -inf give 0 */
+		const float base = mx[g] == -INFINITY ? 0.0f : mx[g];
+		const float corr = exp2f(m[g] - base);
+		l[g] *= corr;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			acc[g][j] *= corr;
+		m[g] = mx[g];
+		mx[g] = base;
+	}
+#pragma unroll
+	for (int c = 0; c < CH; c++) {
+		float vf[8];
+		vr[c].to_float(vf); /* once per token, for every head */
+#pragma unroll
+		for (int g = 0; g < GM; g++) {
+			const float p = exp2f(sc[c][g] - mx[g]);
+			l[g] += p;
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				acc[g][j] += p * vf[j];
+		}
+	}
+}
+
+/* gn query heads from q (this lane's 8 dims of the first), pre-scaled for exp2;
+ * zeros past gn. */
+template <typename T, int D, int GM>
+__device__ __forceinline__ void att_load_q(const T *q, int gn, float scale, float (&qf)[GM][8])
+{
+	const float qscale = scale * KVT_LOG2E;
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		if (g < gn) {
+			kvt_load8(q + (size_t)g * D, qf[g]);
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				qf[g][j] *= qscale;
+		} else {
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				qf[g][j] = 0;
+		}
+	}
+}
+
+/*
+ * NG groups' states (sm_m, sm_l: [NG][GM]; sm_acc: [NG][GM][D], stored and synced)
+ * merged: f(g, d, M, S, A) once for each of the block's outputs (head g < gn, dim d),
+ * with S and A the sums scaled by exp2(-M).
+ */
+template <int D, int GM, int NT, typename F>
+__device__ __forceinline__ void att_groups_merge(const float *sm_m, const float *sm_l,
+						 const float *sm_acc, int NG, int gn, F f)
+{
+	for (int o = threadIdx.x; o < GM * D; o += NT) {
+		const int g = o / D, d = o % D;
+		if (g >= gn)
+			continue;
+		float M = -INFINITY;
+		for (int t = 0; t < NG; t++)
+			M = fmaxf(M, sm_m[t * GM + g]);
+		float S = 0, A = 0;
+		if (M > -INFINITY) {
+			for (int t = 0; t < NG; t++) {
+				float w = exp2f(sm_m[t * GM + g] - M);
+				S += sm_l[t * GM + g] * w;
+				A += sm_acc[(t * GM + g) * D + d] * w;
+			}
+		}
+		f(g, d, M, S, A);
+	}
+}
+
+/*
+ * The block's token groups merged: each thread's state (m, l, acc over its 8 lanes'
+ * dims) into shared memory, then att_groups_merge. sm_m, sm_l: [NT/LPT][GM]; sm_acc:
+ * [NT/LPT][GM][D].
+ */
+template <int D, int GM, int NT, typename F>
+__device__ __forceinline__ void att_block_merge(float *sm_m, float *sm_l, float *sm_acc, int gn,
+						const float (&m)[GM], const float (&l)[GM],
+						const float (&acc)[GM][8], F f)
+{
+	constexpr int LPT = D / 8, TPI = NT / LPT;
+	const int lane = threadIdx.x % LPT, tg = threadIdx.x / LPT;
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		if (lane == 0) {
+			sm_m[tg * GM + g] = m[g];
+			sm_l[tg * GM + g] = l[g];
+		}
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			sm_acc[(tg * GM + g) * D + lane * 8 + j] = acc[g][j];
+	}
+	__syncthreads();
+	att_groups_merge<D, GM, NT>(sm_m, sm_l, sm_acc, TPI, gn, f);
+}
+
+/*
+ * The splits of row r's head chunk hc merged, once each has written its partial
+ * (output, log2-sum-exp) to the workspace: the last block to finish (a per-row
+ * counter) does it. sm_acc holds at least my_splits * GM floats; sm_m, sm_l GM.
+ */
+template <typename T, int D, int GM, int NT>
+__device__ __forceinline__ void att_splits_merge(const att_launch &L, uint32_t r, uint32_t hc,
+						 uint32_t my_splits, int gn, float *sm_m,
+						 float *sm_l, float *sm_acc)
+{
+	const kvt_attend_args &a = L.a;
+	const int G = a.g.group, g0 = hc * GM;
+	const size_t part = ((size_t)r * L.hchunks + hc) * L.splits;
+	__shared__ int last;
+	__threadfence();
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		int *ctr = L.counters + (size_t)r * L.hchunks + hc;
+		last = atomicAdd(ctr, 1) == (int)my_splits - 1;
+		if (last)
+			*ctr = 0; /* ready for the next launch */
+	}
+	__syncthreads();
+	if (!last)
+		return;
+	__threadfence();
+	/*
+	 * Merge the splits: their log2-sum-exps into weights in shared memory (reusing
+	 * sm_acc: splits * GM <= TPI * GM * D), then every output a weighted sum whose
+	 * loads are independent, so they overlap.
+	 */
+	float *w = sm_acc;
+	for (uint32_t i = threadIdx.x; i < my_splits * GM; i += NT)
+		w[i] = __ldcg(&L.ws_lse[part * GM + i]);
+	__syncthreads();
+	const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+	for (int g = warp; g < GM; g += NT / 32) {
+		float M = -INFINITY, S = 0;
+		for (uint32_t s = wl; s < my_splits; s += 32)
+			M = fmaxf(M, w[s * GM + g]);
+#pragma unroll
+		for (int o = 16; o; o >>= 1)
+			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+		for (uint32_t s = wl; s < my_splits; s += 32) {
+			float x = M > -INFINITY ? exp2f(w[s * GM + g] - M) : 0.0f;
+			w[s * GM + g] = x;
+			S += x;
+		}
+#pragma unroll
+		for (int o = 16; o; o >>= 1)
+			S += __shfl_xor_sync(0xffffffffu, S, o);
+		if (wl == 0) {
+			sm_m[g] = M;
+			sm_l[g] = S;
+		}
+	}
+	__syncthreads();
+	/* splits outer, this thread's outputs inner: NO * 4 loads in flight */
+	constexpr int NO = (GM * D + NT - 1) / NT;
+	float A[NO];
+#pragma unroll
+	for (int i = 0; i < NO; i++)
+		A[i] = 0;
+	const float *po = L.ws_o + part * GM * D;
+#pragma unroll 4
+	for (uint32_t s = 0; s < my_splits; s++) {
+#pragma unroll
+		for (int i = 0; i < NO; i++) {
+			const int o = threadIdx.x + i * NT;
+			if (o < GM * D)
+				A[i] += w[s * GM + o / D] * __ldcg(po + (size_t)s * GM * D + o);
+		}
+	}
+#pragma unroll
+	for (int i = 0; i < NO; i++) {
+		const int o = threadIdx.x + i * NT, g = o / D, d = o % D;
+		if (o >= GM * D || g >= gn)
+			continue;
+		const float S = sm_l[g];
+		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
+		kvt_store1(out, S > 0 ? A[i] / S : 0.0f);
+		if (d == 0 && a.lse)
+			a.lse[(size_t)r * G + g0 + g] = S > 0 ? (sm_m[g] + log2f(S)) * KVT_LN2 : -INFINITY;
+	}
+}
 
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(att_launch L)
@@ -48,21 +281,8 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 	const int lane = threadIdx.x % LPT, tg = threadIdx.x / LPT;
 
 	float qf[GM][8];
-	const T *q = static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8;
-	const float qscale = a.scale * KVT_LOG2E;
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		if (g < gn) {
-			kvt_load8(q + (size_t)g * D, qf[g]);
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				qf[g][j] *= qscale;
-		} else {
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				qf[g][j] = 0;
-		}
-	}
+	att_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8, gn,
+			     a.scale, qf);
 	float m[GM], l[GM], acc[GM][8];
 #pragma unroll
 	for (int g = 0; g < GM; g++) {
@@ -99,87 +319,17 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 					vr[c].zero();
 				}
 			}
-			/* all logits of the chunk first (independent), then one rescale per head */
-			float sc[ATT_CHUNK][GM];
-#pragma unroll
-			for (int c = 0; c < ATT_CHUNK; c++) {
-				const bool ok = t0 + c * TPI + tg < len;
-				float kf[8];
-				kr[c].to_float(kf);
-#pragma unroll
-				for (int g = 0; g < GM; g++) {
-					float x = 0;
-#pragma unroll
-					for (int j = 0; j < 8; j++)
-						x += qf[g][j] * kf[j];
-					x = kvt_group_sum<LPT>(x);
-					sc[c][g] = ok ? x : -INFINITY;
-				}
-			}
-			float mx[GM];
-#pragma unroll
-			for (int g = 0; g < GM; g++) {
-				mx[g] = m[g];
-#pragma unroll
-				for (int c = 0; c < ATT_CHUNK; c++)
-					mx[g] = fmaxf(mx[g], sc[c][g]);
-				/* nothing valid yet: keep the state, exponents of -inf give 0 */
-				const float base = mx[g] == -INFINITY ? 0.0f : mx[g];
-				const float corr = exp2f(m[g] - base);
-				l[g] *= corr;
-#pragma unroll
-				for (int j = 0; j < 8; j++)
-					acc[g][j] *= corr;
-				m[g] = mx[g];
-				mx[g] = base;
-			}
-#pragma unroll
-			for (int c = 0; c < ATT_CHUNK; c++) {
-				float vf[8];
-				vr[c].to_float(vf); /* once per token, for every head */
-#pragma unroll
-				for (int g = 0; g < GM; g++) {
-					const float p = exp2f(sc[c][g] - mx[g]);
-					l[g] += p;
-#pragma unroll
-					for (int j = 0; j < 8; j++)
-						acc[g][j] += p * vf[j];
-				}
-			}
+			att_chunk<T, D, GM, ATT_CHUNK>(
+				kr, vr, [&](int c) { return t0 + c * TPI + tg < len; }, qf, m, l, acc);
 		}
 	}
 
 	/* merge the token groups of this block */
-	__shared__ float sm_m[TPI][GM], sm_l[TPI][GM];
-	__shared__ __align__(16) float sm_acc[TPI][GM][D];
-	__shared__ int last;
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		if (lane == 0) {
-			sm_m[tg][g] = m[g];
-			sm_l[tg][g] = l[g];
-		}
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			sm_acc[tg][g][lane * 8 + j] = acc[g][j];
-	}
-	__syncthreads();
+	__shared__ float sm_m[TPI * GM], sm_l[TPI * GM];
+	__shared__ __align__(16) float sm_acc[TPI * GM * D];
 	const size_t part = ((size_t)r * L.hchunks + hc) * L.splits;
-	for (int o = threadIdx.x; o < GM * D; o += ATT_THREADS) {
-		const int g = o / D, d = o % D;
-		if (g >= gn)
-			continue;
-		float M = -INFINITY;
-		for (int t = 0; t < TPI; t++)
-			M = fmaxf(M, sm_m[t][g]);
-		float S = 0, A = 0;
-		if (M > -INFINITY) {
-			for (int t = 0; t < TPI; t++) {
-				float w = exp2f(sm_m[t][g] - M);
-				S += sm_l[t][g] * w;
-				A += sm_acc[t][g][d] * w;
-			}
-		}
+	att_block_merge<D, GM, ATT_THREADS>(sm_m, sm_l, sm_acc, gn, m, l, acc,
+					    [&](int g, int d, float M, float S, float A) {
 		const float o_val = S > 0 ? A / S : 0.0f;
 		const float lse2 = S > 0 ? M + log2f(S) : -INFINITY;
 		if (my_splits == 1) {
@@ -192,107 +342,373 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 			if (d == 0)
 				L.ws_lse[(part + split) * GM + g] = lse2;
 		}
-	}
-	if (my_splits == 1)
-		return;
-	__threadfence();
-	__syncthreads();
-	if (threadIdx.x == 0) {
-		int *ctr = L.counters + (size_t)r * L.hchunks + hc;
-		last = atomicAdd(ctr, 1) == (int)my_splits - 1;
-		if (last)
-			*ctr = 0; /* ready for the next launch */
-	}
-	__syncthreads();
-	if (!last)
-		return;
-	__threadfence();
-	/*
-	 * Merge the splits: their log2-sum-exps into weights in shared memory (reusing
-	 * sm_acc: splits * GM <= TPI * GM * D), then every output a weighted sum whose
-	 * loads are independent, so they overlap.
-	 */
-	float *w = &sm_acc[0][0][0];
-	for (uint32_t i = threadIdx.x; i < my_splits * GM; i += ATT_THREADS)
-		w[i] = __ldcg(&L.ws_lse[part * GM + i]);
-	__syncthreads();
-	const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-	for (int g = warp; g < GM; g += ATT_THREADS / 32) {
-		float M = -INFINITY, S = 0;
-		for (uint32_t s = wl; s < my_splits; s += 32)
-			M = fmaxf(M, w[s * GM + g]);
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-		for (uint32_t s = wl; s < my_splits; s += 32) {
-			float x = M > -INFINITY ? exp2f(w[s * GM + g] - M) : 0.0f;
-			w[s * GM + g] = x;
-			S += x;
-		}
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			S += __shfl_xor_sync(0xffffffffu, S, o);
-		if (wl == 0) {
-			sm_m[0][g] = M;
-			sm_l[0][g] = S;
-		}
-	}
-	__syncthreads();
-	/* splits outer, this thread's outputs inner: NO * 4 loads in flight */
-	constexpr int NO = (GM * D + ATT_THREADS - 1) / ATT_THREADS;
-	float A[NO];
-#pragma unroll
-	for (int i = 0; i < NO; i++)
-		A[i] = 0;
-	const float *po = L.ws_o + part * GM * D;
-#pragma unroll 4
-	for (uint32_t s = 0; s < my_splits; s++) {
-#pragma unroll
-		for (int i = 0; i < NO; i++) {
-			const int o = threadIdx.x + i * ATT_THREADS;
-			if (o < GM * D)
-				A[i] += w[s * GM + o / D] * __ldcg(po + (size_t)s * GM * D + o);
-		}
-	}
-#pragma unroll
-	for (int i = 0; i < NO; i++) {
-		const int o = threadIdx.x + i * ATT_THREADS, g = o / D, d = o % D;
-		if (o >= GM * D || g >= gn)
-			continue;
-		const float S = sm_l[0][g];
-		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
-		kvt_store1(out, S > 0 ? A[i] / S : 0.0f);
-		if (d == 0 && a.lse)
-			a.lse[(size_t)r * G + g0 + g] = S > 0 ? (sm_m[0][g] + log2f(S)) * KVT_LN2 : -INFINITY;
-	}
+	});
+	if (my_splits > 1)
+		att_splits_merge<T, D, GM, ATT_THREADS>(L, r, hc, my_splits, gn, sm_m, sm_l, sm_acc);
 }
 
-template <typename T, int D> static int attend_gm(att_launch &L, cudaStream_t s)
+/*
+ * The cluster kernel: grid (C, rows, head chunks), one cluster of C blocks per (row,
+ * head chunk), for 16-bit K/V and D of 64 or 128, on tensor cores (mma.m16n8k16,
+ * fp32 accumulation). Block b takes entries [ent*b/C, ent*(b+1)/C) of its row as one
+ * run of tokens; each warp takes 16 tokens a pass, a block 128 (two pages of 64).
+ *
+ * A warp's pass, with g = lane/4 and c = lane%4 (the fragments' row and column
+ * groups; the query heads are the rows, at most 8 of the 16):
+ *  - scores S = Q K^T as two 16x8 tiles of 8 tokens, D/16 k-steps each. The sum over
+ *    dims is free to take them in any order, so thread c holds dims [c*D/4, c*D/4 +
+ *    D/4) of Q and of its token's K (16-byte loads), k-step s taking dims 4s..4s+3;
+ *  - the online softmax over the 16 tokens of each head, its max over the quad;
+ *  - O += P V as D/8 tiles of 16 heads x 8 dims: the P fragment is the score tiles'
+ *    own registers (FlashAttention-2's layout), and V's fragment pairs two tokens of
+ *    one dim in a register, built from 16-byte loads (thread g holds dims [g*D/8,
+ *    g*D/8 + D/8)) by byte permutes.
+ * Then the warps' states merge in shared memory, each block's result goes into the
+ * shared memory of the cluster's first block (stores to another block's memory do
+ * not wait for a reply), and after one cluster barrier that block merges the C
+ * results. Dynamic shared memory: [NW][GM][D] + 2 [NW][GM] for the warps' merge,
+ * then [C][GM][D] + 2 [C][GM] for the cluster's results.
+ */
+#define CL_WARPS (CL_THREADS / 32)
+
+template <int D, int GM> constexpr size_t cl_smem_bytes(unsigned c)
 {
-	dim3 grid(L.splits, L.a.rows, L.hchunks);
-	uint32_t G = L.a.g.group;
-	if (G <= 1)
-		attend_kernel<T, D, 1><<<grid, ATT_THREADS, 0, s>>>(L);
-	else if (G <= 2)
-		attend_kernel<T, D, 2><<<grid, ATT_THREADS, 0, s>>>(L);
-	else if (G <= 4)
-		attend_kernel<T, D, 4><<<grid, ATT_THREADS, 0, s>>>(L);
+	return ((size_t)CL_WARPS * GM * D + 2 * CL_WARPS * GM + c * (GM * D + 2 * GM)) *
+	       sizeof(float);
+}
+
+template <typename T> struct mma_ok : std::false_type {};
+template <> struct mma_ok<__half> : std::true_type {};
+template <> struct mma_ok<__nv_bfloat16> : std::true_type {};
+
+/* d += a b, a 16x16 (rows g+8 zero: a1 = a3 = 0), b 16x8, fp32 accumulators */
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+					  uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	const uint32_t z = 0;
+	if constexpr (std::is_same<T, __half>::value)
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+			     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(a0), "r"(z), "r"(a2), "r"(z), "r"(b0), "r"(b1));
 	else
-		attend_kernel<T, D, 8><<<grid, ATT_THREADS, 0, s>>>(L);
-	return kvt_cuda_errno(cudaGetLastError(), "attend");
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+			     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(a0), "r"(z), "r"(a2), "r"(z), "r"(b0), "r"(b1));
+#endif
 }
 
-int kvt_cuda_attend(const kvt_attend_args *a, kvt_cuda_ws *ws, cudaStream_t s)
+/* Two floats as one register of T pairs, x in the low half. */
+template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y)
 {
-	const uint32_t D = a->g.head_dim, G = a->g.group;
-	if ((D != 64 && D != 128 && D != 256) || a->rows > 65535)
-		return -EINVAL;
-	att_launch L = {};
-	L.a = *a;
-	const uint32_t gm = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
-	L.hchunks = (G + gm - 1) / gm;
-	if (L.hchunks > 65535)
-		return -EINVAL;
+	uint32_t u;
+	if constexpr (std::is_same<T, __half>::value) {
+		__half2 h = __floats2half2_rn(x, y);
+		memcpy(&u, &h, 4);
+	} else {
+		__nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+		memcpy(&u, &h, 4);
+	}
+	return u;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T, int D, int GM>
+__global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_attend_args a)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	if constexpr (mma_ok<T>::value && (D == 64 || D == 128)) {
+	constexpr int KW = D / 8;  /* words of K (and Q) a thread holds per token */
+	constexpr int VW = D / 16; /* words of V a thread holds per token */
+	constexpr int NJ = D / 8;  /* output tiles of 8 dims */
+	extern __shared__ __align__(16) float cl_smem[];
+	cg::cluster_group cl = cg::this_cluster();
+	const uint32_t C = cl.num_blocks(), b = cl.block_rank();
+	float *sm_acc = cl_smem, *sm_m = sm_acc + CL_WARPS * GM * D, *sm_l = sm_m + CL_WARPS * GM;
+	float *cl_acc = sm_l + CL_WARPS * GM, *cl_m = cl_acc + C * GM * D, *cl_l = cl_m + C * GM;
+	const uint32_t r = blockIdx.y, hc = blockIdx.z;
+	const int G = a.g.group, T_ = a.g.page_tokens;
+	const int g0 = hc * GM, gn = G - g0 < GM ? G - g0 : GM;
+	uint32_t n = a.n_pages[r];
+	n = n < a.stride ? n : a.stride;
+	const int32_t tslot = a.tail_slot ? a.tail_slot[r] : -1;
+	int tlen = a.tail_slot && a.tail_len ? a.tail_len[r] : 0; /* loaded alongside */
+	tlen = tslot < 0 ? 0 : tlen < T_ ? (tlen > 0 ? tlen : 0) : T_;
+	/*
+	 * The blocks share the row's actual entries: sharing its stride + 1 possible ones
+	 * (so that the page-table loads need not wait for n_pages) measured slower, a
+	 * 33rd entry costing a whole pass more.
+	 */
+	const uint32_t ent = n + (tlen > 0);
+	const uint32_t e0 = (uint32_t)((uint64_t)ent * b / C);
+	const uint32_t e1 = (uint32_t)((uint64_t)ent * (b + 1) / C);
+	const uint32_t ntok = (e1 - e0) * (uint32_t)T_; /* the tail's missing tokens masked */
+	const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+
+	/* token i of this block's run: its row of K (V is T_*D further), or null */
+	auto row = [&](uint32_t i) -> const T * {
+		if (i >= ntok)
+			return nullptr;
+		const uint32_t k = i / T_, t = i - k * T_, e = e0 + k;
+		const void *base = a.pool;
+		uint64_t sb = a.slot_bytes;
+		int32_t slot;
+		if (e < n) {
+			slot = __ldg(&a.table[(size_t)r * a.stride + e]);
+			if (slot & KVT_SLOT_HOST) { /* read in place from pinned host memory */
+				base = a.host_pool;
+				sb = a.host_slot_bytes;
+				slot &= ~KVT_SLOT_HOST;
+			}
+		} else {
+			if ((int)t >= tlen)
+				return nullptr;
+			slot = tslot;
+			if (a.tail_pool)
+				base = a.tail_pool;
+		}
+		return reinterpret_cast<const T *>(static_cast<const char *>(base) +
+						   (uint64_t)slot * sb) +
+		       (size_t)t * D;
+	};
+
+	uint4 qa[KW / 4]; /* head g's dims [c*D/4, c*D/4 + D/4) */
+	{
+		const uint4 *q = reinterpret_cast<const uint4 *>(
+			static_cast<const T *>(a.q) + ((size_t)r * G + g0 + g) * D + c * (D / 4));
+#pragma unroll
+		for (int x = 0; x < KW / 4; x++)
+			qa[x] = g < gn ? __ldg(q + x) : make_uint4(0, 0, 0, 0);
+	}
+	float o[NJ][4], m = -INFINITY, l = 0;
+#pragma unroll
+	for (int j = 0; j < NJ; j++)
+		o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
+	const float sl2 = a.scale * KVT_LOG2E;
+	const size_t vofs = (size_t)T_ * D;
+
+	for (uint32_t t0 = warp * 16; t0 < ntok; t0 += CL_WARPS * 16) {
+		uint4 kr[2][KW / 4], vr[4][VW / 4];
+		uint32_t ok = 0;
+#pragma unroll
+		for (int tile = 0; tile < 2; tile++) {
+			const T *p = row(t0 + tile * 8 + g);
+#pragma unroll
+			for (int x = 0; x < KW / 4; x++)
+				kr[tile][x] = p ? __ldg(reinterpret_cast<const uint4 *>(p + c * (D / 4)) + x)
+						: make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int u = 0; u < 4; u++) { /* tokens 2c, 2c+1, 2c+8, 2c+9 */
+			const T *p = row(t0 + (u >> 1) * 8 + 2 * c + (u & 1));
+			ok |= (uint32_t)(p != nullptr) << u;
+#pragma unroll
+			for (int x = 0; x < VW / 4; x++)
+				vr[u][x] = p ? __ldg(reinterpret_cast<const uint4 *>(p + vofs + g * (D / 8)) + x)
+					     : make_uint4(0, 0, 0, 0);
+		}
+		float sc[2][4] = {};
+#pragma unroll
+		for (int tile = 0; tile < 2; tile++)
+#pragma unroll
+			for (int ks = 0; ks < D / 16; ks++)
+				mma_16816<T>(sc[tile], word(qa[ks / 2], (ks % 2) * 2),
+					     word(qa[ks / 2], (ks % 2) * 2 + 1),
+					     word(kr[tile][ks / 2], (ks % 2) * 2),
+					     word(kr[tile][ks / 2], (ks % 2) * 2 + 1));
+		float x[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]}; /* head g, the 4 tokens */
+		float mx = m;
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			x[u] = ok >> u & 1 ? x[u] * sl2 : -INFINITY;
+			mx = fmaxf(mx, x[u]);
+		}
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+		const float base = mx == -INFINITY ? 0.0f : mx; /* nothing valid yet */
+		const float corr = exp2f(m - base);
+		m = mx;
+		l *= corr;
+#pragma unroll
+		for (int j = 0; j < NJ; j++)
+			o[j][0] *= corr, o[j][1] *= corr;
+		float pr[4];
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			pr[u] = exp2f(x[u] - base);
+			l += pr[u];
+		}
+		const uint32_t pa0 = pack2<T>(pr[0], pr[1]), pa2 = pack2<T>(pr[2], pr[3]);
+#pragma unroll
+		for (int j = 0; j < NJ; j++) {
+			const uint32_t sel = j & 1 ? 0x7632 : 0x5410, w = j / 2;
+			const uint32_t b0 = __byte_perm(word(vr[0][w / 4], w % 4), word(vr[1][w / 4], w % 4), sel);
+			const uint32_t b1 = __byte_perm(word(vr[2][w / 4], w % 4), word(vr[3][w / 4], w % 4), sel);
+			mma_16816<T>(o[j], pa0, pa2, b0, b1);
+		}
+	}
+	l += __shfl_xor_sync(0xffffffffu, l, 1);
+	l += __shfl_xor_sync(0xffffffffu, l, 2);
+	if (g < GM) {
+		if (c == 0) {
+			sm_m[warp * GM + g] = m;
+			sm_l[warp * GM + g] = l;
+		}
+		float *acc = sm_acc + (warp * GM + g) * D;
+#pragma unroll
+		for (int j = 0; j < NJ; j++) {
+			acc[2 * c * (D / 8) + j] = o[j][0];
+			acc[(2 * c + 1) * (D / 8) + j] = o[j][1];
+		}
+	}
+	__syncthreads();
+	float *ld_acc = cl.map_shared_rank(cl_acc, 0), *ld_m = cl.map_shared_rank(cl_m, 0);
+	float *ld_l = cl.map_shared_rank(cl_l, 0);
+	att_groups_merge<D, GM, CL_THREADS>(sm_m, sm_l, sm_acc, CL_WARPS, gn,
+					    [&](int g, int d, float M, float S, float A) {
+		ld_acc[(b * GM + g) * D + d] = A;
+		if (d == 0) {
+			ld_m[b * GM + g] = M;
+			ld_l[b * GM + g] = S;
+		}
+	});
+	cl.sync(); /* every block's result is in the first block's shared memory */
+	if (b)
+		return;
+	att_groups_merge<D, GM, CL_THREADS>(cl_m, cl_l, cl_acc, (int)C, gn,
+					    [&](int g, int d, float M, float S, float A) {
+		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
+		kvt_store1(out, S > 0 ? A / S : 0.0f);
+		if (d == 0 && a.lse)
+			a.lse[(size_t)r * G + g0 + g] = S > 0 ? (M + log2f(S)) * KVT_LN2 : -INFINITY;
+	});
+	}
+#endif
+}
+
+/*
+ * How many clusters of 2^i blocks can be resident at once (i = 0..4), 0 where that
+ * size cannot run. Probed once per kernel (a process drives one GPU).
+ */
+struct cl_fit {
+	int active[5];
+};
+
+template <typename T, int D, int GM> static const cl_fit &cluster_fit()
+{
+	static const cl_fit fit = [] {
+		cl_fit f = {};
+		auto k = attend_cluster_kernel<T, D, GM>;
+		if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					 (int)cl_smem_bytes<D, GM>(16)) != cudaSuccess) {
+			cudaGetLastError();
+			return f;
+		}
+		if (cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+		    cudaSuccess)
+			cudaGetLastError(); /* then 8 at most */
+		for (int i = 0; i < 5; i++) {
+			cudaLaunchAttribute at = {};
+			at.id = cudaLaunchAttributeClusterDimension;
+			at.val.clusterDim.x = 1u << i;
+			at.val.clusterDim.y = at.val.clusterDim.z = 1;
+			cudaLaunchConfig_t cfg = {};
+			cfg.gridDim = dim3(1u << i, 1, 1);
+			cfg.blockDim = dim3(CL_THREADS, 1, 1);
+			cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(1u << i);
+			cfg.attrs = &at;
+			cfg.numAttrs = 1;
+			if (cudaOccupancyMaxActiveClusters(&f.active[i], k, &cfg) != cudaSuccess) {
+				cudaGetLastError();
+				f.active[i] = 0;
+			}
+		}
+		return f;
+	}();
+	return fit;
+}
+
+enum att_kernel { ATT_AUTO, ATT_SPLIT, ATT_CLUSTER };
+
+/* KVT_ATTEND_KERNEL=split|cluster forces one kernel (tests and tuning), and with
+ * cluster, KVT_ATTEND_CLUSTER=N a cluster size (up to what the GPU allows). */
+static att_kernel forced_kernel()
+{
+	const char *k = getenv("KVT_ATTEND_KERNEL");
+	if (k && !strcmp(k, "split"))
+		return ATT_SPLIT;
+	if (k && !strcmp(k, "cluster"))
+		return ATT_CLUSTER;
+	return ATT_AUTO;
+}
+
+/*
+ * The cluster size for this launch, or 0 for the split kernel. The cluster kernel
+ * serves 16-bit K/V with D of 64 or 128 on sm_90. Auto takes it where every cluster
+ * is resident at once and a block's share of a row is at most four passes (a sparse
+ * step at small batch); longer rows or more of them are served better by the split
+ * kernel's many small blocks. The size: the smallest power of two that takes a row
+ * in one pass, or the largest that keeps every cluster resident.
+ */
+template <typename T, int D, int GM>
+static unsigned pick_cluster(const kvt_attend_args &a, uint32_t hchunks, const kvt_cuda_ws *ws)
+{
+	const att_kernel k = forced_kernel();
+	if (k == ATT_SPLIT || ws->cc_major < 9 || !mma_ok<T>::value || D > 128)
+		return 0;
+	const cl_fit &fit = cluster_fit<T, D, GM>();
+	constexpr uint64_t TPP = CL_WARPS * 16; /* tokens a block takes per pass */
+	const uint64_t ent = (uint64_t)a.stride + 1, clusters = (uint64_t)a.rows * hchunks;
+	if (k == ATT_CLUSTER) {
+		const char *f = getenv("KVT_ATTEND_CLUSTER");
+		int i = 4;
+		while (i > 0 && (!fit.active[i] || (f && atoi(f) > 0 && (1 << i) > atoi(f))))
+			i--;
+		return fit.active[i] ? 1u << i : 0;
+	}
+	int best = -1;
+	for (int i = 0; i < 5; i++) {
+		if (!fit.active[i] || clusters > (uint64_t)fit.active[i])
+			continue;
+		best = i;
+		if ((ent + (1u << i) - 1) / (1u << i) * a.g.page_tokens <= TPP)
+			break;
+	}
+	if (best < 0 || (ent + (1u << best) - 1) / (1u << best) * a.g.page_tokens > 4 * TPP)
+		return 0;
+	return 1u << best;
+}
+
+template <typename T, int D, int GM>
+static int attend_cluster(const kvt_attend_args &a, uint32_t hchunks, unsigned c, cudaStream_t s)
+{
+	cudaLaunchAttribute at = {};
+	at.id = cudaLaunchAttributeClusterDimension;
+	at.val.clusterDim.x = c;
+	at.val.clusterDim.y = at.val.clusterDim.z = 1;
+	cudaLaunchConfig_t cfg = {};
+	cfg.gridDim = dim3(c, a.rows, hchunks);
+	cfg.blockDim = dim3(CL_THREADS, 1, 1);
+	cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(c);
+	cfg.stream = s;
+	cfg.attrs = &at;
+	cfg.numAttrs = 1;
+	return kvt_cuda_errno(cudaLaunchKernelEx(&cfg, attend_cluster_kernel<T, D, GM>, a),
+			      "attend (cluster)");
+}
+
+/* The split kernel's sizes and workspace. */
+static int split_setup(att_launch &L, uint32_t gm, kvt_cuda_ws *ws, cudaStream_t s)
+{
+	const kvt_attend_args *a = &L.a;
+	const uint32_t D = a->g.head_dim;
 	/* Enough blocks to fill the GPU about four times over, sized on the widest row. */
 	const uint64_t ent = (uint64_t)a->stride + 1, target = (uint64_t)ws->sms * 4;
 	uint64_t units = (uint64_t)a->rows * L.hchunks * ent;
@@ -306,46 +722,88 @@ int kvt_cuda_attend(const kvt_attend_args *a, kvt_cuda_ws *ws, cudaStream_t s)
 		L.pps = (uint32_t)((ent + ATT_THREADS * 8 - 1) / (ATT_THREADS * 8));
 		L.splits = (uint32_t)((ent + L.pps - 1) / L.pps);
 	}
-	if (L.splits > 1) {
-		size_t slots = (size_t)a->rows * L.hchunks * L.splits;
-		size_t need = slots * gm * (D + 1) * sizeof(float);
-		size_t nctr = (size_t)a->rows * L.hchunks;
-		if (need > ws->bytes) {
-			cudaFree(ws->buf);
-			ws->buf = NULL;
-			ws->bytes = 0;
-			int ret = kvt_cuda_errno(cudaMalloc(&ws->buf, need), "attend workspace");
-			if (ret < 0)
-				return ret;
-			ws->bytes = need;
-		}
-		if (nctr > ws->n_counters) {
-			cudaFree(ws->counters);
-			ws->counters = NULL;
-			ws->n_counters = 0;
-			int ret = kvt_cuda_errno(cudaMalloc(&ws->counters, nctr * sizeof(int)),
-						 "attend counters");
-			if (ret < 0)
-				return ret;
-			ret = kvt_cuda_errno(cudaMemsetAsync(ws->counters, 0, nctr * sizeof(int), s),
-					     "attend counters");
-			if (ret < 0)
-				return ret;
-			ws->n_counters = nctr;
-		}
-		L.ws_o = ws->buf;
-		L.ws_lse = ws->buf + slots * gm * D;
-		L.counters = ws->counters;
+	if (L.splits <= 1)
+		return 0;
+	size_t slots = (size_t)a->rows * L.hchunks * L.splits;
+	size_t need = slots * gm * (D + 1) * sizeof(float);
+	size_t nctr = (size_t)a->rows * L.hchunks;
+	if (need > ws->bytes) {
+		cudaFree(ws->buf);
+		ws->buf = NULL;
+		ws->bytes = 0;
+		int ret = kvt_cuda_errno(cudaMalloc(&ws->buf, need), "attend workspace");
+		if (ret < 0)
+			return ret;
+		ws->bytes = need;
 	}
+	if (nctr > ws->n_counters) {
+		cudaFree(ws->counters);
+		ws->counters = NULL;
+		ws->n_counters = 0;
+		int ret = kvt_cuda_errno(cudaMalloc(&ws->counters, nctr * sizeof(int)),
+					 "attend counters");
+		if (ret < 0)
+			return ret;
+		ret = kvt_cuda_errno(cudaMemsetAsync(ws->counters, 0, nctr * sizeof(int), s),
+				     "attend counters");
+		if (ret < 0)
+			return ret;
+		ws->n_counters = nctr;
+	}
+	L.ws_o = ws->buf;
+	L.ws_lse = ws->buf + slots * gm * D;
+	L.counters = ws->counters;
+	return 0;
+}
+
+template <typename T, int D, int GM>
+static int attend_gm(const kvt_attend_args *a, uint32_t hchunks, kvt_cuda_ws *ws, cudaStream_t s)
+{
+	const unsigned c = pick_cluster<T, D, GM>(*a, hchunks, ws);
+	if (c)
+		return attend_cluster<T, D, GM>(*a, hchunks, c, s);
+	att_launch L = {};
+	L.a = *a;
+	L.hchunks = hchunks;
+	int ret = split_setup(L, GM, ws, s);
+	if (ret < 0)
+		return ret;
+	dim3 grid(L.splits, L.a.rows, L.hchunks);
+	attend_kernel<T, D, GM><<<grid, ATT_THREADS, 0, s>>>(L);
+	return kvt_cuda_errno(cudaGetLastError(), "attend");
+}
+
+template <typename T, int D>
+static int attend_d(const kvt_attend_args *a, uint32_t hchunks, kvt_cuda_ws *ws, cudaStream_t s)
+{
+	const uint32_t G = a->g.group;
+	if (G <= 1)
+		return attend_gm<T, D, 1>(a, hchunks, ws, s);
+	if (G <= 2)
+		return attend_gm<T, D, 2>(a, hchunks, ws, s);
+	if (G <= 4)
+		return attend_gm<T, D, 4>(a, hchunks, ws, s);
+	return attend_gm<T, D, 8>(a, hchunks, ws, s);
+}
+
+int kvt_cuda_attend(const kvt_attend_args *a, kvt_cuda_ws *ws, cudaStream_t s)
+{
+	const uint32_t D = a->g.head_dim, G = a->g.group;
+	if ((D != 64 && D != 128 && D != 256) || a->rows > 65535)
+		return -EINVAL;
+	const uint32_t gm = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+	const uint32_t hchunks = (G + gm - 1) / gm;
+	if (hchunks > 65535)
+		return -EINVAL;
 	return kvt_dispatch_dtype(a->g.dtype, [&](auto t) {
 		using T = decltype(t);
 		switch (D) {
 		case 64:
-			return attend_gm<T, 64>(L, s);
+			return attend_d<T, 64>(a, hchunks, ws, s);
 		case 128:
-			return attend_gm<T, 128>(L, s);
+			return attend_d<T, 128>(a, hchunks, ws, s);
 		default:
-			return attend_gm<T, 256>(L, s);
+			return attend_d<T, 256>(a, hchunks, ws, s);
 		}
 	});
 }

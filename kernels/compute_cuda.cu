@@ -58,6 +58,9 @@ static int cuda_open(kvt_compute **out)
 	if ((ret = kvt_cuda_errno(cudaDeviceGetAttribute(&c->ws.sms, cudaDevAttrMultiProcessorCount,
 							 dev),
 				  "device attribute")) < 0 ||
+	    (ret = kvt_cuda_errno(cudaDeviceGetAttribute(&c->ws.cc_major,
+							 cudaDevAttrComputeCapabilityMajor, dev),
+				  "device attribute")) < 0 ||
 	    (ret = kvt_cuda_errno(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
 				  "stream")) < 0) {
 		kvt_free(c);

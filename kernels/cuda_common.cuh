@@ -149,6 +149,7 @@ struct kvt_cuda_ws {
 	int *counters;
 	size_t n_counters;
 	int sms;
+	int cc_major; /* compute capability: the cluster kernel needs 9 */
 };
 
 int kvt_cuda_summarize(const struct kvt_summarize_args *a, cudaStream_t s);

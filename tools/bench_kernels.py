@@ -240,6 +240,32 @@ def bench_attention(kvt, ctx, rows=8, G=4, D=128, T=64, budget_tokens=2048):
     tabs = [torch.stack([torch.randperm(L.n, device="cuda")[:budget].sort().values + r * L.n
                          for r in range(rows)]).to(torch.int32) for _ in range(16)]
     t_sparse = timeit(cycle([lambda t=t: L.attend(q, t, n_sel, out, lse) for t in tabs]), iters=64)
+    # the same with the split kernel forced (the cluster kernel is the default here)
+    os.environ["KVT_ATTEND_KERNEL"] = "split"
+    t_split = timeit(cycle([lambda t=t: L.attend(q, t, n_sel, out, lse) for t in tabs]), iters=64)
+    os.environ["KVT_ATTEND_KERNEL"] = "cluster"
+    sweep = []
+    for c in (1, 2, 4, 8, 16):
+        os.environ["KVT_ATTEND_CLUSTER"] = str(c)
+        sweep.append(f"{c}: {timeit(cycle([lambda t=t: L.attend(q, t, n_sel, out, lse) for t in tabs]), iters=64):.1f}")
+    del os.environ["KVT_ATTEND_CLUSTER"]
+    print(f"attend ctx={ctx:>7}: sparse, cluster kernel by cluster size (us): {', '.join(sweep)}")
+    # the fixed cost: the same launches over empty rows, and a one-block kernel of torch's
+    empty = torch.zeros_like(n_sel)
+    del os.environ["KVT_ATTEND_KERNEL"]
+    t_empty_cl = timeit(lambda: L.attend(q, tabs[0], empty, out, lse), iters=64)
+    os.environ["KVT_ATTEND_KERNEL"] = "split"
+    t_empty_sp = timeit(lambda: L.attend(q, tabs[0], empty, out, lse), iters=64)
+    del os.environ["KVT_ATTEND_KERNEL"]
+    t_tiny = timeit(lambda: empty.add_(0), iters=64)
+    print(f"attend ctx={ctx:>7}: empty rows: default {t_empty_cl:.1f} us, split {t_empty_sp:.1f} us; "
+          f"a one-block torch kernel {t_tiny:.1f} us")
+    L.attend(q, tabs[-1], n_sel, out, lse)
+    ref_out = out.clone()
+    os.environ["KVT_ATTEND_KERNEL"] = "split"
+    L.attend(q, tabs[-1], n_sel, out, lse)
+    del os.environ["KVT_ATTEND_KERNEL"]
+    split_err = (out.float() - ref_out.float()).abs().max().item()
     if os.environ.get("KVT_BENCH_SWEEP"):
         for pps in (1, 2, 4, 8, 16, 33):
             os.environ["KVT_ATTEND_PPS"] = str(pps)
@@ -270,6 +296,8 @@ def bench_attention(kvt, ctx, rows=8, G=4, D=128, T=64, budget_tokens=2048):
           f"dense paged {t_dense:7.1f} us ({kv_bytes / t_dense / 1e3:5.0f} GB/s, max err vs sdpa {err:.1e}), "
           f"sparse@{budget_tokens} {t_sparse:5.1f} us ({sparse_bytes / t_sparse / 1e3:5.0f} GB/s) "
           f"= {t_sdpa / t_sparse:5.1f}x, score+select+sparse {t_pipe:5.1f} us = {t_sdpa / t_pipe:5.1f}x")
+    print(f"attend ctx={ctx:>7}: sparse with the split kernel forced {t_split:5.1f} us "
+          f"(= {t_sdpa / t_split:5.1f}x; max difference from the default kernel {split_err:.1e})")
     return dict(ctx=ctx, sdpa_us=t_sdpa, dense_us=t_dense, sparse_us=t_sparse, pipe_us=t_pipe,
                 ratio=t_sdpa / t_sparse, ratio_pipe=t_sdpa / t_pipe)
 

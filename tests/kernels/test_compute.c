@@ -710,8 +710,18 @@ static void test_attend(void **state)
 		{64, 64, 2, KVT_BF16, 9, 300, 3.0f}, /* many splits per row */
 		{128, 64, 5, KVT_F16, 6, 7, 8.0f},
 	};
-	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-		att_case(&cases[i]);
+	/* cuda has two kernels (many splits per row on CUDA cores; one cluster per row on
+	 * tensor cores, sm_90): each forced in turn, then the automatic choice */
+	static const char *const kernels[] = {"split", "cluster", NULL};
+	for (int k = 0; k < (C == CPU ? 1 : 3); k++) {
+		if (C != CPU && kernels[k])
+			setenv("KVT_ATTEND_KERNEL", kernels[k], 1);
+		else
+			unsetenv("KVT_ATTEND_KERNEL");
+		for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+			att_case(&cases[i]);
+	}
+	unsetenv("KVT_ATTEND_KERNEL");
 }
 
 /* ---- policy and arguments ---- */
