@@ -9,12 +9,11 @@
  * and the last split to finish (a per-row counter) merges them, so one launch does
  * all of it.
  *
- * Short rows (a sparse decode step: a few dozen pages per row) take a second kernel
- * on sm_90: a thread-block cluster per (row, head chunk), up to 16 blocks of 256
- * threads, each taking an equal share of the row's pages with all their tokens'
- * loads in flight at once; the blocks merge through distributed shared memory,
- * with no workspace, fence or counter. A decode step's whole selection is then one
- * round trip to memory and one merge.
+ * Short rows (a sparse decode step: a few dozen pages per row) of 16-bit K/V take a
+ * second kernel on sm_90, on tensor cores: a thread-block cluster per (row, head
+ * chunk), up to 16 blocks of 256 threads, each taking an equal share of the row's
+ * pages two at a time; the blocks merge through distributed shared memory, with no
+ * workspace, fence or counter. See attend_cluster_kernel.
  */
 #include <errno.h>
 #include <math.h>
