@@ -451,7 +451,11 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	const uint32_t ntok = (e1 - e0) * (uint32_t)T_; /* the tail's missing tokens masked */
 	const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
 
-	/* token i of this block's run: its row of K (V is T_*D further), or null */
+	/*
+	 * token i of this block's run: its row of K (V is T_*D further), or null. The
+	 * split kernel resolves an entry the same way, once per page; a helper shared by
+	 * both, called per token here, measured 12.1 us against 10.5 (H100, session 7).
+	 */
 	auto row = [&](uint32_t i) -> const T * {
 		if (i >= ntok)
 			return nullptr;
