@@ -65,6 +65,8 @@ static const struct opt opts[] = {
 	{"store.disk_full", OPT_STR, F(disk_full), 0, 0, false,
 	 "refuse (appends fail with ENOSPC) or evict (drop the coldest sequences)"},
 	{"store.durable", OPT_BOOL, F(durable), 0, 1, false, "write-backs with RWF_DSYNC"},
+	{"store.fault_inject", OPT_STR, F(fault_inject), 0, 0, false,
+	 "testing only: disk faults to inject, e.g. read_eio=0.01,write_hang=@5 (tiers/tier_fault.h)"},
 	{"tenant.host_bytes", OPT_SIZE, F(host_bytes), 64 * KiB, 16 * TiB, false,
 	 "host-RAM arena of each tenant"},
 	{"tenant.gpu_bytes", OPT_SIZE, F(gpu_bytes), 64 * KiB, 16 * TiB, false,

@@ -37,6 +37,7 @@ struct kvt_config {
 	uint32_t queue_depth;
 	char disk_full[16]; /* "refuse" | "evict" */
 	bool durable;
+	char fault_inject[256]; /* tier_fault.h's spec; "" off */
 	/* tenants: every tenant gets arenas of these sizes, and a disk quota */
 	uint64_t host_bytes;
 	uint64_t gpu_bytes;

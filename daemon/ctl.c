@@ -12,6 +12,7 @@
 #include "daemon/log.h"
 #include "kvtier_config.h"
 #include "tiers/device.h"
+#include "tiers/tier_fault.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -652,6 +653,16 @@ static void cmd_stats(struct req *r)
 	kvt_json_hist(j, "page_lifetime", st.lifetime, KVT_HIST_BUCKETS, "ms");
 	kvt_json_hist(j, "page_reuse_gap", st.reuse_gap, KVT_HIST_BUCKETS, "ms");
 	kvt_json_end(j);
+	struct tier_fault_cfg *fc = tier_fault_cfg(kvt_store_tier(d->store, TIER_NVME));
+	if (fc) { /* store.fault_inject: what was injected so far */
+		kvt_json_obj(j, "fault_injection");
+		kvt_json_u64(j, "reads", fc->reads);
+		kvt_json_u64(j, "writes", fc->writes);
+		for (int k = 0; k < FAULT_MAX; k++)
+			kvt_json_u64(j, tier_fault_kind_name(k), fc->injected[k]);
+		kvt_json_u64(j, "hung_now", fc->hung_now);
+		kvt_json_end(j);
+	}
 	json_tiers(d, &st, j, "tiers", true);
 	kvt_json_obj(j, "clients");
 	kvt_json_u64(j, "attached", clients);

@@ -207,6 +207,8 @@ static int pin_key(struct kvd *d, struct kvd_layer *L, const struct page_key *k,
 		L->pincap = nc;
 	}
 	int ret = held ? 0 : kvt_store_pin(d->store, k);
+	if (ret == -ENOENT)
+		ret = -EIO; /* the store lost the page (every copy bad) */
 	if (ret == 0)
 		L->pinned[L->npinned++] = *k;
 	return ret;
@@ -709,7 +711,7 @@ static void sel_cb(void *arg, int res)
 	if (res == -EAGAIN)
 		s->todo[s->ntodo++] = p->i;
 	else if (res < 0 && !s->w.err)
-		s->w.err = res;
+		s->w.err = res == -ENOENT ? -EIO : res;
 	if (!s->w.pending && !s->ntodo)
 		s->w.retry = NULL;
 	wait_done(&s->w);
@@ -720,6 +722,8 @@ static void sel_start(struct kvd_select *s, uint32_t i)
 	struct kvd *d = s->w.d;
 	int ret = kvt_store_promote(d->store, &s->keys[i], (enum tier_id)s->to[i], sel_cb,
 				    &s->prom[i]);
+	if (ret == -ENOENT)
+		ret = -EIO; /* the store lost the page (every copy bad): not "no such sequence" */
 	if (ret == -EAGAIN)
 		s->todo[s->ntodo++] = i;
 	else if (ret < 0 && !s->w.err)

@@ -197,6 +197,7 @@ int main(int argc, char **argv)
 		.disk_full = strcmp(d->cfg.disk_full, "evict") ? KVT_DISKFULL_REFUSE
 							      : KVT_DISKFULL_EVICT_SEQ,
 		.durable = d->cfg.durable,
+		.faults = d->cfg.fault_inject,
 	};
 	if ((ret = kvt_store_open(&sp, &d->store)) < 0) {
 		kvt_err("kvtierd", "store %s: %s", d->cfg.nvme_path, strerror(-ret));

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "store.h"
 #include "device.h"
+#include "tier_fault.h"
 #include "daemon/alloc.h"
 #include "daemon/list.h"
 #include "daemon/log.h"
@@ -1262,7 +1263,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	if (!s->p.low_wm || s->p.low_wm >= s->p.high_wm)
 		s->p.low_wm = s->p.high_wm > 10 ? s->p.high_wm - 10 : s->p.high_wm / 2;
 	if (!s->p.nvme_ops)
-		s->p.nvme_ops = &tier_nvme_ops;
+		s->p.nvme_ops = s->p.faults && s->p.faults[0] ? &tier_fault_ops : &tier_nvme_ops;
 	kvt_list_init(&s->lru[0]);
 	kvt_list_init(&s->lru[1]);
 	kvt_list_init(&s->wbq);
@@ -1301,6 +1302,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 		.queue_depth = s->p.queue_depth,
 		.durable = s->p.durable,
 		.numa_node = s->dev->ops->numa_node(s->dev),
+		.faults = s->p.faults,
 	};
 	ret = s->p.nvme_ops->open(&s->tier[TIER_NVME], &tp);
 	if (ret < 0)

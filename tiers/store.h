@@ -42,7 +42,8 @@ struct kvt_store_params {
 	unsigned low_wm;       /* percent: and stops at; default 80 */
 	enum kvt_diskfull disk_full;
 	bool durable;          /* write-backs with RWF_DSYNC */
-	const struct tier_ops *nvme_ops; /* NULL: tier_nvme_ops (tests wrap it) */
+	const struct tier_ops *nvme_ops; /* NULL: tier_nvme_ops, or tier_fault_ops with faults */
+	const char *faults;              /* fault injection into the NVMe tier (tier_fault.h) */
 };
 
 enum kvt_page_state {

@@ -77,6 +77,7 @@ struct tier_params {
 	unsigned queue_depth;
 	bool durable; /* nvme: writes with RWF_DSYNC */
 	int numa_node; /* host: node to place arenas on, -1 = unknown */
+	const char *faults; /* tier_fault_ops: what to inject (tier_fault.h) */
 };
 
 /* Errors by reason, for stats. */

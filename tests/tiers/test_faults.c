@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * Faults: each gives a clean error or a counted miss, never wrong data. Injected
- * through a wrapping tier (EIO, short read, ENOSPC) or done to the store file itself
+ * through the fault-injection tier (tiers/tier_fault.h: EIO, short read, ENOSPC) or done to the store file itself
  * (a flipped byte, a stale page at a reused slot, a second opener).
  */
 #include <setjmp.h>
@@ -16,11 +16,13 @@
 #include <unistd.h>
 
 #include "tiers/store.h"
-#include "fault_tier.h"
+#include "tiers/tier_fault.h"
 #include "helpers.h"
 
 #define PB (32u << 10)
 #define DATA_OFF (1u << 20) /* tier_nvme.c's layout */
+
+static struct tier_fault_cfg *fc; /* the store's wrapper */
 
 struct fx {
 	const char *dir;
@@ -41,14 +43,15 @@ static int setup(void **state)
 		.gpu_bytes = 2u << 20,
 		.page_bytes = PB,
 		.queue_depth = 16,
-		.nvme_ops = &fault_tier_ops,
+		.faults = "hang_ms=5000", /* the wrapper, nothing injected until a test says */
 	};
 	f->buf = aligned_alloc(4096, PB);
-	fault_reset();
 	int r = kvt_store_open(&f->p, &f->s);
 	if (r == -EPERM || r == -ENOSYS)
 		return -1;
 	assert_int_equal(r, 0);
+	fc = tier_fault_cfg(kvt_store_tier(f->s, TIER_NVME));
+	assert_non_null(fc);
 	*state = f;
 	return 0;
 }
@@ -106,8 +109,8 @@ static void eio_on_nth_read(void **state)
 {
 	struct fx *f = *state;
 	on_disk_only(f, 1, 8);
-	fault_cfg.reads = 0;
-	fault_cfg.eio_read_nth = 3;
+	fc->reads = 0;
+	fc->nth[FAULT_READ_EIO] = 3;
 	int bad = 0;
 	for (uint32_t i = 0; i < 8; i++) {
 		struct page_key k = t_key(0, 1, 0, 0, i);
@@ -131,17 +134,17 @@ static void short_read(void **state)
 {
 	struct fx *f = *state;
 	on_disk_only(f, 2, 4);
-	fault_cfg.reads = 0;
-	fault_cfg.short_read_nth = 1;
+	fc->reads = 0;
+	fc->nth[FAULT_READ_SHORT] = 1;
 	/* A page with a second copy on the GPU survives a bad disk read. */
 	struct page_key k = t_key(0, 2, 0, 0, 0);
 	struct t_wait w = {.pending = 1};
-	fault_cfg.short_read_nth = 0;
+	fc->nth[FAULT_READ_SHORT] = 0;
 	assert_int_equal(kvt_store_promote(f->s, &k, TIER_GPU, t_cb, &w), 0);
 	assert_int_equal(t_drain(f->s, &w), 0);
 	assert_int_equal(kvt_store_evict(f->s, &k, TIER_HOST), 0);
-	fault_cfg.reads = 0;
-	fault_cfg.short_read_nth = 1;
+	fc->reads = 0;
+	fc->nth[FAULT_READ_SHORT] = 1;
 	struct page_key k1 = t_key(0, 2, 0, 0, 1);
 	assert_int_equal(read_page(f, &k1), -EIO);
 	assert_int_equal(read_page(f, &k), 0); /* from the GPU copy */
@@ -152,19 +155,19 @@ static void short_read(void **state)
 	assert_true(fd >= 0);
 	assert_int_equal(ftruncate(fd, (off_t)file_off(f, &k3, PB / 2)), 0);
 	close(fd);
-	fault_cfg.short_read_nth = 0;
+	fc->nth[FAULT_READ_SHORT] = 0;
 	assert_int_equal(read_page(f, &k3), -EIO);
 	struct kvt_store_stats st;
 	kvt_store_stats(f->s, &st);
 	assert_int_equal(st.read_errors, 2);
-	assert_int_equal(st.tier[TIER_NVME].err[TIER_ERR_SHORT], 1);
+	assert_int_equal(st.tier[TIER_NVME].err[TIER_ERR_SHORT], 2); /* injected, and real */
 }
 
 static void enospc_on_write(void **state)
 {
 	struct fx *f = *state;
-	fault_cfg.writes = 0;
-	fault_cfg.enospc_write_nth = 2;
+	fc->writes = 0;
+	fc->nth[FAULT_WRITE_ENOSPC] = 2;
 	on_disk_only(f, 3, 6);
 	struct kvt_store_stats st;
 	kvt_store_stats(f->s, &st);
