@@ -21,6 +21,14 @@ int kvt_loop_init(struct kvt_loop *l, unsigned entries)
 		p.cq_entries = n * 4;
 		ret = io_uring_queue_init_params(n, &l->ring, &p);
 	}
+	if (ret == -EPERM || ret == -ENOSYS || ret == -EACCES) {
+		kvt_err("loop", "io_uring is not available here (io_uring_setup: %s): the kernel "
+			"has it disabled (sysctl kernel.io_uring_disabled) or a seccomp profile "
+			"blocks it (container runtimes' default profiles do: allow io_uring_setup, "
+			"io_uring_enter and io_uring_register). kvtier drives its disk with io_uring "
+			"and cannot run without it", strerror(-ret));
+		return ret;
+	}
 	if (ret < 0) {
 		kvt_err("loop", "io_uring_queue_init(%u): %s", n, strerror(-ret));
 		return ret;

@@ -123,6 +123,8 @@ bool rel_daemon_alive(struct rel_daemon *d)
 	return d->pid > 0 && waitpid(d->pid, NULL, WNOHANG) == 0 && rel_stats(d->sock, &w) == 0;
 }
 
+void (*rel_daemon_preexec)(void);
+
 int rel_daemon_start(struct rel_daemon *d, const char *const *extra, bool keep_state)
 {
 	if (!keep_state) {
@@ -167,6 +169,8 @@ int rel_daemon_start(struct rel_daemon *d, const char *const *extra, bool keep_s
 			close(fd);
 		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (rel_daemon_preexec)
+			rel_daemon_preexec();
 		execv(bin, (char *const *)argv);
 		_exit(127);
 	}

@@ -41,6 +41,8 @@ struct rel_daemon {
  * until it answers STATS: 0, or -1 (it exited or never answered).
  */
 int rel_daemon_start(struct rel_daemon *d, const char *const *extra, bool keep_state);
+/* Runs in the daemon's process before exec (limits, seccomp), when set. */
+extern void (*rel_daemon_preexec)(void);
 /* SIGTERM and wait: 0 when it exited 0. The state dir is kept (rel_daemon_cleanup). */
 int rel_daemon_stop(struct rel_daemon *d);
 void rel_daemon_kill9(struct rel_daemon *d);
