@@ -829,6 +829,8 @@ static uint32_t rank_row(struct kvd *d, struct kvd_layer *L, uint32_t h, const f
 			 uint32_t k)
 {
 	const float drift = (float)d->cfg.drift_pct / 100.0f;
+	if (!L->prev) /* no page stored yet: nothing to rank (and no arrays to index) */
+		return 0;
 	struct kvd_prev *prev = L->prev + (size_t)h * L->cap;
 	uint32_t n = 0;
 	for (uint32_t i = 0; i < ncand; i++) {
@@ -856,6 +858,8 @@ static void pf_account(struct kvd_client *c, struct kvd_seq *q, struct kvd_layer
 		       const int32_t *o, int32_t n)
 {
 	const uint32_t lim = c->d->cfg.wasted_steps;
+	if (!L->pf_step)
+		return;
 	uint32_t *ps = L->pf_step + (size_t)h * L->cap;
 	for (int32_t j = 0; j < n; j++)
 		if (ps[o[j]]) {
@@ -1023,8 +1027,9 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	uint32_t stride = 1;
 	for (uint32_t b = 0; b < nseq; b++) {
 		if (ids[b] >= d->cfg.max_seqs) {
-			kvt_free(seqs);
+			/* ids live in seqs' allocation: say which before freeing it */
 			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SELECT of sequence id %u (max %u)", ids[b], d->cfg.max_seqs);
+			kvt_free(seqs);
 			return;
 		}
 		seqs[b] = seq_get(c, ids[b]);
@@ -1425,7 +1430,7 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 			L->owner[i] = P->owner[i];
 			ret = seq_ref(q, P->owner[i]);
 		}
-		for (uint32_t h = 0; h < H; h++)
+		for (uint32_t h = 0; full && h < H; h++)
 			memcpy(L->rec + (size_t)h * L->cap, P->rec + (size_t)h * P->cap,
 			       full * sizeof(int32_t));
 		L->ntok = r->ntok;

@@ -181,45 +181,11 @@ int main(int argc, char **argv)
 		kvt_err("kvtierd", "state dir %s: %s", d->cfg.state_dir, strerror(-ret));
 		return 1;
 	}
-	/* Sessions do not outlive the daemon (clients re-attach and re-prefill), so the
-	 * pages of the last run are never read again: start from an empty store. */
-	struct stat st;
-	if (stat(d->cfg.nvme_path, &st) == 0 && S_ISREG(st.st_mode))
-		unlink(d->cfg.nvme_path);
-	struct kvt_store_params sp = {
-		.device = d->cfg.device,
-		.nvme_path = d->cfg.nvme_path,
-		.nvme_bytes = d->cfg.nvme_bytes,
-		.host_bytes = d->cfg.host_bytes,
-		.gpu_bytes = d->cfg.gpu_bytes,
-		.page_bytes = (uint32_t)d->cfg.page_bytes,
-		.queue_depth = d->cfg.queue_depth,
-		.disk_full = strcmp(d->cfg.disk_full, "evict") ? KVT_DISKFULL_REFUSE
-							      : KVT_DISKFULL_EVICT_SEQ,
-		.durable = d->cfg.durable,
-		.faults = d->cfg.fault_inject,
-	};
-	if ((ret = kvt_store_open(&sp, &d->store)) < 0) {
-		kvt_err("kvtierd", "store %s: %s", d->cfg.nvme_path, strerror(-ret));
+	if ((ret = kvd_start(d)) < 0)
 		return 1;
-	}
+	kvd_metrics_start(d);
 	struct kvt_device *dev = kvt_store_device(d->store);
 	const char *backend = (dev->ops->caps & KVT_DEV_CAP_GPU) ? "cuda" : "cpu";
-	if ((ret = kvt_compute_open(backend, &d->cc)) < 0) {
-		kvt_err("kvtierd", "compute backend %s: %s", backend, strerror(-ret));
-		kvt_store_close(d->store);
-		return 1;
-	}
-	d->sseq_next = (uint64_t)time(NULL) << 24;
-	d->lsock = -1;
-	d->start_ns = kvd_now_ns();
-	if ((ret = kvd_ctl_start(d)) < 0 || (ret = kvd_server_start(d)) < 0) {
-		kvt_compute_close(d->cc);
-		kvt_store_close(d->store);
-		kvd_ctl_stop(d);
-		return 1;
-	}
-	kvd_metrics_start(d);
 	struct sigaction sa = {.sa_handler = on_signal};
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGTERM, &sa, NULL);
@@ -233,17 +199,11 @@ int main(int argc, char **argv)
 		   (unsigned long long)(d->cfg.gpu_bytes >> 20));
 
 	while (!got_term) {
-		bool waiting = !kvt_list_empty(&d->zombies);
-		struct kvd_client *c;
-		kvt_list_for_each_entry(c, &d->clients, link)
-			waiting |= c->busy != NULL || c->dead;
-		waiting |= kvd_ctl_busy(d);
-		ret = kvt_store_run(d->store, waiting ? 2 : 200);
+		ret = kvd_iterate(d, 200);
 		if (ret < 0 && ret != -EINTR) {
 			kvt_err("kvtierd", "event loop: %s", strerror(-ret));
 			break;
 		}
-		kvd_server_tick(d);
 		if (got_hup) {
 			got_hup = 0;
 			reload(d, sets, nsets);
@@ -251,13 +211,7 @@ int main(int argc, char **argv)
 	}
 	kvt_notice("kvtierd", "stopping");
 	kvd_metrics_stop(d);
-	kvd_server_stop(d);
-	ret = kvt_store_flush(d->store);
-	if (ret < 0)
-		kvt_warn("kvtierd", "write-back at exit: %s", strerror(-ret));
-	kvt_compute_close(d->cc);
-	kvt_store_close(d->store);
-	kvd_ctl_stop(d);
+	kvd_stop(d);
 	kvt_notice("kvtierd", "stopped");
 	free(sets);
 	kvt_free(d);

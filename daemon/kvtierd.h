@@ -222,6 +222,12 @@ struct kvd {
 };
 
 /* server.c */
+/* daemon.c: store and backend opened, listening: 0 or -errno (logged) */
+int kvd_start(struct kvd *d);
+/* One turn of the event loop, waiting up to idle_ms when nothing is pending. */
+int kvd_iterate(struct kvd *d, int idle_ms);
+void kvd_stop(struct kvd *d);
+
 int kvd_server_start(struct kvd *d);
 void kvd_server_stop(struct kvd *d);
 /* Accepts, reads sockets and rings, retires dead clients; call after each store run. */

@@ -1166,7 +1166,10 @@ int kvt_store_run(struct kvt_store *s, int timeout_ms)
 
 bool kvt_store_busy(struct kvt_store *s)
 {
-	return s->moves_inflight || !kvt_list_empty(&s->ready) || !kvt_list_empty(&s->wbq);
+	struct tier_usage u;
+	s->tier[TIER_NVME]->ops->usage(s->tier[TIER_NVME], &u);
+	return s->moves_inflight || !kvt_list_empty(&s->ready) || !kvt_list_empty(&s->wbq) ||
+	       u.inflight;
 }
 
 struct flush_ctx {

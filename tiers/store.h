@@ -206,7 +206,8 @@ void *kvt_store_slot_ptr(struct kvt_store *s, const struct page_key *k, enum tie
  * completions handled or -errno.
  */
 int kvt_store_run(struct kvt_store *s, int timeout_ms);
-/* True while page moves are in flight or queued, or completions wait to run. */
+/* True while page moves are in flight or queued, completions wait to run, or the disk
+ * has I/O of its own outstanding (wipes of freed slots). */
 bool kvt_store_busy(struct kvt_store *s);
 /* Writes back every complete dirty page and waits. 0 or the first error. */
 int kvt_store_flush(struct kvt_store *s);

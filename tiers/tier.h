@@ -101,6 +101,7 @@ struct tier_usage {
 	uint64_t errors; /* all reasons */
 	uint64_t err[TIER_ERR_MAX];
 	uint64_t poisoned;
+	uint64_t inflight; /* I/Os submitted and not completed (nvme: wipes included) */
 };
 
 enum tier_cap {

@@ -253,6 +253,7 @@ static void f_usage(struct tier *t, struct tier_usage *u)
 {
 	struct fault_tier *f = (struct fault_tier *)t;
 	in(t)->ops->usage(in(t), u);
+	u->inflight += f->cfg.hung_now;
 	/* what was injected counts as the errors it imitates */
 	u->err[TIER_ERR_IO] += f->cfg.injected[FAULT_READ_EIO] + f->cfg.injected[FAULT_WRITE_EIO] +
 			       f->cfg.injected[FAULT_WRITE_ENOSPC];

@@ -526,6 +526,7 @@ static void nvme_usage(struct tier *t, struct tier_usage *u)
 	u->slots = n->pool.nslots;
 	u->used = slot_pool_used(&n->pool);
 	u->poisoned = n->pool.npoisoned;
+	u->inflight = n->inflight + n->wipes_inflight + (uint64_t)!kvt_list_empty(&n->pending);
 	u->capacity_bytes = u->slots * t->p.page_bytes;
 	u->used_bytes = u->used * t->p.page_bytes;
 	u->reads = n->reads;

@@ -264,7 +264,8 @@ static void corrupt_store(void **state)
 				     .host_bytes = 8u << 20, .page_bytes = SPB, .queue_depth = 32};
 	struct kvt_store *s;
 	assert_int_equal(kvt_store_open(&p, &s), 0);
-	uint8_t *buf = aligned_alloc(4096, SPB), *slot = aligned_alloc(4096, 2 * SPB);
+	uint8_t *buf = aligned_alloc(4096, SPB), *slot = aligned_alloc(4096, 2 * SPB),
+		*other = aligned_alloc(4096, 2 * SPB);
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 1 + i % 7, (uint16_t)(i % 3), 0, i);
 		t_fill(buf, SPB, &k);
@@ -273,7 +274,7 @@ static void corrupt_store(void **state)
 	assert_int_equal(kvt_store_flush(s), 0);
 	struct tier *nv = kvt_store_tier(s, TIER_NVME);
 	const uint32_t hs = nv->ops->headroom(nv), al = nv->ops->io_align(nv);
-	const uint64_t ssz = (hs + SPB + al - 1) / al * al;
+	const uint64_t ssz = (hs + SPB + al - 1) / al * al, span = hs + SPB; /* header + payload */
 	uint64_t *off = calloc(n, sizeof(uint64_t));
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 1 + i % 7, (uint16_t)(i % 3), 0, i);
@@ -295,7 +296,7 @@ static void corrupt_store(void **state)
 		uint32_t j = (uint32_t)(rel_rand() % n);
 		if (h == HARM_COPY && (j == i || harm[j]))
 			continue;
-		assert_int_equal(pread(fd, slot, ssz, (off_t)off[i]), (ssize_t)ssz);
+		assert_int_equal(pread(fd, slot, span, (off_t)off[i]), (ssize_t)span);
 		if (h == HARM_FLIP_PAYLOAD || h == HARM_FLIP_HDR) {
 			unsigned bits = 1 + (unsigned)(rel_rand() % 8);
 			for (unsigned b = 0; b < bits; b++) {
@@ -306,14 +307,14 @@ static void corrupt_store(void **state)
 			}
 		} else {
 			/* torn: one 4 KiB sector of page j; copy: all of page j's slot */
-			uint64_t from = h == HARM_TORN ? (1 + rel_rand() % (ssz / 4096 - 1)) * 4096 : 0;
-			uint64_t len = h == HARM_TORN ? 4096 : ssz;
-			assert_int_equal(pread(fd, slot + SPB, len, (off_t)(off[j] + from)), (ssize_t)len);
-			if (!memcmp(slot + from, slot + SPB, len))
+			uint64_t from = h == HARM_TORN ? (1 + rel_rand() % (span / 4096 - 1)) * 4096 : 0;
+			uint64_t len = h == HARM_TORN ? 4096 : span;
+			assert_int_equal(pread(fd, other, len, (off_t)(off[j] + from)), (ssize_t)len);
+			if (!memcmp(slot + from, other, len))
 				continue;
-			memcpy(slot + from, slot + SPB, len);
+			memcpy(slot + from, other, len);
 		}
-		assert_int_equal(pwrite(fd, slot, ssz, (off_t)off[i]), (ssize_t)ssz);
+		assert_int_equal(pwrite(fd, slot, span, (off_t)off[i]), (ssize_t)span);
 		harm[i] = (uint8_t)h;
 		harmed[h]++;
 	}
@@ -358,6 +359,7 @@ static void corrupt_store(void **state)
 	free(harm);
 	free(buf);
 	free(slot);
+	free(other);
 }
 
 int main(void)
