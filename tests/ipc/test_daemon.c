@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
+#include "reliability/harness.h"
 #include "ipc/kvtier.h"
 #include "ipc/wire.h"
 
@@ -150,12 +151,9 @@ static int page_of_slot(const struct seqdesc *s, uint32_t l, uint32_t h, const f
 /* A table entry's page: in the GPU pool, or read in place from the host arena. */
 static const float *slot_addr(const struct kvtier_memory *m, int32_t s)
 {
-	if (s & KVTIER_SLOT_HOST) {
-		check(m->host_pool != NULL);
-		return (const float *)((const char *)m->host_pool +
-				       (uint64_t)(s & ~KVTIER_SLOT_HOST) * m->host_slot_bytes);
-	}
-	return (const float *)((const char *)m->pool + (uint64_t)s * m->slot_bytes);
+	const float *p = rel_slot_page(m, s);
+	check(p != NULL);
+	return p;
 }
 
 /* Dense attention of q over the given pages plus the tail, in double. */
@@ -257,66 +255,22 @@ static unsigned step(struct kvtier_client *c, struct seqdesc *s, uint32_t n, uin
 
 /* ---- the daemon ---- */
 
+/* The harness's raw access (tests/reliability/harness.c), on this test's socket. */
 static int connect_raw(void)
 {
-	struct sockaddr_un a = {.sun_family = AF_UNIX};
-	snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		close(fd);
-		return -1;
-	}
-	return fd;
+	return rel_connect(sock_path);
 }
 
 static int stats(struct kvt_wire_stats *w)
 {
-	int fd = connect_raw();
-	if (fd < 0)
-		return -1;
-	struct kvt_msg_hdr h = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_STATS, 0, 0};
-	int ret = -1;
-	if (send(fd, &h, sizeof(h), MSG_NOSIGNAL) == sizeof(h) &&
-	    recv(fd, &h, sizeof(h), MSG_WAITALL) == sizeof(h) && h.type == KVT_MSG_STATS_REPLY &&
-	    h.len >= sizeof(*w) && recv(fd, w, sizeof(*w), MSG_WAITALL) == sizeof(*w))
-		ret = 0;
-	close(fd);
-	return ret;
+	return rel_stats(sock_path, w);
 }
 
 /* A control command (words, each NUL-ended); its last answer piece's status. The
  * answer's first bytes go to out (NUL-ended) when out is not NULL. */
 static int ctl_cmd_out(const char *words, size_t len, char *out, size_t outlen)
 {
-	int fd = connect_raw();
-	if (fd < 0)
-		return -1;
-	struct kvt_msg_hdr h = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_CTL, (uint32_t)len, 0};
-	int ret = -1;
-	char buf[4096];
-	size_t have = 0;
-	if (send(fd, &h, sizeof(h), MSG_NOSIGNAL) == sizeof(h) &&
-	    send(fd, words, len, MSG_NOSIGNAL) == (ssize_t)len)
-		while (recv(fd, &h, sizeof(h), MSG_WAITALL) == sizeof(h) && h.type == KVT_MSG_CTL_REPLY) {
-			for (uint32_t got = 0; got < h.len;) {
-				ssize_t k = recv(fd, buf, h.len - got < sizeof(buf) ? h.len - got : sizeof(buf), 0);
-				if (k <= 0)
-					break;
-				got += (uint32_t)k;
-				if (out && have + 1 < outlen) {
-					size_t m = (size_t)k < outlen - 1 - have ? (size_t)k : outlen - 1 - have;
-					memcpy(out + have, buf, m);
-					have += m;
-					out[have] = 0;
-				}
-			}
-			if (h.status != KVT_CTL_MORE) {
-				ret = h.status;
-				break;
-			}
-		}
-	close(fd);
-	return ret;
+	return rel_ctl(sock_path, words, len, out, outlen);
 }
 
 #define CTL(s) ctl_cmd_out(s, sizeof(s) - 1, NULL, 0)
@@ -676,44 +630,13 @@ static void test_kill9(void **state)
 }
 
 /* A raw handshake, so that the test can write anything into the ring. */
-struct raw {
-	int sock, fds[KVT_FD_MAX];
-	struct kvt_welcome w;
-	uint8_t *ring;
-};
-
-static int raw_attach(struct raw *r, uint16_t version, uint32_t head_dim)
+static int raw_attach(struct rel_raw *r, uint16_t version, uint32_t head_dim)
 {
-	memset(r, 0, sizeof(*r));
-	r->sock = connect_raw();
-	struct kvt_hello h = {.size = sizeof(h),
-			      .layout = {LAYERS, HEADS, GROUP, head_dim, KVTIER_F32, T, 0, 2}};
-	struct kvt_msg_hdr mh = {KVT_WIRE_MAGIC, version, KVT_MSG_HELLO, sizeof(h), 0};
-	struct iovec iov[2] = {{&mh, sizeof(mh)}, {&h, sizeof(h)}};
-	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
-	if (sendmsg(r->sock, &m, MSG_NOSIGNAL) < 0)
-		return -errno;
-	union {
-		char buf[CMSG_SPACE(sizeof(int) * KVT_FD_MAX)];
-		struct cmsghdr a;
-	} u;
-	struct iovec ri = {&mh, sizeof(mh)};
-	struct msghdr rm = {.msg_iov = &ri, .msg_iovlen = 1, .msg_control = u.buf,
-			    .msg_controllen = sizeof(u.buf)};
-	if (recvmsg(r->sock, &rm, MSG_WAITALL) != sizeof(mh))
-		return -ECONNRESET;
-	if (mh.type != KVT_MSG_WELCOME)
-		return mh.status ? mh.status : -EPROTO;
-	memcpy(r->fds, CMSG_DATA(CMSG_FIRSTHDR(&rm)), sizeof(r->fds));
-	if (recv(r->sock, &r->w, sizeof(r->w), MSG_WAITALL) != sizeof(r->w))
-		return -EPROTO;
-	r->ring = mmap(NULL, r->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
-		       r->fds[KVT_FD_RING], 0);
-	return r->ring == MAP_FAILED ? -errno : 0;
+	return rel_raw_attach(r, sock_path, version, head_dim, NULL);
 }
 
 /* Submits a request (or just an index) and says whether the daemon hung up. */
-static bool raw_submit_hangs_up(struct raw *r, const struct kvt_sqe *e, uint32_t tail_bump)
+static bool raw_submit_hangs_up(struct rel_raw *r, const struct kvt_sqe *e, uint32_t tail_bump)
 {
 	struct kvt_ring_hdr *h = (struct kvt_ring_hdr *)r->ring;
 	struct kvt_sqe *sq = (struct kvt_sqe *)(r->ring + h->sqe_off);
@@ -736,16 +659,6 @@ static bool raw_submit_hangs_up(struct raw *r, const struct kvt_sqe *e, uint32_t
 	return false;
 }
 
-static void raw_close(struct raw *r)
-{
-	if (r->ring && r->ring != MAP_FAILED)
-		munmap(r->ring, r->w.ring_bytes);
-	for (int i = 0; i < KVT_FD_MAX; i++)
-		if (r->fds[i] > 0)
-			close(r->fds[i]);
-	close(r->sock);
-}
-
 static bool hung_up(int fd)
 {
 	char b[512];
@@ -764,14 +677,14 @@ static bool hung_up(int fd)
 
 static void test_malformed(void **state)
 {
-	struct raw r;
+	struct rel_raw r;
 	/* wrong version: an error, then the hang-up */
 	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION + 1, D), -EPROTONOSUPPORT);
 	assert_true(hung_up(r.sock));
-	raw_close(&r);
+	rel_raw_close(&r);
 	/* a layout no kernel takes */
 	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, 0), -EINVAL);
-	raw_close(&r);
+	rel_raw_close(&r);
 	/* bad magic; an oversized length; garbage bytes */
 	struct kvt_msg_hdr bad[3] = {{0xdeadbeef, KVT_WIRE_VERSION, KVT_MSG_HELLO, 88, 0},
 				     {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_HELLO, 1u << 30, 0},
@@ -794,13 +707,13 @@ static void test_malformed(void **state)
 	for (int i = 0; i < 4; i++) {
 		assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
 		assert_true(raw_submit_hangs_up(&r, &cases[i], 1));
-		raw_close(&r);
+		rel_raw_close(&r);
 		daemon_alive();
 	}
 	/* a request index far past the ring */
 	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
 	assert_true(raw_submit_hangs_up(&r, NULL, 5000));
-	raw_close(&r);
+	rel_raw_close(&r);
 	/* and a well-behaved client is served throughout */
 	struct kvtier_client *c = attach(NULL);
 	assert_non_null(c);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -252,6 +253,61 @@ struct kvtier_client *rel_attach(const struct rel_daemon *d, const char *tenant,
 	if (ret < 0)
 		fprintf(stderr, "attach: %s\n", strerror(-ret));
 	return c;
+}
+
+int rel_raw_attach(struct rel_raw *r, const char *sock, uint16_t version, uint32_t head_dim,
+		   const char *tenant)
+{
+	memset(r, 0, sizeof(*r));
+	r->sock = rel_connect(sock);
+	struct kvt_hello h = {.size = sizeof(h), .layout = {REL_LAYERS, REL_HEADS, REL_GROUP,
+							    head_dim, KVTIER_F32, REL_T, 0, 2}};
+	snprintf(h.tenant, sizeof(h.tenant), "%s", tenant ? tenant : "");
+	struct kvt_msg_hdr mh = {KVT_WIRE_MAGIC, version, KVT_MSG_HELLO, sizeof(h), 0};
+	struct iovec iov[2] = {{&mh, sizeof(mh)}, {&h, sizeof(h)}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+	if (sendmsg(r->sock, &m, MSG_NOSIGNAL) < 0)
+		return -errno;
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * KVT_FD_MAX)];
+		struct cmsghdr a;
+	} u;
+	struct iovec ri = {&mh, sizeof(mh)};
+	struct msghdr rm = {.msg_iov = &ri, .msg_iovlen = 1, .msg_control = u.buf,
+			    .msg_controllen = sizeof(u.buf)};
+	if (recvmsg(r->sock, &rm, MSG_WAITALL) != sizeof(mh))
+		return -ECONNRESET;
+	if (mh.type != KVT_MSG_WELCOME)
+		return mh.status ? mh.status : -EPROTO;
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&rm);
+	if (!cm)
+		return -EPROTO;
+	memcpy(r->fds, CMSG_DATA(cm), sizeof(r->fds));
+	if (recv(r->sock, &r->w, sizeof(r->w), MSG_WAITALL) != sizeof(r->w))
+		return -EPROTO;
+	r->ring = mmap(NULL, r->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+		       r->fds[KVT_FD_RING], 0);
+	return r->ring == MAP_FAILED ? -errno : 0;
+}
+
+void rel_raw_close(struct rel_raw *r)
+{
+	if (r->ring && r->ring != MAP_FAILED)
+		munmap(r->ring, r->w.ring_bytes);
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		if (r->fds[i] > 0)
+			close(r->fds[i]);
+	close(r->sock);
+}
+
+const float *rel_slot_page(const struct kvtier_memory *m, int32_t slot)
+{
+	if (slot & KVTIER_SLOT_HOST)
+		return m->host_pool ? (const float *)((const char *)m->host_pool +
+						       (uint64_t)(slot & ~KVTIER_SLOT_HOST) *
+							       m->host_slot_bytes)
+				    : NULL;
+	return (const float *)((const char *)m->pool + (uint64_t)slot * m->slot_bytes);
 }
 
 /* ---- the data ---- */

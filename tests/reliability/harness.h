@@ -61,6 +61,22 @@ struct rel_proc {
 };
 int rel_proc(pid_t pid, struct rel_proc *out);
 
+/* A handshake by hand, so that a test can write anything into the ring: HELLO with
+ * the suite's layout (head_dim and the wire version chosen), the WELCOME's fds kept,
+ * the ring mapped. 0, the daemon's -errno (its ERROR), or -EPROTO/-ECONNRESET. */
+struct rel_raw {
+	int sock, fds[KVT_FD_MAX];
+	struct kvt_welcome w;
+	uint8_t *ring;
+};
+int rel_raw_attach(struct rel_raw *r, const char *sock, uint16_t version, uint32_t head_dim,
+		   const char *tenant);
+void rel_raw_close(struct rel_raw *r);
+
+/* The address of a table entry's page: a GPU pool slot, or a KVTIER_SLOT_HOST slot
+ * read in place from the host arena. */
+const float *rel_slot_page(const struct kvtier_memory *m, int32_t slot);
+
 /* Attach with the suite's layout. NULL on failure (the reason on stderr). */
 struct kvtier_client *rel_attach(const struct rel_daemon *d, const char *tenant, uint32_t flags);
 

@@ -89,12 +89,8 @@ static void steady_main(struct steady *s)
 					_exit(6);
 				for (int j = 0; j < v.n_pages[row]; j++) {
 					int32_t sl = v.slots[row * v.stride + j];
-					const float *pg = (sl & KVTIER_SLOT_HOST)
-						? (const float *)((const char *)mem.host_pool +
-								  (uint64_t)(sl & ~KVTIER_SLOT_HOST) * mem.host_slot_bytes)
-						: (const float *)((const char *)mem.pool +
-								  (uint64_t)sl * mem.slot_bytes);
-					if (!rel_page_ok(pg, STEADY_SALT, l, row, (uint32_t)v.pages[row * v.stride + j])) {
+					const float *pg = rel_slot_page(&mem, sl);
+					if (!pg || !rel_page_ok(pg, STEADY_SALT, l, row, (uint32_t)v.pages[row * v.stride + j])) {
 						fprintf(stderr, "steady: wrong KV in slot %d\n", sl);
 						_exit(7);
 					}
@@ -347,53 +343,8 @@ static void churn(void **state)
 
 /* ---- 6. a malicious client ---- */
 
-struct raw {
-	int sock, fds[KVT_FD_MAX];
-	struct kvt_welcome w;
-	uint8_t *ring;
-};
-
-static int raw_attach(struct raw *r, const char *tenant)
-{
-	memset(r, 0, sizeof(*r));
-	r->sock = rel_connect(dmn.sock);
-	struct kvt_hello h = {.size = sizeof(h), .layout = {REL_LAYERS, REL_HEADS, REL_GROUP,
-							    REL_D, KVTIER_F32, REL_T, 0, 2}};
-	snprintf(h.tenant, sizeof(h.tenant), "%s", tenant);
-	struct kvt_msg_hdr mh = {KVT_WIRE_MAGIC, KVT_WIRE_VERSION, KVT_MSG_HELLO, sizeof(h), 0};
-	struct iovec iov[2] = {{&mh, sizeof(mh)}, {&h, sizeof(h)}};
-	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
-	if (sendmsg(r->sock, &m, MSG_NOSIGNAL) < 0)
-		return -errno;
-	union {
-		char buf[CMSG_SPACE(sizeof(int) * KVT_FD_MAX)];
-		struct cmsghdr a;
-	} u;
-	struct iovec ri = {&mh, sizeof(mh)};
-	struct msghdr rm = {.msg_iov = &ri, .msg_iovlen = 1, .msg_control = u.buf,
-			    .msg_controllen = sizeof(u.buf)};
-	if (recvmsg(r->sock, &rm, MSG_WAITALL) != sizeof(mh) || mh.type != KVT_MSG_WELCOME)
-		return -EPROTO;
-	memcpy(r->fds, CMSG_DATA(CMSG_FIRSTHDR(&rm)), sizeof(r->fds));
-	if (recv(r->sock, &r->w, sizeof(r->w), MSG_WAITALL) != sizeof(r->w))
-		return -EPROTO;
-	r->ring = mmap(NULL, r->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
-		       r->fds[KVT_FD_RING], 0);
-	return r->ring == MAP_FAILED ? -errno : 0;
-}
-
-static void raw_close(struct raw *r)
-{
-	if (r->ring && r->ring != MAP_FAILED)
-		munmap(r->ring, r->w.ring_bytes);
-	for (int i = 0; i < KVT_FD_MAX; i++)
-		if (r->fds[i] > 0)
-			close(r->fds[i]);
-	close(r->sock);
-}
-
 /* Submits n requests and waits up to 2 s for n completions: their count. */
-static unsigned raw_run(struct raw *r, const struct kvt_sqe *e, unsigned n, int32_t *res)
+static unsigned raw_run(struct rel_raw *r, const struct kvt_sqe *e, unsigned n, int32_t *res)
 {
 	struct kvt_ring_hdr *h = (struct kvt_ring_hdr *)r->ring;
 	struct kvt_sqe *sq = (struct kvt_sqe *)(r->ring + h->sqe_off);
@@ -440,8 +391,8 @@ static void malicious(void **state)
 	struct steady s;
 	steady_start(&s); /* tenant "steady": its pages are the ones to steal */
 	assert_int_equal(rel_proc(dmn.pid, &p0), 0);
-	struct raw r;
-	assert_int_equal(raw_attach(&r, "mallory"), 0);
+	struct rel_raw r;
+	assert_int_equal(rel_raw_attach(&r, dmn.sock, KVT_WIRE_VERSION, REL_D, "mallory"), 0);
 	unsigned rejected = 0, tried = 0;
 
 	/* (a) forged ids: every sequence op on ids it never created */
@@ -459,8 +410,8 @@ static void malicious(void **state)
 			}
 			/* no answer: it hung up on us, which is a rejection too */
 			assert_true(rel_daemon_alive(&dmn));
-			raw_close(&r);
-			assert_int_equal(raw_attach(&r, "mallory"), 0);
+			rel_raw_close(&r);
+			assert_int_equal(rel_raw_attach(&r, dmn.sock, KVT_WIRE_VERSION, REL_D, "mallory"), 0);
 			rejected++;
 		}
 	printf("rel: malicious: forged sequence ids: %u of %u requests rejected\n", rejected, tried);
@@ -526,7 +477,7 @@ static void malicious(void **state)
 	       "daemon answered %u (the completion ring's size) and waits; RSS %ld -> %ld KiB\n",
 	       h->sq_entries, answered, p0.rss_kb, p1.rss_kb);
 	assert_true(answered <= h->cq_entries);
-	raw_close(&r);
+	rel_raw_close(&r);
 	/* the steady client ran bit-identical throughout (checked in its process) */
 	steady_stop(&s);
 	assert_int_equal(drained(&w), 0);

@@ -58,12 +58,8 @@ static int client_run(struct rel_daemon *d, uint32_t salt, unsigned steps, unsig
 			kvtier_table_view(tab, &v);
 			for (uint32_t row = 0; row < v.rows; row++)
 				for (int j = 0; j < v.n_pages[row]; j++) {
-					int32_t sl = v.slots[row * v.stride + j];
-					const float *pg = (sl & KVTIER_SLOT_HOST)
-						? (const float *)((const char *)mem.host_pool +
-								  (uint64_t)(sl & ~KVTIER_SLOT_HOST) * mem.host_slot_bytes)
-						: (const float *)((const char *)mem.pool + (uint64_t)sl * mem.slot_bytes);
-					*wrong += !rel_page_ok(pg, salt, l, row, (uint32_t)v.pages[row * v.stride + j]);
+					const float *pg = rel_slot_page(&mem, v.slots[row * v.stride + j]);
+					*wrong += !pg || !rel_page_ok(pg, salt, l, row, (uint32_t)v.pages[row * v.stride + j]);
 				}
 			ret = kvtier_attend(c, tab, q, out, NULL, 0.125f, KVT_MEM_HOST);
 		}

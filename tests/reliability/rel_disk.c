@@ -72,13 +72,9 @@ static void decode(struct kvtier_client *c, const uint32_t *ids, const uint32_t 
 			kvtier_table_view(tab, &v);
 			for (uint32_t row = 0; row < v.rows; row++)
 				for (int j = 0; j < v.n_pages[row]; j++) {
-					int32_t sl = v.slots[row * v.stride + j];
-					const float *pg = (sl & KVTIER_SLOT_HOST)
-						? (const float *)((const char *)mem.host_pool +
-								  (uint64_t)(sl & ~KVTIER_SLOT_HOST) * mem.host_slot_bytes)
-						: (const float *)((const char *)mem.pool + (uint64_t)sl * mem.slot_bytes);
+					const float *pg = rel_slot_page(&mem, v.slots[row * v.stride + j]);
 					r->pages++;
-					r->wrong += !rel_page_ok(pg, salts[row / REL_HEADS], l, row % REL_HEADS,
+					r->wrong += !pg || !rel_page_ok(pg, salts[row / REL_HEADS], l, row % REL_HEADS,
 								 (uint32_t)v.pages[row * v.stride + j]);
 				}
 			assert_int_equal(kvtier_attend(c, tab, q, out, NULL, 0.125f, KVT_MEM_HOST), 0);
