@@ -56,6 +56,9 @@ static const struct opt opts[] = {
 	{"store.state_dir", OPT_STR, F(state_dir), 0, 0, false, "where the store lives"},
 	{"store.nvme_path", OPT_STR, F(nvme_path), 0, 0, false,
 	 "file or block device of the NVMe tier (default: state_dir/store.kvt)"},
+	{"store.names_path", OPT_STR, F(names_path), 0, 0, false,
+	 "journal of named sequences (default: nvme_path.names; state_dir/NAME.names for a "
+	 "block device)"},
 	{"store.device", OPT_STR, F(device), 0, 0, false, "auto, cuda or cpu"},
 	{"store.nvme_bytes", OPT_SIZE, F(nvme_bytes), 16 * MiB, 64 * TiB, false,
 	 "NVMe tier capacity when the store is made"},

@@ -31,6 +31,7 @@ struct kvt_config {
 	/* store */
 	char state_dir[256];
 	char nvme_path[512];
+	char names_path[512];
 	char device[16];
 	uint64_t nvme_bytes;
 	uint64_t page_bytes;

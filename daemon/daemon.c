@@ -9,18 +9,46 @@
 #include "tiers/device.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+/*
+ * Whether another process holds the store (its lock: tier_nvme.c). One killed with
+ * the store open holds it until the kernel tears its io_uring down, after its exit:
+ * that is allowed a second, as the store's own open does.
+ */
+static bool store_locked(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	bool locked = true;
+	for (int i = 0; locked && i < 100; i++) {
+		struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+		locked = fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+		if (locked)
+			usleep(10000);
+	}
+	close(fd);
+	return locked;
+}
+
 int kvd_start(struct kvd *d)
 {
 	int ret;
-	/* Sessions do not outlive the daemon (clients re-attach and re-prefill), so the
-	 * pages of the last run are never read again: start from an empty store. */
+	d->sseq_next = (uint64_t)time(NULL) << 24;
+	int named = kvd_names_load(d);
+	if (named < 0)
+		return named;
+	/* Unnamed sequences do not outlive the daemon (their clients re-attach and
+	 * re-prefill): with no named sequence to recover, the pages of the last run are
+	 * never read again, and the store starts empty instead of scanning the disk. */
 	struct stat st;
-	if (stat(d->cfg.nvme_path, &st) == 0 && S_ISREG(st.st_mode))
+	if (!named && stat(d->cfg.nvme_path, &st) == 0 && S_ISREG(st.st_mode) &&
+	    !store_locked(d->cfg.nvme_path))
 		unlink(d->cfg.nvme_path);
 	struct kvt_store_params sp = {
 		.device = d->cfg.device,
@@ -36,23 +64,30 @@ int kvd_start(struct kvd *d)
 		.faults = d->cfg.fault_inject,
 	};
 	if ((ret = kvt_store_open(&sp, &d->store)) < 0) {
-		kvt_err("kvtierd", "store %s: %s", d->cfg.nvme_path, strerror(-ret));
+		kvt_err("kvtierd", "store %s: %s%s", d->cfg.nvme_path, strerror(-ret),
+			named && ret == -EINVAL ? " (it holds named sequences: start with the "
+						  "store's page size, or remove it and its journal)"
+						: "");
+		kvd_names_close(d);
 		return ret;
 	}
+	if (named)
+		kvd_names_recover(d);
 	struct kvt_device *dev = kvt_store_device(d->store);
 	const char *backend = (dev->ops->caps & KVT_DEV_CAP_GPU) ? "cuda" : "cpu";
 	if ((ret = kvt_compute_open(backend, &d->cc)) < 0) {
 		kvt_err("kvtierd", "compute backend %s: %s", backend, strerror(-ret));
 		kvt_store_close(d->store);
+		kvd_names_close(d);
 		return ret;
 	}
-	d->sseq_next = (uint64_t)time(NULL) << 24;
 	d->lsock = -1;
 	d->start_ns = kvd_now_ns();
 	if ((ret = kvd_ctl_start(d)) < 0 || (ret = kvd_server_start(d)) < 0) {
 		kvt_compute_close(d->cc);
 		kvt_store_close(d->store);
 		kvd_ctl_stop(d);
+		kvd_names_close(d);
 		return ret;
 	}
 	return 0;
@@ -79,4 +114,5 @@ void kvd_stop(struct kvd *d)
 	kvt_compute_close(d->cc);
 	kvt_store_close(d->store);
 	kvd_ctl_stop(d);
+	kvd_names_close(d);
 }

@@ -178,7 +178,9 @@ static void origin_put(struct kvd_client *c, struct kvd_origin *o)
 	if (--o->refs)
 		return;
 	rec_release(c, o->recs, o->nrecs);
-	if (o->pages) {
+	if (o->named) {
+		o->named->open = NULL; /* its pages stay, for the next open */
+	} else if (o->pages) {
 		drop_store_seq(c->d, c->tenant->id, o->sseq);
 		c->tenant->disk_pages -= o->pages;
 	}
@@ -347,11 +349,35 @@ static struct kvd_seq *seq_new(struct kvd_client *c)
 	return q;
 }
 
+static int flush_pending(struct kvd_client *c, struct kvd_seq *q, uint32_t layer);
+
+/*
+ * A named sequence let go of: what the next open finds is every layer cut to the full
+ * pages all of them have (the tokens of a page still filling are not kept).
+ */
+static void named_close(struct kvd_client *c, struct kvd_seq *q)
+{
+	struct kvd_named *n = q->own->named;
+	uint32_t keep = UINT32_MAX;
+	for (uint32_t l = 0; l < c->layout.layers; l++) {
+		flush_pending(c, q, l); /* what fails here is not kept */
+		if (q->layer[l].stored < keep)
+			keep = q->layer[l].stored;
+	}
+	uint64_t cut = kvd_named_cut(c->d, n, keep);
+	q->own->pages -= cut;
+	c->tenant->disk_pages -= cut;
+	n->pages = keep;
+}
+
 static void seq_free(struct kvd_client *c, struct kvd_seq *q)
 {
+	for (uint32_t l = 0; l < c->layout.layers; l++)
+		unpin_layer(c->d, &q->layer[l]);
+	if (q->own->named && !q->own->building)
+		named_close(c, q);
 	for (uint32_t l = 0; l < c->layout.layers; l++) {
 		struct kvd_layer *L = &q->layer[l];
-		unpin_layer(c->d, L);
 		kvt_free(L->pinned);
 		kvt_free(L->owner);
 		kvt_free(L->rec);
@@ -1385,6 +1411,13 @@ static void fork_release(struct kvd_wait *w)
 	kvt_free(f);
 }
 
+static void fork_cancel(struct kvd_wait *w)
+{
+	struct kvd_fork *f = (struct kvd_fork *)w;
+	if (seq_get(w->c, f->child))
+		seq_free(w->c, seq_get(w->c, f->child));
+}
+
 static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
@@ -1418,7 +1451,7 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	f->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
 				 .start_ns = kvd_now_ns(), .finish = fork_finish,
-				 .release = fork_release};
+				 .cancel = fork_cancel, .release = fork_release};
 	f->child = q->id;
 	f->off = r->off[0];
 	const uint32_t full = r->ntok / T, part = r->ntok % T;
@@ -1474,9 +1507,349 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 	fork_release(&f->w);
 }
 
-static bool is_fork(const struct kvd_wait *w)
+
+/* ---- named sequences ---- */
+
+/* The name of an OPEN or REMOVE: 0, -EINVAL (empty, too long, control characters),
+ * -EFAULT (outside the data area: the client is cut off). */
+static int read_name(struct kvd_client *c, const struct kvt_sqe *r, char *name)
 {
-	return w->finish == fork_finish;
+	if (!in_data(c, r->off[0], r->ntok))
+		return -EFAULT;
+	if (!r->ntok || r->ntok > KVT_SEQ_NAME_MAX)
+		return -EINVAL;
+	memcpy(name, c->data + r->off[0], r->ntok);
+	name[r->ntok] = 0;
+	for (uint32_t i = 0; i < r->ntok; i++)
+		if ((unsigned char)name[i] < 0x20 || name[i] == 0x7f)
+			return -EINVAL;
+	return 0;
+}
+
+/* Pages of a named sequence read back and summarized, a batch of page indices at a
+ * time (every layer and head of each), in order: the first page found bad (a torn or
+ * corrupt write the scan could not see, or one lost since) ends the sequence there. */
+struct kvd_open {
+	struct kvd_wait w;
+	struct kvd_named *n;
+	uint32_t seq;
+	uint32_t pages;       /* of every (layer, head), to read */
+	uint32_t first, nb;   /* the batch in flight: page indices */
+	uint32_t batch_max;
+	uint32_t bad;         /* the first index found bad; pages when none */
+	uint8_t *buf;         /* [batch_max][layers][heads][page_bytes] */
+	struct open_rd {
+		struct kvd_open *o;
+		uint32_t index;
+	} *rd;
+};
+
+static void open_batch(struct kvd_open *o);
+
+static void open_cb(void *arg, int res)
+{
+	struct open_rd *rd = arg;
+	struct kvd_open *o = rd->o;
+	if (res < 0 && rd->index < o->bad && o->w.c) {
+		o->bad = rd->index;
+		o->w.d->recovery.open_cut++;
+		kvt_warn("engine", "named sequence \"%s\": page %u unreadable (%s): cut there",
+			 o->n->name, rd->index, strerror(-res));
+	}
+	o->w.start_ns = kvd_now_ns(); /* the timeout is on progress */
+	if (--o->w.pending)
+		return;
+	if (o->w.c && !o->w.err)
+		open_batch(o); /* summarizes what landed, starts the next batch */
+	if (!o->w.pending)
+		wait_done(&o->w);
+}
+
+/* Summaries of the batch's good pages, then the next batch's reads. */
+static void open_batch(struct kvd_open *o)
+{
+	struct kvd_client *c = o->w.c;
+	struct kvd *d = c->d;
+	struct kvd_seq *q = seq_get(c, o->seq);
+	const uint32_t L = c->layout.layers, H = c->layout.kv_heads, pb = c->page_bytes;
+	uint32_t end = o->first + o->nb < o->bad ? o->first + o->nb : o->bad;
+	if (end > o->first) {
+		const uint32_t n = (end - o->first) * L * H;
+		int32_t *recs = kvt_malloc(n * sizeof(int32_t)), *ids = kvt_malloc(n * sizeof(int32_t));
+		void *pages = scratch(d, SCR_PAGES, (size_t)n * pb);
+		int32_t *slots = scratch(d, SCR_SLOTS, n * sizeof(int32_t));
+		int32_t *rdev = scratch(d, SCR_RECS, n * sizeof(int32_t));
+		int ret = recs && ids && pages && slots && rdev ? rec_alloc(c, n, recs) : -ENOMEM;
+		if (ret == 0) {
+			for (uint32_t i = 0; i < n; i++)
+				ids[i] = (int32_t)i;
+			struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
+						       .slots = slots, .records = rdev,
+						       .summaries = c->sum_pool, .n = n};
+			if (kvt_compute_upload(d->cc, pages, o->buf, (size_t)n * pb) < 0 ||
+			    kvt_compute_upload(d->cc, slots, ids, n * sizeof(int32_t)) < 0 ||
+			    kvt_compute_upload(d->cc, rdev, recs, n * sizeof(int32_t)) < 0 ||
+			    (ret = kvt_summarize(d->cc, &a, NULL)) < 0 ||
+			    (ret = kvt_compute_sync(d->cc, NULL)) < 0 ||
+			    (ret = origin_add_recs(q->own, recs, n)) < 0) {
+				rec_release(c, recs, n);
+				ret = ret < 0 ? ret : -ENOMEM;
+			}
+		}
+		for (uint32_t i = 0; ret == 0 && i < n; i++) {
+			uint32_t idx = o->first + i / (L * H), l = i / H % L, h = i % H;
+			struct kvd_layer *Ly = &q->layer[l];
+			Ly->rec[(size_t)h * Ly->cap + idx] = recs[i];
+			Ly->owner[idx] = q->own;
+		}
+		kvt_free(recs);
+		kvt_free(ids);
+		if (ret < 0) {
+			o->w.err = ret;
+			return;
+		}
+	}
+	o->first = end;
+	if (o->first >= o->bad)
+		return; /* done: open_finish */
+	o->nb = o->bad - o->first < o->batch_max ? o->bad - o->first : o->batch_max;
+	for (uint32_t i = 0; i < o->nb; i++)
+		for (uint32_t l = 0; l < L; l++)
+			for (uint32_t h = 0; h < H; h++) {
+				uint32_t j = (i * L + l) * H + h;
+				struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)l,
+						     .kv_head = (uint16_t)h, .seq = o->n->sseq,
+						     .index = o->first + i};
+				o->rd[j] = (struct open_rd){o, k.index};
+				int ret = kvt_store_read(d->store, &k, o->buf + (size_t)j * pb, pb,
+							 open_cb, &o->rd[j]);
+				if (ret == 0) {
+					o->w.pending++;
+				} else if (k.index < o->bad) {
+					o->bad = k.index;
+					d->recovery.open_cut++;
+				}
+			}
+}
+
+static void open_finish(struct kvd_wait *w)
+{
+	struct kvd_open *o = (struct kvd_open *)w;
+	struct kvd_client *c = w->c;
+	struct kvd_seq *q = seq_get(c, o->seq);
+	const uint32_t L = c->layout.layers, H = c->layout.kv_heads;
+	if (w->err) {
+		seq_free(c, q); /* building: the name's pages stay as they were */
+		kvd_complete(c, w->user_data, w->err, 0, 0);
+		return;
+	}
+	uint32_t n = o->bad; /* pages all read and summarized */
+	for (uint32_t l = 0; l < L; l++) {
+		q->layer[l].stored = n;
+		q->layer[l].ntok = n * c->layout.page_tokens;
+	}
+	q->own->pages = (uint64_t)n * L * H;
+	q->own->building = false;
+	if (n < o->n->pages) {
+		uint64_t cut = kvd_named_cut(c->d, o->n, n);
+		c->tenant->disk_pages -= cut;
+		o->n->pages = n;
+	}
+	c->d->recovery.opens += n > 0;
+	kvd_complete(c, w->user_data, (int)q->id, (uint64_t)n * c->layout.page_tokens, 0);
+}
+
+static void open_cancel(struct kvd_wait *w)
+{
+	seq_free(w->c, seq_get(w->c, ((struct kvd_open *)w)->seq));
+}
+
+static void open_release(struct kvd_wait *w)
+{
+	struct kvd_open *o = (struct kvd_open *)w;
+	kvt_free(o->buf);
+	kvt_free(o->rd);
+	kvt_free(o);
+}
+
+static bool same_pages(const struct kvt_wire_layout *a, const struct kvt_wire_layout *b)
+{
+	return a->layers == b->layers && a->kv_heads == b->kv_heads && a->head_dim == b->head_dim &&
+	       a->dtype == b->dtype && a->page_tokens == b->page_tokens;
+}
+
+static void do_open(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	char name[KVT_SEQ_NAME_MAX + 1];
+	int ret = read_name(c, r, name);
+	if (ret == -EFAULT) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SEQ_OPEN name out of bounds (off %llu len %u)",
+				(unsigned long long)r->off[0], r->ntok);
+		return;
+	}
+	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
+	if (ret == 0 && r->flags & ~(KVT_OPEN_CREATE | KVT_OPEN_EXCL))
+		ret = -EINVAL;
+	else if (ret == 0 && n && (r->flags & KVT_OPEN_CREATE) && (r->flags & KVT_OPEN_EXCL))
+		ret = -EEXIST;
+	else if (ret == 0 && !n && !(r->flags & KVT_OPEN_CREATE))
+		ret = -ENOENT;
+	else if (ret == 0 && n && n->open)
+		ret = -EBUSY;
+	else if (ret == 0 && n && !same_pages(&n->layout, &c->layout))
+		ret = -EINVAL;
+	if (ret < 0) {
+		kvd_complete(c, r->user_data, ret, 0, 0);
+		return;
+	}
+	const uint32_t L = c->layout.layers, H = c->layout.kv_heads, pb = c->page_bytes;
+	struct kvd_open *o = kvt_calloc(1, sizeof(*o));
+	struct kvd_seq *q = o ? seq_new(c) : NULL;
+	if (!q) {
+		kvt_free(o);
+		kvd_complete(c, r->user_data, c->nseqs >= d->cfg.max_seqs ? -EMFILE : -ENOMEM, 0, 0);
+		return;
+	}
+	if (!n && (ret = kvd_named_create(d, c->tenant, name, &c->layout, &n)) < 0) {
+		seq_free(c, q);
+		kvt_free(o);
+		kvd_complete(c, r->user_data, ret, 0, 0);
+		return;
+	}
+	c->tenant->reserved = true;
+	q->own->sseq = n->sseq;
+	q->own->named = n;
+	q->own->building = true;
+	n->open = q->own;
+	*o = (struct kvd_open){.w = {.d = d, .c = c, .user_data = r->user_data,
+				     .start_ns = kvd_now_ns(), .finish = open_finish,
+				     .cancel = open_cancel, .release = open_release},
+			       .n = n, .seq = q->id, .pages = n->pages, .bad = n->pages};
+	/* a batch: at most a quarter of the tenant's host arena and 64 MiB, at least one
+	 * page index */
+	uint64_t per = (uint64_t)L * H * pb, room = c->tenant->host_bytes / 4;
+	o->batch_max = (uint32_t)((room < (64u << 20) ? room : (64u << 20)) / per);
+	if (o->batch_max < 1)
+		o->batch_max = 1;
+	if (o->batch_max > 64)
+		o->batch_max = 64;
+	if (o->batch_max > o->pages)
+		o->batch_max = o->pages;
+	for (uint32_t l = 0; l < L && !ret; l++)
+		ret = layer_reserve(c, &q->layer[l], o->pages + 1);
+	if (!ret && o->pages &&
+	    (!(o->buf = kvt_malloc((size_t)o->batch_max * per)) ||
+	     !(o->rd = kvt_calloc((size_t)o->batch_max * L * H, sizeof(*o->rd)))))
+		ret = -ENOMEM;
+	if (ret < 0)
+		o->w.err = ret;
+	else if (o->pages)
+		open_batch(o);
+	if (o->w.pending) {
+		c->busy = &o->w;
+		return;
+	}
+	open_finish(&o->w);
+	open_release(&o->w);
+}
+
+struct kvd_sync {
+	struct kvd_wait w;
+	uint32_t tokens;
+};
+
+static void sync_cb(void *arg, int res)
+{
+	struct kvd_sync *y = arg;
+	y->w.pending--;
+	y->w.start_ns = kvd_now_ns();
+	if (res < 0 && !y->w.err)
+		y->w.err = res;
+	wait_done(&y->w);
+}
+
+static void sync_finish(struct kvd_wait *w)
+{
+	struct kvd_sync *y = (struct kvd_sync *)w;
+	kvd_complete(w->c, w->user_data, w->err, w->err ? 0 : y->tokens, 0);
+}
+
+static void sync_release(struct kvd_wait *w)
+{
+	kvt_free(w);
+}
+
+/* Every full page of the sequence on NVMe (of its parents too, for a fork). */
+static void do_sync(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	struct kvd_seq *q = seq_get(c, r->seq);
+	const uint32_t L = c->layout.layers, H = c->layout.kv_heads;
+	int ret = q ? 0 : -ENOENT;
+	uint32_t full = UINT32_MAX;
+	for (uint32_t l = 0; l < L && !ret; l++) {
+		ret = flush_pending(c, q, l);
+		if (q->layer[l].stored < full)
+			full = q->layer[l].stored;
+	}
+	struct kvd_sync *y = ret ? NULL : kvt_calloc(1, sizeof(*y));
+	if (!y) {
+		kvd_complete(c, r->user_data, ret ? ret : -ENOMEM, 0, 0);
+		return;
+	}
+	y->w = (struct kvd_wait){.d = d, .c = c, .user_data = r->user_data,
+				 .start_ns = kvd_now_ns(), .finish = sync_finish,
+				 .release = sync_release};
+	y->tokens = full * c->layout.page_tokens;
+	for (uint32_t l = 0; l < L && !ret; l++) {
+		struct kvd_layer *Ly = &q->layer[l];
+		for (uint32_t i = 0; i < Ly->stored && !ret; i++)
+			for (uint32_t h = 0; h < H && !ret; h++) {
+				struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)l,
+						     .kv_head = (uint16_t)h,
+						     .seq = Ly->owner[i]->sseq, .index = i};
+				ret = kvt_store_writeback(d->store, &k, sync_cb, y);
+				if (ret == 0)
+					y->w.pending++;
+				else if (ret == -ENOENT)
+					ret = -EIO; /* the store lost it (every copy bad) */
+			}
+	}
+	if (ret < 0)
+		y->w.err = ret;
+	if (y->w.pending) {
+		c->busy = &y->w;
+		return;
+	}
+	sync_finish(&y->w);
+	sync_release(&y->w);
+}
+
+static void do_remove(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	char name[KVT_SEQ_NAME_MAX + 1];
+	int ret = read_name(c, r, name);
+	if (ret == -EFAULT) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SEQ_REMOVE name out of bounds (off %llu len %u)",
+				(unsigned long long)r->off[0], r->ntok);
+		return;
+	}
+	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
+	if (ret == 0)
+		ret = !n ? -ENOENT : n->open ? -EBUSY : 0;
+	if (ret == 0) {
+		uint64_t sseq = n->sseq, pages = (uint64_t)n->pages * n->layout.layers *
+						  n->layout.kv_heads;
+		/* journaled first: a crash between the two leaves pages nobody names, which
+		 * the next start drops */
+		if ((ret = kvd_named_remove(d, n)) == 0) {
+			drop_store_seq(d, c->tenant->id, sseq);
+			c->tenant->disk_pages -= pages;
+		}
+	}
+	kvd_complete(c, r->user_data, ret, 0, 0);
 }
 
 /* ---- dispatch ---- */
@@ -1484,7 +1857,8 @@ static bool is_fork(const struct kvd_wait *w)
 void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd_seq *q;
-	if ((r->op == KVT_OP_SEQ_CLOSE || r->op == KVT_OP_SEQ_FORK || r->op == KVT_OP_SEQ_INFO) &&
+	if ((r->op == KVT_OP_SEQ_CLOSE || r->op == KVT_OP_SEQ_FORK || r->op == KVT_OP_SEQ_INFO ||
+	     r->op == KVT_OP_SEQ_SYNC) &&
 	    (r->seq >= c->d->cfg.max_seqs || r->layer >= c->layout.layers)) {
 		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "request %u: sequence id %u or layer %u out of range", r->op,
 				r->seq, r->layer);
@@ -1529,6 +1903,15 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 		memcpy(c->data + r->off[0], r->seq == KVT_SEQ_ALL ? &c->pf : &q->st,
 		       sizeof(struct kvtier_prefetch_stats));
 		kvd_complete(c, r->user_data, 0, 0, 0);
+		return;
+	case KVT_OP_SEQ_OPEN:
+		do_open(c, r);
+		return;
+	case KVT_OP_SEQ_SYNC:
+		do_sync(c, r);
+		return;
+	case KVT_OP_SEQ_REMOVE:
+		do_remove(c, r);
 		return;
 	case KVT_OP_SEQ_INFO:
 		if (!(q = seq_get(c, r->seq)) || r->layer >= c->layout.layers) {
@@ -1595,8 +1978,8 @@ void kvd_engine_tick(struct kvd *d)
 				 (unsigned long long)st.tier[1].used, (unsigned long long)st.tier[1].slots,
 				 (unsigned long long)st.pages_dirty, (unsigned long long)st.backpressure);
 			kvd_complete(c, w->user_data, -ENOBUFS, 0, 0);
-			if (is_fork(w) && seq_get(c, ((struct kvd_fork *)w)->child))
-				seq_free(c, seq_get(c, ((struct kvd_fork *)w)->child));
+			if (w->cancel)
+				w->cancel(w);
 			c->busy = NULL;
 			c->kicked = true;
 			w->c = NULL;

@@ -37,15 +37,33 @@ struct kvd_tenant {
 	uid_t uid;
 	char name[KVT_TENANT_NAME_MAX];
 	bool used;
+	bool reserved; /* the journal of named sequences holds this id for (uid, name) */
 	unsigned clients;
 	int pool_fd, host_fd;
 	uint64_t pool_bytes, host_bytes;
 	uint64_t disk_pages; /* pages of this tenant in the store (its disk quota) */
 };
 
+/*
+ * A named sequence (names.c): its pages stay on NVMe when no client holds it and
+ * across restarts (the journal beside the store keeps the name), until it is removed.
+ */
+struct kvd_named {
+	uint64_t sseq;  /* store sequence: bit 63 set, never reused */
+	uint32_t tenant; /* id, kept across restarts by the journal */
+	uid_t uid;
+	char tname[KVT_TENANT_NAME_MAX];
+	char name[KVT_SEQ_NAME_MAX + 1];
+	struct kvt_wire_layout layout;
+	uint32_t pages;          /* full pages of every (layer, head) in the store */
+	struct kvd_origin *open; /* while a sequence (or a fork of it) holds it */
+};
+
 /* A store-level sequence: the owner of pages, shared by forks of it. */
 struct kvd_origin {
 	uint64_t sseq;
+	struct kvd_named *named; /* NULL: dropped with its last reference */
+	bool building;           /* a named one being read back (SEQ_OPEN) */
 	unsigned refs;
 	int32_t *recs; /* summary records this origin's pages own */
 	uint32_t nrecs, rcap;
@@ -91,6 +109,7 @@ struct kvd_wait {
 	void (*finish)(struct kvd_wait *w); /* posts the completion; frees nothing */
 	void (*retry)(struct kvd_wait *w);  /* restarts moves the store refused (may be NULL) */
 	void (*release)(struct kvd_wait *w); /* frees */
+	void (*cancel)(struct kvd_wait *w);  /* undoes on a timeout, the client kept (may be NULL) */
 };
 
 struct kvd_zombie {
@@ -199,6 +218,18 @@ struct kvd {
 	uint32_t next_client_id;
 	struct kvd_tenant tenants[256];
 	uint64_t sseq_next;
+	/* named sequences and their journal (names.c) */
+	struct kvd_named **named;
+	uint32_t nnamed, named_cap;
+	int names_fd;
+	char names_path[4200];
+	struct kvd_recovery {
+		uint64_t seqs, pages;      /* named sequences and their pages kept at start */
+		uint64_t unnamed_pages;    /* pages of sequences nobody can reopen: dropped */
+		uint64_t cut_pages;        /* pages past a gap (a write that never completed) */
+		uint64_t journal_bad;      /* journal records failing their checksum */
+		uint64_t opens, open_cut;  /* opens of a sequence with pages; pages found bad then */
+	} recovery;
 	struct kvd_scratch scr[SCR_MAX];
 	void *host_tmp;
 	size_t host_tmp_bytes;
@@ -220,6 +251,22 @@ struct kvd {
 	struct kvtier_prefetch_stats pf_gone; /* of clients that left */
 	uint32_t pf_disk_inflight; /* prefetches reading from NVMe */
 };
+
+/* names.c */
+/* Reads the journal (compacting it): the count of named sequences, or -errno. */
+int kvd_names_load(struct kvd *d);
+/* After the store's scan: keeps each named sequence's longest complete prefix, drops
+ * every other page, reserves the tenants' ids. */
+void kvd_names_recover(struct kvd *d);
+void kvd_names_close(struct kvd *d);
+struct kvd_named *kvd_named_find(struct kvd *d, uint32_t tenant, const char *name);
+/* A new name, journaled (fdatasync) before it is returned: 0 or -errno. */
+int kvd_named_create(struct kvd *d, const struct kvd_tenant *t, const char *name,
+		     const struct kvt_wire_layout *layout, struct kvd_named **out);
+/* Journals the removal and forgets the name (its pages are the caller's to drop). */
+int kvd_named_remove(struct kvd *d, struct kvd_named *n);
+/* Drops the pages of index >= keep of every (layer, head); the count dropped. */
+uint64_t kvd_named_cut(struct kvd *d, const struct kvd_named *n, uint32_t keep);
 
 /* server.c */
 /* daemon.c: store and backend opened, listening: 0 or -errno (logged) */

@@ -96,9 +96,14 @@ static struct kvd_tenant *tenant_get(struct kvd *d, uid_t uid, const char *name,
 	struct kvd_tenant *free_t = NULL;
 	for (uint32_t i = 0; i < d->cfg.max_tenants; i++) {
 		struct kvd_tenant *t = &d->tenants[i];
-		if (t->used && t->uid == uid && !strncmp(t->name, name, sizeof(t->name)))
+		bool same = t->uid == uid && !strncmp(t->name, name, sizeof(t->name));
+		if (t->used && same)
 			return t;
-		if (!t->used && !free_t)
+		if (t->reserved && !t->used && same) {
+			free_t = t; /* its named sequences are stored under this id */
+			break;
+		}
+		if (!t->used && !t->reserved && !free_t)
 			free_t = t;
 	}
 	if (!free_t) {

@@ -9,6 +9,9 @@
 #include "kernels/compute.h"
 
 _Static_assert(KVTIER_SLOT_HOST == KVT_SLOT_HOST, "one host-slot bit");
+_Static_assert(KVTIER_SEQ_NAME_MAX == KVT_SEQ_NAME_MAX && (int)KVTIER_SEQ_CREATE == (int)KVT_OPEN_CREATE &&
+		       (int)KVTIER_SEQ_EXCL == (int)KVT_OPEN_EXCL,
+	       "named sequences: one wire");
 #include "tiers/device.h"
 
 #include <errno.h>
@@ -434,6 +437,75 @@ int kvtier_seq_close(struct kvtier_client *c, uint32_t seq)
 	int ret = call(c, &r, &e);
 	if (ret >= 0)
 		live_del(c, seq);
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+/* A name into the data area (the ring is serialized by c->lock). */
+static int put_name(struct kvtier_client *c, const char *name, struct kvt_sqe *r)
+{
+	size_t n = name ? strlen(name) : 0;
+	if (!n || n > KVTIER_SEQ_NAME_MAX || n > c->w.data_bytes)
+		return -EINVAL;
+	memcpy(c->data, name, n);
+	r->off[0] = 0;
+	r->ntok = (uint32_t)n;
+	return 0;
+}
+
+int kvtier_seq_open(struct kvtier_client *c, const char *name, uint32_t flags, uint32_t *seq,
+		    uint32_t *tokens)
+{
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_OPEN, .flags = (uint8_t)flags};
+	struct kvt_cqe e;
+	if (flags > 0xff)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	int ret = put_name(c, name, &r);
+	if (ret == 0)
+		ret = call(c, &r, &e);
+	if (ret >= 0) {
+		int li = live_add(c, (uint32_t)ret);
+		if (li < 0 || e.aux[0] > UINT32_MAX) {
+			struct kvt_sqe cl = {.op = KVT_OP_SEQ_CLOSE, .seq = (uint32_t)ret};
+			struct kvt_cqe ce;
+			call(c, &cl, &ce);
+			if (li >= 0)
+				live_del(c, (uint32_t)ret);
+			ret = li < 0 ? li : -EPROTO;
+		} else {
+			for (uint32_t l = 0; l < c->layout.layers; l++)
+				c->live[li].ntok[l] = (uint32_t)e.aux[0];
+			*seq = (uint32_t)ret;
+			if (tokens)
+				*tokens = (uint32_t)e.aux[0];
+			ret = 0;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_seq_sync(struct kvtier_client *c, uint32_t seq, uint32_t *tokens)
+{
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_SYNC, .seq = seq};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = live_get(c, seq) ? call(c, &r, &e) : -ENOENT;
+	if (ret >= 0 && tokens)
+		*tokens = (uint32_t)e.aux[0];
+	pthread_mutex_unlock(&c->lock);
+	return ret < 0 ? ret : 0;
+}
+
+int kvtier_seq_remove(struct kvtier_client *c, const char *name)
+{
+	struct kvt_sqe r = {.op = KVT_OP_SEQ_REMOVE};
+	struct kvt_cqe e;
+	pthread_mutex_lock(&c->lock);
+	int ret = put_name(c, name, &r);
+	if (ret == 0)
+		ret = call(c, &r, &e);
 	pthread_mutex_unlock(&c->lock);
 	return ret < 0 ? ret : 0;
 }

@@ -82,8 +82,44 @@ const char *kvtier_backend(const struct kvtier_client *c);
 
 /* Sequences. Ids are small integers, valid on this client only. */
 int kvtier_seq_create(struct kvtier_client *c, uint32_t *out);
-/* Frees the sequence's pages (pages a fork still reads stay until it closes). */
+/* Frees the sequence's pages (pages a fork still reads stay until it closes). A named
+ * sequence's full pages stay in the store, for the next kvtier_seq_open. */
 int kvtier_seq_close(struct kvtier_client *c, uint32_t seq);
+
+/*
+ * Named sequences: the daemon keeps them on NVMe when no client holds them, across
+ * its restarts and crashes, until kvtier_seq_remove. Names are per tenant, 1 to
+ * KVTIER_SEQ_NAME_MAX bytes of printable text; a name is held by one open at a time.
+ *
+ * kvtier_seq_open opens the sequence called name (with KVTIER_SEQ_CREATE: makes it
+ * when there is none; with KVTIER_SEQ_EXCL too: only makes it). *tokens (may be NULL)
+ * is the tokens it holds, the same in every layer: its full pages that were written
+ * to NVMe and read back intact (the daemon reads them all and rebuilds their
+ * summaries before returning). Append from there. Tokens of a page still filling
+ * when it was closed, or when the daemon died, are not kept; nor is a page past one
+ * that never reached the disk or came back corrupt: the sequence ends before it.
+ * Errors: -ENOENT (no such name), -EEXIST, -EBUSY (open elsewhere, or a fork of it
+ * is), -EINVAL (bad name or flags, or a layout other than the one it was made with:
+ * layers, kv_heads, head_dim, dtype, page_tokens), -EMFILE, -EIO (the journal could
+ * not be written: nothing was made), -ENOBUFS (reading it back timed out).
+ */
+#define KVTIER_SEQ_NAME_MAX 128
+enum kvtier_open_flags {
+	KVTIER_SEQ_CREATE = 1u << 0,
+	KVTIER_SEQ_EXCL = 1u << 1,
+};
+int kvtier_seq_open(struct kvtier_client *c, const char *name, uint32_t flags, uint32_t *seq,
+		    uint32_t *tokens);
+/*
+ * Waits until every full page of seq is on NVMe (of any sequence: a fork's shared
+ * pages included): what a crash of the daemon cannot take from a named sequence
+ * (with store.durable, nor a crash of the machine). *tokens (may be NULL): the tokens
+ * so covered in every layer. -ENOENT, -EIO (a page could not be written anywhere).
+ */
+int kvtier_seq_sync(struct kvtier_client *c, uint32_t seq, uint32_t *tokens);
+/* Drops a named sequence that no one holds open: its pages and its name. -ENOENT,
+ * -EBUSY, -EIO (the journal could not be written: nothing was dropped). */
+int kvtier_seq_remove(struct kvtier_client *c, const char *name);
 /*
  * A new sequence that shares the first prefix_tokens tokens of parent (every layer
  * must hold that many): full pages are shared, not copied. -ERANGE, -ENOENT, -EMFILE.

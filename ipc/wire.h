@@ -189,7 +189,18 @@ enum kvt_op_code {
 	KVT_OP_SEQ_INFO,   /* seq -> res: tokens of layer `layer` */
 	KVT_OP_STATS,      /* seq (or KVT_SEQ_ALL: the client's) -> struct
 			    * kvtier_prefetch_stats at off[0] */
+	KVT_OP_SEQ_OPEN,   /* name: ntok bytes at off[0]; flags: enum kvt_open_flags
+			    * -> res: the sequence id, aux[0]: tokens it holds (every layer) */
+	KVT_OP_SEQ_SYNC,   /* seq -> aux[0]: tokens on NVMe in every layer */
+	KVT_OP_SEQ_REMOVE, /* name: ntok bytes at off[0] */
 	KVT_OP_MAX
+};
+
+/* Named sequences (SEQ_OPEN): kept on NVMe across detaches and restarts. */
+#define KVT_SEQ_NAME_MAX 128
+enum kvt_open_flags {
+	KVT_OPEN_CREATE = 1u << 0, /* make it when there is none */
+	KVT_OPEN_EXCL = 1u << 1,   /* with CREATE: -EEXIST when there is one */
 };
 
 #define KVT_SEQ_ALL 0xffffffffu

@@ -970,6 +970,17 @@ int kvt_store_drop_seq(struct kvt_store *s, uint32_t tenant, uint64_t seq)
 	return seq_drop(s, q);
 }
 
+int kvt_store_drop_page(struct kvt_store *s, const struct page_key *k)
+{
+	struct page *pg = page_find(s, k);
+	if (!pg)
+		return -ENOENT;
+	if (pg->pins)
+		return -EBUSY;
+	page_drop(s, pg);
+	return 0;
+}
+
 int kvt_store_read(struct kvt_store *s, const struct page_key *k, void *dst, uint32_t cap,
 		   kvt_store_cb cb, void *arg)
 {

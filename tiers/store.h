@@ -176,6 +176,9 @@ int kvt_store_evict(struct kvt_store *s, const struct page_key *k, enum tier_id 
 /* Frees every page of a sequence in every tier. -ENOENT, -EBUSY (a page is pinned). */
 int kvt_store_drop_seq(struct kvt_store *s, uint32_t tenant, uint64_t seq);
 
+/* Frees one page in every tier (a sequence cut short). -ENOENT, -EBUSY (pinned). */
+int kvt_store_drop_page(struct kvt_store *s, const struct page_key *k);
+
 /* Copies the page's payload into dst (promoting it to host RAM first if needed). */
 int kvt_store_read(struct kvt_store *s, const struct page_key *k, void *dst, uint32_t cap,
 		   kvt_store_cb cb, void *arg);

@@ -352,6 +352,44 @@ int rel_append(struct kvtier_client *c, uint32_t seq, uint32_t salt, uint32_t fr
 	return ret;
 }
 
+int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *checked)
+{
+	uint32_t ntok;
+	int ret = kvtier_seq_tokens(c, seq, 0, &ntok);
+	const uint32_t full = ntok / REL_T;
+	struct kvtier_table *tab = ret ? NULL : kvtier_table_create(c, 1);
+	if (!tab)
+		return ret ? ret : -ENOMEM;
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	float q[REL_HEADS * REL_GROUP * REL_D];
+	struct kvtier_select_params sp = {.budget_pages = full + 1};
+	int wrong = 0;
+	for (uint32_t l = 0; ret == 0 && l < REL_LAYERS; l++) {
+		rel_query(salt, 0, l, q);
+		if ((ret = kvtier_select(c, &seq, 1, l, q, KVT_MEM_HOST, &sp, tab)) < 0)
+			break;
+		struct kvtier_table_view v;
+		kvtier_table_view(tab, &v);
+		for (uint32_t row = 0; row < v.rows; row++) {
+			wrong += v.n_pages[row] != (int32_t)full; /* every page, each once */
+			for (int j = 0; j < v.n_pages[row]; j++) {
+				const float *pg = rel_slot_page(&mem, v.slots[row * v.stride + j]);
+				wrong += !pg || v.pages[row * v.stride + j] != j ||
+					 !rel_page_ok(pg, salt, l, row, (uint32_t)j);
+				if (checked)
+					(*checked)++;
+			}
+		}
+		/* a page per head: the pins of this layer let go of */
+		struct kvtier_select_params one = {.budget_pages = 1};
+		if (full)
+			ret = kvtier_select(c, &seq, 1, l, q, KVT_MEM_HOST, &one, tab);
+	}
+	kvtier_table_destroy(tab);
+	return ret < 0 ? ret : wrong;
+}
+
 void rel_query(uint32_t salt, uint32_t step, uint32_t layer, float *q)
 {
 	for (uint32_t h = 0; h < REL_HEADS; h++)

@@ -84,6 +84,10 @@ struct kvtier_client *rel_attach(const struct rel_daemon *d, const char *tenant,
 float rel_kv(uint32_t salt, uint32_t layer, uint32_t head, uint32_t tok, uint32_t ch, int v);
 /* Appends tokens [from, from + n) of salt to every layer of seq. */
 int rel_append(struct kvtier_client *c, uint32_t seq, uint32_t salt, uint32_t from, uint32_t n);
+/* Reads every full page of every layer of seq (one select of them all, pinned until
+ * the next select of that layer) and checks it against salt's KV: the count of wrong
+ * or missing pages, or -errno. */
+int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *checked);
 /* A query for every (head, group) of one sequence: [HEADS][GROUP][D]. */
 void rel_query(uint32_t salt, uint32_t step, uint32_t layer, float *q);
 /* Whether a page (K then V, page_tokens x D each) holds page idx of (salt, layer, head). */
