@@ -663,6 +663,20 @@ static void cmd_stats(struct req *r)
 		kvt_json_u64(j, "hung_now", fc->hung_now);
 		kvt_json_end(j);
 	}
+	uint64_t named_open = 0;
+	for (uint32_t i = 0; i < d->nnamed; i++)
+		named_open += d->named[i]->open != NULL;
+	kvt_json_obj(j, "named_sequences");
+	kvt_json_u64(j, "count", d->nnamed);
+	kvt_json_u64(j, "open", named_open);
+	kvt_json_u64(j, "recovered", d->recovery.seqs);
+	kvt_json_u64(j, "recovered_pages", d->recovery.pages);
+	kvt_json_u64(j, "dropped_unnamed_pages", d->recovery.unnamed_pages);
+	kvt_json_u64(j, "dropped_past_gap_pages", d->recovery.cut_pages);
+	kvt_json_u64(j, "journal_bad_records", d->recovery.journal_bad);
+	kvt_json_u64(j, "reopened", d->recovery.opens);
+	kvt_json_u64(j, "cut_on_open", d->recovery.open_cut);
+	kvt_json_end(j);
 	json_tiers(d, &st, j, "tiers", true);
 	kvt_json_obj(j, "clients");
 	kvt_json_u64(j, "attached", clients);

@@ -216,6 +216,19 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 	hist(b, "kvtier_page_reuse_gap_seconds", "", st.reuse_gap, KVT_HIST_BUCKETS, 1e-3,
 	     (double)st.reuse_gap_sum_ms * 1e-3);
 
+	/* named sequences */
+	head(b, "kvtier_named_sequences", "gauge", "Named sequences (kept across restarts).");
+	kvt_buf_printf(b, "kvtier_named_sequences %u\n", d->nnamed);
+	head(b, "kvtier_recovered_pages", "gauge",
+	     "Pages of named sequences found intact on NVMe at start.");
+	kvt_buf_printf(b, "kvtier_recovered_pages %llu\n", (unsigned long long)d->recovery.pages);
+	head(b, "kvtier_recovery_dropped_pages", "gauge",
+	     "Pages on NVMe at start that no sequence could use, by reason.");
+	kvt_buf_printf(b, "kvtier_recovery_dropped_pages{reason=\"unnamed\"} %llu\n",
+		       (unsigned long long)d->recovery.unnamed_pages);
+	kvt_buf_printf(b, "kvtier_recovery_dropped_pages{reason=\"past_gap\"} %llu\n",
+		       (unsigned long long)d->recovery.cut_pages);
+
 	/* clients */
 	unsigned attached = 0;
 	struct kvd_client *c;

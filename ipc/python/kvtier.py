@@ -94,6 +94,10 @@ def _load(path=None):
         "kvtier_seq_close": (I, [P, U32]),
         "kvtier_seq_fork": (I, [P, U32, U32, ctypes.POINTER(U32)]),
         "kvtier_seq_tokens": (I, [P, U32, U32, ctypes.POINTER(U32)]),
+        "kvtier_seq_open": (I, [P, ctypes.c_char_p, U32, ctypes.POINTER(U32),
+                                ctypes.POINTER(U32)]),
+        "kvtier_seq_sync": (I, [P, U32, ctypes.POINTER(U32)]),
+        "kvtier_seq_remove": (I, [P, ctypes.c_char_p]),
         "kvtier_append": (I, [P, U32, U32, P, P, U32, ctypes.c_uint]),
         "kvtier_table_create": (P, [P, U32]),
         "kvtier_table_destroy": (None, [P]),
@@ -214,6 +218,26 @@ class Client:
         _check(self._lib.kvtier_seq_fork(self._h, parent, prefix_tokens, ctypes.byref(s)),
                "seq_fork")
         return s.value
+
+    SEQ_CREATE, SEQ_EXCL = 1, 2
+
+    def seq_open(self, name, create=False, exclusive=False):
+        """A named sequence, kept by the daemon across detaches and restarts:
+        (seq, tokens it already holds in every layer)."""
+        s, n = ctypes.c_uint32(), ctypes.c_uint32()
+        flags = (self.SEQ_CREATE if create else 0) | (self.SEQ_EXCL if exclusive else 0)
+        _check(self._lib.kvtier_seq_open(self._h, name.encode(), flags, ctypes.byref(s),
+                                         ctypes.byref(n)), "seq_open")
+        return s.value, n.value
+
+    def seq_sync(self, seq):
+        """Waits until every full page of seq is on NVMe: the tokens so covered."""
+        n = ctypes.c_uint32()
+        _check(self._lib.kvtier_seq_sync(self._h, seq, ctypes.byref(n)), "seq_sync")
+        return n.value
+
+    def seq_remove(self, name):
+        _check(self._lib.kvtier_seq_remove(self._h, name.encode()), "seq_remove")
 
     def seq_tokens(self, seq, layer=0):
         n = ctypes.c_uint32()

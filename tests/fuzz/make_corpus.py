@@ -48,7 +48,8 @@ for i, words in enumerate([("status",), ("tiers",), ("clients",), ("seqs", "clie
                            ("job",), ("cancel",)]):
     write("wire", "ctl-%02d-%s" % (i, words[0]), ctl(*words))
 
-# the ring: SEQ_CREATE=1 CLOSE=2 FORK=3 APPEND=4 SELECT=5 INFO=6 STATS=7
+# the ring: SEQ_CREATE=1 CLOSE=2 FORK=3 APPEND=4 SELECT=5 INFO=6 STATS=7 OPEN=8 SYNC=9
+# REMOVE=10
 K, V = 0, 2 * 16 * 2 * 64 * 4 // 2  # one page of K then V at the data area's start
 app = sqe(4, seq=0, layer=0, ntok=16, off=(0, 16 * 2 * 64 * 4, 0), user=2)
 q_off, ids_off, out_off = 65536, 65536 + 4096, 65536 + 8192
@@ -71,6 +72,19 @@ write("ring", "create-append-info-stats",
 write("ring", "fork-close", ring([sqe(1, user=1), app, app, sqe(3, seq=0, ntok=16, user=6),
                                   sqe(2, seq=1, user=7), sqe(2, seq=0, user=8)]))
 write("ring", "nops", ring([sqe(0, user=i) for i in range(8)]))
+# named sequences: SEQ_OPEN=8 (flags 1: create), SEQ_SYNC=9, SEQ_REMOVE=10; the name at
+# a free spot of the data area
+name_off = 65536 + 12288
+named = bytearray(data)
+named[name_off:name_off + 6] = b"fz/seq"
+nm = dict(ntok=6, off=(name_off, 0, 0))
+write("ring", "named-open-sync-close-reopen-remove",
+      bytes([6]) + b"".join([sqe(8, flags=1, user=1, **nm), app, sqe(9, seq=0, user=3),
+                             sqe(2, seq=0, user=4), sqe(8, user=5, **nm),
+                             sqe(2, seq=0, user=6)]) + bytes(named))
+write("ring", "named-remove-busy",
+      bytes([3]) + b"".join([sqe(8, flags=3, user=1, **nm), sqe(10, user=2, **nm),
+                             sqe(8, flags=1, user=3, **nm)]) + bytes(named))
 write("ring", "bad-index", ring([sqe(0)], tail=b"\xc7"))
 
 # the config

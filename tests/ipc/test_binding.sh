@@ -27,5 +27,31 @@ $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 
 	--context 2000 --steps 9 --budget 64 --max-error 0.01
 $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
 	--context 4000 --steps 9 --budget 16 --max-error 0.2
+# a named sequence from Python: made, filled, synced, closed, found again with its tokens
+$py - "$src/ipc/python" <<'PY'
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import kvtier
+c = kvtier.Client(2, 2, 2, 64, dtype="f16", page_tokens=16)
+s, n = c.seq_open("py/doc", create=True)
+assert n == 0, n
+k = np.random.default_rng(1).standard_normal((50, 2, 64)).astype(np.float16)
+for layer in range(2):
+    c.append(s, layer, k, k)
+assert c.seq_sync(s) == 48
+c.seq_close(s)
+s, n = c.seq_open("py/doc")
+assert n == 48 and c.seq_tokens(s, 1) == 48, n
+c.seq_close(s)
+c.seq_remove("py/doc")
+try:
+    c.seq_open("py/doc")
+    raise SystemExit("removed name still opens")
+except OSError as e:
+    assert e.errno == 2, e
+c.close()
+print("named sequences from python: ok")
+PY
 kill -TERM $pid
 wait $pid
