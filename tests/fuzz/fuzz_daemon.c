@@ -109,5 +109,16 @@ void fz_settle(int fd)
 			"the client or its I/O\n");
 		abort();
 	}
+	/* named sequences outlive their client: forgotten, so every input starts alike */
+	while (fz_d->nnamed) {
+		struct kvd_named *n = fz_d->named[fz_d->nnamed - 1];
+		uint32_t tenant = n->tenant;
+		uint64_t sseq = n->sseq,
+			 pages = (uint64_t)n->pages * n->layout.layers * n->layout.kv_heads;
+		if (kvd_named_remove(fz_d, n) < 0)
+			abort();
+		kvt_store_drop_seq(fz_d->store, tenant, sseq);
+		fz_d->tenants[tenant].disk_pages -= pages;
+	}
 	kvt_config_reload(&fz_d->cfg, &initial);
 }

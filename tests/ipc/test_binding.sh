@@ -33,16 +33,28 @@ import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 import kvtier
-c = kvtier.Client(2, 2, 2, 64, dtype="f16", page_tokens=16)
+c = kvtier.Client(2, 2, 2, 64, dtype="f16", page_tokens=16, dense_layers=0)
 s, n = c.seq_open("py/doc", create=True)
 assert n == 0, n
-k = np.random.default_rng(1).standard_normal((50, 2, 64)).astype(np.float16)
+rng = np.random.default_rng(1)
+k = rng.standard_normal((50, 2, 64)).astype(np.float16)
+v = rng.standard_normal((50, 2, 64)).astype(np.float16)
+q = rng.standard_normal((4, 64)).astype(np.float16)
 for layer in range(2):
-    c.append(s, layer, k, k)
+    c.append(s, layer, k[:48], v[:48])
+# every page selected: the output before and after the reopen must be the same
+before = [c.attend(c.select([s], layer, q, budget_pages=8, sink_tokens=0, window_tokens=0),
+                   q).astype(np.float32) for layer in range(2)]
+for layer in range(2):
+    c.append(s, layer, k[48:], v[48:])
 assert c.seq_sync(s) == 48
 c.seq_close(s)
 s, n = c.seq_open("py/doc")
 assert n == 48 and c.seq_tokens(s, 1) == 48, n
+for layer in range(2):
+    after = c.attend(c.select([s], layer, q, budget_pages=8, sink_tokens=0, window_tokens=0),
+                     q).astype(np.float32)
+    assert np.array_equal(before[layer], after), np.abs(before[layer] - after).max()
 c.seq_close(s)
 c.seq_remove("py/doc")
 try:
