@@ -10,6 +10,11 @@ static inline uint64_t xxh3_two(uint64_t seed, const void *a, size_t alen, const
 				size_t blen)
 {
 	XXH3_state_t st;
+	/* A state on the stack must be initialized: reset_withSeed derives the secret from
+	 * the seed only when the seed differs from the one the state holds, and garbage
+	 * equal to this call's seed (left by the last call at this stack address) would
+	 * keep a secret that was since overwritten: a wrong hash, now and then. */
+	XXH3_INITSTATE(&st);
 	XXH3_64bits_reset_withSeed(&st, seed);
 	XXH3_64bits_update(&st, a, alen);
 	XXH3_64bits_update(&st, b, blen);

@@ -145,6 +145,41 @@ static void hash_is_xxh3(void **state)
 	free(buf);
 }
 
+/* Leaves a stack where words are `seed` or 0 (every m-th, from phase p): somewhere
+ * it looks like an XXH3 state with this seed, no external secret and a garbage secret,
+ * which a hash that does not initialize its state would trust. */
+static __attribute__((noinline)) uint64_t clobber_stack(uint64_t seed, unsigned m, unsigned p)
+{
+	volatile uint64_t junk[1024];
+	for (size_t i = 0; i < 1024; i++)
+		junk[i] = (i + p) % m ? seed : 0;
+	return junk[seed % 1024];
+}
+
+static __attribute__((noinline)) uint64_t hash_after_clobber(uint64_t seed, const void *p,
+							     size_t len, unsigned m, unsigned ph)
+{
+	clobber_stack(seed, m, ph);
+	return kvt_page_hash(seed, p, len / 2, (const char *)p + len / 2, len - len / 2);
+}
+
+/* The same bytes hash the same whatever the stack held before (a state on the stack
+ * must be initialized before a seeded reset: xxhash.h, XXH3_INITSTATE). */
+static void hash_ignores_stack(void **state)
+{
+	uint8_t buf[300];
+	for (size_t i = 0; i < sizeof(buf); i++)
+		buf[i] = (uint8_t)(i * 7 + 1);
+	static const unsigned mods[] = {2, 3, 5, 7};
+	for (uint64_t seed = 1; seed < 40; seed++) {
+		size_t len = 1 + seed * 7 % sizeof(buf);
+		uint64_t want = XXH3_64bits_withSeed(buf, len, seed);
+		for (unsigned k = 0; k < 4; k++)
+			for (unsigned ph = 0; ph < mods[k]; ph++)
+				assert_int_equal(hash_after_clobber(seed, buf, len, mods[k], ph), want);
+	}
+}
+
 static void loop_buffers_split(void **state)
 {
 	struct kvt_loop l;
@@ -182,6 +217,7 @@ int main(void)
 		cmocka_unit_test(format_catches_flips),
 		cmocka_unit_test(format_catches_torn_and_stale),
 		cmocka_unit_test(hash_is_xxh3),
+		cmocka_unit_test(hash_ignores_stack),
 		cmocka_unit_test(loop_buffers_split),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
