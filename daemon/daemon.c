@@ -71,8 +71,11 @@ int kvd_start(struct kvd *d)
 		kvd_names_close(d);
 		return ret;
 	}
-	if (named)
-		kvd_names_recover(d);
+	if ((ret = kvd_names_recover(d)) < 0) {
+		kvt_store_close(d->store);
+		kvd_names_close(d);
+		return ret;
+	}
 	struct kvt_device *dev = kvt_store_device(d->store);
 	const char *backend = (dev->ops->caps & KVT_DEV_CAP_GPU) ? "cuda" : "cpu";
 	if ((ret = kvt_compute_open(backend, &d->cc)) < 0) {

@@ -57,6 +57,14 @@ struct kvd_named {
 	struct kvt_wire_layout layout;
 	uint32_t pages;          /* full pages of every (layer, head) in the store */
 	struct kvd_origin *open; /* while a sequence (or a fork of it) holds it */
+	/* Where it was cut short, and the store's epoch then: a page on disk at or past
+	 * `keep` written no later than `epoch` is a dropped one whose wipe may not have
+	 * landed, never a page of what came after. */
+	struct kvd_cut {
+		uint32_t keep;
+		uint64_t epoch;
+	} *cuts;
+	uint32_t ncuts;
 };
 
 /* A store-level sequence: the owner of pages, shared by forks of it. */
@@ -253,11 +261,11 @@ struct kvd {
 };
 
 /* names.c */
-/* Reads the journal (compacting it): the count of named sequences, or -errno. */
+/* Reads the journal: the count of named sequences, or -errno. */
 int kvd_names_load(struct kvd *d);
 /* After the store's scan: keeps each named sequence's longest complete prefix, drops
- * every other page, reserves the tenants' ids. */
-void kvd_names_recover(struct kvd *d);
+ * every other page, reserves the tenants' ids, rewrites the journal. 0 or -errno. */
+int kvd_names_recover(struct kvd *d);
 void kvd_names_close(struct kvd *d);
 struct kvd_named *kvd_named_find(struct kvd *d, uint32_t tenant, const char *name);
 /* A new name, journaled (fdatasync) before it is returned: 0 or -errno. */
@@ -265,8 +273,9 @@ int kvd_named_create(struct kvd *d, const struct kvd_tenant *t, const char *name
 		     const struct kvt_wire_layout *layout, struct kvd_named **out);
 /* Journals the removal and forgets the name (its pages are the caller's to drop). */
 int kvd_named_remove(struct kvd *d, struct kvd_named *n);
-/* Drops the pages of index >= keep of every (layer, head); the count dropped. */
-uint64_t kvd_named_cut(struct kvd *d, const struct kvd_named *n, uint32_t keep);
+/* Drops the pages of index >= keep of every (layer, head), the cut journaled when
+ * any was: the count dropped. */
+uint64_t kvd_named_cut(struct kvd *d, struct kvd_named *n, uint32_t keep);
 
 /* server.c */
 /* daemon.c: store and backend opened, listening: 0 or -errno (logged) */

@@ -28,7 +28,7 @@
 
 #define NAMES_MAGIC 0x31454d414e54564bull /* "KVTNAME1" */
 
-enum { REC_MADE = 1, REC_REMOVED = 2 };
+enum { REC_MADE = 1, REC_REMOVED = 2, REC_CUT = 3 };
 
 struct names_rec {
 	uint64_t magic;
@@ -40,7 +40,8 @@ struct names_rec {
 	struct kvt_wire_layout layout;
 	char tname[KVT_TENANT_NAME_MAX];
 	char name[KVT_SEQ_NAME_MAX];
-	uint64_t pad[3];
+	uint64_t cut_keep, cut_epoch; /* REC_CUT: struct kvd_cut */
+	uint64_t pad;
 	uint64_t csum; /* XXH3 of everything before it */
 };
 _Static_assert(sizeof(struct names_rec) == 256, "journal format");
@@ -68,7 +69,7 @@ static void rec_fill(struct names_rec *r, uint32_t kind, const struct kvd_named 
 static bool rec_ok(const struct names_rec *r)
 {
 	return r->magic == NAMES_MAGIC && r->csum == rec_csum(r) &&
-	       (r->kind == REC_MADE || r->kind == REC_REMOVED) && r->name_len &&
+	       (r->kind == REC_MADE || r->kind == REC_REMOVED || r->kind == REC_CUT) && r->name_len &&
 	       r->name_len <= KVT_SEQ_NAME_MAX && r->tname[KVT_TENANT_NAME_MAX - 1] == 0 &&
 	       (r->sseq >> 63);
 }
@@ -120,21 +121,43 @@ static int named_add(struct kvd *d, struct kvd_named *n)
 	return 0;
 }
 
+static void named_free(struct kvd_named *n)
+{
+	kvt_free(n->cuts);
+	kvt_free(n);
+}
+
 static void named_forget(struct kvd *d, struct kvd_named *n)
 {
 	for (uint32_t i = 0; i < d->nnamed; i++) {
 		if (d->named[i] != n)
 			continue;
 		d->named[i] = d->named[--d->nnamed];
-		kvt_free(n);
+		named_free(n);
 		return;
 	}
 }
 
-static int journal(struct kvd *d, uint32_t kind, const struct kvd_named *n)
+static int cut_add(struct kvd_named *n, uint32_t keep, uint64_t epoch)
+{
+	struct kvd_cut *c = kvt_realloc(n->cuts, (n->ncuts + 1) * sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	n->cuts = c;
+	n->cuts[n->ncuts++] = (struct kvd_cut){keep, epoch};
+	return 0;
+}
+
+static int journal(struct kvd *d, uint32_t kind, const struct kvd_named *n,
+		   const struct kvd_cut *cut)
 {
 	struct names_rec r;
 	rec_fill(&r, kind, n);
+	if (cut) {
+		r.cut_keep = cut->keep;
+		r.cut_epoch = cut->epoch;
+		r.csum = rec_csum(&r);
+	}
 	int ret = d->names_fd < 0 ? -EBADF : write_full(d->names_fd, &r, sizeof(r));
 	if (ret == 0 && fdatasync(d->names_fd) < 0)
 		ret = -errno;
@@ -158,7 +181,7 @@ int kvd_named_create(struct kvd *d, const struct kvd_tenant *t, const char *name
 	snprintf(n->name, sizeof(n->name), "%s", name);
 	n->layout = *layout;
 	int ret = named_add(d, n);
-	if (ret == 0 && (ret = journal(d, REC_MADE, n)) < 0)
+	if (ret == 0 && (ret = journal(d, REC_MADE, n, NULL)) < 0)
 		d->nnamed--; /* unknown to anyone: the record may be torn, never matched */
 	if (ret < 0) {
 		kvt_free(n);
@@ -170,7 +193,7 @@ int kvd_named_create(struct kvd *d, const struct kvd_tenant *t, const char *name
 
 int kvd_named_remove(struct kvd *d, struct kvd_named *n)
 {
-	int ret = journal(d, REC_REMOVED, n);
+	int ret = journal(d, REC_REMOVED, n, NULL);
 	if (ret < 0)
 		return ret;
 	named_forget(d, n);
@@ -206,9 +229,17 @@ static int compact(struct kvd *d)
 		return -errno;
 	int ret = 0;
 	for (uint32_t i = 0; i < d->nnamed && !ret; i++) {
+		const struct kvd_named *n = d->named[i];
 		struct names_rec r;
-		rec_fill(&r, REC_MADE, d->named[i]);
+		rec_fill(&r, REC_MADE, n);
 		ret = write_full(fd, &r, sizeof(r));
+		for (uint32_t c = 0; c < n->ncuts && !ret; c++) {
+			rec_fill(&r, REC_CUT, n);
+			r.cut_keep = n->cuts[c].keep;
+			r.cut_epoch = n->cuts[c].epoch;
+			r.csum = rec_csum(&r);
+			ret = write_full(fd, &r, sizeof(r));
+		}
 	}
 	if (!ret && fsync(fd) < 0)
 		ret = -errno;
@@ -261,6 +292,14 @@ int kvd_names_load(struct kvd *d)
 				named_forget(d, n);
 			continue;
 		}
+		if (r.kind == REC_CUT) {
+			if (n && (r.cut_keep > UINT32_MAX ||
+				  cut_add(n, (uint32_t)r.cut_keep, r.cut_epoch) < 0)) {
+				close(fd);
+				return -ENOMEM;
+			}
+			continue;
+		}
 		if (n || kvd_named_find(d, r.tenant, name))
 			continue; /* a second record of one name: the first stands */
 		if (!(n = kvt_calloc(1, sizeof(*n))) || named_add(d, n) < 0) {
@@ -279,14 +318,6 @@ int kvd_names_load(struct kvd *d)
 	}
 	if (fd >= 0)
 		close(fd);
-	int ret = compact(d);
-	if (ret == 0)
-		d->names_fd = open(d->names_path, O_WRONLY | O_APPEND | O_CLOEXEC);
-	if (ret < 0 || d->names_fd < 0) {
-		ret = ret < 0 ? ret : -errno;
-		kvt_err("names", "journal %s: %s", d->names_path, strerror(-ret));
-		return ret;
-	}
 	if (recs)
 		kvt_notice("names", "journal %s: %llu records, %u named sequences", d->names_path,
 			   (unsigned long long)recs, d->nnamed);
@@ -296,7 +327,7 @@ int kvd_names_load(struct kvd *d)
 void kvd_names_close(struct kvd *d)
 {
 	for (uint32_t i = 0; i < d->nnamed; i++)
-		kvt_free(d->named[i]);
+		named_free(d->named[i]);
 	kvt_free(d->named);
 	d->named = NULL;
 	d->nnamed = d->named_cap = 0;
@@ -368,7 +399,7 @@ static int collect_cut(void *arg, const struct page_key *k, const struct kvt_pag
 	return 0;
 }
 
-uint64_t kvd_named_cut(struct kvd *d, const struct kvd_named *n, uint32_t keep)
+static uint64_t cut_pages(struct kvd *d, const struct kvd_named *n, uint32_t keep)
 {
 	struct cut c = {.keep = keep};
 	kvt_store_foreach(d->store, n->tenant, n->sseq, collect_cut, &c);
@@ -387,7 +418,22 @@ uint64_t kvd_named_cut(struct kvd *d, const struct kvd_named *n, uint32_t keep)
 	return dropped;
 }
 
-/* Full pages of every (layer, head), from 0 up to the first one missing anywhere. */
+uint64_t kvd_named_cut(struct kvd *d, struct kvd_named *n, uint32_t keep)
+{
+	uint64_t dropped = cut_pages(d, n, keep);
+	if (!dropped)
+		return 0;
+	/* Their disk copies are wiped in the background: until that lands, a crash
+	 * leaves them on disk, so the next start must know them for dropped ones. */
+	struct kvd_cut cut = {keep, kvt_store_epoch(d->store)};
+	if (cut_add(n, cut.keep, cut.epoch) < 0 || journal(d, REC_CUT, n, &cut) < 0)
+		kvt_warn("names", "\"%s\": cut at page %u not journaled: a crash before the wipes "
+			 "land could bring dropped pages back", n->name, keep);
+	return dropped;
+}
+
+/* Full pages of every (layer, head), from 0 up to the first one missing anywhere, or
+ * left from before a cut at or below its index. */
 static uint32_t complete_prefix(struct kvd *d, const struct kvd_named *n)
 {
 	const struct kvt_wire_layout *l = &n->layout;
@@ -401,16 +447,20 @@ static uint32_t complete_prefix(struct kvd *d, const struct kvd_named *n)
 				struct kvt_page_info pi;
 				if (kvt_store_page_info(d->store, &k, &pi) < 0 || pi.len != bytes)
 					return i;
+				for (uint32_t c = 0; c < n->ncuts; c++)
+					if (i >= n->cuts[c].keep && pi.epoch <= n->cuts[c].epoch)
+						return i;
 			}
 }
 
-void kvd_names_recover(struct kvd *d)
+int kvd_names_recover(struct kvd *d)
 {
 	/* Every page whose sequence has no name is of a session that died with the daemon
 	 * that served it: nobody can ask for it again. */
 	struct pairs ps = {0};
 	if (kvt_store_foreach(d->store, UINT32_MAX, UINT64_MAX, collect_pair, &ps) < 0)
-		kvt_warn("names", "listing the store: out of memory; pages of unnamed sequences kept");
+		kvt_warn("names", "listing the store: out of memory; pages of unnamed sequences kept "
+			 "until the next start");
 	qsort(ps.p, ps.n, sizeof(*ps.p), pair_cmp);
 	for (size_t i = 0; i < ps.n; i++) {
 		if (i && !pair_cmp(&ps.p[i], &ps.p[i - 1]))
@@ -425,20 +475,26 @@ void kvd_names_recover(struct kvd *d)
 	}
 	kvt_free(ps.p);
 
-	bool forgot = false;
+	const uint64_t epoch = kvt_store_epoch(d->store);
 	for (uint32_t i = 0; i < d->nnamed;) {
 		struct kvd_named *n = d->named[i];
 		struct kvd_tenant *t = n->tenant < d->cfg.max_tenants ? &d->tenants[n->tenant] : NULL;
 		if (!t || (t->reserved && (t->uid != n->uid || strcmp(t->name, n->tname)))) {
 			kvt_warn("names", "\"%s\": tenant id %u is %s: its pages dropped", n->name,
 				 n->tenant, t ? "another tenant's" : "past tenants.max");
-			kvd_named_cut(d, n, 0);
+			cut_pages(d, n, 0);
 			named_forget(d, n);
-			forgot = true;
 			continue;
 		}
 		n->pages = complete_prefix(d, n);
-		d->recovery.cut_pages += kvd_named_cut(d, n, n->pages);
+		d->recovery.cut_pages += cut_pages(d, n, n->pages);
+		/* Every page now on disk past the prefix is one just dropped: one cut at the
+		 * store's epoch says so for all of them, the older cuts included. */
+		kvt_free(n->cuts);
+		n->cuts = NULL;
+		n->ncuts = 0;
+		if (cut_add(n, n->pages, epoch) < 0)
+			return -ENOMEM;
 		uint64_t pages = (uint64_t)n->pages * n->layout.layers * n->layout.kv_heads;
 		t->reserved = true;
 		t->id = n->tenant;
@@ -449,11 +505,16 @@ void kvd_names_recover(struct kvd *d)
 		d->recovery.pages += pages;
 		i++;
 	}
-	/* The journal now names only what is kept. */
-	if (forgot && compact(d) == 0) {
-		close(d->names_fd);
-		d->names_fd = open(d->names_path, O_WRONLY | O_APPEND | O_CLOEXEC);
+	/* The journal now names only what is kept, and the cuts as they stand. */
+	int ret = compact(d);
+	if (ret == 0 && (d->names_fd = open(d->names_path, O_WRONLY | O_APPEND | O_CLOEXEC)) < 0)
+		ret = -errno;
+	if (ret < 0) {
+		kvt_err("names", "journal %s: %s", d->names_path, strerror(-ret));
+		return ret;
 	}
+	if (!d->nnamed && !d->recovery.unnamed_pages)
+		return 0;
 	struct kvt_store_stats st;
 	kvt_store_stats(d->store, &st);
 	kvt_notice("names", "recovered %llu named sequences, %llu pages; dropped %llu pages of "
@@ -461,4 +522,5 @@ void kvd_names_recover(struct kvd *d)
 		   (unsigned long long)d->recovery.seqs, (unsigned long long)d->recovery.pages,
 		   (unsigned long long)d->recovery.unnamed_pages,
 		   (unsigned long long)d->recovery.cut_pages, (unsigned long long)st.recovered_bad);
+	return 0;
 }

@@ -970,6 +970,11 @@ int kvt_store_drop_seq(struct kvt_store *s, uint32_t tenant, uint64_t seq)
 	return seq_drop(s, q);
 }
 
+uint64_t kvt_store_epoch(const struct kvt_store *s)
+{
+	return s->epoch;
+}
+
 int kvt_store_drop_page(struct kvt_store *s, const struct page_key *k)
 {
 	struct page *pg = page_find(s, k);

@@ -176,6 +176,10 @@ int kvt_store_evict(struct kvt_store *s, const struct page_key *k, enum tier_id 
 /* Frees every page of a sequence in every tier. -ENOENT, -EBUSY (a page is pinned). */
 int kvt_store_drop_seq(struct kvt_store *s, uint32_t tenant, uint64_t seq);
 
+/* The epoch of the last write started (or found on disk at open): every later write
+ * gets a higher one. */
+uint64_t kvt_store_epoch(const struct kvt_store *s);
+
 /* Frees one page in every tier (a sequence cut short). -ENOENT, -EBUSY (pinned). */
 int kvt_store_drop_page(struct kvt_store *s, const struct page_key *k);
 
