@@ -461,7 +461,8 @@ int kvd_names_recover(struct kvd *d)
 	if (kvt_store_foreach(d->store, UINT32_MAX, UINT64_MAX, collect_pair, &ps) < 0)
 		kvt_warn("names", "listing the store: out of memory; pages of unnamed sequences kept "
 			 "until the next start");
-	qsort(ps.p, ps.n, sizeof(*ps.p), pair_cmp);
+	if (ps.n)
+		qsort(ps.p, ps.n, sizeof(*ps.p), pair_cmp);
 	for (size_t i = 0; i < ps.n; i++) {
 		if (i && !pair_cmp(&ps.p[i], &ps.p[i - 1]))
 			continue;
