@@ -508,6 +508,51 @@ static void cmd_seqs(struct req *r)
 	kvt_json_end(j);
 }
 
+/* Named sequences: every one the daemon keeps, open or not. */
+static void cmd_names(struct req *r)
+{
+	REQ_VARS;
+	struct kvd *d = c->d;
+	kvt_json_arr(j, NULL);
+	for (uint32_t i = 0; i < d->nnamed; i++) {
+		const struct kvd_named *n = d->named[i];
+		struct page_count pc = {0};
+		kvt_store_foreach(d->store, n->tenant, n->sseq, count_page, &pc);
+		/* while open: the client and sequence holding it (none: only a fork does) */
+		const struct kvd_client *by = NULL;
+		const struct kvd_seq *q = NULL;
+		struct kvd_client *o;
+		kvt_list_for_each_entry(o, &d->clients, link)
+		{
+			for (uint32_t k = 0; n->open && !q && o->attached && o->seqs && k < d->cfg.max_seqs; k++)
+				if (o->seqs[k] && o->seqs[k]->own == n->open)
+					q = o->seqs[k], by = o;
+			if (q)
+				break;
+		}
+		kvt_json_obj(j, NULL);
+		kvt_json_str(j, "name", n->name);
+		kvt_json_u64(j, "tenant", n->tenant);
+		kvt_json_str(j, "tenant_name", n->tname);
+		kvt_json_u64(j, "uid", n->uid);
+		kvt_json_u64(j, "layers", n->layout.layers);
+		kvt_json_u64(j, "kv_heads", n->layout.kv_heads);
+		kvt_json_u64(j, "page_tokens", n->layout.page_tokens);
+		/* while open, the client's view; else what the next open finds */
+		kvt_json_u64(j, "tokens", q ? q->layer[0].ntok : (uint64_t)n->pages * n->layout.page_tokens);
+		kvt_json_u64(j, "pages", pc.n);
+		kvt_json_u64(j, "pages_gpu", pc.tier[TIER_GPU]);
+		kvt_json_u64(j, "pages_host", pc.tier[TIER_HOST]);
+		kvt_json_u64(j, "pages_nvme", pc.tier[TIER_NVME]);
+		kvt_json_u64(j, "pages_dirty", pc.dirty);
+		kvt_json_bool(j, "open", n->open != NULL);
+		if (by)
+			kvt_json_u64(j, "client", by->id);
+		kvt_json_end(j);
+	}
+	kvt_json_end(j);
+}
+
 struct page_list {
 	struct kvt_json *j;
 	uint32_t client, seq;
@@ -1062,6 +1107,8 @@ void kvd_ctl_request(struct kvd_client *c, const uint8_t *payload, uint32_t len)
 		cmd_clients(r);
 	else if (!strcmp(cmd, "seqs"))
 		cmd_seqs(r);
+	else if (!strcmp(cmd, "names"))
+		cmd_names(r);
 	else if (!strcmp(cmd, "pages"))
 		cmd_pages(r);
 	else if (!strcmp(cmd, "stats"))

@@ -425,6 +425,32 @@ static void show_seqs(const json_t *a, FILE *f)
 		t_print(&t, f);
 }
 
+static void show_names(const json_t *a, FILE *f)
+{
+	struct table t = {0};
+	right_from(&t, 2);
+	t_row(&t, "TENANT|NAME|TOKENS|PAGES|GPU|HOST|NVME|DIRTY|OPEN BY");
+	size_t i;
+	json_t *v;
+	json_array_foreach(a, i, v)
+	{
+		char by[32] = "-";
+		if (json_is_true(json_object_get(v, "open")))
+			snprintf(by, sizeof(by), json_object_get(v, "client") ? "client %.0f" : "a fork",
+				 num(v, "client"));
+		const char *tn = json_string_value(json_object_get(v, "tenant_name"));
+		t_row(&t, "%.0f%s%s%s|%s|%.0f|%.0f|%.0f|%.0f|%.0f|%.0f|%s", num(v, "tenant"),
+		      tn && *tn ? " (" : "", tn && *tn ? tn : "", tn && *tn ? ")" : "",
+		      json_string_value(json_object_get(v, "name")), num(v, "tokens"), num(v, "pages"),
+		      num(v, "pages_gpu"), num(v, "pages_host"), num(v, "pages_nvme"),
+		      num(v, "pages_dirty"), by);
+	}
+	if (!json_array_size(a))
+		fprintf(f, "no named sequences\n");
+	else
+		t_print(&t, f);
+}
+
 static void show_pages(const json_t *o, FILE *f)
 {
 	struct table t = {0};
@@ -975,6 +1001,7 @@ static void usage(FILE *f)
 		"  tiers                        per tier: use, I/O, bandwidth, latency, errors\n"
 		"  clients                      attached clients\n"
 		"  seqs [--client N]            sequences and where their pages are\n"
+		"  names                        named sequences (kept across restarts)\n"
 		"  pages [--client N [--seq N]] [--layer N] [--tier T] [--limit N]\n"
 		"                               where each page lives\n"
 		"  stats [--json | --prometheus]  every counter\n"
@@ -1004,6 +1031,8 @@ static const char *const sub_help[][2] = {
 	{"clients", "kvtierctl clients [--json]: pid, uid, tenant, model, sequences, tokens, "
 		    "selection latency, prefetch hit rate"},
 	{"seqs", "kvtierctl seqs [--client N] [--json]: each sequence's pages per tier"},
+	{"names", "kvtierctl names [--json]: every named sequence: tenant, tokens, pages per "
+		  "tier, which client holds it open"},
 	{"pages", "kvtierctl pages [--client N [--seq N]] [--layer N] [--tier gpu|host|nvme] "
 		  "[--limit N (10000)] [--json]"},
 	{"stats", "kvtierctl stats [--json | --prometheus]: every counter and histogram"},
@@ -1128,6 +1157,8 @@ int main(int argc, char **argv)
 		rc = cmd_simple(fd, "clients", NULL, 0, show_clients);
 	else if (!strcmp(cmd, "seqs"))
 		rc = cmd_simple(fd, "seqs", extra, ne, show_seqs);
+	else if (!strcmp(cmd, "names"))
+		rc = cmd_simple(fd, "names", extra, ne, show_names);
 	else if (!strcmp(cmd, "pages"))
 		rc = cmd_simple(fd, "pages", extra, ne, show_pages);
 	else if (!strcmp(cmd, "stats") && so.prometheus) {

@@ -198,6 +198,28 @@ try:
     r = ctl("seqs")
     check(len([l for l in r.stdout.splitlines() if re.match(rf"\s*{cid}\s", l)]) == 2, "seqs: table")
 
+    # named sequences: one held open by this client, one closed
+    ns, _ = c.seq_open("ctl/open", create=True)
+    nc, _ = c.seq_open("ctl/closed", create=True)
+    for l in range(L):
+        kk = np.zeros((3 * T, H, D), np.float16)
+        c.append(ns, l, kk, kk)
+        c.append(nc, l, kk, kk)
+    c.seq_close(nc)
+    nm = {x["name"]: x for x in ctl_json("names")}
+    check(set(nm) == {"ctl/open", "ctl/closed"}, "names --json: both names")
+    check(nm["ctl/open"]["open"] and nm["ctl/open"].get("client") == cid
+          and nm["ctl/open"]["tokens"] == 3 * T and nm["ctl/open"]["pages"] == 3 * L * H,
+          "names --json: the open one, its client, tokens and pages")
+    check(not nm["ctl/closed"]["open"] and nm["ctl/closed"]["tokens"] == 3 * T
+          and nm["ctl/closed"]["pages"] == 3 * L * H, "names --json: the closed one keeps its pages")
+    r = ctl("names")
+    check("ctl/closed" in r.stdout and f"client {cid}" in r.stdout, "names: table")
+    c.seq_close(ns)
+    c.seq_remove("ctl/open")
+    c.seq_remove("ctl/closed")
+    check(ctl_json("names") == [], "names --json: removed")
+
     pg = ctl_json("pages", "--client", cid, "--seq", sq[0]["seq"])
     check(pg["matched"] == L * H * 40 and len(pg["pages"]) == L * H * 40 and not pg["truncated"],
           "pages --client --seq: every page")
