@@ -1507,7 +1507,6 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 	fork_release(&f->w);
 }
 
-
 /* ---- named sequences ---- */
 
 /* The name of an OPEN or REMOVE: 0, -EINVAL (empty, too long, control characters),

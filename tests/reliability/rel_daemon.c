@@ -72,13 +72,28 @@ static int client_run(struct rel_daemon *d, uint32_t salt, unsigned steps, unsig
 
 /* ---- 2. crash loop: SIGKILL under load, restart, again ---- */
 
+struct restarts {
+	double sum, max;
+};
+
+/* Restarts the killed daemon on its state: how long until it answers, recorded. */
+static void restart(struct rel_daemon *d, struct restarts *r)
+{
+	double t0 = rel_now();
+	assert_int_equal(rel_daemon_start(d, NULL, true), 0);
+	double t = rel_now() - t0;
+	r->sum += t;
+	if (t > r->max)
+		r->max = t;
+}
+
 static void crash_loop(void **state)
 {
 	const unsigned cycles = rel_scale(10, 100);
 	struct rel_daemon d;
 	assert_int_equal(rel_daemon_start(&d, NULL, false), 0);
 	unsigned wrong = 0, resets = 0, other = 0, served = 0;
-	double restart_max = 0, restart_sum = 0;
+	struct restarts rs = {0};
 	for (unsigned cyc = 0; cyc < cycles; cyc++) {
 		/* three clients mid-work; one tells through a pipe what it saw */
 		int pfd[2];
@@ -115,12 +130,7 @@ static void crash_loop(void **state)
 			assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 		}
 		close(pfd[0]);
-		double t0 = rel_now();
-		assert_int_equal(rel_daemon_start(&d, NULL, true), 0);
-		double t = rel_now() - t0;
-		restart_sum += t;
-		if (t > restart_max)
-			restart_max = t;
+		restart(&d, &rs);
 		/* the new daemon serves from scratch */
 		int r = client_run(&d, 9000 + cyc, 3, &wrong);
 		assert_int_equal(r, 3);
@@ -129,7 +139,7 @@ static void crash_loop(void **state)
 	printf("rel: crash-loop: %u SIGKILLs of the daemon under 3 clients each: %u clients saw "
 	       "ECONNRESET, %u something else; restart to serving %.0f ms mean, %.0f ms max; "
 	       "%u fresh clients served after restarts, %u wrong pages\n", cycles, resets, other,
-	       1e3 * restart_sum / cycles, 1e3 * restart_max, served, wrong);
+	       1e3 * rs.sum / cycles, 1e3 * rs.max, served, wrong);
 	assert_int_equal(wrong, 0);
 	assert_int_equal(other, 0);
 	assert_int_equal(rel_daemon_stop(&d), 0);
@@ -263,7 +273,7 @@ static void crash_recovery(void **state)
 	unsigned lost = 0, phantom = 0, wrong = 0, tears = 0, cut_at_tear = 0;
 	uint64_t pages_checked = 0, tokens_recovered = 0, tokens_synced = 0;
 	long long bad_seen = 0;
-	double restart_sum = 0, restart_max = 0;
+	struct restarts rs = {0};
 	for (unsigned cyc = 0; cyc <= cycles; cyc++) {
 		uint32_t torn_at[NS];
 		for (unsigned i = 0; i < NS; i++)
@@ -271,12 +281,7 @@ static void crash_recovery(void **state)
 		if (cyc) {
 			/* the last cycle's daemon was killed under load: tear, restart */
 			tears += tear(&d, sh, torn_at);
-			double t0 = rel_now();
-			assert_int_equal(rel_daemon_start(&d, NULL, true), 0);
-			double t = rel_now() - t0;
-			restart_sum += t;
-			if (t > restart_max)
-				restart_max = t;
+			restart(&d, &rs);
 			char js[65536];
 			assert_int_equal(rel_ctl(d.sock, "stats", 6, js, sizeof(js)), 0);
 			const char *p = strstr(js, "\"recovered_bad\":");
@@ -335,7 +340,7 @@ static void crash_recovery(void **state)
 	       sh->selects, (unsigned long long)tokens_recovered,
 	       (unsigned long long)tokens_synced, lost, phantom,
 	       (unsigned long long)pages_checked, wrong, tears, bad_seen, cut_at_tear, sh->removes,
-	       1e3 * restart_sum / cycles, 1e3 * restart_max);
+	       1e3 * rs.sum / cycles, 1e3 * rs.max);
 	assert_int_equal(lost, 0);
 	assert_int_equal(phantom, 0);
 	assert_int_equal(wrong, 0);
