@@ -65,5 +65,9 @@ except OSError as e:
 c.close()
 print("named sequences from python: ok")
 PY
+# torch CUDA tensors end to end (device appends, queries and outputs): on a GPU only
+rc=0
+$py "$src/tests/ipc/test_torch.py" || rc=$?
+[ $rc -eq 0 ] || [ $rc -eq 77 ] || exit $rc
 kill -TERM $pid
 wait $pid

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""The Python binding with torch CUDA tensors end to end, on a kvtierd running on a GPU
+($KVTIER_SOCKET): K/V appended from device memory (prefill chunks and decode tokens),
+queries and outputs on the device, a named sequence reopened. With a budget that covers
+every page, sparse attention must equal torch's dense attention over the same KV.
+Exit 77 (skip) without torch, a GPU, or a daemon on the cuda backend."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ipc",
+                                "python"))
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    print("torch missing: skip")
+    sys.exit(77)
+import kvtier  # noqa: E402
+
+if not torch.cuda.is_available():
+    print("no CUDA device: skip")
+    sys.exit(77)
+
+L, H, G, D, T = 2, 4, 4, 128, 64
+PREFILL, STEPS = 1000, 8
+c = kvtier.Client(L, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, data_bytes=32 << 20)
+if c.backend != "cuda":
+    print(f"daemon backend {c.backend}: skip")
+    sys.exit(77)
+dev = torch.device("cuda")
+gen = torch.Generator(device=dev).manual_seed(3)
+n = PREFILL + STEPS
+K = torch.randn((L, n, H, D), device=dev, generator=gen, dtype=torch.bfloat16)
+V = torch.randn((L, n, H, D), device=dev, generator=gen, dtype=torch.bfloat16)
+
+
+def dense(l, t, q):
+    """torch's attention over tokens [0, t) of layer l: q [H*G, D] -> [H*G, D]."""
+    k = K[l, :t].permute(1, 0, 2).repeat_interleave(G, dim=0)  # [H*G, t, D]
+    v = V[l, :t].permute(1, 0, 2).repeat_interleave(G, dim=0)
+    o = F.scaled_dot_product_attention(q.unsqueeze(1).float(), k.float(), v.float())
+    return o.squeeze(1)
+
+
+def run(seq, start, worst):
+    for step in range(STEPS):
+        t = start + step
+        for l in range(L):
+            c.append(seq, l, K[l, t:t + 1], V[l, t:t + 1])  # device pointers
+            q = torch.randn((H * G, D), device=dev, generator=gen, dtype=torch.bfloat16)
+            tab = c.select([seq], l, q, budget_pages=(t + 1) // T + 2, sink_tokens=0,
+                           window_tokens=T)
+            out = c.attend(tab, q)  # allocated on the device, like q
+            assert out.is_cuda and out.dtype == torch.bfloat16
+            ref = dense(l, t + 1, q)
+            err = (out.float() - ref).abs().max().item()
+            worst = max(worst, err)
+    return worst
+
+
+seq, tok = c.seq_open("torch/doc", create=True)
+assert tok == 0, tok
+for l in range(L):  # the prefill in chunks, from device memory
+    for a in range(0, PREFILL, 300):
+        b = min(a + 300, PREFILL)
+        c.append(seq, l, K[l, a:b], V[l, a:b])
+worst = run(seq, PREFILL, 0.0)
+synced = c.seq_sync(seq)
+c.seq_close(seq)
+# reopened: its full pages come back from the store, the rest is appended again
+seq, tok = c.seq_open("torch/doc")
+assert tok == synced == (PREFILL + STEPS) // T * T, (tok, synced)
+for l in range(L):
+    c.append(seq, l, K[l, tok:PREFILL], V[l, tok:PREFILL])
+worst = run(seq, PREFILL, worst)
+c.seq_close(seq)
+c.seq_remove("torch/doc")
+c.close()
+print(f"torch cuda: {L} layers x {H} KV heads x {G} (GQA) x {D} bf16, {PREFILL}+{STEPS} tokens "
+      f"appended from device memory, {2 * STEPS * L} selects: max abs error vs torch SDPA "
+      f"{worst:.4f}")
+sys.exit(0 if worst < 0.02 else 1)
