@@ -118,10 +118,37 @@ out:
 	return ret;
 }
 
+/* A daemon found dead: how it ended and the end of its log, on stderr. */
+static void report_death(const struct rel_daemon *d, int st)
+{
+	if (WIFSIGNALED(st))
+		fprintf(stderr, "kvtierd (pid %d) was killed by signal %d (%s)\n", (int)d->pid,
+			WTERMSIG(st), strsignal(WTERMSIG(st)));
+	else
+		fprintf(stderr, "kvtierd (pid %d) exited %d\n", (int)d->pid, WEXITSTATUS(st));
+	FILE *f = fopen(d->log, "r");
+	char lines[20][512];
+	unsigned n = 0;
+	while (f && fgets(lines[n % 20], sizeof(lines[0]), f))
+		n++;
+	for (unsigned i = n > 20 ? n - 20 : 0; i < n; i++)
+		fprintf(stderr, "  log: %s", lines[i % 20]);
+	if (f)
+		fclose(f);
+}
+
 bool rel_daemon_alive(struct rel_daemon *d)
 {
 	struct kvt_wire_stats w;
-	return d->pid > 0 && waitpid(d->pid, NULL, WNOHANG) == 0 && rel_stats(d->sock, &w) == 0;
+	int st;
+	if (d->pid <= 0)
+		return false;
+	if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+		report_death(d, st);
+		d->pid = -1;
+		return false;
+	}
+	return rel_stats(d->sock, &w) == 0;
 }
 
 void (*rel_daemon_preexec)(void);
