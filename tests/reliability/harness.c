@@ -121,7 +121,9 @@ out:
 /* A daemon found dead: how it ended and the end of its log, on stderr. */
 static void report_death(const struct rel_daemon *d, int st)
 {
-	if (WIFSIGNALED(st))
+	if (st == -1)
+		; /* alive */
+	else if (WIFSIGNALED(st))
 		fprintf(stderr, "kvtierd (pid %d) was killed by signal %d (%s)\n", (int)d->pid,
 			WTERMSIG(st), strsignal(WTERMSIG(st)));
 	else
@@ -148,7 +150,13 @@ bool rel_daemon_alive(struct rel_daemon *d)
 		d->pid = -1;
 		return false;
 	}
-	return rel_stats(d->sock, &w) == 0;
+	int r = rel_stats(d->sock, &w);
+	if (r < 0) {
+		fprintf(stderr, "kvtierd (pid %d) alive, but STATS failed (%s)\n", (int)d->pid,
+			strerror(errno));
+		report_death(d, -1);
+	}
+	return r == 0;
 }
 
 void (*rel_daemon_preexec)(void);
