@@ -1031,9 +1031,11 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	if (!nseq || nseq > d->cfg.max_batch || r->layer >= lo->layers || !r->out_stride ||
 	    r->out_stride > (1u << 24) || (r->flags & ~flags) ||
 	    !in_data(c, r->off[0], nseq * sizeof(uint32_t)) || !in_data(c, r->off[1], qbytes) ||
-	    !in_data(c, r->off[2], obytes)) {
-		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SELECT out of bounds (nseq %u layer %u out_stride %u)", nseq,
-				r->layer, r->out_stride);
+	    !in_data(c, r->off[2], obytes) || ((r->off[0] | r->off[1] | r->off[2]) & 3)) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SELECT out of bounds or misaligned (nseq %u "
+				"layer %u out_stride %u, offsets %llu %llu %llu)", nseq, r->layer,
+				r->out_stride, (unsigned long long)r->off[0],
+				(unsigned long long)r->off[1], (unsigned long long)r->off[2]);
 		return;
 	}
 	if (r->budget > r->out_stride ||

@@ -226,8 +226,17 @@ int main(int argc, char **argv)
 		   (unsigned long long)(d->cfg.host_bytes >> 20),
 		   (unsigned long long)(d->cfg.gpu_bytes >> 20));
 
+	uint64_t last_err_ns = 0;
 	while (!got_term) {
 		ret = kvd_iterate(d, 200);
+		if (ret == -ENOMEM || ret == -EAGAIN || ret == -EBUSY) {
+			/* short of memory for now: the daemon goes on, its clients with it */
+			if (kvd_now_ns() - last_err_ns > 1000000000ull)
+				kvt_warn("kvtierd", "event loop: %s: going on", strerror(-ret));
+			last_err_ns = kvd_now_ns();
+			usleep(1000);
+			continue;
+		}
 		if (ret < 0 && ret != -EINTR) {
 			kvt_err("kvtierd", "event loop: %s", strerror(-ret));
 			break;

@@ -119,7 +119,9 @@ int kvt_loop_run(struct kvt_loop *l, unsigned min_complete, int timeout_ms)
 		struct io_uring_cqe *cqe;
 		ret = io_uring_submit_and_wait_timeout(&l->ring, &cqe, min_complete,
 						       timeout_ms < 0 ? NULL : &ts, NULL);
-		if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EBUSY)
+		/* EBUSY: completions to reap first; EAGAIN: the kernel short of resources for
+		 * now. Both pass: what is done is reaped, the rest goes next turn. */
+		if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN)
 			return ret;
 	} else {
 		ret = kvt_loop_submit(l);

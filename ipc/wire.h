@@ -220,6 +220,7 @@ enum kvt_select_flags {
  * int32 n_out[rows], then int32 tail_len[rows], then int32 pages[rows][out_stride] (the
  * page index of each table entry), rows = nseq * kv_heads. A slot with
  * KVT_SLOT_HOST (0x40000000, kernels/compute.h) set is a slot of the host arena.
+ * The three offsets are multiples of 4 (a client sending others is cut off).
  */
 struct kvt_sqe {
 	uint8_t op;     /* enum kvt_op_code */
