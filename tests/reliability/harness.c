@@ -130,9 +130,17 @@ static void report_death(const struct rel_daemon *d, int st)
 		fprintf(stderr, "kvtierd (pid %d) exited %d\n", (int)d->pid, WEXITSTATUS(st));
 	FILE *f = fopen(d->log, "r");
 	char lines[20][512];
-	unsigned n = 0;
-	while (f && fgets(lines[n % 20], sizeof(lines[0]), f))
+	unsigned n = 0, routine = 0;
+	while (f && fgets(lines[n % 20], sizeof(lines[0]), f)) {
+		/* the routine lines of a busy run, counted: the others are the story */
+		if (strstr(lines[n % 20], "attached, tenant") || strstr(lines[n % 20], "connection closed") ||
+		    strstr(lines[n % 20], "closed before HELLO")) {
+			routine++;
+			continue;
+		}
 		n++;
+	}
+	fprintf(stderr, "  log: %u lines of clients attaching and leaving, then:\n", routine);
 	for (unsigned i = n > 20 ? n - 20 : 0; i < n; i++)
 		fprintf(stderr, "  log: %s", lines[i % 20]);
 	if (f)
