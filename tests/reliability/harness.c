@@ -134,13 +134,14 @@ static void report_death(const struct rel_daemon *d, int st)
 	while (f && fgets(lines[n % 20], sizeof(lines[0]), f)) {
 		/* the routine lines of a busy run, counted: the others are the story */
 		if (strstr(lines[n % 20], "attached, tenant") || strstr(lines[n % 20], "connection closed") ||
-		    strstr(lines[n % 20], "closed before HELLO")) {
+		    strstr(lines[n % 20], "closed before HELLO") ||
+		    strstr(lines[n % 20], "pages not brought up") || strstr(lines[n % 20], "gpu slots")) {
 			routine++;
 			continue;
 		}
 		n++;
 	}
-	fprintf(stderr, "  log: %u lines of clients attaching and leaving, then:\n", routine);
+	fprintf(stderr, "  log: %u lines of clients attaching, leaving and timing out, then:\n", routine);
 	for (unsigned i = n > 20 ? n - 20 : 0; i < n; i++)
 		fprintf(stderr, "  log: %s", lines[i % 20]);
 	if (f)
