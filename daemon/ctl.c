@@ -391,7 +391,7 @@ static uint64_t client_tokens(const struct kvd_client *c, uint64_t *seqs)
 {
 	uint64_t tok = 0;
 	*seqs = 0;
-	for (uint32_t i = 0; i < c->nseqs; i++) {
+	for (uint32_t i = 0; c->seqs && i < c->d->cfg.max_seqs; i++) {
 		if (!c->seqs[i])
 			continue;
 		(*seqs)++;
@@ -598,10 +598,8 @@ static int list_page(void *arg, const struct page_key *k, const struct kvt_page_
 
 static struct kvd_seq *seq_of(struct kvd_client *o, uint32_t id)
 {
-	for (uint32_t i = 0; i < o->nseqs; i++)
-		if (o->seqs[i] && o->seqs[i]->id == id)
-			return o->seqs[i];
-	return NULL;
+	/* sequences sit at their id (with holes where some were closed) */
+	return o->seqs && id < o->d->cfg.max_seqs ? o->seqs[id] : NULL;
 }
 
 static void cmd_pages(struct req *r)

@@ -400,6 +400,21 @@ static struct kvd_seq *seq_get(struct kvd_client *c, uint32_t id)
 
 /* ---- appends ---- */
 
+/*
+ * Clients whose sockets closed are retired by the server between requests. A request
+ * that waits here for room frees their sequences and pins now instead: they may be
+ * what holds the room (a tenant's host arena full of pages pinned by clients just
+ * killed), and the server cannot retire them until this request returns. Detaching
+ * twice is harmless: client_free detaches again, finding nothing left.
+ */
+static void detach_dead(struct kvd *d, const struct kvd_client *self)
+{
+	struct kvd_client *o;
+	kvt_list_for_each_entry(o, &d->clients, link)
+		if (o != self && o->dead && o->seqs)
+			kvd_engine_detach(o);
+}
+
 /* Puts the page that just filled (or finishes a seal that failed before) and builds
  * its summaries. */
 static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
@@ -420,6 +435,7 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 		while (ret == -EAGAIN &&
 		       kvd_now_ns() - t0 < (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
 			kvt_store_run(d->store, 5);
+			detach_dead(d, c);
 			ret = kvt_store_put(d->store, &k, L->fill + (size_t)h * pb, pb, 0, NULL, NULL);
 		}
 		if (ret < 0) {
