@@ -1528,11 +1528,15 @@ static void do_fork(struct kvd_client *c, const struct kvt_sqe *r)
 /* ---- named sequences ---- */
 
 /* The name of an OPEN or REMOVE: 0, -EINVAL (empty, too long, control characters),
- * -EFAULT (outside the data area: the client is cut off). */
+ * -EFAULT (outside the data area: the client is cut off here). */
 static int read_name(struct kvd_client *c, const struct kvt_sqe *r, char *name)
 {
-	if (!in_data(c, r->off[0], r->ntok))
+	if (!in_data(c, r->off[0], r->ntok)) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "%s name out of bounds (off %llu len %u)",
+				r->op == KVT_OP_SEQ_OPEN ? "SEQ_OPEN" : "SEQ_REMOVE",
+				(unsigned long long)r->off[0], r->ntok);
 		return -EFAULT;
+	}
 	if (!r->ntok || r->ntok > KVT_SEQ_NAME_MAX)
 		return -EINVAL;
 	memcpy(name, c->data + r->off[0], r->ntok);
@@ -1700,11 +1704,8 @@ static void do_open(struct kvd_client *c, const struct kvt_sqe *r)
 	struct kvd *d = c->d;
 	char name[KVT_SEQ_NAME_MAX + 1];
 	int ret = read_name(c, r, name);
-	if (ret == -EFAULT) {
-		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SEQ_OPEN name out of bounds (off %llu len %u)",
-				(unsigned long long)r->off[0], r->ntok);
+	if (ret == -EFAULT)
 		return;
-	}
 	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
 	if (ret == 0 && r->flags & ~(KVT_OPEN_CREATE | KVT_OPEN_EXCL))
 		ret = -EINVAL;
@@ -1848,11 +1849,8 @@ static void do_remove(struct kvd_client *c, const struct kvt_sqe *r)
 	struct kvd *d = c->d;
 	char name[KVT_SEQ_NAME_MAX + 1];
 	int ret = read_name(c, r, name);
-	if (ret == -EFAULT) {
-		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "SEQ_REMOVE name out of bounds (off %llu len %u)",
-				(unsigned long long)r->off[0], r->ntok);
+	if (ret == -EFAULT)
 		return;
-	}
 	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
 	if (ret == 0)
 		ret = !n ? -ENOENT : n->open ? -EBUSY : 0;
