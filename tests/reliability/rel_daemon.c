@@ -157,6 +157,7 @@ struct crash_shared {
 	uint32_t attempt[NS]; /* tokens an append may have reached (sent, maybe not acked) */
 	uint32_t removing[NS]; /* between the start of a remove and the counters' reset */
 	uint32_t appends, syncs, selects, removes;
+	uint32_t ready; /* the client has its sequences open: the kill may come */
 };
 
 static void name_of(unsigned i, char *buf, size_t len)
@@ -177,6 +178,7 @@ static void crash_client(struct rel_daemon *d, struct crash_shared *sh, uint64_t
 		if (kvtier_seq_open(c, name, KVTIER_SEQ_CREATE, &id[i], &cur[i]))
 			_exit(3);
 	}
+	__atomic_store_n(&sh->ready, 1, __ATOMIC_RELEASE);
 	struct kvtier_table *tab = kvtier_table_create(c, 1);
 	float q[QN];
 	int ret = 0;
@@ -320,8 +322,18 @@ static void crash_recovery(void **state)
 			break;
 		pid_t pid = fork();
 		assert_true(pid >= 0);
+		__atomic_store_n(&sh->ready, 0, __ATOMIC_RELEASE);
 		if (pid == 0)
 			crash_client(&d, sh, 0x9e3779b97f4a7c15ull * (cyc + 1) ^ rel_rand());
+		/* the kill lands 30-150 ms into the client's appends, however slow its opens
+		 * (sanitizers) were */
+		for (double t0 = rel_now(); !__atomic_load_n(&sh->ready, __ATOMIC_ACQUIRE) &&
+					    rel_now() - t0 < 60;) {
+			siginfo_t si = {0};
+			if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid)
+				break; /* it ended early: reaped and reported below */
+			usleep(1000);
+		}
 		usleep((useconds_t)(30000 + rel_rand() % 120000));
 		rel_daemon_kill9(&d);
 		int st;
