@@ -438,6 +438,8 @@ static uint32_t complete_prefix(struct kvd *d, const struct kvd_named *n)
 {
 	const struct kvt_wire_layout *l = &n->layout;
 	const uint32_t bytes = 2u * l->page_tokens * l->head_dim * kvt_dtype_size(l->dtype);
+	if (!l->layers || !l->kv_heads || !bytes)
+		return 0; /* no layout a client could attach with */
 	for (uint32_t i = 0;; i++)
 		for (uint32_t layer = 0; layer < l->layers; layer++)
 			for (uint32_t h = 0; h < l->kv_heads; h++) {
