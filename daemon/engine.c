@@ -1699,14 +1699,24 @@ static bool same_pages(const struct kvt_wire_layout *a, const struct kvt_wire_la
 	       a->dtype == b->dtype && a->page_tokens == b->page_tokens;
 }
 
+/* The name of an OPEN or REMOVE and the tenant's sequence of that name (*n, NULL when
+ * none): 0, -EINVAL, or -EFAULT (the client was cut off). */
+static int request_named(struct kvd_client *c, const struct kvt_sqe *r, char *name,
+			 struct kvd_named **n)
+{
+	int ret = read_name(c, r, name);
+	*n = ret ? NULL : kvd_named_find(c->d, c->tenant->id, name);
+	return ret;
+}
+
 static void do_open(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
 	char name[KVT_SEQ_NAME_MAX + 1];
-	int ret = read_name(c, r, name);
+	struct kvd_named *n;
+	int ret = request_named(c, r, name, &n);
 	if (ret == -EFAULT)
 		return;
-	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
 	if (ret == 0 && r->flags & ~(KVT_OPEN_CREATE | KVT_OPEN_EXCL))
 		ret = -EINVAL;
 	else if (ret == 0 && n && (r->flags & KVT_OPEN_CREATE) && (r->flags & KVT_OPEN_EXCL))
@@ -1848,10 +1858,10 @@ static void do_remove(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
 	char name[KVT_SEQ_NAME_MAX + 1];
-	int ret = read_name(c, r, name);
+	struct kvd_named *n;
+	int ret = request_named(c, r, name, &n);
 	if (ret == -EFAULT)
 		return;
-	struct kvd_named *n = ret ? NULL : kvd_named_find(d, c->tenant->id, name);
 	if (ret == 0)
 		ret = !n ? -ENOENT : n->open ? -EBUSY : 0;
 	if (ret == 0) {

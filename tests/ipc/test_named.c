@@ -239,36 +239,6 @@ static off_t find_page(int fd, uint16_t layer, uint16_t head, uint32_t idx, uint
 	return -1;
 }
 
-/* Every full page of every layer: salt a below page `from`, salt b from there. */
-static unsigned check_two(struct kvtier_client *c, uint32_t seq, uint32_t a, uint32_t b,
-			  uint32_t from)
-{
-	uint32_t ntok;
-	assert_int_equal(kvtier_seq_tokens(c, seq, 0, &ntok), 0);
-	struct kvtier_table *tab = kvtier_table_create(c, 1);
-	struct kvtier_memory mem;
-	kvtier_memory(c, &mem);
-	float q[REL_HEADS * REL_GROUP * REL_D];
-	struct kvtier_select_params sp = {.budget_pages = ntok / REL_T + 1};
-	unsigned wrong = 0;
-	for (uint32_t l = 0; l < REL_LAYERS; l++) {
-		rel_query(a, 0, l, q);
-		assert_int_equal(kvtier_select(c, &seq, 1, l, q, KVT_MEM_HOST, &sp, tab), 0);
-		struct kvtier_table_view v;
-		kvtier_table_view(tab, &v);
-		for (uint32_t row = 0; row < v.rows; row++) {
-			wrong += v.n_pages[row] != (int32_t)(ntok / REL_T);
-			for (int j = 0; j < v.n_pages[row]; j++) {
-				const float *pg = rel_slot_page(&mem, v.slots[row * v.stride + j]);
-				uint32_t idx = (uint32_t)v.pages[row * v.stride + j];
-				wrong += !pg || !rel_page_ok(pg, idx < from ? a : b, l, row, idx);
-			}
-		}
-	}
-	kvtier_table_destroy(tab);
-	return wrong;
-}
-
 #define NPH (REL_LAYERS * REL_HEADS)
 
 /*
@@ -341,7 +311,7 @@ static void stale_after_cut(void **state)
 	       back, 2 * NPH, tok);
 	assert_int_equal(back, 2 * NPH); /* slots are reused last-freed first: page 5 took others */
 	assert_int_equal(tok, 6 * REL_T); /* pages 0-4 of salt 7, 5 of salt 8, nothing old */
-	assert_int_equal(check_two(c, s, 7, 8, 5), 0);
+	assert_int_equal(rel_verify_split(c, s, 7, 8, 5, NULL), 0);
 	kvtier_detach(c);
 	assert_int_equal(rel_daemon_stop(&d), 0);
 	rel_daemon_cleanup(&d);

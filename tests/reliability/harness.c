@@ -398,6 +398,12 @@ int rel_append(struct kvtier_client *c, uint32_t seq, uint32_t salt, uint32_t fr
 
 int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *checked)
 {
+	return rel_verify_split(c, seq, salt, salt, UINT32_MAX, checked);
+}
+
+int rel_verify_split(struct kvtier_client *c, uint32_t seq, uint32_t a, uint32_t b,
+		     uint32_t from, unsigned *checked)
+{
 	uint32_t ntok;
 	int ret = kvtier_seq_tokens(c, seq, 0, &ntok);
 	const uint32_t full = ntok / REL_T;
@@ -410,7 +416,7 @@ int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *c
 	struct kvtier_select_params sp = {.budget_pages = full + 1};
 	int wrong = 0;
 	for (uint32_t l = 0; ret == 0 && l < REL_LAYERS; l++) {
-		rel_query(salt, 0, l, q);
+		rel_query(a, 0, l, q);
 		if ((ret = kvtier_select(c, &seq, 1, l, q, KVT_MEM_HOST, &sp, tab)) < 0)
 			break;
 		struct kvtier_table_view v;
@@ -420,7 +426,7 @@ int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *c
 			for (int j = 0; j < v.n_pages[row]; j++) {
 				const float *pg = rel_slot_page(&mem, v.slots[row * v.stride + j]);
 				wrong += !pg || v.pages[row * v.stride + j] != j ||
-					 !rel_page_ok(pg, salt, l, row, (uint32_t)j);
+					 !rel_page_ok(pg, (uint32_t)j < from ? a : b, l, row, (uint32_t)j);
 				if (checked)
 					(*checked)++;
 			}

@@ -88,6 +88,9 @@ int rel_append(struct kvtier_client *c, uint32_t seq, uint32_t salt, uint32_t fr
  * the next select of that layer) and checks it against salt's KV: the count of wrong
  * or missing pages, or -errno. */
 int rel_verify(struct kvtier_client *c, uint32_t seq, uint32_t salt, unsigned *checked);
+/* The same with pages below `from` of salt a, the others of salt b. */
+int rel_verify_split(struct kvtier_client *c, uint32_t seq, uint32_t a, uint32_t b,
+		     uint32_t from, unsigned *checked);
 /* A query for every (head, group) of one sequence: [HEADS][GROUP][D]. */
 void rel_query(uint32_t salt, uint32_t step, uint32_t layer, float *q);
 /* Whether a page (K then V, page_tokens x D each) holds page idx of (salt, layer, head). */
