@@ -12,8 +12,9 @@
  * Short rows (a sparse decode step: a few dozen pages per row) of 16-bit K/V take a
  * second kernel on sm_90, on tensor cores: a thread-block cluster per (row, head
  * chunk), up to 16 blocks of 256 threads, each taking an equal share of the row's
- * pages two at a time; the blocks merge through distributed shared memory, with no
- * workspace, fence or counter. See attend_cluster_kernel.
+ * pages two at a time, staged through shared memory; the blocks merge through
+ * distributed shared memory, with no workspace, fence or counter. See
+ * attend_cluster_kernel.
  */
 #include <errno.h>
 #include <math.h>
@@ -23,6 +24,7 @@
 #include <cooperative_groups.h>
 #include <type_traits>
 
+#include "daemon/log.h"
 #include "kernels/cuda_common.cuh"
 
 namespace cg = cooperative_groups;
@@ -351,6 +353,9 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
  * head chunk), for 16-bit K/V and D of 64 or 128, on tensor cores (mma.m16n8k16,
  * fp32 accumulation). Block b takes entries [ent*b/C, ent*(b+1)/C) of its row as one
  * run of tokens; each warp takes 16 tokens a pass, a block 128 (two pages of 64).
+ * The passes' K and V come into shared memory with cp.async, up to three passes
+ * ahead (every load of a short row is in flight from the start: one memory latency,
+ * not one per pass), and the fragments are read from there.
  *
  * A warp's pass, with g = lane/4 and c = lane%4 (the fragments' row and column
  * groups; the query heads are the rows, at most 8 of the 16):
@@ -365,15 +370,67 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
  * Then the warps' states merge in shared memory, each block's result goes into the
  * shared memory of the cluster's first block (stores to another block's memory do
  * not wait for a reply), and after one cluster barrier that block merges the C
- * results. Dynamic shared memory: [NW][GM][D] + 2 [NW][GM] for the warps' merge,
- * then [C][GM][D] + 2 [C][GM] for the cluster's results.
+ * results. Dynamic shared memory: the stages (the warps' merge, [NW][GM][D] +
+ * 2 [NW][GM], reuses the first once the passes end), then [C][GM][D] + 2 [C][GM] for
+ * the cluster's results.
  */
 #define CL_WARPS (CL_THREADS / 32)
 
-template <int D, int GM> constexpr size_t cl_smem_bytes(unsigned c)
+#define CL_TPP (CL_WARPS * 16) /* tokens a block takes per pass */
+
+/* A stage: one pass's K rows then its V rows (per warp: 16 of each), each row padded
+ * by 16 bytes so that a warp's fragment loads spread over the banks. (An XOR swizzle
+ * meant to leave no bank conflict at all, without the padding, measured slower:
+ * 11.2 against 10.0 us, H100.) */
+template <int D> __host__ __device__ constexpr uint32_t cl_row_bytes() { return D * 2 + 16; }
+template <int D> __host__ __device__ constexpr size_t cl_stage_bytes()
 {
-	return ((size_t)CL_WARPS * GM * D + 2 * CL_WARPS * GM + c * (GM * D + 2 * GM)) *
-	       sizeof(float);
+	return 2 * CL_TPP * cl_row_bytes<D>();
+}
+
+/* The cluster's results, [C][GM][D] + 2 [C][GM] floats, after the stages (the warps'
+ * merge, [NW][GM][D] + 2 [NW][GM], reuses the first stage once the passes end). */
+template <int D, int GM> constexpr size_t cl_merge_bytes(unsigned c)
+{
+	return (size_t)c * (GM * D + 2 * GM) * sizeof(float);
+}
+static_assert(CL_WARPS * 4 * (8 * 64 + 2 * 8) <= 2 * CL_TPP * (64 * 2 + 16),
+	      "the warps' merge fits in a stage (GM 8, D 64; larger D scale both alike)");
+
+template <int D, int GM> constexpr size_t cl_smem_bytes(unsigned c, unsigned stages)
+{
+	return stages * cl_stage_bytes<D>() + cl_merge_bytes<D, GM>(c);
+}
+
+/* cp.async of 16 bytes, the missing bytes (all of them when !n) zero-filled */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool n)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+		     "r"(n ? 16 : 0)
+		     : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+/* Waits until at most `pending` of this thread's groups are still in flight (0..2). */
+__device__ __forceinline__ void cp_async_wait(uint32_t pending)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	if (pending == 0)
+		asm volatile("cp.async.wait_group 0;" ::: "memory");
+	else if (pending == 1)
+		asm volatile("cp.async.wait_group 1;" ::: "memory");
+	else
+		asm volatile("cp.async.wait_group 2;" ::: "memory");
+#endif
 }
 
 template <typename T> struct mma_ok : std::false_type {};
@@ -420,18 +477,22 @@ __device__ __forceinline__ uint32_t word(const uint4 &v, int i)
 }
 
 template <typename T, int D, int GM>
-__global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_attend_args a)
+__global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_attend_args a,
+									uint32_t nst)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	if constexpr (mma_ok<T>::value && (D == 64 || D == 128)) {
 	constexpr int KW = D / 8;  /* words of K (and Q) a thread holds per token */
 	constexpr int VW = D / 16; /* words of V a thread holds per token */
 	constexpr int NJ = D / 8;  /* output tiles of 8 dims */
+	constexpr uint32_t RS = cl_row_bytes<D>();
 	extern __shared__ __align__(16) float cl_smem[];
 	cg::cluster_group cl = cg::this_cluster();
 	const uint32_t C = cl.num_blocks(), b = cl.block_rank();
+	uint8_t *stage0 = reinterpret_cast<uint8_t *>(cl_smem);
 	float *sm_acc = cl_smem, *sm_m = sm_acc + CL_WARPS * GM * D, *sm_l = sm_m + CL_WARPS * GM;
-	float *cl_acc = sm_l + CL_WARPS * GM, *cl_m = cl_acc + C * GM * D, *cl_l = cl_m + C * GM;
+	float *cl_acc = reinterpret_cast<float *>(stage0 + nst * cl_stage_bytes<D>());
+	float *cl_m = cl_acc + C * GM * D, *cl_l = cl_m + C * GM;
 	const uint32_t r = blockIdx.y, hc = blockIdx.z;
 	const int G = a.g.group, T_ = a.g.page_tokens;
 	const int g0 = hc * GM, gn = G - g0 < GM ? G - g0 : GM;
@@ -450,6 +511,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	const uint32_t e1 = (uint32_t)((uint64_t)ent * (b + 1) / C);
 	const uint32_t ntok = (e1 - e0) * (uint32_t)T_; /* the tail's missing tokens masked */
 	const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+	const size_t vofs = (size_t)T_ * D;
 
 	/*
 	 * token i of this block's run: its row of K (V is T_*D further), or null. The
@@ -481,6 +543,37 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 						   (uint64_t)slot * sb) +
 		       (size_t)t * D;
 	};
+	auto valid = [&](uint32_t i) -> bool {
+		if (i >= ntok)
+			return false;
+		const uint32_t k = i / T_, t = i - k * T_;
+		return e0 + k < n || (int)t < tlen;
+	};
+	/*
+	 * A warp's 16 tokens of pass p into its part of stage p % nst with cp.async, one
+	 * group per pass: each warp loads what it computes on, so only warp barriers are
+	 * needed, and it has up to nst passes in flight (a sparse step's block takes two
+	 * or three: all of them start at once). Each lane finds one token's row; an
+	 * instruction moves 32 / CPR whole rows.
+	 */
+	constexpr uint32_t CPR = D / 8, RPI = 32 / CPR; /* 16-byte chunks a row, rows a load */
+	constexpr uint32_t WST = 2 * 16 * RS;           /* a warp's share of a stage */
+	auto issue = [&](uint32_t p) {
+		const uint32_t t0 = p * CL_TPP + warp * 16;
+		if (t0 < ntok) {
+			const T *mine = row(t0 + (lane & 15));
+			uint8_t *st = stage0 + ((p % nst) * CL_WARPS + warp) * WST;
+#pragma unroll
+			for (uint32_t j = 0; j < 32 / RPI; j++) {
+				const uint32_t ri = j * RPI + lane / CPR, ch = lane % CPR;
+				const T *src = reinterpret_cast<const T *>(__shfl_sync(
+					0xffffffffu, reinterpret_cast<unsigned long long>(mine), ri & 15));
+				cp_async16(st + ri * RS + ch * 16,
+					   src ? src + (ri >> 4) * vofs + ch * 8 : a.pool, src != nullptr);
+			}
+		}
+		cp_async_commit(); /* empty past the run: the group count stays one a pass */
+	};
 
 	uint4 qa[KW / 4]; /* head g's dims [c*D/4, c*D/4 + D/4) */
 	{
@@ -495,27 +588,37 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	for (int j = 0; j < NJ; j++)
 		o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
 	const float sl2 = a.scale * KVT_LOG2E;
-	const size_t vofs = (size_t)T_ * D;
 
-	for (uint32_t t0 = warp * 16; t0 < ntok; t0 += CL_WARPS * 16) {
+	/* (the first loads issued before Q's measured slower: 11.2 against 10.3 us) */
+	const uint32_t npass = (ntok + CL_TPP - 1) / CL_TPP;
+	uint32_t issued = 0;
+	for (; issued < npass && issued < nst; issued++)
+		issue(issued);
+	for (uint32_t p = 0; p < npass; p++) {
+		cp_async_wait(issued - p - 1); /* pass p's group has landed, for this lane */
+		__syncwarp();                  /* and for every lane of the warp */
+		const uint32_t t0 = p * CL_TPP + warp * 16;
+		const uint8_t *st = stage0 + ((p % nst) * CL_WARPS + warp) * WST;
+		if (t0 < ntok) {
 		uint4 kr[2][KW / 4], vr[4][VW / 4];
 		uint32_t ok = 0;
 #pragma unroll
 		for (int tile = 0; tile < 2; tile++) {
-			const T *p = row(t0 + tile * 8 + g);
+			const uint4 *s4 = reinterpret_cast<const uint4 *>(
+				st + (tile * 8 + g) * RS + c * (D / 4) * 2);
 #pragma unroll
 			for (int x = 0; x < KW / 4; x++)
-				kr[tile][x] = p ? __ldg(reinterpret_cast<const uint4 *>(p + c * (D / 4)) + x)
-						: make_uint4(0, 0, 0, 0);
+				kr[tile][x] = s4[x];
 		}
 #pragma unroll
 		for (int u = 0; u < 4; u++) { /* tokens 2c, 2c+1, 2c+8, 2c+9 */
-			const T *p = row(t0 + (u >> 1) * 8 + 2 * c + (u & 1));
-			ok |= (uint32_t)(p != nullptr) << u;
+			const uint32_t lt = (u >> 1) * 8 + 2 * c + (u & 1);
+			ok |= (uint32_t)valid(t0 + lt) << u;
+			const uint4 *s4 = reinterpret_cast<const uint4 *>(
+				st + (16 + lt) * RS + g * (D / 8) * 2);
 #pragma unroll
 			for (int x = 0; x < VW / 4; x++)
-				vr[u][x] = p ? __ldg(reinterpret_cast<const uint4 *>(p + vofs + g * (D / 8)) + x)
-					     : make_uint4(0, 0, 0, 0);
+				vr[u][x] = s4[x];
 		}
 		float sc[2][4] = {};
 #pragma unroll
@@ -556,7 +659,12 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 			const uint32_t b1 = __byte_perm(word(vr[2][w / 4], w % 4), word(vr[3][w / 4], w % 4), sel);
 			mma_16816<T>(o[j], pa0, pa2, b0, b1);
 		}
+		}
+		__syncwarp(); /* every lane is done with the stage: it takes the next loads */
+		if (issued < npass)
+			issue(issued++);
 	}
+	__syncthreads(); /* the warps' merge below reuses the first stage */
 	l += __shfl_xor_sync(0xffffffffu, l, 1);
 	l += __shfl_xor_sync(0xffffffffu, l, 2);
 	if (g < GM) {
@@ -602,15 +710,34 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
  */
 struct cl_fit {
 	int active[5];
+	uint32_t stages[5]; /* stages that fit beside the merge's memory */
 };
+
+/* Stages (at most three: a sparse step's block takes two or three passes) that fit in
+ * `optin` bytes of shared memory with a cluster of c blocks; 0: none. */
+template <int D, int GM> static uint32_t cl_stages(unsigned c, size_t optin)
+{
+	const size_t m = cl_merge_bytes<D, GM>(c);
+	const size_t n = optin > m ? (optin - m) / cl_stage_bytes<D>() : 0;
+	return n < 3 ? (uint32_t)n : 3;
+}
 
 template <typename T, int D, int GM> static const cl_fit &cluster_fit()
 {
 	static const cl_fit fit = [] {
 		cl_fit f = {};
 		auto k = attend_cluster_kernel<T, D, GM>;
-		if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					 (int)cl_smem_bytes<D, GM>(16)) != cudaSuccess) {
+		/* the dynamic shared memory a block may have: the opt-in limit less the
+		 * kernel's static shared memory (the workspace merge's flag) */
+		int dev = 0, optin = 0;
+		cudaFuncAttributes fa = {};
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+			    cudaSuccess ||
+		    cudaFuncGetAttributes(&fa, k) != cudaSuccess ||
+		    (optin -= (int)fa.sharedSizeBytes) <= 0 ||
+		    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) !=
+			    cudaSuccess) {
 			cudaGetLastError();
 			return f;
 		}
@@ -625,7 +752,10 @@ template <typename T, int D, int GM> static const cl_fit &cluster_fit()
 			cudaLaunchConfig_t cfg = {};
 			cfg.gridDim = dim3(1u << i, 1, 1);
 			cfg.blockDim = dim3(CL_THREADS, 1, 1);
-			cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(1u << i);
+			f.stages[i] = cl_stages<D, GM>(1u << i, (size_t)optin);
+			if (!f.stages[i])
+				continue;
+			cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(1u << i, f.stages[i]);
 			cfg.attrs = &at;
 			cfg.numAttrs = 1;
 			if (cudaOccupancyMaxActiveClusters(&f.active[i], k, &cfg) != cudaSuccess) {
@@ -653,28 +783,31 @@ static att_kernel forced_kernel()
 }
 
 /*
- * The cluster size for this launch, or 0 for the split kernel. The cluster kernel
- * serves 16-bit K/V with D of 64 or 128 on sm_90. Auto takes it where every cluster
- * is resident at once and a block's share of a row is at most four passes (a sparse
- * step at small batch); longer rows or more of them are served better by the split
- * kernel's many small blocks. The size: the smallest power of two that takes a row
- * in one pass, or the largest that keeps every cluster resident.
+ * The cluster size for this launch, or 0 for the split kernel (-1: the cluster kernel
+ * was forced and cannot launch). The cluster kernel serves 16-bit K/V with D of 64 or
+ * 128 on sm_90. Auto takes it where every cluster is resident at once and a block's
+ * share of a row is at most four passes (a sparse step at small batch); longer rows
+ * or more of them are served better by the split kernel's many small blocks. The
+ * size: the smallest power of two that takes a row in one pass, or the largest that
+ * keeps every cluster resident. (Two to eight clusters a row, merged through a
+ * workspace, so that a batch-1 step has every SM: slower at every split, 12.3 to
+ * 19.6 us against 10.0, H100.)
  */
 template <typename T, int D, int GM>
-static unsigned pick_cluster(const kvt_attend_args &a, uint32_t hchunks, const kvt_cuda_ws *ws)
+static int pick_cluster(const kvt_attend_args &a, uint32_t hchunks, const kvt_cuda_ws *ws)
 {
 	const att_kernel k = forced_kernel();
 	if (k == ATT_SPLIT || ws->cc_major < 9 || !mma_ok<T>::value || D > 128)
 		return 0;
 	const cl_fit &fit = cluster_fit<T, D, GM>();
-	constexpr uint64_t TPP = CL_WARPS * 16; /* tokens a block takes per pass */
+	constexpr uint64_t TPP = CL_TPP;
 	const uint64_t ent = (uint64_t)a.stride + 1, clusters = (uint64_t)a.rows * hchunks;
 	if (k == ATT_CLUSTER) {
 		const char *f = getenv("KVT_ATTEND_CLUSTER");
 		int i = 4;
 		while (i > 0 && (!fit.active[i] || (f && atoi(f) > 0 && (1 << i) > atoi(f))))
 			i--;
-		return fit.active[i] ? 1u << i : 0;
+		return fit.active[i] ? 1 << i : -1;
 	}
 	int best = -1;
 	for (int i = 0; i < 5; i++) {
@@ -686,7 +819,7 @@ static unsigned pick_cluster(const kvt_attend_args &a, uint32_t hchunks, const k
 	}
 	if (best < 0 || (ent + (1u << best) - 1) / (1u << best) * a.g.page_tokens > 4 * TPP)
 		return 0;
-	return 1u << best;
+	return 1 << best;
 }
 
 template <typename T, int D, int GM>
@@ -699,11 +832,12 @@ static int attend_cluster(const kvt_attend_args &a, uint32_t hchunks, unsigned c
 	cudaLaunchConfig_t cfg = {};
 	cfg.gridDim = dim3(c, a.rows, hchunks);
 	cfg.blockDim = dim3(CL_THREADS, 1, 1);
-	cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(c);
+	const uint32_t nst = cluster_fit<T, D, GM>().stages[__builtin_ctz(c)];
+	cfg.dynamicSmemBytes = cl_smem_bytes<D, GM>(c, nst);
 	cfg.stream = s;
 	cfg.attrs = &at;
 	cfg.numAttrs = 1;
-	return kvt_cuda_errno(cudaLaunchKernelEx(&cfg, attend_cluster_kernel<T, D, GM>, a),
+	return kvt_cuda_errno(cudaLaunchKernelEx(&cfg, attend_cluster_kernel<T, D, GM>, a, nst),
 			      "attend (cluster)");
 }
 
@@ -762,9 +896,13 @@ static int split_setup(att_launch &L, uint32_t gm, kvt_cuda_ws *ws, cudaStream_t
 template <typename T, int D, int GM>
 static int attend_gm(const kvt_attend_args *a, uint32_t hchunks, kvt_cuda_ws *ws, cudaStream_t s)
 {
-	const unsigned c = pick_cluster<T, D, GM>(*a, hchunks, ws);
-	if (c)
-		return attend_cluster<T, D, GM>(*a, hchunks, c, s);
+	const int c = pick_cluster<T, D, GM>(*a, hchunks, ws);
+	if (c > 0)
+		return attend_cluster<T, D, GM>(*a, hchunks, (unsigned)c, s);
+	if (c < 0) {
+		kvt_err("compute", "attend: the cluster kernel was asked for and cannot launch");
+		return -ENOTSUP;
+	}
 	att_launch L = {};
 	L.a = *a;
 	L.hchunks = hchunks;

@@ -711,7 +711,8 @@ static void test_attend(void **state)
 		{128, 64, 5, KVT_F16, 6, 7, 8.0f},
 	};
 	/* cuda has two kernels (many splits per row on CUDA cores; one cluster per row on
-	 * tensor cores, sm_90): each forced in turn, then the automatic choice */
+	 * tensor cores, sm_90): each forced in turn (a forced cluster kernel that cannot
+	 * launch fails the case), then the automatic choice */
 	static const char *const kernels[] = {"split", "cluster", NULL};
 	for (int k = 0; k < (C == CPU ? 1 : 3); k++) {
 		if (C != CPU && kernels[k])
