@@ -101,7 +101,7 @@ int kvd_iterate(struct kvd *d, int idle_ms)
 	bool waiting = !kvt_list_empty(&d->zombies);
 	struct kvd_client *c;
 	kvt_list_for_each_entry(c, &d->clients, link)
-		waiting |= c->busy != NULL || c->dead;
+		waiting |= c->busy != NULL || c->dead || c->ndeferred;
 	waiting |= kvd_ctl_busy(d);
 	int ret = kvt_store_run(d->store, waiting ? (idle_ms < 2 ? idle_ms : 2) : idle_ms);
 	kvd_server_tick(d);

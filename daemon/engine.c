@@ -8,6 +8,7 @@
 #include "kvtierd.h"
 #include "daemon/alloc.h"
 #include "daemon/log.h"
+#include "tiers/device.h"
 
 #include <errno.h>
 #include <math.h>
@@ -188,12 +189,86 @@ static void origin_put(struct kvd_client *c, struct kvd_origin *o)
 	kvt_free(o);
 }
 
+/* ---- the client's reads ---- */
+
+/*
+ * A select lets go of the previous step's pins, but the client's kernels may still be
+ * reading those pages: an engine queues attention on its stream and selects the next
+ * layer without waiting for it. Its fence (wire.h) marks the end of those reads, and
+ * reads_held the reads of its own threads; until both say done, the pins let go of
+ * are kept here, so no slot is reused under a running read. Only the client itself
+ * could be hurt by a lie (its reads would see other pages of its tenant), so what it
+ * writes is bounded, not trusted further.
+ */
+#define DEFERRED_MAX (1u << 20)
+
+static bool reads_running(struct kvd_client *c)
+{
+	if (c->dead)
+		return false; /* gone, or cut off: nothing of it left to protect */
+	if (kvt_load_acquire(&c->hdr->reads_held))
+		return true;
+	if (!c->fence)
+		return false;
+	struct kvt_device *dev = kvt_store_device(c->d->store);
+	int ret = dev->ops->fence_query(dev, c->fence);
+	if (ret < 0 && ret != -EAGAIN) {
+		kvd_client_kill(c, KVD_DISC_ERROR, "its read fence: %s", strerror(-ret));
+		return false;
+	}
+	return ret == -EAGAIN;
+}
+
+static void deferred_release(struct kvd_client *c)
+{
+	for (uint32_t i = 0; i < c->ndeferred; i++)
+		kvt_store_unpin(c->d->store, &c->deferred[i]);
+	c->ndeferred = 0;
+}
+
+/* Before a request lets pins go: whether they wait for the client's reads. */
+static void reads_check(struct kvd_client *c)
+{
+	c->reads_busy = reads_running(c);
+	if (!c->reads_busy)
+		deferred_release(c);
+}
+
+/* Each round of the loop: the pins kept for a client whose reads have ended go. */
+static void reads_tick(struct kvd_client *c)
+{
+	if (c->ndeferred && !reads_running(c))
+		deferred_release(c);
+}
+
+static void client_unpin(struct kvd_client *c, const struct page_key *k)
+{
+	if (c->reads_busy && !c->dead) {
+		if (c->ndeferred == c->defcap && c->defcap < DEFERRED_MAX) {
+			uint32_t nc = c->defcap ? c->defcap * 2 : 256;
+			struct page_key *p = kvt_realloc(c->deferred, nc * sizeof(*p));
+			if (p) {
+				c->deferred = p;
+				c->defcap = nc;
+			}
+		}
+		if (c->ndeferred < c->defcap) {
+			c->deferred[c->ndeferred++] = *k;
+			c->pins_deferred++;
+			return;
+		}
+		kvd_client_kill(c, KVD_DISC_ERROR, "%u pins kept for reads that do not end "
+				"(fence never complete, or reads held)", c->ndeferred);
+	}
+	kvt_store_unpin(c->d->store, k);
+}
+
 /* ---- sequences ---- */
 
-static void unpin_layer(struct kvd *d, struct kvd_layer *L)
+static void unpin_layer(struct kvd_client *c, struct kvd_layer *L)
 {
 	for (uint32_t i = 0; i < L->npinned; i++)
-		kvt_store_unpin(d->store, &L->pinned[i]);
+		client_unpin(c, &L->pinned[i]);
 	L->npinned = 0;
 }
 
@@ -234,10 +309,10 @@ static void old_pins_take(struct kvd_layer *L, struct old_pins *o)
 	L->npinned = L->pincap = 0;
 }
 
-static void old_pins_done(struct kvd *d, struct old_pins *o)
+static void old_pins_done(struct kvd_client *c, struct old_pins *o)
 {
 	for (; o->at < o->n; o->at++)
-		kvt_store_unpin(d->store, &o->p[o->at]);
+		client_unpin(c, &o->p[o->at]);
 	kvt_free(o->p);
 	o->p = NULL;
 }
@@ -250,24 +325,25 @@ static bool same_key(const struct page_key *a, const struct page_key *b)
 
 /* Pins k, or keeps the old pin when the old pins of its head hold it; unpins the old
  * pins of the head below it. Keys come in ascending page order per head. */
-static int repin(struct kvd *d, struct kvd_layer *L, struct old_pins *o, const struct page_key *k)
+static int repin(struct kvd_client *c, struct kvd_layer *L, struct old_pins *o,
+		 const struct page_key *k)
 {
 	while (o->at < o->n && o->p[o->at].kv_head == k->kv_head && o->p[o->at].index < k->index)
-		kvt_store_unpin(d->store, &o->p[o->at++]);
+		client_unpin(c, &o->p[o->at++]);
 	if (o->at < o->n && same_key(&o->p[o->at], k)) {
-		int ret = pin_key(d, L, k, true); /* the store's pin stays as it is */
+		int ret = pin_key(c->d, L, k, true); /* the store's pin stays as it is */
 		if (ret == 0)
 			o->at++;
 		return ret;
 	}
-	return pin_key(d, L, k, false);
+	return pin_key(c->d, L, k, false);
 }
 
 /* The old pins of head h not selected again: unpinned once its row is settled. */
-static void old_pins_head_done(struct kvd *d, struct old_pins *o, uint16_t h)
+static void old_pins_head_done(struct kvd_client *c, struct old_pins *o, uint16_t h)
 {
 	while (o->at < o->n && o->p[o->at].kv_head == h)
-		kvt_store_unpin(d->store, &o->p[o->at++]);
+		client_unpin(c, &o->p[o->at++]);
 }
 
 static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t need)
@@ -373,7 +449,7 @@ static void named_close(struct kvd_client *c, struct kvd_seq *q)
 static void seq_free(struct kvd_client *c, struct kvd_seq *q)
 {
 	for (uint32_t l = 0; l < c->layout.layers; l++)
-		unpin_layer(c->d, &q->layer[l]);
+		unpin_layer(c, &q->layer[l]);
 	if (q->own->named && !q->own->building)
 		named_close(c, q);
 	for (uint32_t l = 0; l < c->layout.layers; l++) {
@@ -1257,12 +1333,13 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	}
 	/* The previous step's pins of these rows: kept where a page is selected again,
 	 * the others let go before any move starts (their pages may make room). */
+	reads_check(c);
 	struct old_pins *op = kvt_malloc(nseq * sizeof(*op));
 	for (uint32_t b = 0; b < nseq; b++) {
 		if (op)
 			old_pins_take(&seqs[b]->layer[r->layer], &op[b]);
 		else
-			unpin_layer(d, &seqs[b]->layer[r->layer]);
+			unpin_layer(c, &seqs[b]->layer[r->layer]);
 		seqs[b]->layer[r->layer].steps++;
 		PF_ADD(c, seqs[b], steps, 1);
 	}
@@ -1299,7 +1376,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 						       .seq = L->owner[o[j]]->sseq,
 						       .index = (uint32_t)o[j]};
 			s->prom[i] = (struct kvd_prom){s, (uint32_t)i};
-			ret = op ? repin(d, L, &op[row / H], &s->keys[i])
+			ret = op ? repin(c, L, &op[row / H], &s->keys[i])
 				 : pin_key(d, L, &s->keys[i], false);
 			if (ret < 0) {
 				s->w.err = ret;
@@ -1307,10 +1384,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			}
 		}
 		if (op)
-			old_pins_head_done(d, &op[row / H], (uint16_t)h);
+			old_pins_head_done(c, &op[row / H], (uint16_t)h);
 	}
 	for (uint32_t b = 0; op && b < nseq; b++)
-		old_pins_done(d, &op[b]);
+		old_pins_done(c, &op[b]);
 	kvt_free(op);
 	const uint64_t t_rank = kvd_now_ns();
 	/* 2: where each selected page is; start the moves the answer waits for */
@@ -1903,6 +1980,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 			kvd_complete(c, r->user_data, -ENOENT, 0, 0);
 			return;
 		}
+		reads_check(c); /* its pages may be under the client's last attend still */
 		seq_free(c, q);
 		kvd_complete(c, r->user_data, 0, 0, 0);
 		return;
@@ -1970,6 +2048,12 @@ void kvd_engine_detach(struct kvd_client *c)
 		if (!w->pending)
 			w->release(w);
 	}
+	/* gone: its reads with it (or cut off: they only hurt itself) */
+	c->reads_busy = false;
+	deferred_release(c);
+	kvt_free(c->deferred);
+	c->deferred = NULL;
+	c->defcap = 0;
 	for (uint32_t i = 0; c->seqs && i < c->d->cfg.max_seqs && c->nseqs; i++)
 		if (c->seqs[i])
 			seq_free(c, c->seqs[i]);
@@ -1988,6 +2072,7 @@ void kvd_engine_tick(struct kvd *d)
 	struct kvd_client *c;
 	kvt_list_for_each_entry(c, &d->clients, link)
 	{
+		reads_tick(c);
 		struct kvd_wait *w = c->busy;
 		if (!w)
 			continue;

@@ -164,6 +164,13 @@ struct kvd_client {
 	bool attached, dead, kicked;
 	char why[160];
 	struct kvd_wait *busy; /* a request waiting for page moves */
+	/* its reads (engine.c): the fence it records behind them, the pins let go of
+	 * while they may still run, and whether they may (this request) */
+	struct kvt_fence *fence;
+	struct page_key *deferred;
+	uint32_t ndeferred, defcap;
+	bool reads_busy;
+	uint64_t pins_deferred; /* counter */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;
 	/* counters */

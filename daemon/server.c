@@ -277,6 +277,12 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		.host_stride = tier_host_stride(kvt_store_tier(d->store, TIER_HOST)),
 		.host_headroom = kvt_store_tier(d->store, TIER_HOST)->p.headroom,
 	};
+	/* the client's read fence; without one its attends synchronise (slower, not wrong) */
+	if ((ret = dev->ops->fence_create(dev, w.fence, &c->fence)) == 0)
+		w.flags |= KVT_WELCOME_FENCE;
+	else
+		kvt_warn("server", "client %u: no read fence (%s): its reads are synchronous",
+			 c->id, strerror(-ret));
 	int fds[KVT_FD_MAX] = {c->ring_fd, c->req_efd, c->cmp_efd, c->tenant->pool_fd,
 			       c->tenant->host_fd};
 	if ((ret = kvd_send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, KVT_FD_MAX)) < 0) {
@@ -547,6 +553,10 @@ static void client_free(struct kvd_client *c)
 {
 	struct kvd *d = c->d;
 	kvd_engine_detach(c);
+	if (c->fence) {
+		struct kvt_device *dev = kvt_store_device(d->store);
+		dev->ops->fence_destroy(dev, c->fence);
+	}
 	if (c->attached)
 		c->tenant->clients--;
 	if (c->ring)

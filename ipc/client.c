@@ -67,6 +67,12 @@ struct kvtier_client {
 	size_t q_dev_bytes, out_dev_bytes;
 	float *lse_dev;
 	size_t lse_dev_bytes;
+	/* reads queued and not waited for (kvtier_attend_async): the daemon's fence,
+	 * recorded behind each, and one of our own per layer for the tail pages they read,
+	 * which an append of that layer waits for */
+	struct kvt_fence *fence;
+	struct kvt_fence **layer_fence; /* [layers], made when first needed */
+	bool *layer_queued;             /* [layers] */
 };
 
 struct kvtier_table {
@@ -74,6 +80,9 @@ struct kvtier_table {
 	uint32_t max_seqs, rows, stride, layer, cap_cells;
 	int32_t *slots, *pages, *n_pages, *tail_len, *tail_slot; /* host */
 	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
+	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
+	struct kvt_fence *done;
+	bool queued;
 };
 
 /* ---- the ring ---- */
@@ -317,6 +326,17 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	/* The data area pinned, so that queries and K/V in device memory come and go by DMA
 	 * (best effort: unpinned, the copies are slower, not wrong). */
 	c->data_pinned = c->dev->ops->host_register(c->dev, c->data, c->w.data_bytes) == 0;
+	/* the read fence; without one (an older daemon, or none could be made) an async
+	 * attend synchronises before it returns */
+	if ((c->w.flags & KVT_WELCOME_FENCE) &&
+	    c->dev->ops->fence_open(c->dev, c->w.fence, &c->fence) < 0)
+		c->fence = NULL;
+	c->layer_fence = calloc(layout->layers, sizeof(*c->layer_fence));
+	c->layer_queued = calloc(layout->layers, sizeof(*c->layer_queued));
+	if (!c->layer_fence || !c->layer_queued) {
+		ret = -ENOMEM;
+		goto fail;
+	}
 	if ((ret = alloc_tails(c)) < 0)
 		goto fail;
 	*out = c;
@@ -330,6 +350,16 @@ void kvtier_detach(struct kvtier_client *c)
 {
 	if (!c)
 		return;
+	for (uint32_t l = 0; c->layer_fence && l < c->layout.layers; l++)
+		if (c->layer_fence[l]) {
+			if (c->layer_queued[l])
+				c->dev->ops->fence_wait(c->dev, c->layer_fence[l]);
+			c->dev->ops->fence_destroy(c->dev, c->layer_fence[l]);
+		}
+	free(c->layer_fence);
+	free(c->layer_queued);
+	if (c->fence)
+		c->dev->ops->fence_destroy(c->dev, c->fence);
 	if (c->cc) {
 		kvt_compute_host_free(c->cc, c->stage);
 		kvt_compute_free(c->cc, c->tail_dev);
@@ -610,6 +640,11 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 	pthread_mutex_lock(&c->lock);
 	struct live_seq *l = live_get(c, seq);
 	int ret = l ? 0 : -ENOENT;
+	/* an attend still queued may read the tail pages this append rewrites */
+	if (ret == 0 && c->layer_queued[layer]) {
+		ret = c->dev->ops->fence_wait(c->dev, c->layer_fence[layer]);
+		c->layer_queued[layer] = false;
+	}
 	for (uint32_t done = 0; done < ntok && ret == 0;) {
 		uint32_t n = ntok - done < chunk_max ? ntok - done : (uint32_t)chunk_max;
 		uint64_t voff = ((uint64_t)n * tok + 63) & ~63ull;
@@ -669,6 +704,12 @@ void kvtier_table_destroy(struct kvtier_table *t)
 {
 	if (!t)
 		return;
+	struct kvt_device *dev = t->c->dev;
+	if (t->done) {
+		if (t->queued)
+			dev->ops->fence_wait(dev, t->done);
+		dev->ops->fence_destroy(dev, t->done);
+	}
 	kvt_compute_free(t->c->cc, t->d_n_pages);
 	kvt_compute_free(t->c->cc, t->d_slots);
 	free(t->n_pages);
@@ -756,6 +797,10 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	uint64_t obytes = rows * (2 * (uint64_t)stride + 2) * sizeof(int32_t);
 	if (!ret && ooff + obytes > c->w.data_bytes)
 		ret = -EMSGSIZE;
+	if (!ret && t->queued) { /* an attend queued on the table still reads it */
+		ret = c->dev->ops->fence_wait(c->dev, t->done);
+		t->queued = false;
+	}
 	if (!ret && rows * stride > t->cap_cells) {
 		int32_t *s = realloc(t->slots, rows * stride * sizeof(int32_t));
 		if (s)
@@ -834,6 +879,22 @@ out:
 	return ret < 0 ? ret : 0;
 }
 
+/* The attention over a table: the backend's copies of it and of the tails. */
+static void attend_args(const struct kvtier_client *c, const struct kvtier_table *t,
+			const void *q, void *out, float *lse, float scale,
+			struct kvt_attend_args *a)
+{
+	size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
+	*a = (struct kvt_attend_args){
+		.g = c->geom, .rows = t->rows, .stride = t->stride, .scale = scale, .q = q,
+		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes, .table = t->d_slots,
+		.n_pages = t->d_n_pages, .tail_slot = t->d_n_pages + 2 * mr,
+		.tail_len = t->d_n_pages + mr, .out = out, .lse = lse, .tail_pool = c->tail_dev,
+		.host_pool = c->host_dev ? (const uint8_t *)c->host_dev + c->w.host_headroom : NULL,
+		.host_slot_bytes = c->w.host_stride,
+	};
+}
+
 int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const void *q, void *out,
 		  float *lse, float scale, unsigned mem)
 {
@@ -857,16 +918,8 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		od = c->out_dev;
 		ld = lse ? c->lse_dev : NULL;
 	}
-	/* the backend's copies of the table and the tails (host memory on cpu) */
-	size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
-	struct kvt_attend_args a = {
-		.g = c->geom, .rows = t->rows, .stride = t->stride, .scale = scale, .q = qd,
-		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes, .table = t->d_slots,
-		.n_pages = t->d_n_pages, .tail_slot = t->d_n_pages + 2 * mr,
-		.tail_len = t->d_n_pages + mr, .out = od, .lse = ld, .tail_pool = c->tail_dev,
-		.host_pool = c->host_dev ? (const uint8_t *)c->host_dev + c->w.host_headroom : NULL,
-		.host_slot_bytes = c->w.host_stride,
-	};
+	struct kvt_attend_args a;
+	attend_args(c, t, qd, od, ld, scale, &a);
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
@@ -880,6 +933,57 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 out:
 	pthread_mutex_unlock(&c->lock);
 	return ret;
+}
+
+int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const void *q, void *out,
+			float *lse, float scale, void *stream)
+{
+	if (!t || t->c != c || !q || !out || !t->rows)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	struct kvt_device *dev = c->dev;
+	int ret = 0;
+	if (c->fence) {
+		if (!t->done)
+			ret = dev->ops->fence_create(dev, NULL, &t->done);
+		if (!ret && !c->layer_fence[t->layer])
+			ret = dev->ops->fence_create(dev, NULL, &c->layer_fence[t->layer]);
+	}
+	struct kvt_attend_args a;
+	attend_args(c, t, q, out, lse, scale, &a);
+	if (ret == 0)
+		ret = kvt_attend(c->cc, &a, stream);
+	if (ret == 0 && !c->fence) /* no fence: the daemon must not find it running */
+		ret = kvt_compute_sync(c->cc, stream);
+	else if (ret == 0 && (ret = dev->ops->fence_record(dev, c->fence, stream)) == 0 &&
+		 (ret = dev->ops->fence_record(dev, t->done, stream)) == 0 &&
+		 (ret = dev->ops->fence_record(dev, c->layer_fence[t->layer], stream)) == 0) {
+		t->queued = true;
+		c->layer_queued[t->layer] = true;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_reads_fence(struct kvtier_client *c, void *stream)
+{
+	if (!c)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	int ret = c->fence ? c->dev->ops->fence_record(c->dev, c->fence, stream)
+			   : kvt_compute_sync(c->cc, stream);
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+void kvtier_reads_hold(struct kvtier_client *c)
+{
+	__atomic_add_fetch(&c->hdr->reads_held, 1, __ATOMIC_SEQ_CST);
+}
+
+void kvtier_reads_release(struct kvtier_client *c)
+{
+	__atomic_sub_fetch(&c->hdr->reads_held, 1, __ATOMIC_SEQ_CST);
 }
 
 int kvtier_nop(struct kvtier_client *c)

@@ -206,6 +206,38 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 		  void *out, float *lse, float scale, unsigned mem);
 
 /*
+ * kvtier_attend queued on stream without waiting for it, the way an engine queues a
+ * layer's attention and goes on to the next: stream is a cudaStream_t on the cuda
+ * backend (NULL: the legacy default stream); q, out and lse are in the backend's memory
+ * (device memory on cuda; on cpu, where it completes before returning, host memory).
+ * Behind the kernel the library records the daemon's read fence, so the pages the table
+ * names stay in their slots until it has run, even past the next select of their
+ * layer. The kernel reads the table and the layer's tail pages too: a select into the
+ * same table, and an append to the same layer, first wait for it (one table per layer
+ * keeps a pipeline of layers apart). With a daemon that gave no fence it synchronises
+ * before returning. 0, -EINVAL, -errno.
+ */
+int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const void *q,
+			void *out, float *lse, float scale, void *stream);
+
+/*
+ * For an engine that reads the pages of its tables with kernels of its own (see
+ * kvtier_memory): marks the end of the reads queued on stream so far; until they have
+ * run, no slot a later select lets go of is reused. (The tail pages are the library's:
+ * order their reads before the next append of their layer.) 0 or -errno.
+ */
+int kvtier_reads_fence(struct kvtier_client *c, void *stream);
+
+/*
+ * For an engine whose own threads read the pages of its tables in host-visible memory
+ * (the cpu backend's pool, the host arena): from hold to release, no slot a select lets
+ * go of is reused. Holds nest. Safe from any thread, also while another is inside a
+ * call of this client.
+ */
+void kvtier_reads_hold(struct kvtier_client *c);
+void kvtier_reads_release(struct kvtier_client *c);
+
+/*
  * Where the pages are, for an engine that runs its own attention kernel over a table:
  * slot s of the GPU pool is at pool + s * slot_bytes (K[page_tokens][head_dim] then
  * V), read-only; the page still filling of row r is slot tail_slot of tail_pool (the

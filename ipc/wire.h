@@ -121,10 +121,17 @@ struct kvt_welcome {
 	uint32_t max_batch;    /* sequences in one batched request */
 	uint32_t page_bytes;   /* bytes of this client's page: 2 * T * D * dtype size */
 	int32_t device_ordinal;
-	uint8_t reserved[64];  /* the CUDA IPC event handle (prefetch ordering) */
+	/* with KVT_WELCOME_FENCE: the client's read fence (a cudaIpcEventHandle_t on
+	 * cuda), which the client records behind its kernels that read pages of the pool or
+	 * the host arena; the daemon lets go of the slots a select unpins only once it is
+	 * complete (and the ring header's reads_held is 0) */
+	uint8_t fence[64];
 	uint64_t host_stride;  /* host arena: slot i's page at i * host_stride + host_headroom */
 	uint32_t host_headroom;
-	uint32_t pad_;
+	uint32_t flags; /* enum kvt_welcome_flags */
+};
+enum kvt_welcome_flags {
+	KVT_WELCOME_FENCE = 1u << 0, /* fence holds a handle */
 };
 _Static_assert(sizeof(struct kvt_welcome) == 168, "wire format");
 
@@ -176,8 +183,12 @@ struct kvt_ring_hdr {
 	uint8_t pad5[60];
 	uint32_t cq_wait; /* client: set while it sleeps on the CMP eventfd */
 	uint8_t pad6[60];
+	/* client: nonzero while threads of the client read pages of its tables outside
+	 * kvtier_attend (kvtier_reads_hold): the daemon keeps unpinned slots as they are */
+	uint32_t reads_held;
+	uint8_t pad7[60];
 };
-_Static_assert(sizeof(struct kvt_ring_hdr) == 6 * 64, "wire format");
+_Static_assert(sizeof(struct kvt_ring_hdr) == 7 * 64, "wire format");
 
 enum kvt_op_code {
 	KVT_OP_NOP = 0,

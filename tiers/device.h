@@ -56,7 +56,18 @@ enum kvt_device_cap {
 	KVT_DEV_CAP_GPU = 1u << 0, /* a real GPU: device memory is not CPU-addressable */
 };
 
-#define KVT_DEVICE_OPS_VERSION 1
+#define KVT_DEVICE_OPS_VERSION 2
+
+/*
+ * A fence: the end of device work one process queued on a stream, which another
+ * process can see. cuda: an event made with cudaEventInterprocess and shared by
+ * cudaIpcGetEventHandle; the daemon makes one per client and sends its handle, the
+ * client records it behind its kernels that read the daemon's pages, and the daemon
+ * queries it before it lets those pages' slots go. cpu: the work completes before the
+ * call that queues it returns, so a fence is complete as soon as it is recorded.
+ */
+#define KVT_FENCE_HANDLE_BYTES 64
+struct kvt_fence;
 
 struct kvt_device;
 
@@ -98,6 +109,19 @@ struct kvt_device_ops {
 	 * -errno.
 	 */
 	int (*host_map_ro)(struct kvt_device *d, void *p, size_t len, void **dev);
+	/* A fence; shareable when handle is not NULL (it is then filled with
+	 * KVT_FENCE_HANDLE_BYTES bytes that fence_open takes in another process). */
+	int (*fence_create)(struct kvt_device *d, uint8_t *handle, struct kvt_fence **out);
+	int (*fence_open)(struct kvt_device *d, const uint8_t *handle, struct kvt_fence **out);
+	/* Marks the end of the work queued so far on stream (a cudaStream_t; NULL: the
+	 * legacy default stream). */
+	int (*fence_record)(struct kvt_device *d, struct kvt_fence *f, void *stream);
+	/* 0: the work before the fence's last record, in whichever process made it, is
+	 * complete; -EAGAIN: not yet; -errno. Never blocks. */
+	int (*fence_query)(struct kvt_device *d, struct kvt_fence *f);
+	/* Blocks until it is complete. 0 or -errno. */
+	int (*fence_wait)(struct kvt_device *d, struct kvt_fence *f);
+	void (*fence_destroy)(struct kvt_device *d, struct kvt_fence *f);
 };
 
 struct kvt_device {

@@ -233,6 +233,57 @@ static int cpu_memcpy(struct kvt_device *d, void *dst, const void *src, size_t l
 	return 0;
 }
 
+/*
+ * Fences: the cpu device's work (the compute backend's kernels) completes before the
+ * call that queues it returns, so every fence is complete. The handle names the
+ * device, so that a cuda handle given to a cpu client (or the reverse) is refused.
+ */
+struct kvt_fence {
+	uint64_t records;
+};
+
+static const char cpu_fence_tag[] = "kvtier-cpu-fence";
+
+static int cpu_fence_create(struct kvt_device *d, uint8_t *handle, struct kvt_fence **out)
+{
+	(void)d;
+	if (!(*out = kvt_calloc(1, sizeof(**out))))
+		return -ENOMEM;
+	if (handle) {
+		memset(handle, 0, KVT_FENCE_HANDLE_BYTES);
+		memcpy(handle, cpu_fence_tag, sizeof(cpu_fence_tag) - 1);
+	}
+	return 0;
+}
+
+static int cpu_fence_open(struct kvt_device *d, const uint8_t *handle, struct kvt_fence **out)
+{
+	if (memcmp(handle, cpu_fence_tag, sizeof(cpu_fence_tag) - 1))
+		return -EINVAL;
+	return cpu_fence_create(d, NULL, out);
+}
+
+static int cpu_fence_record(struct kvt_device *d, struct kvt_fence *f, void *stream)
+{
+	(void)d;
+	(void)stream;
+	f->records++;
+	return 0;
+}
+
+static int cpu_fence_query(struct kvt_device *d, struct kvt_fence *f)
+{
+	(void)d;
+	(void)f;
+	return 0;
+}
+
+static void cpu_fence_destroy(struct kvt_device *d, struct kvt_fence *f)
+{
+	(void)d;
+	kvt_free(f);
+}
+
 const struct kvt_device_ops kvt_device_cpu_ops = {
 	.name = "cpu",
 	.version = KVT_DEVICE_OPS_VERSION,
@@ -251,4 +302,10 @@ const struct kvt_device_ops kvt_device_cpu_ops = {
 	.event_fd = cpu_event_fd,
 	.poll = cpu_poll,
 	.memcpy = cpu_memcpy,
+	.fence_create = cpu_fence_create,
+	.fence_open = cpu_fence_open,
+	.fence_record = cpu_fence_record,
+	.fence_query = cpu_fence_query,
+	.fence_wait = cpu_fence_query,
+	.fence_destroy = cpu_fence_destroy,
 };

@@ -474,6 +474,75 @@ static int cuda_memcpy(kvt_device *dev, void *dst, const void *src, size_t len,
 			"cudaMemcpy");
 }
 
+/*
+ * Fences: a cudaEvent_t made with cudaEventInterprocess (timing off, as that asks),
+ * shared by its IPC handle. A query or a record in either process sees the last record
+ * made in any of them.
+ */
+static_assert(sizeof(cudaIpcEventHandle_t) == KVT_FENCE_HANDLE_BYTES, "fence handle");
+
+static int cuda_fence_create(kvt_device *dev, uint8_t *handle, kvt_fence **out)
+{
+	(void)dev;
+	cudaEvent_t e;
+	unsigned fl = cudaEventDisableTiming | (handle ? cudaEventInterprocess : 0);
+	int ret = to_errno(cudaEventCreateWithFlags(&e, fl), "cudaEventCreate");
+	if (ret < 0)
+		return ret;
+	if (handle) {
+		cudaIpcEventHandle_t h;
+		if ((ret = to_errno(cudaIpcGetEventHandle(&h, e), "cudaIpcGetEventHandle")) < 0) {
+			cudaEventDestroy(e);
+			return ret;
+		}
+		memcpy(handle, &h, sizeof(h));
+	}
+	*out = reinterpret_cast<kvt_fence *>(e);
+	return 0;
+}
+
+static int cuda_fence_open(kvt_device *dev, const uint8_t *handle, kvt_fence **out)
+{
+	(void)dev;
+	cudaIpcEventHandle_t h;
+	memcpy(&h, handle, sizeof(h));
+	cudaEvent_t e;
+	int ret = to_errno(cudaIpcOpenEventHandle(&e, h), "cudaIpcOpenEventHandle");
+	if (ret == 0)
+		*out = reinterpret_cast<kvt_fence *>(e);
+	return ret;
+}
+
+static int cuda_fence_record(kvt_device *dev, kvt_fence *f, void *stream)
+{
+	(void)dev;
+	return to_errno(cudaEventRecord(reinterpret_cast<cudaEvent_t>(f),
+					static_cast<cudaStream_t>(stream)),
+			"cudaEventRecord");
+}
+
+static int cuda_fence_query(kvt_device *dev, kvt_fence *f)
+{
+	(void)dev;
+	cudaError_t e = cudaEventQuery(reinterpret_cast<cudaEvent_t>(f));
+	if (e == cudaErrorNotReady)
+		return -EAGAIN;
+	return to_errno(e, "cudaEventQuery");
+}
+
+static int cuda_fence_wait(kvt_device *dev, kvt_fence *f)
+{
+	(void)dev;
+	return to_errno(cudaEventSynchronize(reinterpret_cast<cudaEvent_t>(f)),
+			"cudaEventSynchronize");
+}
+
+static void cuda_fence_destroy(kvt_device *dev, kvt_fence *f)
+{
+	(void)dev;
+	to_errno(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(f)), "cudaEventDestroy");
+}
+
 static const kvt_device_ops cuda_ops = {
 	"cuda",
 	KVT_DEVICE_OPS_VERSION,
@@ -492,6 +561,12 @@ static const kvt_device_ops cuda_ops = {
 	cuda_memcpy,
 	cuda_mem_import,
 	cuda_host_map_ro,
+	cuda_fence_create,
+	cuda_fence_open,
+	cuda_fence_record,
+	cuda_fence_query,
+	cuda_fence_wait,
+	cuda_fence_destroy,
 };
 
 extern "C" const kvt_device_ops *const kvt_device_cuda_ops = &cuda_ops;

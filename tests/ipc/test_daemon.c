@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -588,6 +589,121 @@ static void test_many_clients(void **state)
 	daemon_alive();
 }
 
+/*
+ * The client's reads: pins a select (or a close) lets go of while the client still
+ * reads their pages are kept until the reads end. Sequence A's pages are selected
+ * into half the GPU pool; with reads held, A is closed and B then C each select as
+ * many pages again, more than the pool holds beside A's: C's select must wait, A's
+ * slots must still hold A's pages byte for byte, and once the reads are released C's
+ * select completes and is right. Without the deferral, C's pages would take A's slots.
+ */
+struct sel_job {
+	struct kvtier_client *c;
+	struct seqdesc *s;
+	struct kvtier_table *tab;
+	uint32_t budget;
+	int ret;
+	bool done;
+};
+
+static void *select_job(void *arg)
+{
+	struct sel_job *j = arg;
+	float q[HEADS * GROUP * D];
+	query(j->s->salt, 0, 0, q);
+	struct kvtier_select_params sp = {.budget_pages = j->budget, .sink_tokens = T,
+					  .window_tokens = T};
+	j->ret = kvtier_select(j->c, &j->s->id, 1, 0, q, KVT_MEM_HOST, &sp, j->tab);
+	__atomic_store_n(&j->done, true, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+/* Attention of s's layer-0 query over the table, checked against the reference. */
+static void check_attend(struct kvtier_client *c, const struct seqdesc *s, struct kvtier_table *tab,
+			 bool async)
+{
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	float q[HEADS * GROUP * D], out[HEADS * GROUP * D], ref[GROUP * D];
+	query(s->salt, 0, 0, q);
+	if (async)
+		assert_int_equal(kvtier_attend_async(c, tab, q, out, NULL, 1.0f / sqrtf(D), NULL), 0);
+	else
+		assert_int_equal(kvtier_attend(c, tab, q, out, NULL, 1.0f / sqrtf(D), KVT_MEM_HOST), 0);
+	struct kvtier_table_view v;
+	kvtier_table_view(tab, &v);
+	for (uint32_t r = 0; r < v.rows; r++) {
+		int pages[PF_PREFILL / T];
+		for (int j = 0; j < v.n_pages[r]; j++)
+			assert_true((pages[j] = page_of_slot(s, 0, r, slot_addr(&mem, v.slots[r * v.stride + j]))) >= 0);
+		reference(s, 0, r, q + (size_t)r * GROUP * D, pages, v.n_pages[r], ref);
+		for (uint32_t i = 0; i < GROUP * D; i++)
+			assert_true(fabsf(out[(size_t)r * GROUP * D + i] - ref[i]) <= 2e-5f);
+	}
+}
+
+static void test_reads_held(void **state)
+{
+	struct kvtier_client *c = attach_flags(NULL, KVTIER_ATTACH_NO_HOST_READS);
+	assert_non_null(c);
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	/* the tenant's GPU pool: tenant.gpu_bytes=1M of 8 KiB slots (its mapping is rounded
+	 * up to the device's granularity) */
+	const uint32_t budget = (1u << 20) / PB / (2 * HEADS);
+	struct seqdesc s[3] = {{.salt = 91}, {.salt = 92}, {.salt = 93}};
+	struct kvtier_table *tab[3];
+	for (int i = 0; i < 3; i++) {
+		assert_int_equal(kvtier_seq_create(c, &s[i].id), 0);
+		append_tokens(c, &s[i], PF_PREFILL); /* 128 full pages of each (layer, head) */
+		assert_non_null(tab[i] = kvtier_table_create(c, 1));
+	}
+	/* A: half the pool; an async attend (at once on cpu) and a plain one */
+	assert_true(budget >= 8 && budget < PF_PREFILL / T / 2);
+	struct sel_job a = {c, &s[0], tab[0], budget};
+	select_job(&a);
+	assert_int_equal(a.ret, 0);
+	check_attend(c, &s[0], tab[0], true);
+	check_attend(c, &s[0], tab[0], false);
+	struct kvtier_table_view va;
+	kvtier_table_view(tab[0], &va);
+	int32_t aslots[HEADS][PF_PREFILL / T];
+	int apages[HEADS][PF_PREFILL / T];
+	for (uint32_t r = 0; r < HEADS; r++)
+		for (int j = 0; j < va.n_pages[r]; j++) {
+			aslots[r][j] = va.slots[r * va.stride + j];
+			apages[r][j] = va.pages[r * va.stride + j];
+			assert_false(aslots[r][j] & KVTIER_SLOT_HOST);
+		}
+	const int32_t na[HEADS] = {va.n_pages[0], va.n_pages[1]};
+	/* reads held: A closed, B selected (fits beside A), C selected in a thread (does not) */
+	kvtier_reads_hold(c);
+	assert_int_equal(kvtier_seq_close(c, s[0].id), 0);
+	struct sel_job b = {c, &s[1], tab[1], budget}, cj = {c, &s[2], tab[2], budget};
+	select_job(&b);
+	assert_int_equal(b.ret, 0);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, select_job, &cj), 0);
+	usleep(500 * 1000); /* C's select waits for room (or, wrongly, took A's slots) */
+	bool waited = !__atomic_load_n(&cj.done, __ATOMIC_ACQUIRE);
+	for (uint32_t r = 0; r < HEADS; r++)
+		for (int j = 0; j < na[r]; j++)
+			assert_int_equal(page_of_slot(&s[0], 0, r, slot_addr(&mem, aslots[r][j])),
+					 apages[r][j]);
+	assert_true(waited);
+	kvtier_reads_release(c);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(cj.ret, 0);
+	check_attend(c, &s[1], tab[1], false);
+	check_attend(c, &s[2], tab[2], true);
+	for (int i = 0; i < 3; i++)
+		kvtier_table_destroy(tab[i]);
+	assert_int_equal(kvtier_seq_close(c, s[1].id), 0);
+	assert_int_equal(kvtier_seq_close(c, s[2].id), 0);
+	kvtier_detach(c);
+	daemon_alive();
+}
+
 static void test_kill9(void **state)
 {
 	int pfd[2];
@@ -761,6 +877,7 @@ int main(void)
 		cmocka_unit_test_setup(test_many_clients, reset_globals),
 		cmocka_unit_test_setup(test_malformed, reset_globals),
 		cmocka_unit_test_setup(test_kill9, reset_globals),
+		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 	};
 	return cmocka_run_group_tests(tests, start_daemon, stop_daemon);
