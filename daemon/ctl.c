@@ -435,6 +435,11 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "bad_requests", o->bad_requests);
 		kvt_json_u64(j, "tokens_appended", o->tokens);
 		kvt_json_u64(j, "selects", o->selects);
+		/* pins let go of while its kernels may still read their pages: kept now, and
+		 * ever (engine.c, the client's reads) */
+		kvt_json_bool(j, "read_fence", o->fence != NULL);
+		kvt_json_u64(j, "pins_kept_for_reads", o->ndeferred);
+		kvt_json_u64(j, "pins_deferred", o->pins_deferred);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "select_compute", o->sel_compute, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "attention_latency", o->attn, KVT_HIST_BUCKETS, "us");

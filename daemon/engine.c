@@ -2078,9 +2078,10 @@ void kvd_engine_tick(struct kvd *d)
 			continue;
 		if (now - w->start_ns > (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
 			kvt_warn("engine", "client %u: pages not brought up in %u ms (GPU pool too "
-				 "small for the pinned selections?): %u moves pending, %u refused",
-				 c->id, d->cfg.promote_timeout_ms, w->pending,
-				 w->retry == sel_retry ? ((struct kvd_select *)w)->ntodo : 0);
+				 "small for the pinned selections?): %u moves pending, %u refused, "
+				 "%u pins kept for its reads%s", c->id, d->cfg.promote_timeout_ms,
+				 w->pending, w->retry == sel_retry ? ((struct kvd_select *)w)->ntodo : 0,
+				 c->ndeferred, c->ndeferred ? " (still running)" : "");
 			struct kvt_store_stats st;
 			kvt_store_stats(d->store, &st);
 			kvt_warn("engine", "  gpu slots %llu/%llu, host %llu/%llu, dirty %llu, refused %llu",

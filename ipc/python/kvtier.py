@@ -105,6 +105,10 @@ def _load(path=None):
         "kvtier_select": (I, [P, ctypes.POINTER(U32), U32, U32, P, ctypes.c_uint,
                               ctypes.POINTER(_SelParams), P]),
         "kvtier_attend": (I, [P, P, P, P, P, ctypes.c_float, ctypes.c_uint]),
+        "kvtier_attend_async": (I, [P, P, P, P, P, ctypes.c_float, P]),
+        "kvtier_reads_fence": (I, [P, P]),
+        "kvtier_reads_hold": (None, [P]),
+        "kvtier_reads_release": (None, [P]),
         "kvtier_memory": (None, [P, ctypes.POINTER(_Memory)]),
         "kvtier_stats": (I, [P, U32, ctypes.POINTER(_Stats)]),
         "kvtier_nop": (I, [P]),
@@ -114,6 +118,17 @@ def _load(path=None):
         f = getattr(lib, name)
         f.restype, f.argtypes = res, args
     return lib
+
+
+def _stream_ptr(stream, like):
+    """The cudaStream_t of a torch.cuda.Stream (None: torch's current stream when like is
+    a CUDA tensor or torch is in use, else the legacy default stream)."""
+    if stream is not None:
+        return stream.cuda_stream if hasattr(stream, "cuda_stream") else stream
+    if like is not None and getattr(like, "is_cuda", False):
+        import torch
+        return torch.cuda.current_stream(like.device).cuda_stream
+    return None
 
 
 def _check(ret, what):
@@ -184,6 +199,7 @@ class Client:
                "kvtier_attach")
         self._h = h
         self._tables = {}
+        self._own = []
 
     @property
     def backend(self):
@@ -191,7 +207,7 @@ class Client:
 
     def close(self):
         if getattr(self, "_h", None):
-            for t in self._tables.values():
+            for t in list(self._tables.values()) + self._own:
                 t.close()
             self._lib.kvtier_detach(self._h)
             self._h = None
@@ -251,12 +267,21 @@ class Client:
         vp, vm, vk = _ptr(v)
         _check(self._lib.kvtier_append(self._h, seq, layer, kp, vp, ntok, km), "append")
 
+    def table(self, max_seqs=1):
+        """A table of its own for select(table=...): one per layer keeps the layers of a
+        pipeline of attend_async() apart (a select into a table waits for the attend
+        still queued on it)."""
+        t = Table(self, max_seqs)
+        self._own.append(t)
+        return t
+
     def select(self, seqs, layer, q, budget_pages, sink_tokens=64, window_tokens=256,
-               top_p=None, substitute=False):
+               top_p=None, substitute=False, table=None):
         """Selects the pages of layer for q and makes them readable (GPU pool, or
-        pinned host RAM read in place); returns a Table."""
+        pinned host RAM read in place); returns a Table: the one given, or one the
+        client keeps per batch size (overwritten by the next select of that size)."""
         n = len(seqs)
-        t = self._tables.get(n)
+        t = table if table is not None else self._tables.get(n)
         if t is None:
             t = self._tables[n] = Table(self, n)
         ids = (ctypes.c_uint32 * n)(*seqs)
@@ -282,6 +307,39 @@ class Client:
         s = scale if scale is not None else self.head_dim ** -0.5
         _check(self._lib.kvtier_attend(self._h, table._t, qp, op, lp, s, qm), "attend")
         return out
+
+    def attend_async(self, table, q, out=None, lse=None, scale=None, stream=None):
+        """attend() queued on a CUDA stream without waiting (torch tensors on the GPU;
+        stream: a torch.cuda.Stream, default the current one). The daemon keeps the
+        table's pages in their slots until it has run; a select into the same table or
+        an append to its layer waits for it. Returns out, valid once the stream has run.
+        On the cpu backend it completes before returning, like attend()."""
+        if out is None:
+            if hasattr(q, "data_ptr"):
+                import torch
+                out = torch.empty_like(q)
+            else:
+                import numpy as np
+                out = np.empty_like(q)
+        qp, qm, qk = _ptr(q)
+        op, om, ok = _ptr(out)
+        lp = _ptr(lse)[0] if lse is not None else None
+        s = scale if scale is not None else self.head_dim ** -0.5
+        _check(self._lib.kvtier_attend_async(self._h, table._t, qp, op, lp, s,
+                                             _stream_ptr(stream, q)), "attend_async")
+        return out
+
+    def reads_fence(self, stream=None):
+        """Marks the end of reads of table pages queued on stream (an engine's own kernels
+        over memory()): no slot a later select lets go of is reused before they run."""
+        _check(self._lib.kvtier_reads_fence(self._h, _stream_ptr(stream, None)), "reads_fence")
+
+    def reads_hold(self):
+        """Host threads of this process read table pages: slots stay until reads_release()."""
+        self._lib.kvtier_reads_hold(self._h)
+
+    def reads_release(self):
+        self._lib.kvtier_reads_release(self._h)
 
     def memory(self):
         m = _Memory()

@@ -13,7 +13,7 @@ dir="${KVT_TEST_DIR:-.}/kvt-test-binding-$$"
 mkdir -p "$dir"
 export KVTIER_SOCKET=$run/s.sock KVTIER_LIB=$build/libkvtier.so
 "$build/kvtierd" -o ipc.socket="$KVTIER_SOCKET" -o store.state_dir="$dir" -o store.device="${KVT_TEST_DEVICE:-cpu}" \
-	-o tenant.gpu_bytes=16M -o tenant.host_bytes=16M -o store.nvme_bytes=256M &
+	-o tenant.gpu_bytes=16M -o tenant.host_bytes=48M -o store.nvme_bytes=256M &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$run" "$dir"' EXIT
 for _ in $(seq 100); do [ -S "$KVTIER_SOCKET" ] && break; sleep 0.05; done

@@ -7,6 +7,7 @@ every page, sparse attention must equal torch's dense attention over the same KV
 Exit 77 (skip) without torch, a GPU, or a daemon on the cuda backend."""
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ipc",
                                 "python"))
@@ -77,6 +78,50 @@ worst = run(seq, PREFILL, worst)
 c.seq_close(seq)
 c.seq_remove("torch/doc")
 c.close()
+
+# Ordering across the two processes: A's attend is queued on a stream behind about half
+# a second of other GPU work; meanwhile A is closed and B then C are selected, and C's
+# pages need slots only A's pages hold (every page goes to the GPU pool). The daemon
+# must keep A's pages where they are until that attend has run (the read fence): C's
+# select returns only once it has, and its output is the one it gave before, bit for bit.
+co = kvtier.Client(1, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0,
+                   data_bytes=32 << 20, tenant="ordering", host_reads=False)
+m = co.memory()
+b = m["pool_bytes"] // m["slot_bytes"] // (2 * H) - 2  # A and B fit, A, B and C do not
+ntok = (b + 16) * T
+seqs, qs, tabs = [], [], []
+for i in range(3):
+    s = co.seq_create()
+    k = torch.randn((ntok, H, D), device=dev, generator=gen, dtype=torch.bfloat16)
+    v = torch.randn((ntok, H, D), device=dev, generator=gen, dtype=torch.bfloat16)
+    co.append(s, 0, k, v)
+    seqs.append(s)
+    qs.append(torch.randn((H * G, D), device=dev, generator=gen, dtype=torch.bfloat16))
+    tabs.append(co.table())
+co.select([seqs[0]], 0, qs[0], budget_pages=b, sink_tokens=0, window_tokens=T, table=tabs[0])
+before = co.attend(tabs[0], qs[0])
+torch.cuda.synchronize()
+st = torch.cuda.Stream()
+with torch.cuda.stream(st):
+    torch.cuda._sleep(1 << 30)  # about 0.5 s
+    out = co.attend_async(tabs[0], qs[0], stream=st)
+co.seq_close(seqs[0])
+co.select([seqs[1]], 0, qs[1], budget_pages=b, sink_tokens=0, window_tokens=T, table=tabs[1])
+a_queued = not st.query()
+t0 = time.monotonic()
+co.select([seqs[2]], 0, qs[2], budget_pages=b, sink_tokens=0, window_tokens=T, table=tabs[2])
+waited = time.monotonic() - t0
+a_done = st.query()
+st.synchronize()
+same = torch.equal(out, before)
+c_out = co.attend(tabs[2], qs[2])
+co.seq_close(seqs[1])
+co.seq_close(seqs[2])
+co.close()
+print(f"ordering: {b} pages x {H} heads per select, A's attend still queued after B's select: "
+      f"{a_queued}, done when C's select returned (after {waited:.3f} s): {a_done}, its output "
+      f"unchanged: {same}")
+assert a_done and same and torch.isfinite(c_out.float()).all()
 print(f"torch cuda: {L} layers x {H} KV heads x {G} (GQA) x {D} bf16, {PREFILL}+{STEPS} tokens "
       f"appended from device memory, {2 * STEPS * L} selects: max abs error vs torch SDPA "
       f"{worst:.4f}")
