@@ -185,8 +185,10 @@ void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *o
  * Selects the pages of layer for the sequences seqs[0..nseq) against the step's
  * queries q [nseq * kv_heads][group][head_dim] (host or device), and makes them
  * readable by kvtier_attend, pinned until the next select of that layer of the
- * sequence: in the GPU pool, or read in place from the pinned host arena where a
- * page is there and not (yet) on the GPU. Meanwhile the daemon starts bringing up
+ * sequence (and past it until the reads queued by kvtier_attend_async or marked by
+ * kvtier_reads_fence/_hold have ended): in the GPU pool, or read in place from the
+ * pinned host arena where a page is there and not (yet) on the GPU. Meanwhile the
+ * daemon starts bringing up
  * the pages the next step is likely to need (its prefetcher: kvtier_stats).
  * -ENOENT (a sequence), -EINVAL, -ENOBUFS (the GPU pool cannot hold the pinned pages,
  * or a dense layer's pages do not fit the table), -EIO/-EBADMSG (a page could not be

@@ -292,8 +292,9 @@ class Client:
                "select")
         return t
 
-    def attend(self, table, q, out=None, lse=None, scale=None):
-        """Sparse attention over the table; out like q (allocated if None)."""
+    def _attend_io(self, q, out, lse, scale):
+        """(q, out, lse pointers, q's memory flag, scale, out, keepalive) of an attend;
+        out like q, allocated if None."""
         if out is None:
             if hasattr(q, "data_ptr"):
                 import torch
@@ -305,26 +306,24 @@ class Client:
         op, om, ok = _ptr(out)
         lp = _ptr(lse)[0] if lse is not None else None
         s = scale if scale is not None else self.head_dim ** -0.5
+        return qp, op, lp, qm, s, out, (qk, ok)
+
+    def attend(self, table, q, out=None, lse=None, scale=None):
+        """Sparse attention over the table; out like q (allocated if None)."""
+        qp, op, lp, qm, s, out, keep = self._attend_io(q, out, lse, scale)
         _check(self._lib.kvtier_attend(self._h, table._t, qp, op, lp, s, qm), "attend")
         return out
 
     def attend_async(self, table, q, out=None, lse=None, scale=None, stream=None):
-        """attend() queued on a CUDA stream without waiting (torch tensors on the GPU;
-        stream: a torch.cuda.Stream, default the current one). The daemon keeps the
-        table's pages in their slots until it has run; a select into the same table or
-        an append to its layer waits for it. Returns out, valid once the stream has run.
-        On the cpu backend it completes before returning, like attend()."""
-        if out is None:
-            if hasattr(q, "data_ptr"):
-                import torch
-                out = torch.empty_like(q)
-            else:
-                import numpy as np
-                out = np.empty_like(q)
-        qp, qm, qk = _ptr(q)
-        op, om, ok = _ptr(out)
-        lp = _ptr(lse)[0] if lse is not None else None
-        s = scale if scale is not None else self.head_dim ** -0.5
+        """attend() queued on a CUDA stream without waiting (contiguous torch tensors on
+        the GPU; stream: a torch.cuda.Stream, default the current one). The daemon keeps
+        the table's pages in their slots until it has run; a select into the same table
+        or an append to its layer waits for it. Returns out, valid once the stream has
+        run. On the cpu backend it completes before returning, like attend()."""
+        for x in (q, out, lse):  # a contiguous copy would be freed under the kernel
+            if x is not None and hasattr(x, "is_contiguous") and not x.is_contiguous():
+                raise ValueError("attend_async: tensors must be contiguous")
+        qp, op, lp, qm, s, out, keep = self._attend_io(q, out, lse, scale)
         _check(self._lib.kvtier_attend_async(self._h, table._t, qp, op, lp, s,
                                              _stream_ptr(stream, q)), "attend_async")
         return out
