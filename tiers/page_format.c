@@ -39,7 +39,7 @@ uint64_t page_csum(const struct page_hdr *h, const void *payload, uint64_t slot,
 	return kvt_page_hash(seed_of(slot, epoch), &c, sizeof(c), payload, h->len);
 }
 
-void page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot)
+uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot)
 {
 	struct page_hdr h = {
 		.magic = PAGE_MAGIC,
@@ -54,6 +54,14 @@ void page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uin
 	h.csum = page_csum(&h, (const char *)hdr + hdr_size, slot, m->epoch);
 	memset(hdr, 0, hdr_size);
 	memcpy(hdr, &h, sizeof(h));
+	return h.csum;
+}
+
+enum page_check page_verify_payload(void *hdr, uint16_t hdr_size, uint64_t slot,
+				    const struct page_meta *expect)
+{
+	return page_hdr_stamp(hdr, hdr_size, expect, slot) == expect->csum ? PAGE_OK
+									    : PAGE_CORRUPT;
 }
 
 enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len,
@@ -78,6 +86,7 @@ enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len
 		found->key = h.key;
 		found->epoch = h.epoch;
 		found->len = h.len;
+		found->csum = h.csum;
 	}
 	if (expect && (!page_key_eq(&h.key, &expect->key) || h.epoch != expect->epoch ||
 		       h.len != expect->len))

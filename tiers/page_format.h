@@ -50,11 +50,17 @@ struct page_hdr {
 };
 _Static_assert(sizeof(struct page_hdr) == 64, "page_hdr is a disk format");
 
-/* What a read page is checked against; also what a write stamps. */
+/*
+ * What a read page is checked against; also what a write stamps. csum is the header's
+ * checksum: a write (page_hdr_stamp) and a verify that finds a page fill it in; a
+ * read given one (not 0) may read the payload alone and check it against it
+ * (page_verify_payload), the header being known.
+ */
 struct page_meta {
 	struct page_key key;
 	uint64_t epoch;
 	uint32_t len;
+	uint64_t csum;
 };
 
 enum page_check {
@@ -70,8 +76,8 @@ const char *page_check_str(enum page_check c);
 
 uint64_t page_csum(const struct page_hdr *h, const void *payload, uint64_t slot,
 		   uint64_t epoch);
-/* Fills the header at hdr (payload follows at hdr + hdr_size). */
-void page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot);
+/* Fills the header at hdr (payload follows at hdr + hdr_size); returns its checksum. */
+uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot);
 /*
  * Checks the page at hdr (payload at hdr + hdr_size) read from slot. If expect is not
  * NULL the page must be that key and epoch; found (may be NULL) gets what is there.
@@ -79,5 +85,13 @@ void page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uin
 enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len,
 			    uint64_t slot, const struct page_meta *expect,
 			    struct page_meta *found);
+/*
+ * Checks a payload read without its header (at hdr + hdr_size) against expect, whose
+ * csum must be set: stamps the header the page must have had at hdr and compares its
+ * checksum. PAGE_OK or PAGE_CORRUPT; a mismatch does not tell a flipped bit from a
+ * stale page or a torn write: read the header to say which (page_verify).
+ */
+enum page_check page_verify_payload(void *hdr, uint16_t hdr_size, uint64_t slot,
+				    const struct page_meta *expect);
 
 #endif

@@ -44,6 +44,7 @@ struct page {
 	struct kvt_list stall_link;
 	tier_slot_t slot[TIER_MAX];
 	uint64_t epoch;
+	uint64_t csum; /* of the disk copy: its reads need not read the header */
 	uint64_t last_access;
 	uint64_t born_ms, touch_ms; /* monotonic: when put, when last touched (0: never) */
 	float score;
@@ -446,6 +447,7 @@ static void move_done(struct tier_io *io)
 	if (res == 0) {
 		if (m->dst == TIER_NVME) {
 			pg->epoch = m->io.meta.epoch;
+			pg->csum = m->io.meta.csum;
 			pg->valid |= B(TIER_NVME);
 			pg->state = KVT_PAGE_CLEAN;
 			pg->want &= (uint8_t)~B(TIER_NVME);
@@ -517,6 +519,7 @@ static int start_move(struct kvt_store *s, struct page *pg, enum tier_id src,
 	io->meta.key = pg->key;
 	io->meta.len = pg->len;
 	io->meta.epoch = pg->epoch;
+	io->meta.csum = src == TIER_NVME ? pg->csum : 0;
 	enum tier_id via; /* the tier that performs the copy */
 	if (dst == TIER_HOST) {
 		via = src;
@@ -1247,6 +1250,7 @@ static bool recover_page(void *arg, tier_slot_t slot, const struct page_meta *m,
 	}
 	pg->len = m->len;
 	pg->epoch = m->epoch;
+	pg->csum = m->csum;
 	pg->state = KVT_PAGE_CLEAN;
 	pg->valid = B(TIER_NVME);
 	pg->slot[TIER_NVME] = slot;

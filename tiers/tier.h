@@ -59,6 +59,7 @@ struct tier_io {
 	struct kvt_op op;
 	struct tier *tier;
 	uint32_t xfer;
+	uint8_t rd; /* nvme: how a read goes (tier_nvme.c) */
 	struct kvt_list qlink;
 };
 

@@ -3,7 +3,10 @@
  * NVMe tier: a store on a file or block device opened O_DIRECT, driven by io_uring
  * with registered buffers and a registered file. Layout: a superblock in the first
  * 4 KiB, then nslots slots of slot_size bytes from data_off; each slot is a header
- * block (hdr_size: the device's direct-I/O alignment, at least 512) and the payload.
+ * block and the payload. The header block is the file system's block (4 KiB on ext4)
+ * where pages are whole blocks, so a payload is whole blocks too and a read of a page
+ * whose checksum the store remembers moves the payload alone; otherwise it is the
+ * device's direct-I/O alignment (at least 512), as in stores made before.
  * Pages are verified on every read (page_format.h). An OFD lock keeps a second process
  * (or a second open in this one) off the store. A freed slot is wiped (its header
  * block zeroed) before it can be handed out again, so a restart never brings back a
@@ -52,6 +55,7 @@ struct nvme_tier {
 	bool formatted_now;
 	uint32_t hdr_size;
 	uint32_t walign; /* writes span whole blocks of this: ext4 serializes unaligned DIO */
+	bool payload_reads; /* hdr_size is whole blocks: a payload can be read alone */
 	uint32_t slot_size;
 	uint64_t nslots;
 	uint64_t data_off;
@@ -229,14 +233,21 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 		goto fail;
 	}
 	uint32_t align = dio_alignment(n->fd, n->blockdev);
-	n->hdr_size = align > 512 ? align : 512;
+	const uint32_t min_hdr = align > 512 ? align : 512;
 	int pbs = 0;
 	uint32_t blk = (uint32_t)st.st_blksize;
 	if (n->blockdev && ioctl(n->fd, BLKPBSZGET, &pbs) == 0 && pbs > 0)
 		blk = (uint32_t)pbs;
-	if (blk < n->hdr_size || blk > (1u << 20) || blk % n->hdr_size)
-		blk = n->hdr_size;
+	if (blk < min_hdr || blk > (1u << 20) || blk % min_hdr)
+		blk = min_hdr;
 	n->walign = blk;
+	/*
+	 * A whole block of header where the pages are whole blocks: the slot is no larger
+	 * (header and payload round up to the same blocks) and reads can leave the header
+	 * out (fio on the development machine's disk: 32 KiB reads run ~10% more IOPS than
+	 * 36 KiB ones).
+	 */
+	n->hdr_size = p->page_bytes % blk == 0 ? blk : min_hdr;
 	n->slot_size = (n->hdr_size + p->page_bytes + blk - 1) / blk * blk;
 
 	struct nvme_super s;
@@ -250,8 +261,7 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 	if (ret < 0)
 		goto fail;
 	if (present) {
-		if (s.page_bytes != p->page_bytes || s.hdr_size < n->hdr_size ||
-		    s.hdr_size % n->hdr_size) {
+		if (s.page_bytes != p->page_bytes || s.hdr_size < min_hdr || s.hdr_size % min_hdr) {
 			kvt_err("nvme", "%s was made for %u-byte pages with %u-byte headers, "
 					"asked for %u-byte pages",
 				p->path, s.page_bytes, s.hdr_size, p->page_bytes);
@@ -289,6 +299,7 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 		goto fail;
 	}
 	memset(n->zero, 0, n->hdr_size);
+	n->payload_reads = n->hdr_size % n->walign == 0;
 	n->file_index = kvt_loop_register_file(p->loop, n->fd);
 	if (n->file_index < 0)
 		kvt_warn("nvme", "file not registered with io_uring: %s", strerror(-n->file_index));
@@ -423,19 +434,32 @@ static uint32_t io_bytes(const struct nvme_tier *n, uint32_t len)
 
 static void io_complete(struct kvt_op *op, int res, uint32_t flags);
 
+/* tier_io.rd: the whole slot; the payload alone; the whole slot after the payload alone
+ * failed its check */
+enum { RD_SLOT, RD_PAYLOAD, RD_AGAIN };
+
 static void start_io(struct nvme_tier *n, struct tier_io *io)
 {
 	char *hdr = (char *)io->buf - n->hdr_size;
 	bool write = io->dir == TIER_WRITE;
+	uint64_t off = slot_off(n, TIER_SLOT_INDEX(io->slot));
 	uint32_t bytes = io_bytes(n, io->len);
+	/* the payload alone where the store knows the checksum (not again when a check of
+	 * the payload alone has failed: then the header says why) */
+	if (!write && io->rd == RD_SLOT && io->meta.csum && n->payload_reads) {
+		io->rd = RD_PAYLOAD;
+		hdr += n->hdr_size;
+		off += n->hdr_size;
+		bytes = (io->len + n->walign - 1) / n->walign * n->walign;
+	}
 	int bi = kvt_loop_buffer_index(n->base.p.loop, hdr, bytes);
 	if (write)
-		page_hdr_stamp(hdr, (uint16_t)n->hdr_size, &io->meta, io->slot);
+		io->meta.csum = page_hdr_stamp(hdr, (uint16_t)n->hdr_size, &io->meta, io->slot);
 	io->op.fn = io_complete;
 	io->xfer = bytes;
 	n->inflight++;
 	struct io_uring_sqe *sqe = kvt_loop_sqe(n->base.p.loop, &io->op);
-	prep_rw(n, sqe, write, hdr, bytes, slot_off(n, TIER_SLOT_INDEX(io->slot)), bi);
+	prep_rw(n, sqe, write, hdr, bytes, off, bi);
 }
 
 static void start_pending(struct nvme_tier *n)
@@ -453,6 +477,14 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 	struct tier_io *io = kvt_container_of(op, struct tier_io, op);
 	struct nvme_tier *n = (struct nvme_tier *)io->tier;
 	n->inflight--;
+	/*
+	 * What this completion leads to costs microseconds that the disk would sit out: a
+	 * read's check and a next write's stamp are XXH3 over a page. What the completions
+	 * before this one queued goes to the disk first (32 KiB reads at QD32 on the
+	 * development machine's disk: 0.80-0.85 of fio's rate without, 0.93 with).
+	 */
+	if (io_uring_sq_ready(&n->base.p.loop->ring))
+		kvt_loop_submit(n->base.p.loop);
 	io->check = PAGE_OK;
 	if (res < 0) {
 		n->err[TIER_ERR_IO]++;
@@ -465,9 +497,27 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 		n->write_bytes += io->len;
 		io->res = 0;
 	} else {
-		const char *hdr = (const char *)io->buf - n->hdr_size;
-		io->check = page_verify(hdr, (uint16_t)n->hdr_size, n->base.p.page_bytes,
-					io->slot, &io->meta, NULL);
+		char *hdr = (char *)io->buf - n->hdr_size;
+		if (io->rd == RD_PAYLOAD) {
+			io->check = page_verify_payload(hdr, (uint16_t)n->hdr_size, io->slot,
+							&io->meta);
+			if (io->check != PAGE_OK) {
+				/* again, header and all: the header tells a flipped bit from a
+				 * stale page or an empty slot */
+				io->rd = RD_AGAIN;
+				kvt_list_add(&n->pending, &io->qlink);
+				start_pending(n);
+				return;
+			}
+		} else {
+			io->check = page_verify(hdr, (uint16_t)n->hdr_size, n->base.p.page_bytes,
+						io->slot, &io->meta, NULL);
+			if (io->check == PAGE_OK && io->rd == RD_AGAIN)
+				kvt_warn("nvme", "slot %llu: its payload failed the remembered checksum, "
+						 "the whole page passed its header's (the disk changed "
+						 "between two reads?)",
+					 (unsigned long long)TIER_SLOT_INDEX(io->slot));
+		}
 		switch (io->check) {
 		case PAGE_OK:
 			n->reads++;
@@ -511,6 +561,7 @@ static int nvme_submit(struct tier *t, struct tier_io **ios, unsigned n_ios)
 	}
 	for (unsigned i = 0; i < n_ios; i++) {
 		ios[i]->tier = t;
+		ios[i]->rd = RD_SLOT;
 		kvt_list_init(&ios[i]->qlink);
 		kvt_list_add_tail(&n->pending, &ios[i]->qlink);
 	}

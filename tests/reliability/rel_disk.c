@@ -319,11 +319,17 @@ static void corrupt_store(void **state)
 	}
 	fsync(fd);
 	close(fd);
-	/* live: every harmed page fails its read, every other reads back exact */
-	unsigned det[HARM_MAX] = {0}, good = 0, wrong = 0;
+	/*
+	 * live: every harmed page fails its read, every other reads back exact; except
+	 * that a store whose header is a whole block reads a page's payload alone, against
+	 * the checksum it remembers: a damaged header is then not read, and the page reads
+	 * back exact. After a restart the scan reads every header: every harmed page fails.
+	 */
+	const bool payload_reads = hs % al == 0;
+	unsigned det[HARM_MAX] = {0}, good = 0, wrong = 0, hdr_unread = 0;
 	for (int pass = 0; pass < 2; pass++) {
 		memset(det, 0, sizeof(det));
-		good = wrong = 0;
+		good = wrong = hdr_unread = 0;
 		if (pass == 1) { /* a restart: the scan keeps what verifies */
 			kvt_store_close(s);
 			assert_int_equal(kvt_store_open(&p, &s), 0);
@@ -333,6 +339,8 @@ static void corrupt_store(void **state)
 			int r = read_one(s, &k, buf);
 			if (r == 0 && !t_check(buf, SPB, &k))
 				wrong++; /* never */
+			else if (r == 0 && harm[i] == HARM_FLIP_HDR && payload_reads && !pass)
+				hdr_unread++;
 			else if (r == 0)
 				good += !harm[i]; /* a harmed page read back exact: not detected */
 			else if (harm[i])
@@ -348,7 +356,11 @@ static void corrupt_store(void **state)
 		printf("rel: corrupt-store: %s: %u of %u harmed pages detected (%.1f%%), %u of %u "
 		       "intact pages read back exact, %u reads returned wrong data\n", pass ? "after reopen" : "live",
 		       found, total, 100.0 * found / (total ? total : 1), good, n - total, wrong);
-		assert_int_equal(found, total);
+		if (hdr_unread)
+			printf("rel: corrupt-store: %s: %u pages with a damaged header served exact "
+			       "(payload read alone, checked against the remembered checksum)\n",
+			       pass ? "after reopen" : "live", hdr_unread);
+		assert_int_equal(found + hdr_unread, total);
 		assert_int_equal(good, n - total);
 		assert_int_equal(wrong, 0);
 	}
