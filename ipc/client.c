@@ -73,16 +73,31 @@ struct kvtier_client {
 	struct kvt_fence *fence;
 	struct kvt_fence **layer_fence; /* [layers], made when first needed */
 	bool *layer_queued;             /* [layers] */
+	/* KVTIER_TIMING=1: where kvtier_select's time goes, printed at detach */
+	bool timing;
+	uint64_t sel_n, sel_ns[3]; /* the query staged, the round trip, the table up */
 };
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 struct kvtier_table {
 	struct kvtier_client *c;
 	uint32_t max_seqs, rows, stride, layer, cap_cells;
-	int32_t *slots, *pages, *n_pages, *tail_len, *tail_slot; /* host */
+	int32_t *slots, *pages, *n_pages, *tail_len, *tail_slot; /* host (slots, n_pages: pinned) */
 	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
 	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
 	struct kvt_fence *done;
 	bool queued;
+	/* the select's copies of slots and n_pages to the backend, queued on its own stream
+	 * and not waited for: an attend there runs after them, one on another stream waits
+	 * for this fence, and the next select waits for it before it rewrites the host side */
+	struct kvt_fence *up;
+	bool up_pending;
 };
 
 /* ---- the ring ---- */
@@ -258,6 +273,7 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	pthread_mutex_init(&c->lock, NULL);
 	for (int i = 0; i < KVT_FD_MAX; i++)
 		c->fds[i] = -1;
+	c->timing = getenv("KVTIER_TIMING") && atoi(getenv("KVTIER_TIMING")) > 0;
 	c->pool.fd = -1;
 	c->layout = *layout;
 	c->max_live = o.max_live_seqs ? o.max_live_seqs : 64;
@@ -350,6 +366,11 @@ void kvtier_detach(struct kvtier_client *c)
 {
 	if (!c)
 		return;
+	if (c->timing && c->sel_n)
+		fprintf(stderr, "libkvtier: %llu selects, per select: query staged %.1f us, round trip "
+				"to the daemon %.1f us, table to the device %.1f us\n",
+			(unsigned long long)c->sel_n, c->sel_ns[0] / 1e3 / c->sel_n,
+			c->sel_ns[1] / 1e3 / c->sel_n, c->sel_ns[2] / 1e3 / c->sel_n);
 	for (uint32_t l = 0; c->layer_fence && l < c->layout.layers; l++)
 		if (c->layer_fence[l]) {
 			if (c->layer_queued[l])
@@ -687,12 +708,13 @@ struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_s
 	t->c = c;
 	t->max_seqs = max_seqs;
 	size_t rows = (size_t)max_seqs * c->layout.kv_heads;
-	t->n_pages = calloc(rows * 3, sizeof(int32_t));
-	if (!t->n_pages ||
-	    kvt_compute_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->d_n_pages) < 0) {
+	if (kvt_compute_host_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->n_pages) < 0 ||
+	    kvt_compute_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->d_n_pages) < 0 ||
+	    c->dev->ops->fence_create(c->dev, NULL, &t->up) < 0) {
 		kvtier_table_destroy(t);
 		return NULL;
 	}
+	memset(t->n_pages, 0, rows * 3 * sizeof(int32_t));
 	t->tail_len = t->n_pages + rows;
 	t->tail_slot = t->tail_len + rows;
 	t->d_tail_len = t->d_n_pages + rows;
@@ -710,10 +732,15 @@ void kvtier_table_destroy(struct kvtier_table *t)
 			dev->ops->fence_wait(dev, t->done);
 		dev->ops->fence_destroy(dev, t->done);
 	}
+	if (t->up) {
+		if (t->up_pending)
+			dev->ops->fence_wait(dev, t->up);
+		dev->ops->fence_destroy(dev, t->up);
+	}
 	kvt_compute_free(t->c->cc, t->d_n_pages);
 	kvt_compute_free(t->c->cc, t->d_slots);
-	free(t->n_pages);
-	free(t->slots);
+	kvt_compute_host_free(t->c->cc, t->n_pages);
+	kvt_compute_host_free(t->c->cc, t->slots);
 	free(t->pages);
 	free(t);
 }
@@ -801,10 +828,16 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		ret = c->dev->ops->fence_wait(c->dev, t->done);
 		t->queued = false;
 	}
+	if (!ret && t->up_pending) { /* the last select's copies still read the host side */
+		ret = c->dev->ops->fence_wait(c->dev, t->up);
+		t->up_pending = false;
+	}
 	if (!ret && rows * stride > t->cap_cells) {
-		int32_t *s = realloc(t->slots, rows * stride * sizeof(int32_t));
-		if (s)
+		int32_t *s = NULL;
+		if (kvt_compute_host_alloc(c->cc, rows * stride * sizeof(int32_t), (void **)&s) == 0) {
+			kvt_compute_host_free(c->cc, t->slots);
 			t->slots = s;
+		}
 		int32_t *pg = realloc(t->pages, rows * stride * sizeof(int32_t));
 		if (pg)
 			t->pages = pg;
@@ -820,6 +853,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	}
 	if (ret)
 		goto out;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	memcpy(c->data, seqs, nseq * sizeof(uint32_t));
 	if (mem & KVT_MEM_DEVICE)
 		ret = kvt_compute_download(c->cc, c->data + qoff, q, qbytes);
@@ -836,8 +870,10 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 			    .top_p = p->top_p, .ntok = c->attend_us};
 	c->attend_us = 0;
 	struct kvt_cqe e;
+	const uint64_t t1 = c->timing ? mono_ns() : 0;
 	if ((ret = call(c, &r, &e)) < 0)
 		goto out;
+	const uint64_t t2 = c->timing ? mono_ns() : 0;
 	const int32_t *tab = (const int32_t *)(c->data + ooff);
 	const int32_t *n_out = tab + rows * stride, *tail = n_out + rows;
 	const int32_t *pages = tail + rows;
@@ -869,11 +905,28 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	t->rows = (uint32_t)rows;
 	t->stride = stride;
 	t->layer = layer;
-	/* host and backend arrays are both n_pages | tail_len | tail_slot of max_seqs rows */
-	ret = kvt_compute_upload(c->cc, t->d_slots, t->slots, rows * stride * sizeof(int32_t));
+	/*
+	 * Host and backend arrays are both n_pages | tail_len | tail_slot of max_seqs rows.
+	 * Queued, not waited for: a synchronous copy here waited ~200 us on the H100 while the
+	 * daemon's work held the device (kvtier-bench at 128K, KVTIER_TIMING).
+	 */
+	ret = kvt_compute_copy_async(c->cc, t->d_slots, t->slots, rows * stride * sizeof(int32_t),
+				     NULL);
 	if (ret == 0)
-		ret = kvt_compute_upload(c->cc, t->d_n_pages, t->n_pages,
-					 (size_t)t->max_seqs * H * 3 * sizeof(int32_t));
+		ret = kvt_compute_copy_async(c->cc, t->d_n_pages, t->n_pages,
+					     (size_t)t->max_seqs * H * 3 * sizeof(int32_t), NULL);
+	if (ret == 0)
+		ret = c->dev->ops->fence_record(c->dev, t->up, kvt_compute_stream(c->cc));
+	if (ret == 0)
+		t->up_pending = true;
+	else
+		kvt_compute_sync(c->cc, NULL); /* nothing queued may still read the host side */
+	if (c->timing) {
+		c->sel_n++;
+		c->sel_ns[0] += t1 - t0;
+		c->sel_ns[1] += t2 - t1;
+		c->sel_ns[2] += mono_ns() - t2;
+	}
 out:
 	pthread_mutex_unlock(&c->lock);
 	return ret < 0 ? ret : 0;
@@ -951,6 +1004,8 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 	}
 	struct kvt_attend_args a;
 	attend_args(c, t, q, out, lse, scale, &a);
+	if (ret == 0 && t->up_pending) /* the table's copies, on the backend's stream */
+		ret = dev->ops->fence_stream_wait(dev, t->up, stream);
 	if (ret == 0)
 		ret = kvt_attend(c->cc, &a, stream);
 	if (ret == 0 && !c->fence) /* no fence: the daemon must not find it running */

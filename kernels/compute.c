@@ -106,6 +106,11 @@ int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, si
 	return bytes ? c->ops->copy_async(c, dst, src, bytes, stream) : 0;
 }
 
+void *kvt_compute_stream(struct kvt_compute *c)
+{
+	return c->ops->stream ? c->ops->stream(c) : NULL;
+}
+
 int kvt_compute_host_alloc(struct kvt_compute *c, size_t bytes, void **out)
 {
 	return c->ops->host_alloc(c, bytes, out);

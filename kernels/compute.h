@@ -204,6 +204,9 @@ int kvt_compute_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
  */
 int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
 			   void *stream);
+/* The backend's own stream, the one NULL names: a cudaStream_t on cuda, NULL on cpu
+ * (to record a fence behind work queued there). */
+void *kvt_compute_stream(struct kvt_compute *c);
 /* Host memory for kvt_compute_copy_async: pinned on cuda (a pageable buffer would make
  * the copy synchronous and slow). */
 int kvt_compute_host_alloc(struct kvt_compute *c, size_t bytes, void **out);

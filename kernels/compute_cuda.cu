@@ -119,6 +119,11 @@ static int cuda_host_alloc(kvt_compute *, size_t bytes, void **out)
 	return kvt_cuda_errno(cudaMallocHost(out, bytes ? bytes : 1), "host alloc");
 }
 
+static void *cuda_stream(kvt_compute *base)
+{
+	return reinterpret_cast<cuda_compute *>(base)->stream;
+}
+
 static void cuda_host_free(kvt_compute *, void *p)
 {
 	cudaFreeHost(p);
@@ -176,4 +181,5 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_copy_async,
 	cuda_host_alloc,
 	cuda_host_free,
+	cuda_stream,
 };

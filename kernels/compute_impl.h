@@ -33,6 +33,8 @@ struct kvt_compute_ops {
 	/* host memory the device copies to and from at full speed (pinned) */
 	int (*host_alloc)(struct kvt_compute *c, size_t bytes, void **out);
 	void (*host_free)(struct kvt_compute *c, void *p);
+	/* the backend's own stream (NULL on cpu) */
+	void *(*stream)(struct kvt_compute *c);
 };
 
 /* Every backend's object starts with this. */

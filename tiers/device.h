@@ -56,7 +56,7 @@ enum kvt_device_cap {
 	KVT_DEV_CAP_GPU = 1u << 0, /* a real GPU: device memory is not CPU-addressable */
 };
 
-#define KVT_DEVICE_OPS_VERSION 2
+#define KVT_DEVICE_OPS_VERSION 3
 
 /*
  * A fence: the end of device work one process queued on a stream, which another
@@ -122,6 +122,9 @@ struct kvt_device_ops {
 	/* Blocks until it is complete. 0 or -errno. */
 	int (*fence_wait)(struct kvt_device *d, struct kvt_fence *f);
 	void (*fence_destroy)(struct kvt_device *d, struct kvt_fence *f);
+	/* Work queued on stream from now on starts after the fence's last record, without
+	 * blocking the caller (cudaStreamWaitEvent). 0 or -errno. */
+	int (*fence_stream_wait)(struct kvt_device *d, struct kvt_fence *f, void *stream);
 };
 
 struct kvt_device {

@@ -285,6 +285,14 @@ static void cpu_fence_destroy(struct kvt_device *d, struct kvt_fence *f)
 	(void)f;
 }
 
+static int cpu_fence_stream_wait(struct kvt_device *d, struct kvt_fence *f, void *stream)
+{
+	(void)d;
+	(void)f;
+	(void)stream;
+	return 0; /* the work before the fence is done */
+}
+
 const struct kvt_device_ops kvt_device_cpu_ops = {
 	.name = "cpu",
 	.version = KVT_DEVICE_OPS_VERSION,
@@ -309,4 +317,5 @@ const struct kvt_device_ops kvt_device_cpu_ops = {
 	.fence_query = cpu_fence_query,
 	.fence_wait = cpu_fence_query,
 	.fence_destroy = cpu_fence_destroy,
+	.fence_stream_wait = cpu_fence_stream_wait,
 };

@@ -543,6 +543,14 @@ static void cuda_fence_destroy(kvt_device *dev, kvt_fence *f)
 	to_errno(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(f)), "cudaEventDestroy");
 }
 
+static int cuda_fence_stream_wait(kvt_device *dev, kvt_fence *f, void *stream)
+{
+	(void)dev;
+	return to_errno(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream),
+					    reinterpret_cast<cudaEvent_t>(f), 0),
+			"cudaStreamWaitEvent");
+}
+
 static const kvt_device_ops cuda_ops = {
 	"cuda",
 	KVT_DEVICE_OPS_VERSION,
@@ -567,6 +575,7 @@ static const kvt_device_ops cuda_ops = {
 	cuda_fence_query,
 	cuda_fence_wait,
 	cuda_fence_destroy,
+	cuda_fence_stream_wait,
 };
 
 extern "C" const kvt_device_ops *const kvt_device_cuda_ops = &cuda_ops;

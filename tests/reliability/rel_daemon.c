@@ -119,7 +119,8 @@ static void crash_loop(void **state)
 			int msg[2];
 			assert_int_equal(read(pfd[0], msg, sizeof(msg)), sizeof(msg));
 			wrong += (unsigned)msg[1];
-			if (msg[0] == -ECONNRESET || msg[0] == -EPIPE)
+			/* refused: the client attached after the kill (slow under tsan) */
+			if (msg[0] == -ECONNRESET || msg[0] == -EPIPE || msg[0] == -ECONNREFUSED)
 				resets++;
 			else
 				other++, fprintf(stderr, "client ended with %d\n", msg[0]);
@@ -137,7 +138,7 @@ static void crash_loop(void **state)
 		served++;
 	}
 	printf("rel: crash-loop: %u SIGKILLs of the daemon under 3 clients each: %u clients saw "
-	       "ECONNRESET, %u something else; restart to serving %.0f ms mean, %.0f ms max; "
+	       "ECONNRESET (or ECONNREFUSED), %u something else; restart to serving %.0f ms mean, %.0f ms max; "
 	       "%u fresh clients served after restarts, %u wrong pages\n", cycles, resets, other,
 	       1e3 * rs.sum / cycles, 1e3 * rs.max, served, wrong);
 	assert_int_equal(wrong, 0);
