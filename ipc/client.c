@@ -973,12 +973,10 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 	}
 	struct kvt_attend_args a;
 	attend_args(c, t, qd, od, ld, scale, &a);
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	const uint64_t t0 = mono_ns();
 	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	int64_t us = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_nsec - t0.tv_nsec) / 1000;
+	uint64_t us = (mono_ns() - t0) / 1000;
 	c->attend_us = us < 1 ? 1 : us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
 	if (host_io && ((ret = kvt_compute_download(c->cc, out, c->out_dev, qbytes)) < 0 ||
 			(lse && (ret = kvt_compute_download(c->cc, lse, c->lse_dev, lbytes)) < 0)))

@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define KVT_COMPUTE_OPS_VERSION 1
+#define KVT_COMPUTE_OPS_VERSION 2
 
 struct kvt_compute_ops {
 	const char *name;
