@@ -440,6 +440,11 @@ static void cmd_clients(struct req *r)
 		kvt_json_bool(j, "read_fence", o->fence != NULL);
 		kvt_json_u64(j, "pins_kept_for_reads", o->ndeferred);
 		kvt_json_u64(j, "pins_deferred", o->pins_deferred);
+		/* selects answered while copies into the GPU pool were under way, their
+		 * reads ordered after the copy fence, and the pages so served */
+		kvt_json_bool(j, "copy_fence", o->copy_fence != NULL);
+		kvt_json_u64(j, "selects_before_copies", o->selects_early);
+		kvt_json_u64(j, "pages_before_copies", o->pages_early);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "select_compute", o->sel_compute, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "attention_latency", o->attn, KVT_HIST_BUCKETS, "us");

@@ -811,6 +811,7 @@ struct kvd_select {
 	uint32_t layer, rows, out_stride;
 	uint64_t out_off;
 	bool host_ok;          /* the client reads pages in place from the host arena */
+	bool fenced;           /* its reads wait on the copy fence (KVT_SEL_FENCED) */
 	struct page_key *keys; /* [rows][out_stride] */
 	uint8_t *to;           /* [rows][out_stride] tier a page the answer waits for goes to */
 	int32_t *n_out, *tail_len;
@@ -835,11 +836,18 @@ static void sel_cb(void *arg, int res)
 	wait_done(&s->w);
 }
 
+/*
+ * A page the answer needs on the GPU: with the client's copy fence, the answer waits
+ * only until its copy is queued on the device (the client's reads wait on the fence,
+ * recorded behind it when the answer goes); else until it has landed.
+ */
 static void sel_start(struct kvd_select *s, uint32_t i)
 {
 	struct kvd *d = s->w.d;
-	int ret = kvt_store_promote(d->store, &s->keys[i], (enum tier_id)s->to[i], sel_cb,
-				    &s->prom[i]);
+	int ret = s->to[i] == TIER_GPU && s->fenced
+			  ? kvt_store_promote_queued(d->store, &s->keys[i], sel_cb, &s->prom[i])
+			  : kvt_store_promote(d->store, &s->keys[i], (enum tier_id)s->to[i], sel_cb,
+					      &s->prom[i]);
 	if (ret == -ENOENT)
 		ret = -EIO; /* the store lost the page (every copy bad): not "no such sequence" */
 	if (ret == -EAGAIN)
@@ -876,16 +884,21 @@ static void sel_finish(struct kvd_wait *w)
 	int32_t *table = (int32_t *)(c->data + s->out_off);
 	int32_t *n_out = table + (size_t)s->rows * s->out_stride, *tail = n_out + s->rows;
 	int32_t *pages = tail + s->rows;
+	uint64_t early = 0; /* pages named while their copies to the GPU are under way */
 	for (uint32_t r = 0; r < s->rows; r++) {
 		for (int32_t j = 0; j < s->n_out[r]; j++) {
 			const struct page_key *k = &s->keys[(size_t)r * s->out_stride + j];
 			struct kvt_page_info pi;
 			int32_t slot = -1;
 			if (kvt_store_page_info(d->store, k, &pi) == 0) {
-				if (pi.valid & (1u << TIER_GPU))
+				if (pi.valid & (1u << TIER_GPU)) {
 					slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
-				else if (s->host_ok && (pi.valid & (1u << TIER_HOST)))
+				} else if (s->host_ok && (pi.valid & (1u << TIER_HOST))) {
 					slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_HOST]) | KVT_SLOT_HOST;
+				} else if ((pi.queued & (1u << TIER_GPU)) && s->fenced) {
+					slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
+					early++;
+				}
 			}
 			if (slot < 0) {
 				/* pinned pages stay: this is a bug, and never a wrong page */
@@ -901,7 +914,16 @@ static void sel_finish(struct kvd_wait *w)
 		n_out[r] = s->n_out[r];
 		tail[r] = s->tail_len[r];
 	}
+	/* after the copies the table names: what the client's reads wait for */
+	int ret = early ? kvt_store_copy_fence(d->store, c->copy_fence) : 0;
+	if (ret < 0) {
+		kvt_err("engine", "client %u: the copy fence: %s", c->id, strerror(-ret));
+		kvd_complete(c, w->user_data, -EIO, 0, 0);
+		return;
+	}
 	c->selects++;
+	c->selects_early += early > 0;
+	c->pages_early += early;
 	uint64_t now = kvd_now_ns();
 	d->sel_phase_ns[SEL_ANSWER] += now - tf;
 	uint64_t ut = (now - s->t0) / 1000, uc = (w->start_ns - s->t0) / 1000;
@@ -914,7 +936,7 @@ static void sel_finish(struct kvd_wait *w)
 	d->sel_lat_sum_us += ut;
 	c->sel_compute_sum_us += uc;
 	d->sel_compute_sum_us += uc;
-	kvd_complete(c, w->user_data, 0, s->hits, s->waited);
+	kvd_complete_flags(c, w->user_data, 0, early ? KVT_CQE_COPIES : 0, s->hits, s->waited);
 }
 
 static void sel_release(struct kvd_wait *w)
@@ -1118,7 +1140,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint64_t rows = (uint64_t)nseq * H;
 	const uint64_t qbytes = rows * lo->group * lo->head_dim * esize(c);
 	const uint64_t obytes = rows * (2 * (uint64_t)r->out_stride + 2) * sizeof(int32_t);
-	const unsigned flags = KVT_SEL_TOPP | KVT_SEL_HOST | KVT_SEL_SUBST;
+	const unsigned flags = KVT_SEL_TOPP | KVT_SEL_HOST | KVT_SEL_SUBST | KVT_SEL_FENCED;
 	int ret = -EINVAL;
 	if (!nseq || nseq > d->cfg.max_batch || r->layer >= lo->layers || !r->out_stride ||
 	    r->out_stride > (1u << 24) || (r->flags & ~flags) ||
@@ -1299,6 +1321,7 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	s->out_stride = r->out_stride;
 	s->out_off = r->off[2];
 	s->host_ok = r->flags & KVT_SEL_HOST;
+	s->fenced = (r->flags & KVT_SEL_FENCED) && c->copy_fence;
 	for (uint64_t row = 0; row < rows && !s->w.err; row++)
 		if (s->n_out[row] < 0 || (uint32_t)s->n_out[row] > r->out_stride)
 			s->w.err = -EIO;

@@ -171,6 +171,10 @@ struct kvd_client {
 	uint32_t ndeferred, defcap;
 	bool reads_busy;
 	uint64_t pins_deferred; /* counter */
+	/* the copy fence (wire.h): selects that answered before their copies into the GPU
+	 * pool landed, and the pages so served */
+	struct kvt_fence *copy_fence;
+	uint64_t selects_early, pages_early;
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;
 	/* counters */
@@ -298,6 +302,9 @@ void kvd_server_tick(struct kvd *d);
 /* Posts a completion to a client's ring and wakes it if it sleeps. */
 void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t aux0,
 		  uint64_t aux1);
+/* The same with flags (enum kvt_cqe_flags). */
+void kvd_complete_flags(struct kvd_client *c, uint64_t user_data, int res, uint32_t flags,
+			uint64_t aux0, uint64_t aux1);
 /* Marks a client for disconnection with a logged reason. */
 void kvd_client_kill(struct kvd_client *c, enum kvd_disc why, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));

@@ -280,6 +280,13 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		 offsetof(struct kvd_client, bad_requests)},
 		{"kvtier_client_tokens_total", "Tokens appended.", offsetof(struct kvd_client, tokens)},
 		{"kvtier_client_selects_total", "Selections answered.", offsetof(struct kvd_client, selects)},
+		{"kvtier_client_selects_before_copies_total",
+		 "Selections answered while copies of their pages into the GPU pool were under way "
+		 "(the client's reads wait on the copy fence).",
+		 offsetof(struct kvd_client, selects_early)},
+		{"kvtier_client_pages_before_copies_total",
+		 "Pages of those selections whose copies were under way.",
+		 offsetof(struct kvd_client, pages_early)},
 	};
 	for (size_t f = 0; f < sizeof(cf) / sizeof(cf[0]); f++) {
 		head(b, cf[f].name, "counter", cf[f].help);

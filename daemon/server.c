@@ -278,11 +278,18 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		.host_headroom = kvt_store_tier(d->store, TIER_HOST)->p.headroom,
 	};
 	/* the client's read fence; without one its attends synchronise (slower, not wrong) */
-	if ((ret = dev->ops->fence_create(dev, w.fence, &c->fence)) == 0)
+	if ((ret = dev->ops->fence_create(dev, w.fence, NULL, &c->fence)) == 0)
 		w.flags |= KVT_WELCOME_FENCE;
 	else
 		kvt_warn("server", "client %u: no read fence (%s): its reads are synchronous",
 			 c->id, strerror(-ret));
+	/* the copy fence; without one its selects wait for their copies to land */
+	if ((ret = dev->ops->fence_create(dev, w.copy_fence, c->hdr->copy_fence,
+					  &c->copy_fence)) == 0)
+		w.flags |= KVT_WELCOME_COPY_FENCE;
+	else
+		kvt_warn("server", "client %u: no copy fence (%s): its selects wait for their "
+			 "copies", c->id, strerror(-ret));
 	int fds[KVT_FD_MAX] = {c->ring_fd, c->req_efd, c->cmp_efd, c->tenant->pool_fd,
 			       c->tenant->host_fd};
 	if ((ret = kvd_send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, KVT_FD_MAX)) < 0) {
@@ -386,6 +393,12 @@ static void sock_read(struct kvd_client *c)
 void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t aux0,
 		  uint64_t aux1)
 {
+	kvd_complete_flags(c, user_data, res, 0, aux0, aux1);
+}
+
+void kvd_complete_flags(struct kvd_client *c, uint64_t user_data, int res, uint32_t flags,
+			uint64_t aux0, uint64_t aux1)
+{
 	if (c->dead)
 		return;
 	uint32_t head = kvt_load_acquire(&c->hdr->cq_head);
@@ -397,7 +410,7 @@ void kvd_complete(struct kvd_client *c, uint64_t user_data, int res, uint64_t au
 	struct kvt_cqe *e = &c->cqes[c->cq_tail & (c->cq_entries - 1)];
 	e->user_data = user_data;
 	e->res = res;
-	e->pad_ = 0;
+	e->flags = flags;
 	e->aux[0] = aux0;
 	e->aux[1] = aux1;
 	if (res < 0 && res != -ENOENT)
@@ -553,10 +566,11 @@ static void client_free(struct kvd_client *c)
 {
 	struct kvd *d = c->d;
 	kvd_engine_detach(c);
-	if (c->fence) {
-		struct kvt_device *dev = kvt_store_device(d->store);
+	struct kvt_device *dev = kvt_store_device(d->store);
+	if (c->fence)
 		dev->ops->fence_destroy(dev, c->fence);
-	}
+	if (c->copy_fence) /* before the ring it may keep its state in goes */
+		dev->ops->fence_destroy(dev, c->copy_fence);
 	if (c->attached)
 		c->tenant->clients--;
 	if (c->ring)

@@ -73,6 +73,9 @@ struct kvtier_client {
 	struct kvt_fence *fence;
 	struct kvt_fence **layer_fence; /* [layers], made when first needed */
 	bool *layer_queued;             /* [layers] */
+	/* the daemon's copy fence: behind its copies into the pool that a select's answer
+	 * names before they have landed (KVT_CQE_COPIES); NULL: selects wait for them */
+	struct kvt_fence *copy_fence;
 	/* KVTIER_TIMING=1: where kvtier_select's time goes, printed at detach */
 	bool timing;
 	uint64_t sel_n, sel_ns[3]; /* the query staged, the round trip, the table up */
@@ -140,6 +143,31 @@ static int wait_cqe(struct kvtier_client *c)
 	}
 	__atomic_store_n(&c->hdr->cq_wait, 0, __ATOMIC_RELAXED);
 	return 0;
+}
+
+/*
+ * The copies a select's answer named, landed, waited for on the host (the cpu device,
+ * whose worker lands them while the daemon goes on): 0, or -ECONNRESET when the daemon
+ * is gone first.
+ */
+static int copies_wait(struct kvtier_client *c)
+{
+	for (unsigned spin = 0;; spin++) {
+		int ret = c->dev->ops->fence_query(c->dev, c->copy_fence);
+		if (ret != -EAGAIN)
+			return ret;
+		if (spin < 1000) {
+			__builtin_ia32_pause();
+			continue;
+		}
+		struct pollfd p = {c->sock, POLLRDHUP, 0};
+		if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
+			c->dead = true;
+			return -ECONNRESET;
+		}
+		struct timespec ts = {0, 20000};
+		nanosleep(&ts, NULL);
+	}
 }
 
 /* One request, one completion; called with c->lock held. */
@@ -345,8 +373,13 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	/* the read fence; without one (an older daemon, or none could be made) an async
 	 * attend synchronises before it returns */
 	if ((c->w.flags & KVT_WELCOME_FENCE) &&
-	    c->dev->ops->fence_open(c->dev, c->w.fence, &c->fence) < 0)
+	    c->dev->ops->fence_open(c->dev, c->w.fence, NULL, &c->fence) < 0)
 		c->fence = NULL;
+	/* the copy fence; without one selects wait for their copies (slower, not wrong) */
+	if ((c->w.flags & KVT_WELCOME_COPY_FENCE) &&
+	    c->dev->ops->fence_open(c->dev, c->w.copy_fence, c->hdr->copy_fence,
+				    &c->copy_fence) < 0)
+		c->copy_fence = NULL;
 	c->layer_fence = calloc(layout->layers, sizeof(*c->layer_fence));
 	c->layer_queued = calloc(layout->layers, sizeof(*c->layer_queued));
 	if (!c->layer_fence || !c->layer_queued) {
@@ -381,6 +414,8 @@ void kvtier_detach(struct kvtier_client *c)
 	free(c->layer_queued);
 	if (c->fence)
 		c->dev->ops->fence_destroy(c->dev, c->fence);
+	if (c->copy_fence)
+		c->dev->ops->fence_destroy(c->dev, c->copy_fence);
 	if (c->cc) {
 		kvt_compute_host_free(c->cc, c->stage);
 		kvt_compute_free(c->cc, c->tail_dev);
@@ -710,7 +745,7 @@ struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_s
 	size_t rows = (size_t)max_seqs * c->layout.kv_heads;
 	if (kvt_compute_host_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->n_pages) < 0 ||
 	    kvt_compute_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->d_n_pages) < 0 ||
-	    c->dev->ops->fence_create(c->dev, NULL, &t->up) < 0) {
+	    c->dev->ops->fence_create(c->dev, NULL, NULL, &t->up) < 0) {
 		kvtier_table_destroy(t);
 		return NULL;
 	}
@@ -862,7 +897,8 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	if (ret)
 		goto out;
 	unsigned fl = (p->top_p_mode ? KVT_SEL_TOPP : 0) | (c->host_dev ? KVT_SEL_HOST : 0) |
-		      ((p->flags & KVTIER_SEL_SUBSTITUTE) ? KVT_SEL_SUBST : 0);
+		      ((p->flags & KVTIER_SEL_SUBSTITUTE) ? KVT_SEL_SUBST : 0) |
+		      (c->copy_fence ? KVT_SEL_FENCED : 0);
 	struct kvt_sqe r = {.op = KVT_OP_SELECT, .flags = (uint8_t)fl,
 			    .layer = (uint16_t)layer, .seq = nseq, .budget = p->budget_pages,
 			    .off = {0, qoff, ooff}, .out_stride = stride,
@@ -898,6 +934,16 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 								      layer, (uint32_t)(row % H))
 					      : -1;
 	}
+	/*
+	 * Slots whose copies are under way: on a GPU the backend's stream waits for them
+	 * (the table's copies and kvtier_attend queue behind, kvtier_attend_async and
+	 * kvtier_table_ready wait for t->up, recorded after); on cpu, here.
+	 */
+	if (!ret && (e.flags & KVT_CQE_COPIES))
+		ret = !c->copy_fence ? -EPROTO
+		      : c->gpu	     ? c->dev->ops->fence_stream_wait(c->dev, c->copy_fence,
+								 kvt_compute_stream(c->cc))
+				     : copies_wait(c);
 	if (ret)
 		goto out;
 	memcpy(t->slots, tab, rows * stride * sizeof(int32_t));
@@ -996,9 +1042,9 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 	int ret = 0;
 	if (c->fence) {
 		if (!t->done)
-			ret = dev->ops->fence_create(dev, NULL, &t->done);
+			ret = dev->ops->fence_create(dev, NULL, NULL, &t->done);
 		if (!ret && !c->layer_fence[t->layer])
-			ret = dev->ops->fence_create(dev, NULL, &c->layer_fence[t->layer]);
+			ret = dev->ops->fence_create(dev, NULL, NULL, &c->layer_fence[t->layer]);
 	}
 	struct kvt_attend_args a;
 	attend_args(c, t, q, out, lse, scale, &a);
@@ -1014,6 +1060,17 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 		t->queued = true;
 		c->layer_queued[t->layer] = true;
 	}
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_table_ready(struct kvtier_client *c, const struct kvtier_table *t, void *stream)
+{
+	if (!c || !t || t->c != c)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	/* t->up follows the copy fence's wait on the backend's stream (kvtier_select) */
+	int ret = t->up_pending ? c->dev->ops->fence_stream_wait(c->dev, t->up, stream) : 0;
 	pthread_mutex_unlock(&c->lock);
 	return ret;
 }

@@ -8,8 +8,10 @@
  * An inference process attaches with its model's layout, creates a sequence per
  * request, appends the K and V of every new token for every layer, and at each decode
  * step asks, per layer, for the page table of the pages its query needs
- * (kvt_select): every page the table names is in GPU memory when the call returns
- * (the daemon brings it up from host RAM or NVMe first). kvt_attend then runs sparse
+ * (kvtier_select): every page the table names is in GPU memory for the work the caller
+ * queues after the call (the daemon brings it up from host RAM or NVMe first; on a
+ * GPU the last copies may still be under way, with the backend's stream ordered after
+ * them: kvtier_table_ready). kvtier_attend then runs sparse
  * attention over that table in the caller's process, reading the pages straight from
  * the GPU pool the daemon shares with it, and the page still filling from the
  * library's own copy. Results equal dense attention over the same pages.
@@ -197,6 +199,17 @@ void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *o
 int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, uint32_t layer,
 		  const void *q, unsigned mem, const struct kvtier_select_params *p,
 		  struct kvtier_table *t);
+
+/*
+ * For an engine that reads the pages of a table with kernels of its own: work queued
+ * on stream after this call runs after the table's pages are in their slots. On the
+ * cuda backend kvtier_select may return while the daemon's copies of pages into the
+ * GPU pool are under way (ordered by a CUDA IPC event it records behind them; the
+ * backend's own stream, where kvtier_attend runs, already waits for them, and
+ * kvtier_attend_async orders its stream itself). On cpu they have landed when
+ * kvtier_select returns, and this does nothing. 0 or -errno.
+ */
+int kvtier_table_ready(struct kvtier_client *c, const struct kvtier_table *t, void *stream);
 
 /*
  * Attention of the queries q (the same as selected with, host or device) over the

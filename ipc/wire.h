@@ -26,7 +26,7 @@
 #include "ipc/kvtier.h"
 
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 3
+#define KVT_WIRE_VERSION 4
 
 #define KVT_MSG_MAX (64u * 1024)
 
@@ -129,11 +129,17 @@ struct kvt_welcome {
 	uint64_t host_stride;  /* host arena: slot i's page at i * host_stride + host_headroom */
 	uint32_t host_headroom;
 	uint32_t flags; /* enum kvt_welcome_flags */
+	/* with KVT_WELCOME_COPY_FENCE: the copy fence, which the daemon records behind its
+	 * copies into the GPU pool when a select answers before they have landed
+	 * (KVT_CQE_COPIES); the client orders its reads of the table after it. Its state,
+	 * on a device that keeps it in memory (cpu), is the ring header's copy_fence. */
+	uint8_t copy_fence[64];
 };
 enum kvt_welcome_flags {
-	KVT_WELCOME_FENCE = 1u << 0, /* fence holds a handle */
+	KVT_WELCOME_FENCE = 1u << 0,      /* fence holds a handle */
+	KVT_WELCOME_COPY_FENCE = 1u << 1, /* copy_fence holds a handle */
 };
-_Static_assert(sizeof(struct kvt_welcome) == 168, "wire format");
+_Static_assert(sizeof(struct kvt_welcome) == 232, "wire format");
 
 /* The prefetcher's counters (struct kvtier_prefetch_stats) are the public header's. */
 _Static_assert(sizeof(struct kvtier_prefetch_stats) == 120 + 2 * 8 * KVTIER_LAT_BUCKETS,
@@ -187,8 +193,10 @@ struct kvt_ring_hdr {
 	 * kvtier_attend (kvtier_reads_hold): the daemon keeps unpinned slots as they are */
 	uint32_t reads_held;
 	uint8_t pad7[60];
+	/* daemon (its device's worker): the copy fence's state on the cpu device */
+	uint8_t copy_fence[64];
 };
-_Static_assert(sizeof(struct kvt_ring_hdr) == 7 * 64, "wire format");
+_Static_assert(sizeof(struct kvt_ring_hdr) == 8 * 64, "wire format");
 
 enum kvt_op_code {
 	KVT_OP_NOP = 0,
@@ -222,6 +230,9 @@ enum kvt_select_flags {
 				  * host slots (KVT_SLOT_HOST) for pages not on the GPU */
 	KVT_SEL_SUBST = 1u << 2, /* a page only on NVMe is replaced by the next-best page
 				  * that is resident, counted, instead of read at once */
+	KVT_SEL_FENCED = 1u << 3, /* the client orders its reads after the copy fence: the
+				   * answer may name GPU slots whose copies are under way
+				   * (KVT_CQE_COPIES) */
 };
 
 /*
@@ -252,9 +263,14 @@ _Static_assert(sizeof(struct kvt_sqe) == 64, "wire format");
 struct kvt_cqe {
 	uint64_t user_data;
 	int32_t res;    /* >= 0 or -errno */
-	uint32_t pad_;
+	uint32_t flags; /* enum kvt_cqe_flags */
 	uint64_t aux[2]; /* APPEND: aux[0] tokens accepted; SELECT: aux[0] pages already on
 			  * the GPU, aux[1] pages the step had to wait for */
+};
+enum kvt_cqe_flags {
+	/* SELECT: the table names GPU slots whose copies are still under way; the copy
+	 * fence was recorded behind them: reads of the table must wait for it */
+	KVT_CQE_COPIES = 1u << 0,
 };
 _Static_assert(sizeof(struct kvt_cqe) == 32, "wire format");
 

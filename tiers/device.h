@@ -56,17 +56,24 @@ enum kvt_device_cap {
 	KVT_DEV_CAP_GPU = 1u << 0, /* a real GPU: device memory is not CPU-addressable */
 };
 
-#define KVT_DEVICE_OPS_VERSION 3
+#define KVT_DEVICE_OPS_VERSION 4
 
 /*
- * A fence: the end of device work one process queued on a stream, which another
- * process can see. cuda: an event made with cudaEventInterprocess and shared by
- * cudaIpcGetEventHandle; the daemon makes one per client and sends its handle, the
- * client records it behind its kernels that read the daemon's pages, and the daemon
- * queries it before it lets those pages' slots go. cpu: the work completes before the
- * call that queues it returns, so a fence is complete as soon as it is recorded.
+ * A fence: the end of device work one process queued, which another process can see.
+ * cuda: an event made with cudaEventInterprocess and shared by cudaIpcGetEventHandle.
+ * The daemon makes two per client and sends their handles: the read fence, which the
+ * client records behind its kernels that read the daemon's pages and the daemon
+ * queries before it lets those pages' slots go; and the copy fence, which the daemon
+ * records behind its copies into the GPU pool (fence_record_copies) and the client's
+ * stream waits on before it reads the slots a select named while their copies were
+ * under way.
+ * cpu: kernels complete before the call that queues them returns, so a fence recorded
+ * on a stream is complete at once; copies are done by the device's worker thread, and
+ * a fence recorded behind them keeps its state in KVT_FENCE_SHM_BYTES of memory that
+ * both processes map (the client's ring), which the worker updates as copies land.
  */
 #define KVT_FENCE_HANDLE_BYTES 64
+#define KVT_FENCE_SHM_BYTES    64
 struct kvt_fence;
 
 struct kvt_device;
@@ -109,13 +116,25 @@ struct kvt_device_ops {
 	 * -errno.
 	 */
 	int (*host_map_ro)(struct kvt_device *d, void *p, size_t len, void **dev);
-	/* A fence; shareable when handle is not NULL (it is then filled with
-	 * KVT_FENCE_HANDLE_BYTES bytes that fence_open takes in another process). */
-	int (*fence_create)(struct kvt_device *d, uint8_t *handle, struct kvt_fence **out);
-	int (*fence_open)(struct kvt_device *d, const uint8_t *handle, struct kvt_fence **out);
+	/*
+	 * A fence; shareable when handle is not NULL (it is then filled with
+	 * KVT_FENCE_HANDLE_BYTES bytes that fence_open takes in another process). shm
+	 * (may be NULL: the fence is then never recorded behind copies) is
+	 * KVT_FENCE_SHM_BYTES of memory, 8-byte aligned, that the other process maps
+	 * too and passes to fence_open: where a device keeps a fence's state in memory
+	 * (cpu), it lives there; it must outlive the fence.
+	 */
+	int (*fence_create)(struct kvt_device *d, uint8_t *handle, void *shm,
+			    struct kvt_fence **out);
+	int (*fence_open)(struct kvt_device *d, const uint8_t *handle, void *shm,
+			  struct kvt_fence **out);
 	/* Marks the end of the work queued so far on stream (a cudaStream_t; NULL: the
 	 * legacy default stream). */
 	int (*fence_record)(struct kvt_device *d, struct kvt_fence *f, void *stream);
+	/* Marks the end of the copy batches submitted so far in direction dir (on cpu:
+	 * in either), on a fence made with shm. 0 or -errno. */
+	int (*fence_record_copies)(struct kvt_device *d, struct kvt_fence *f,
+				   enum kvt_copy_dir dir);
 	/* 0: the work before the fence's last record, in whichever process made it, is
 	 * complete; -EAGAIN: not yet; -errno. Never blocks. */
 	int (*fence_query)(struct kvt_device *d, struct kvt_fence *f);

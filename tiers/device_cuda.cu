@@ -481,9 +481,10 @@ static int cuda_memcpy(kvt_device *dev, void *dst, const void *src, size_t len,
  */
 static_assert(sizeof(cudaIpcEventHandle_t) == KVT_FENCE_HANDLE_BYTES, "fence handle");
 
-static int cuda_fence_create(kvt_device *dev, uint8_t *handle, kvt_fence **out)
+static int cuda_fence_create(kvt_device *dev, uint8_t *handle, void *shm, kvt_fence **out)
 {
 	(void)dev;
+	(void)shm; /* the driver keeps the state */
 	cudaEvent_t e;
 	unsigned fl = cudaEventDisableTiming | (handle ? cudaEventInterprocess : 0);
 	int ret = to_errno(cudaEventCreateWithFlags(&e, fl), "cudaEventCreate");
@@ -501,9 +502,10 @@ static int cuda_fence_create(kvt_device *dev, uint8_t *handle, kvt_fence **out)
 	return 0;
 }
 
-static int cuda_fence_open(kvt_device *dev, const uint8_t *handle, kvt_fence **out)
+static int cuda_fence_open(kvt_device *dev, const uint8_t *handle, void *shm, kvt_fence **out)
 {
 	(void)dev;
+	(void)shm;
 	cudaIpcEventHandle_t h;
 	memcpy(&h, handle, sizeof(h));
 	cudaEvent_t e;
@@ -519,6 +521,16 @@ static int cuda_fence_record(kvt_device *dev, kvt_fence *f, void *stream)
 	return to_errno(cudaEventRecord(reinterpret_cast<cudaEvent_t>(f),
 					static_cast<cudaStream_t>(stream)),
 			"cudaEventRecord");
+}
+
+/* Copies of a direction are all queued on its lane's stream, in submission order
+ * (copy_submit), so an event recorded there now follows every batch submitted. */
+static int cuda_fence_record_copies(kvt_device *dev, kvt_fence *f, enum kvt_copy_dir dir)
+{
+	auto *d = reinterpret_cast<cuda_device *>(dev);
+	return to_errno(cudaEventRecord(reinterpret_cast<cudaEvent_t>(f),
+					d->lanes[dir == KVT_H2D ? 0 : 1].stream),
+			"cudaEventRecord(copies)");
 }
 
 static int cuda_fence_query(kvt_device *dev, kvt_fence *f)
@@ -572,6 +584,7 @@ static const kvt_device_ops cuda_ops = {
 	cuda_fence_create,
 	cuda_fence_open,
 	cuda_fence_record,
+	cuda_fence_record_copies,
 	cuda_fence_query,
 	cuda_fence_wait,
 	cuda_fence_destroy,

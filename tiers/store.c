@@ -17,13 +17,15 @@
 
 struct waiter {
 	struct waiter *next;
-	int tier; /* TIER_*: done when valid there; WAIT_READ: copy out of host */
+	int tier; /* TIER_*: done when valid there; WAIT_READ: copy out of host;
+		   * WAIT_QUEUED: valid on the GPU, or its copy there queued */
 	kvt_store_cb cb;
 	void *arg;
 	void *dst;
 	uint32_t cap;
 };
-#define WAIT_READ TIER_MAX
+#define WAIT_READ   TIER_MAX
+#define WAIT_QUEUED (TIER_MAX + 1)
 
 struct seq {
 	struct seq *hnext;
@@ -54,6 +56,7 @@ struct page {
 	uint8_t readers[TIER_MAX]; /* moves in flight reading the copy in each tier */
 	uint8_t state;
 	uint8_t valid, busy, want;
+	uint8_t queued; /* B(TIER_GPU): its copy there is on the device (slot[] its slot) */
 	uint8_t wb_tries;
 	bool dropped;
 	struct waiter *waiters;
@@ -305,6 +308,9 @@ static void wake(struct kvt_store *s, struct page *pg, int err)
 				memcpy(w->dst, tier_ptr(s, TIER_HOST, pg->slot[TIER_HOST]), n);
 				res = 0;
 			}
+		} else if (w->tier == WAIT_QUEUED) {
+			if (pg->valid & B(TIER_GPU) || pg->queued & B(TIER_GPU))
+				res = 0;
 		} else if (pg->valid & B(w->tier)) {
 			res = 0;
 		}
@@ -430,6 +436,10 @@ static void move_done(struct tier_io *io)
 	s->st.lat[via][dir][kvt_hist_bucket(us)]++;
 	s->st.lat_sum_us[via][dir] += us;
 	pg->busy &= (uint8_t)~B(m->dst);
+	if (pg->queued & B(m->dst)) {
+		pg->queued &= (uint8_t)~B(m->dst);
+		pg->slot[m->dst] = TIER_SLOT_NONE; /* m->slot's, set again below once valid */
+	}
 	pg->io_refs--;
 	pg->readers[m->src]--;
 	s->moves_inflight--;
@@ -611,6 +621,29 @@ static void progress(struct kvt_store *s, struct page *pg)
 	}
 }
 
+/*
+ * The copies into the GPU of a submit: once the device has them, their pages are
+ * "queued" there (slot[] their destination): kvt_store_promote_queued's waiters go.
+ * Listed before the submit, which may complete other copies (reads) inline; these
+ * ones land only from the device's poll, so their pages are still here after it.
+ */
+struct queued_copy {
+	struct page *pg;
+	tier_slot_t slot;
+};
+
+static void mark_queued(struct kvt_store *s, struct queued_copy *qc, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++) {
+		struct page *pg = qc[i].pg;
+		if (pg->dropped || !(pg->busy & B(TIER_GPU)) || (pg->valid & B(TIER_GPU)))
+			continue;
+		pg->queued |= B(TIER_GPU);
+		pg->slot[TIER_GPU] = qc[i].slot;
+		wake(s, pg, 0);
+	}
+}
+
 static void ioq_flush(struct kvt_store *s, enum tier_id t)
 {
 	struct ioq *q = &s->q[t];
@@ -618,9 +651,16 @@ static void ioq_flush(struct kvt_store *s, enum tier_id t)
 		return;
 	/* Take the array: completions run from here may queue new copies. */
 	struct tier_io **ios = q->ios;
-	unsigned n = q->n, cap = q->cap;
+	unsigned n = q->n, cap = q->cap, nq = 0;
 	q->ios = NULL;
 	q->n = q->cap = 0;
+	struct queued_copy *qc = t == TIER_GPU ? kvt_malloc(n * sizeof(*qc)) : NULL;
+	for (unsigned i = 0; qc && i < n; i++) {
+		if (ios[i]->dir != TIER_WRITE)
+			continue;
+		struct move *m = kvt_container_of(ios[i], struct move, io);
+		qc[nq++] = (struct queued_copy){m->pg, m->slot};
+	}
 	int ret = s->tier[t]->ops->submit(s->tier[t], ios, n);
 	if (ret < 0) {
 		kvt_err("store", "%s: submit of %u copies: %s", tier_name(t), n, strerror(-ret));
@@ -628,7 +668,10 @@ static void ioq_flush(struct kvt_store *s, enum tier_id t)
 			ios[i]->res = ret;
 			ios[i]->done(ios[i]);
 		}
+	} else if (nq) {
+		mark_queued(s, qc, nq);
 	}
+	kvt_free(qc);
 	if (!q->ios) {
 		q->ios = ios;
 		q->cap = cap;
@@ -868,7 +911,7 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
  * the way has room now (free, or by evicting a cold copy) and else returns -EAGAIN.
  */
 static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
-		   bool only_if_room, kvt_store_cb cb, void *arg)
+		   bool only_if_room, bool queued_ok, kvt_store_cb cb, void *arg)
 {
 	if (to != TIER_HOST && to != TIER_GPU)
 		return -EINVAL;
@@ -894,7 +937,11 @@ static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id t
 		defer(s, cb, arg, 0);
 		return 0;
 	}
-	int ret = add_waiter(pg, to, cb, arg, NULL, 0);
+	if (queued_ok && (pg->queued & B(to))) {
+		defer(s, cb, arg, 0);
+		return 0;
+	}
+	int ret = add_waiter(pg, queued_ok ? WAIT_QUEUED : to, cb, arg, NULL, 0);
 	if (ret < 0)
 		return ret;
 	pg->want |= B(to);
@@ -905,13 +952,24 @@ static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id t
 int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		      kvt_store_cb cb, void *arg)
 {
-	return promote(s, k, to, false, cb, arg);
+	return promote(s, k, to, false, false, cb, arg);
+}
+
+int kvt_store_promote_queued(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
+			     void *arg)
+{
+	return promote(s, k, TIER_GPU, false, true, cb, arg);
+}
+
+int kvt_store_copy_fence(struct kvt_store *s, struct kvt_fence *f)
+{
+	return s->dev->ops->fence_record_copies(s->dev, f, KVT_H2D);
 }
 
 int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		       kvt_store_cb cb, void *arg)
 {
-	return promote(s, k, to, true, cb, arg);
+	return promote(s, k, to, true, false, cb, arg);
 }
 
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
@@ -1060,6 +1118,7 @@ static void page_info(const struct page *pg, struct kvt_page_info *out)
 	out->state = (enum kvt_page_state)pg->state;
 	out->valid = pg->valid;
 	out->inflight = pg->busy;
+	out->queued = pg->queued;
 	out->pins = pg->pins;
 	out->len = pg->len;
 	out->epoch = pg->epoch;

@@ -56,6 +56,8 @@ struct kvt_page_info {
 	enum kvt_page_state state;
 	unsigned valid;    /* bit (1 << tier_id) per tier holding a valid copy */
 	unsigned inflight; /* bit per tier a copy is being made into */
+	unsigned queued;   /* of those, the GPU's when the device has its copy queued:
+			    * slot[TIER_GPU] is then where it lands (kvt_store_promote_queued) */
 	unsigned pins;
 	uint32_t len;
 	uint64_t epoch;
@@ -154,6 +156,21 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
  */
 int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		      kvt_store_cb cb, void *arg);
+
+/*
+ * promote to the GPU for a reader that orders its reads after the store's copies
+ * (kvt_store_copy_fence): cb runs as soon as the page's copy into the GPU is queued on
+ * the device, or it is there, without waiting for the copy to land; its page info then
+ * shows slot[TIER_GPU], and `queued` while the copy is under way. Reads ordered after a
+ * copy fence recorded from then on see the page. A queued copy does not fail (short of
+ * a fault of the device itself).
+ */
+int kvt_store_promote_queued(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
+			     void *arg);
+/* Records f (made with shared state: kvt_device_ops.fence_create) behind every copy into
+ * the GPU queued so far. 0 or -errno. */
+struct kvt_fence;
+int kvt_store_copy_fence(struct kvt_store *s, struct kvt_fence *f);
 
 /*
  * promote for pages that are only likely to be needed: starts only where every tier

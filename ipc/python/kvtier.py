@@ -62,7 +62,7 @@ STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "
 SLOT_HOST = 0x40000000
 # The socket protocol (ipc/wire.h), for tools that speak it without the library.
 WIRE_MAGIC = 0x3154564B
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 ATTACH_NO_HOST_READS = 1
 SEL_SUBSTITUTE = 1
 
@@ -107,6 +107,7 @@ def _load(path=None):
         "kvtier_attend": (I, [P, P, P, P, P, ctypes.c_float, ctypes.c_uint]),
         "kvtier_attend_async": (I, [P, P, P, P, P, ctypes.c_float, P]),
         "kvtier_reads_fence": (I, [P, P]),
+        "kvtier_table_ready": (I, [P, P, P]),
         "kvtier_reads_hold": (None, [P]),
         "kvtier_reads_release": (None, [P]),
         "kvtier_memory": (None, [P, ctypes.POINTER(_Memory)]),
@@ -327,6 +328,13 @@ class Client:
         _check(self._lib.kvtier_attend_async(self._h, table._t, qp, op, lp, s,
                                              _stream_ptr(stream, q)), "attend_async")
         return out
+
+    def table_ready(self, table, stream=None):
+        """Orders work queued on stream (an engine's own kernels over memory()) after the
+        daemon's copies of the table's pages into the GPU pool, which a select on a GPU
+        may return before."""
+        _check(self._lib.kvtier_table_ready(self._h, table._t, _stream_ptr(stream, None)),
+               "table_ready")
 
     def reads_fence(self, stream=None):
         """Marks the end of reads of table pages queued on stream (an engine's own kernels

@@ -287,7 +287,8 @@ static int reset_globals(void **state)
 
 static int start_daemon(void **state)
 {
-	static char dir[64] = "/tmp/kvtd-XXXXXX";
+	static char dir[64];
+	strcpy(dir, "/tmp/kvtd-XXXXXX"); /* again for each start (test_copy_order) */
 	if (!mkdtemp(dir))
 		return -1;
 	chmod(dir, 0755);
@@ -843,6 +844,52 @@ static void test_malformed(void **state)
 	kvtier_detach(c);
 }
 
+/*
+ * Copies into the GPU pool and the client's reads, ordered by the copy fence. The
+ * daemon is started again with a cpu device that lands every copy batch 3 ms late
+ * (KVT_CPU_COPY_DELAY_US); a client that reads nothing in place (every selected page
+ * comes to the pool) gets its answers as soon as the copies they need are queued, and
+ * waits on the fence before it reads. step() checks every output against the reference
+ * and every selected slot byte for byte: a read before its copy landed would find the
+ * slot's old page, or nothing.
+ */
+static void test_copy_order(void **state)
+{
+	assert_int_equal(stop_daemon(state), 0);
+	setenv("KVT_CPU_COPY_DELAY_US", "3000", 1);
+	int r = start_daemon(state);
+	unsetenv("KVT_CPU_COPY_DELAY_US");
+	assert_int_equal(r, 0);
+	struct kvtier_client *c = attach_flags(NULL, KVTIER_ATTACH_NO_HOST_READS);
+	assert_non_null(c);
+	struct seqdesc s = {.salt = 31};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PF_PREFILL);
+	struct kvtier_table *tab = kvtier_table_create(c, 1);
+	assert_non_null(tab);
+	drifting = true;
+	for (uint32_t t = 0; t < 16; t++)
+		step(c, &s, 1, t, 8, tab);
+	/* answers went before their copies landed, and the pages were right */
+	char js[8192] = "";
+	assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+	const char *a = strstr(js, "\"selects_before_copies\":");
+	const char *b = strstr(js, "\"pages_before_copies\":");
+	assert_non_null(a);
+	assert_non_null(b);
+	assert_non_null(strstr(js, "\"copy_fence\":true"));
+	unsigned long long sel = strtoull(a + 24, NULL, 10), pages = strtoull(b + 22, NULL, 10);
+	print_message("answered before their copies landed: %llu selects, %llu pages\n", sel,
+		      pages);
+	assert_true(sel > 0 && pages >= sel);
+	struct kvtier_prefetch_stats st;
+	assert_int_equal(kvtier_stats(c, s.id, &st), 0);
+	assert_true(st.host == 0 && st.fetched + st.disk + st.late > 0);
+	kvtier_table_destroy(tab);
+	kvtier_detach(c);
+	drifting = false;
+}
+
 static void test_disallowed_uid(void **state)
 {
 	if (geteuid() != 0)
@@ -879,6 +926,7 @@ int main(void)
 		cmocka_unit_test_setup(test_kill9, reset_globals),
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
+		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */
 	};
 	return cmocka_run_group_tests(tests, start_daemon, stop_daemon);
 }

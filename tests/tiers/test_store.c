@@ -7,6 +7,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "tiers/device.h"
 #include "tiers/store.h"
@@ -230,6 +233,120 @@ static void pins_hold(void **state)
 	assert_int_equal(kvt_store_page_info(s, &k, NULL), -ENOENT);
 }
 
+/* The cpu device's worker lands each copy batch this late (KVT_CPU_COPY_DELAY_US). */
+static int setup_slow_copies(void **state)
+{
+	setenv("KVT_CPU_COPY_DELAY_US", "300000", 1);
+	int r = setup(state, "slow", 64u << 20, 4u << 20, 2u << 20);
+	unsetenv("KVT_CPU_COPY_DELAY_US");
+	return r;
+}
+
+/*
+ * kvt_store_promote_queued answers once a page's copy into the GPU is queued on the
+ * device, naming its slot; a copy fence recorded then, opened by another process over
+ * shared memory, completes only when the copy has landed, and the slot then holds the
+ * page. The worker sleeps 300 ms before each batch: the fence is still open right after
+ * the record (the parent's query) and the other process's wait has something to wait
+ * for.
+ */
+static void queued_copies(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct kvt_device *dev = kvt_store_device(s);
+	struct t_wait w = {0};
+	const uint32_t n = 8;
+	for (uint32_t i = 0; i < n; i++) { /* in host RAM only */
+		struct page_key k = t_key(0, 60, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, &w), 0);
+	}
+	assert_int_equal(t_drain(s, &w), 0);
+	/* the fence's state where both processes see it */
+	uint8_t *shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	assert_true(shm != MAP_FAILED);
+	uint8_t handle[KVT_FENCE_HANDLE_BYTES];
+	struct kvt_fence *fence;
+	assert_int_equal(dev->ops->fence_create(dev, handle, shm, &fence), 0);
+	assert_int_equal(dev->ops->fence_query(dev, fence), 0); /* nothing recorded yet */
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 60, 0, 0, i);
+		w.pending++;
+		assert_int_equal(kvt_store_promote_queued(s, &k, t_cb, &w), 0);
+	}
+	/* queued: the callbacks run, the copies have not landed (300 ms) */
+	assert_int_equal(t_drain(s, &w), 0);
+	tier_slot_t slot[8];
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 60, 0, 0, i);
+		struct kvt_page_info pi;
+		assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+		assert_false(pi.valid & (1u << TIER_GPU));
+		assert_true(pi.queued & (1u << TIER_GPU));
+		assert_true(pi.inflight & (1u << TIER_GPU));
+		assert_null(kvt_store_slot_ptr(s, &k, TIER_GPU)); /* not valid there yet */
+		slot[i] = pi.slot[TIER_GPU];
+		/* a second queued promote is answered at once; a plain one waits */
+		w.pending++;
+		assert_int_equal(kvt_store_promote_queued(s, &k, t_cb, &w), 0);
+	}
+	assert_int_equal(kvt_store_run(s, 0) >= 0, 1);
+	assert_int_equal(w.pending, 0);
+	assert_int_equal(kvt_store_copy_fence(s, fence), 0);
+	assert_int_equal(dev->ops->fence_query(dev, fence), -EAGAIN);
+	struct tier *gt = kvt_store_tier(s, TIER_GPU);
+	pid_t pid = fork();
+	if (pid == 0) {
+		/* another process: waits on the fence, then finds every page in its slot */
+		struct kvt_fence *o;
+		int bad = dev->ops->fence_open(dev, handle, shm, &o) != 0;
+		bad |= !bad && dev->ops->fence_wait(dev, o) != 0;
+		bad |= !bad && dev->ops->fence_query(dev, o) != 0;
+		for (uint32_t i = 0; !bad && i < n; i++) {
+			struct page_key k = t_key(0, 60, 0, 0, i);
+			bad |= !t_check(gt->ops->slot_ptr(gt, slot[i]), PB, &k);
+		}
+		_exit(bad ? 1 : 0);
+	}
+	assert_true(pid > 0);
+	int st = 0;
+	assert_int_equal(waitpid(pid, &st, 0), pid);
+	assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	/* landed: valid on the GPU in the slot named, no longer queued */
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 60, 0, 0, i);
+		w.pending++;
+		assert_int_equal(kvt_store_promote(s, &k, TIER_GPU, t_cb, &w), 0);
+	}
+	assert_int_equal(t_drain(s, &w), 0);
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 60, 0, 0, i);
+		struct kvt_page_info pi;
+		assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+		assert_true(pi.valid & (1u << TIER_GPU));
+		assert_int_equal(pi.queued, 0);
+		assert_int_equal(pi.slot[TIER_GPU], slot[i]);
+	}
+	dev->ops->fence_destroy(dev, fence);
+	munmap(shm, 4096);
+	/* a page dropped while its copy is queued: the slot comes back once it lands */
+	struct page_key k = t_key(0, 60, 1, 0, 0);
+	t_fill(f->buf, PB, &k);
+	assert_int_equal(t_put(s, &k, f->buf, PB, 0, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	struct kvt_store_stats st0, st1;
+	kvt_store_stats(s, &st0);
+	w.pending++;
+	assert_int_equal(kvt_store_promote_queued(s, &k, t_cb, &w), 0);
+	assert_int_equal(t_drain(s, &w), 0);
+	assert_int_equal(kvt_store_drop_page(s, &k), 0);
+	while (kvt_store_busy(s))
+		assert_true(kvt_store_run(s, 100) >= 0);
+	kvt_store_stats(s, &st1);
+	assert_int_equal(st1.tier[TIER_GPU].used, st0.tier[TIER_GPU].used);
+}
+
 /* Dropped sequences give their slots back, on disk too once wiped. */
 static void drop_frees(void **state)
 {
@@ -357,6 +474,7 @@ int main(void)
 		cmocka_unit_test_teardown(gigabyte, teardown),
 		cmocka_unit_test_setup_teardown(evict_rules, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(pins_hold, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(queued_copies, setup_slow_copies, teardown),
 		cmocka_unit_test_setup_teardown(drop_frees, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(filling_pages, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
