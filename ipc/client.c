@@ -376,7 +376,8 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	    c->dev->ops->fence_open(c->dev, c->w.fence, NULL, &c->fence) < 0)
 		c->fence = NULL;
 	/* the copy fence; without one selects wait for their copies (slower, not wrong) */
-	if ((c->w.flags & KVT_WELCOME_COPY_FENCE) &&
+	const char *cf = getenv("KVTIER_COPY_FENCE");
+	if ((c->w.flags & KVT_WELCOME_COPY_FENCE) && !(cf && !strcmp(cf, "0")) &&
 	    c->dev->ops->fence_open(c->dev, c->w.copy_fence, c->hdr->copy_fence,
 				    &c->copy_fence) < 0)
 		c->copy_fence = NULL;

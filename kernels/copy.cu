@@ -49,7 +49,23 @@ __global__ void __launch_bounds__(kThreads) copy_pages(const kvt_copy *descs, un
 	}
 }
 
+__global__ void spin(uint64_t ns)
+{
+	uint64_t t0, t;
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+	do {
+		__nanosleep(1000);
+		asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	} while (t - t0 < ns);
+}
+
 } // namespace
+
+extern "C" int kvt_cuda_delay(uint64_t ns, void *stream)
+{
+	spin<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(ns);
+	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
+}
 
 extern "C" int kvt_cuda_copy_pages(const struct kvt_copy *descs, unsigned n, void *stream)
 {

@@ -21,6 +21,10 @@ struct kvt_copy;
  */
 int kvt_cuda_copy_pages(const struct kvt_copy *descs, unsigned n, void *stream);
 
+/* One thread that spins for ns nanoseconds on stream (the GPU's global timer): the work
+ * queued after it starts that much later. For tests of ordering. 0 or -errno. */
+int kvt_cuda_delay(uint64_t ns, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,7 +8,9 @@
  * Copies: a batch of pages becomes one gather kernel (default) reading mapped pinned
  * host memory, or one cudaMemcpyBatchAsync (KVT_CUDA_COPY=memcpy), on a stream of
  * the device's own per direction; a host function queued behind it signals the
- * eventfd the store's loop polls.
+ * eventfd the store's loop polls. KVT_CUDA_COPY_DELAY_US (tests) queues a kernel that
+ * spins that long before each batch, so that a reader not ordered after the copies
+ * would find the slots' old pages.
  */
 #include "device.h"
 #include "kernels/copy.h"
@@ -57,6 +59,7 @@ struct cuda_device {
 	int ordinal;
 	int efd;
 	bool use_memcpy_batch;
+	uint64_t delay_ns;
 	char desc[320];
 	int numa;
 	drv d;
@@ -137,6 +140,8 @@ static int cuda_open(kvt_device **out, int ordinal)
 	pthread_mutex_init(&d->lock, nullptr);
 	const char *mode = getenv("KVT_CUDA_COPY");
 	d->use_memcpy_batch = mode && !strcmp(mode, "memcpy");
+	if (const char *delay = getenv("KVT_CUDA_COPY_DELAY_US"); delay && *delay)
+		d->delay_ns = strtoull(delay, nullptr, 10) * 1000;
 	int ret;
 	if ((ret = to_errno(cudaSetDevice(ordinal), "cudaSetDevice")) < 0)
 		goto fail;
@@ -188,6 +193,9 @@ static int cuda_open(kvt_device **out, int ordinal)
 	}
 	kvt_info("cuda", "device %d: %s, NUMA node %d, copies by %s", ordinal, d->desc, d->numa,
 		 d->use_memcpy_batch ? "cudaMemcpyBatchAsync" : "gather kernel");
+	if (d->delay_ns)
+		kvt_notice("cuda", "copies start %llu us late (KVT_CUDA_COPY_DELAY_US)",
+			   (unsigned long long)(d->delay_ns / 1000));
 	*out = &d->base;
 	return 0;
 fail:
@@ -402,6 +410,8 @@ static int cuda_copy_submit(kvt_device *dev, kvt_copy_batch *b)
 	memcpy(l.ring + start, b->copies, b->n * sizeof(kvt_copy));
 	l.head = start + b->n;
 	int ret;
+	if (d->delay_ns && (ret = kvt_cuda_delay(d->delay_ns, l.stream)) < 0)
+		return ret;
 	if (d->use_memcpy_batch) {
 		void **dsts = static_cast<void **>(malloc(b->n * (sizeof(void *) * 2 + sizeof(size_t))));
 		if (!dsts)

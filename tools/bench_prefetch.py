@@ -47,7 +47,7 @@ def start_daemon(build, state, gpu_bytes, host_bytes, nvme_bytes, log):
     raise RuntimeError("kvtierd did not start")
 
 
-def run(args, name, gpu_bytes, host_bytes, resident, log):
+def run(args, name, gpu_bytes, host_bytes, resident, log, copy_fence=True):
     import torch
     L, H, G, D, T, n = args.layers, args.kv_heads, args.group, args.head_dim, args.page, args.context
     kv_bytes = L * H * n * 2 * D * 2
@@ -56,9 +56,13 @@ def run(args, name, gpu_bytes, host_bytes, resident, log):
                                 int(kv_bytes * 1.3) + (1 << 30), log)
     res = {"name": name}
     try:
+        # KVTIER_COPY_FENCE=0: selects answer once their copies have landed
+        os.environ["KVTIER_COPY_FENCE"] = "1" if copy_fence else "0"
         c = kvtier.Client(L, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, reps=0,
-                          socket=sock, data_bytes=64 << 20, host_reads=not resident,
+                          socket=sock, data_bytes=64 << 20,
+                          host_reads=not resident and not args.no_host_reads,
                           lib=os.path.join(args.build, "libkvtier.so"))
+        del os.environ["KVTIER_COPY_FENCE"]
         dev = torch.device("cuda")
         g = torch.Generator(device=dev).manual_seed(1)
         NC = 64
@@ -170,6 +174,11 @@ def main():
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--pool-frac", type=float, default=0.10)
     ap.add_argument("--host-frac", type=float, default=0.5)
+    ap.add_argument("--no-host-reads", action="store_true",
+                    help="the offloaded client reads no page in place: each comes to the pool")
+    ap.add_argument("--compare-fence", action="store_true",
+                    help="the offloaded run again with selects that wait for their copies "
+                         "(KVTIER_COPY_FENCE=0), for the copy fence's gain")
     args = ap.parse_args()
     kv = args.layers * args.kv_heads * args.context * 2 * args.head_dim * 2
     print(f"model: {args.layers} layers x {args.kv_heads} KV heads x {args.group} (GQA) x "
@@ -178,6 +187,11 @@ def main():
     log = open(os.path.join(args.dir or ".", "bench-prefetch-kvtierd.log"), "w")
     off = run(args, "offloaded", int(kv * args.pool_frac), int(kv * args.host_frac), False, log)
     show(off, kv)
+    if args.compare_fence:
+        nf = run(args, "offloaded-nofence", int(kv * args.pool_frac), int(kv * args.host_frac),
+                 False, log, copy_fence=False)
+        show(nf, kv)
+        print(f"step_ratio_fence_vs_nofence: {off['step_ms'] / nf['step_ms']:.3f}")
     res = run(args, "resident", int(kv * 1.15), int(kv * args.host_frac), True, log)
     show(res, kv)
     s = off["stats"]

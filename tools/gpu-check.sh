@@ -27,11 +27,15 @@ grep -h "gpu:" build-gpu/meson-logs/testlog.txt | head -2
 if [ "$what" = prefetch ]; then
 	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu bash tests/ipc/test_binding.sh "$PWD/build-gpu" "$PWD" \
 		>"$out/binding-cuda.txt" 2>&1
-	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|FAIL" "$out/binding-cuda.txt"
+	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|copy order|FAIL" "$out/binding-cuda.txt"
 	echo "== bench_prefetch, small"
 	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu --layers 4 --context 16384 \
 		--steps 16 --pool-frac 0.5 >"$out/prefetch-small.txt" 2>&1
 	echo "rc $?"; tail -12 "$out/prefetch-small.txt"
+	echo "== bench_prefetch, small, no host reads: the copy fence against waiting for copies"
+	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu --layers 4 --context 16384 \
+		--steps 16 --pool-frac 0.5 --no-host-reads --compare-fence >"$out/prefetch-fence.txt" 2>&1
+	echo "rc $?"; grep -E "step |hit|ratio" "$out/prefetch-fence.txt"
 	echo "== bench_prefetch, Llama-3.1-8B shape, 128K"
 	python3 tools/bench_prefetch.py --build build-gpu --dir build-gpu ${PF_ARGS:-} >"$out/prefetch.txt" 2>&1
 	echo "rc $?"; tail -14 "$out/prefetch.txt"
@@ -62,7 +66,7 @@ fi
 if [ "$what" = daemon ]; then
 	KVT_TEST_DEVICE=cuda KVT_TEST_DIR=$PWD/build-gpu bash tests/ipc/test_binding.sh "$PWD/build-gpu" "$PWD" \
 		>"$out/binding-cuda.txt" 2>&1
-	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|gpu |FAIL" "$out/binding-cuda.txt"
+	echo "== binding test on cuda: rc $?"; grep -E "attached|decode:|sparse|gpu |copy order|ordering|FAIL" "$out/binding-cuda.txt"
 	d=$(mktemp -d -p "$PWD/build-gpu")
 	export KVTIER_SOCKET=$d/s.sock KVTIER_LIB=$PWD/build-gpu/libkvtier.so
 	./build-gpu/kvtierd -o ipc.socket="$KVTIER_SOCKET" -o store.state_dir="$d" -o tenant.gpu_bytes=32M \

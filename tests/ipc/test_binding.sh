@@ -69,5 +69,21 @@ PY
 rc=0
 $py "$src/tests/ipc/test_torch.py" || rc=$?
 [ $rc -eq 0 ] || [ $rc -eq 77 ] || exit $rc
+# copies into the GPU pool ordered by the copy fence (a CUDA IPC event): a daemon of
+# its own whose copies start 20 ms late, so that a read not ordered after them is wrong
+if [ "${KVT_TEST_DEVICE:-cpu}" = cuda ]; then
+	mkdir -p "$dir/copies"
+	KVT_CUDA_COPY_DELAY_US=20000 "$build/kvtierd" -o ipc.socket="$run/copies.sock" \
+		-o store.state_dir="$dir/copies" -o store.device=cuda -o tenant.gpu_bytes=16M \
+		-o tenant.host_bytes=48M -o store.nvme_bytes=256M -o metrics.listen=off &
+	pid2=$!
+	for _ in $(seq 100); do [ -S "$run/copies.sock" ] && break; sleep 0.05; done
+	rc=0
+	KVTIER_SOCKET=$run/copies.sock KVT_CUDA_COPY_DELAY_US=20000 \
+		$py "$src/tests/ipc/test_copy_order.py" "$build" || rc=$?
+	kill -TERM $pid2
+	wait $pid2
+	[ $rc -eq 0 ] || [ $rc -eq 77 ] || exit $rc
+fi
 kill -TERM $pid
 wait $pid
