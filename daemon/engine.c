@@ -1366,8 +1366,10 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		seqs[b]->layer[r->layer].steps++;
 		PF_ADD(c, seqs[b], steps, 1);
 	}
-	/* 1: rank each row's other pages, substitute, pin what the answer names (so that
-	 * no move started below evicts a page selected for a later row) */
+	/* 1: pin what the answer names (so that no move started below evicts a page
+	 * selected for a later row); with substitution, rank each row's other pages and
+	 * substitute first (without, the ranking is the plan's alone: step 3) */
+	const bool subst = r->flags & KVT_SEL_SUBST;
 	for (uint64_t row = 0; row < rows && !s->w.err; row++) {
 		struct kvd_seq *q = seqs[row / H];
 		struct kvd_layer *L = &q->layer[r->layer];
@@ -1382,10 +1384,11 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 			for (int32_t j = 0; j < n; j++)
 				sm[o[j]] = 1;
 			const int32_t nc = h_ncand[row];
-			ncand[row] = nc < 0 || (uint32_t)nc > K2 ? 0 :
-				rank_row(d, L, h, h_sc + row * stride, sm, h_cand + row * K2,
-					 (uint32_t)nc, cd, K);
-			if (r->flags & KVT_SEL_SUBST)
+			ncand[row] = 0;
+			if (subst && nc >= 0 && (uint32_t)nc <= K2)
+				ncand[row] = rank_row(d, L, h, h_sc + row * stride, sm,
+						      h_cand + row * K2, (uint32_t)nc, cd, K);
+			if (subst)
 				substitute(c, q, L, r, s->host_ok, h, o, n, sm, h_sc + row * stride, cd,
 					   ncand[row]);
 			if (d->cfg.prefetch)
@@ -1436,14 +1439,30 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 		}
 	}
 	const uint64_t t_where = kvd_now_ns();
+	/*
+	 * An answer that waits for nothing goes now: the plan below is for the next step,
+	 * and the client's attention and next append overlap it. (One that waits keeps
+	 * the plan first: the pinned buffers it reads are free again once this returns.)
+	 */
+	const bool answer_now = !s->w.pending && !s->ntodo;
+	if (!s->ntodo)
+		s->w.retry = NULL;
+	if (answer_now)
+		sel_finish(&s->w);
+	const uint64_t t_answer = kvd_now_ns();
 	/* 3: the plan for the next step: what this one reads from host RAM, then the
-	 * next-best pages to the GPU, and deeper ones from NVMe to host RAM */
+	 * next-best pages (ranked by trend) to the GPU, and deeper ones from NVMe to host
+	 * RAM */
 	unsigned full = 0;
 	for (uint64_t row = 0; planning && d->cfg.prefetch && row < rows && !s->w.err; row++) {
 		struct kvd_seq *q = seqs[row / H];
 		struct kvd_layer *L = &q->layer[r->layer];
 		const uint32_t h = (uint32_t)(row % H);
-		const struct cand *cd = cands + row * K;
+		struct cand *cd = cands + row * K;
+		const int32_t nc = h_ncand[row];
+		if (!subst && nc >= 0 && (uint32_t)nc <= K2)
+			ncand[row] = rank_row(d, L, h, h_sc + row * stride, selmap + row * stride,
+					      h_cand + row * K2, (uint32_t)nc, cd, K);
 		for (int32_t j = 0; j < s->n_out[row]; j++) /* the others are there or waited for */
 			if (s->to[row * r->out_stride + (size_t)j] == TO_HOST_READ)
 				prefetch(c, q, L, h, &s->keys[row * r->out_stride + (size_t)j],
@@ -1465,15 +1484,12 @@ static void do_select(struct kvd_client *c, const struct kvt_sqe *r)
 	d->sel_phase_ns[SEL_WAIT] += s->w.start_ns - t_sync;
 	d->sel_phase_ns[SEL_RANK] += t_rank - s->w.start_ns;
 	d->sel_phase_ns[SEL_WHERE] += t_where - t_rank;
-	d->sel_phase_ns[SEL_PLAN] += t_plan - t_where;
+	d->sel_phase_ns[SEL_PLAN] += t_plan - t_answer;
 	d->sel_phase_n++;
-	if (!s->ntodo)
-		s->w.retry = NULL;
-	if (s->w.pending || s->ntodo) {
+	if (!answer_now) {
 		c->busy = &s->w;
 		return;
 	}
-	sel_finish(&s->w);
 	sel_release(&s->w);
 	return;
 out:
@@ -2141,8 +2157,9 @@ void kvd_engine_stop(struct kvd *d)
 	if (d->sel_phase_n) {
 		const double n = (double)d->sel_phase_n * 1e3;
 		kvt_notice("engine", "%llu selects, daemon time per select: inputs %.1f us, copies "
-			   "and kernels %.1f us (%.1f waiting for the device), ranking and pins %.1f "
-			   "us, finding pages %.1f us, prefetches %.1f us, answer %.1f us",
+			   "and kernels %.1f us (%.1f waiting for the device), pins (and substitution) "
+			   "%.1f us, finding pages %.1f us, plan and prefetches %.1f us (after the "
+			   "answer when it waits for nothing), answer %.1f us",
 			   (unsigned long long)d->sel_phase_n, (double)d->sel_phase_ns[SEL_INPUTS] / n,
 			   (double)d->sel_phase_ns[SEL_DEVICE] / n, (double)d->sel_phase_ns[SEL_WAIT] / n,
 			   (double)d->sel_phase_ns[SEL_RANK] / n, (double)d->sel_phase_ns[SEL_WHERE] / n,

@@ -198,9 +198,10 @@ enum kvd_sel_phase {
 	SEL_INPUTS,  /* sequences, record index, queries staged */
 	SEL_DEVICE,  /* copies up, score and top-k kernels, copies back */
 	SEL_WAIT,    /* of SEL_DEVICE: waiting for the device after the launches */
-	SEL_RANK,    /* the plan's ranking, substitution, pins */
+	SEL_RANK,    /* pins; with substitution, the ranking and substitution */
 	SEL_WHERE,   /* finding each selected page, starting the moves waited for */
-	SEL_PLAN,    /* starting the prefetches */
+	SEL_PLAN,    /* the plan's ranking (without substitution) and its prefetches:
+		      * after the answer when the select waits for no move */
 	SEL_ANSWER,  /* the table written back */
 	SEL_PHASES
 };

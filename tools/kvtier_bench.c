@@ -543,6 +543,7 @@ struct result {
 	double p50, p99, mean;
 	double pcie, nvme; /* bytes per step */
 	double hit;        /* < 0: not applicable */
+	double ahead;      /* selected pages on the GPU or on their way (late): < 0 n/a */
 	double cover, err_mean, err_max, recall; /* < 0: not measured */
 	uint64_t n_err, n_rec, n_found;
 	double cover_sum, err_sum;
@@ -571,7 +572,7 @@ static void times_done(struct result *res, double *t, uint32_t n)
 
 static void acc_init(struct result *res)
 {
-	res->hit = res->cover = res->err_mean = res->err_max = res->recall = -1;
+	res->hit = res->ahead = res->cover = res->err_mean = res->err_max = res->recall = -1;
 }
 
 /*
@@ -1307,6 +1308,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	const double sel = (double)(st1.selected - st0.selected), steps = nt;
 	const double pb = (double)r->page_bytes;
 	res->hit = sel > 0 ? (double)(st1.hit - st0.hit) / sel : -1;
+	res->ahead = sel > 0 ? (double)(st1.hit - st0.hit + st1.late - st0.late) / sel : -1;
 	res->pcie = ((double)(st1.bytes_h2d - st0.bytes_h2d) +
 		     pb * (double)(st1.fetched - st0.fetched + st1.host - st0.host)) / steps;
 	res->nvme = ((double)(st1.bytes_nvme - st0.bytes_nvme) + pb * (double)(st1.disk - st0.disk)) / steps;
@@ -1417,14 +1419,14 @@ static int write_csv(const char *path, const struct row *rows, uint32_t n)
 		return -errno;
 	fprintf(f, "context,batch,method,status,step_p50_ms,step_p99_ms,step_mean_ms,tokens_per_s,"
 		   "equiv_GBps,pcie_MB_per_step,nvme_MB_per_step,hit_rate,mass_covered,rel_err_mean,"
-		   "rel_err_max,needle_recall,prefill_s\n");
+		   "rel_err_max,needle_recall,prefill_s,prefetched\n");
 	for (uint32_t i = 0; i < n; i++)
 		for (int k = 0; k < M_N; k++) {
 			const struct result *x = &rows[i].res[k];
 			if (!(O.methods & (1u << k)))
 				continue;
 			if (!x->ran) {
-				fprintf(f, "%u,%u,%s,\"n/a: %s\",,,,,,,,,,,,,\n", rows[i].N, rows[i].B, mname[k],
+				fprintf(f, "%u,%u,%s,\"n/a: %s\",,,,,,,,,,,,,,\n", rows[i].N, rows[i].B, mname[k],
 					x->why);
 				continue;
 			}
@@ -1447,6 +1449,9 @@ static int write_csv(const char *path, const struct row *rows, uint32_t n)
 			fputc(',', f);
 			if (x->prefill_s > 0)
 				fprintf(f, "%.2f", x->prefill_s);
+			fputc(',', f);
+			if (x->ahead >= 0)
+				fprintf(f, "%.4f", x->ahead);
 			fputc('\n', f);
 		}
 	return fclose(f) ? -errno : 0;
