@@ -371,9 +371,9 @@ static int cpu_fence_query(struct kvt_device *d, struct kvt_fence *f)
 
 static int cpu_fence_wait(struct kvt_device *d, struct kvt_fence *f)
 {
+	if (!f->shm)
+		return 0;
 	for (;;) {
-		if (!f->shm)
-			return 0;
 		uint32_t w = __atomic_load_n(&f->shm->wake, __ATOMIC_ACQUIRE);
 		if (cpu_fence_query(d, f) == 0)
 			return 0;
