@@ -394,7 +394,7 @@ template <int D, int GM> constexpr size_t cl_merge_bytes(unsigned c)
 {
 	return (size_t)c * (GM * D + 2 * GM) * sizeof(float);
 }
-static_assert(CL_WARPS * 4 * (8 * 64 + 2 * 8) <= 2 * CL_TPP * (64 * 2 + 16),
+static_assert(CL_WARPS * 4 * (8 * (64 + 8) + 2 * 8) <= 2 * CL_TPP * (64 * 2 + 16),
 	      "the warps' merge fits in a stage (GM 8, D 64; larger D scale both alike)");
 
 template <int D, int GM> constexpr size_t cl_smem_bytes(unsigned c, unsigned stages)
@@ -476,6 +476,82 @@ __device__ __forceinline__ uint32_t word(const uint4 &v, int i)
 	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+/*
+ * The cluster's merge signals through an mbarrier in the first block's shared memory:
+ * each other block sends its result there with st.async, whose bytes count down the
+ * barrier's transaction count. (A cluster barrier after plain stores to distributed
+ * shared memory costs a GPU-wide memory barrier, MEMBAR.ALL.GPU, in every thread.)
+ */
+__device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+	return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* the address of the same shared memory in the cluster's block `rank` */
+__device__ __forceinline__ uint32_t cl_map(uint32_t addr, uint32_t rank)
+{
+	uint32_t d = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(addr), "r"(rank));
+#endif
+	return d;
+}
+
+__device__ __forceinline__ void cl_send(uint32_t addr, float v, uint32_t bar)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(addr),
+		     "r"(__float_as_uint(v)), "r"(bar)
+		     : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n\t"
+		     "fence.mbarrier_init.release.cluster;" ::"r"(smem_addr(bar)),
+		     "r"(count)
+		     : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_expect(uint64_t *bar, uint32_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+		     "r"(bytes)
+		     : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("{\n\t.reg .pred done;\n"
+		     "kvt_mbar_wait:\n\t"
+		     "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+		     "@!done bra kvt_mbar_wait;\n}" ::"r"(smem_addr(bar)),
+		     "r"(parity)
+		     : "memory");
+#endif
+}
+
+/* barrier.cluster in two halves: arrive (relaxed: orders nothing) and wait (acquire) */
+__device__ __forceinline__ void cl_arrive_relaxed()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_attend_args a,
 									uint32_t nst)
@@ -490,12 +566,25 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	cg::cluster_group cl = cg::this_cluster();
 	const uint32_t C = cl.num_blocks(), b = cl.block_rank();
 	uint8_t *stage0 = reinterpret_cast<uint8_t *>(cl_smem);
-	float *sm_acc = cl_smem, *sm_m = sm_acc + CL_WARPS * GM * D, *sm_l = sm_m + CL_WARPS * GM;
+	constexpr int PD = D + 8; /* a warp's result: a head's row, padded (see below) */
 	float *cl_acc = reinterpret_cast<float *>(stage0 + nst * cl_stage_bytes<D>());
 	float *cl_m = cl_acc + C * GM * D, *cl_l = cl_m + C * GM;
+	__shared__ uint64_t cl_bar; /* the first block's: the other blocks' results landed */
+	if (b == 0 && threadIdx.x == 0)
+		mbar_init(&cl_bar, 1);
+	cl_arrive_relaxed(); /* waited for before the first st.async into the first block */
 	const uint32_t r = blockIdx.y, hc = blockIdx.z;
 	const int G = a.g.group, T_ = a.g.page_tokens;
 	const int g0 = hc * GM, gn = G - g0 < GM ? G - g0 : GM;
+	const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+	/*
+	 * The page-table entry of this lane's first pass, loaded on the guess that the row
+	 * is full (n_pages == stride, a tail page if there is a tail array) alongside
+	 * n_pages instead of after it: one memory latency less before the first K/V loads.
+	 */
+	const uint32_t ent_g = a.stride + (a.tail_slot != nullptr);
+	const uint32_t eg = (uint32_t)((uint64_t)ent_g * b / C) + (warp * 16 + (lane & 15)) / T_;
+	const int32_t sg = eg < a.stride ? __ldg(&a.table[(size_t)r * a.stride + eg]) : 0;
 	uint32_t n = a.n_pages[r];
 	n = n < a.stride ? n : a.stride;
 	const int32_t tslot = a.tail_slot ? a.tail_slot[r] : -1;
@@ -510,7 +599,6 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	const uint32_t e0 = (uint32_t)((uint64_t)ent * b / C);
 	const uint32_t e1 = (uint32_t)((uint64_t)ent * (b + 1) / C);
 	const uint32_t ntok = (e1 - e0) * (uint32_t)T_; /* the tail's missing tokens masked */
-	const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
 	const size_t vofs = (size_t)T_ * D;
 
 	/*
@@ -526,7 +614,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 		uint64_t sb = a.slot_bytes;
 		int32_t slot;
 		if (e < n) {
-			slot = __ldg(&a.table[(size_t)r * a.stride + e]);
+			slot = e == eg ? sg : __ldg(&a.table[(size_t)r * a.stride + e]);
 			if (slot & KVT_SLOT_HOST) { /* read in place from pinned host memory */
 				base = a.host_pool;
 				sb = a.host_slot_bytes;
@@ -543,12 +631,10 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 						   (uint64_t)slot * sb) +
 		       (size_t)t * D;
 	};
-	auto valid = [&](uint32_t i) -> bool {
-		if (i >= ntok)
-			return false;
-		const uint32_t k = i / T_, t = i - k * T_;
-		return e0 + k < n || (int)t < tlen;
-	};
+	/* token i is real: the run's whole pages, then the tail's tokens if it is the
+	 * run's last entry (no division per token: this is asked four times a pass) */
+	const uint32_t efull = e1 < n ? e1 : n;
+	const uint32_t vend = (efull > e0 ? efull - e0 : 0) * (uint32_t)T_ + (e1 > n ? (uint32_t)tlen : 0);
 	/*
 	 * A warp's 16 tokens of pass p into its part of stage p % nst with cp.async, one
 	 * group per pass: each warp loads what it computes on, so only warp barriers are
@@ -613,7 +699,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 #pragma unroll
 		for (int u = 0; u < 4; u++) { /* tokens 2c, 2c+1, 2c+8, 2c+9 */
 			const uint32_t lt = (u >> 1) * 8 + 2 * c + (u & 1);
-			ok |= (uint32_t)valid(t0 + lt) << u;
+			ok |= (uint32_t)(t0 + lt < vend) << u;
 			const uint4 *s4 = reinterpret_cast<const uint4 *>(
 				st + (16 + lt) * RS + g * (D / 8) * 2);
 #pragma unroll
@@ -664,42 +750,96 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 		if (issued < npass)
 			issue(issued++);
 	}
-	__syncthreads(); /* the warps' merge below reuses the first stage */
+	/* The warps' results go into a stage no pass used, if there is one (then no
+	 * warp waits for the slowest here), else into the first once every warp is done. */
+	float *sm_acc = reinterpret_cast<float *>(stage0 + (npass < nst ? npass : 0) * cl_stage_bytes<D>());
+	float *sm_m = sm_acc + CL_WARPS * GM * PD, *sm_l = sm_m + CL_WARPS * GM;
+	if (npass >= nst)
+		__syncthreads();
 	l += __shfl_xor_sync(0xffffffffu, l, 1);
 	l += __shfl_xor_sync(0xffffffffu, l, 2);
+	/*
+	 * Each warp's state into shared memory, a head's dims in the order the fragments
+	 * hold them: index j*8 + e for dim e*D/8 + j (tile j, column e), thread c's two
+	 * columns side by side, rows padded by 8 floats: one float2 store a tile and no
+	 * bank conflict (dims in their own order cost a 16-way conflict on every store).
+	 * The merges below keep this order up to the output.
+	 */
 	if (g < GM) {
 		if (c == 0) {
 			sm_m[warp * GM + g] = m;
 			sm_l[warp * GM + g] = l;
 		}
-		float *acc = sm_acc + (warp * GM + g) * D;
+		float *acc = sm_acc + (warp * GM + g) * PD + 2 * c;
 #pragma unroll
-		for (int j = 0; j < NJ; j++) {
-			acc[2 * c * (D / 8) + j] = o[j][0];
-			acc[(2 * c + 1) * (D / 8) + j] = o[j][1];
-		}
+		for (int j = 0; j < NJ; j++)
+			*reinterpret_cast<float2 *>(acc + j * 8) = make_float2(o[j][0], o[j][1]);
 	}
 	__syncthreads();
-	float *ld_acc = cl.map_shared_rank(cl_acc, 0), *ld_m = cl.map_shared_rank(cl_m, 0);
-	float *ld_l = cl.map_shared_rank(cl_l, 0);
-	att_groups_merge<D, GM, CL_THREADS>(sm_m, sm_l, sm_acc, CL_WARPS, gn,
-					    [&](int g, int d, float M, float S, float A) {
-		ld_acc[(b * GM + g) * D + d] = A;
-		if (d == 0) {
-			ld_m[b * GM + g] = M;
-			ld_l[b * GM + g] = S;
-		}
-	});
-	cl.sync(); /* every block's result is in the first block's shared memory */
+	/* the block's result: into the first block's shared memory (st.async, counted by
+	 * its barrier) or, in the first block, its own */
+	const uint32_t bar0 = cl_map(smem_addr(&cl_bar), 0), acc0 = cl_map(smem_addr(cl_acc), 0);
+	const uint32_t m0 = cl_map(smem_addr(cl_m), 0), l0 = cl_map(smem_addr(cl_l), 0);
 	if (b)
-		return;
-	att_groups_merge<D, GM, CL_THREADS>(cl_m, cl_l, cl_acc, (int)C, gn,
-					    [&](int g, int d, float M, float S, float A) {
-		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
+		cl_wait(); /* the first block's barrier is set up */
+	for (int x = threadIdx.x; x < GM * D; x += CL_THREADS) {
+		const int h = x / D, i = x % D;
+		if (h >= gn)
+			continue;
+		float M = -INFINITY, S = 0, A = 0;
+#pragma unroll
+		for (int t = 0; t < CL_WARPS; t++)
+			M = fmaxf(M, sm_m[t * GM + h]);
+		if (M > -INFINITY) {
+#pragma unroll
+			for (int t = 0; t < CL_WARPS; t++) {
+				const float w = exp2f(sm_m[t * GM + h] - M);
+				S += sm_l[t * GM + h] * w;
+				A += sm_acc[(t * GM + h) * PD + i] * w;
+			}
+		}
+		const uint32_t k = b * GM + h;
+		if (b) {
+			cl_send(acc0 + (k * D + i) * 4, A, bar0);
+			if (i == 0) {
+				cl_send(m0 + k * 4, M, bar0);
+				cl_send(l0 + k * 4, S, bar0);
+			}
+		} else {
+			cl_acc[k * D + i] = A;
+			if (i == 0) {
+				cl_m[k] = M;
+				cl_l[k] = S;
+			}
+		}
+	}
+	if (b)
+		return; /* its st.async stores land on their own */
+	if (threadIdx.x == 0)
+		mbar_expect(&cl_bar, (C - 1) * gn * (D + 2) * 4);
+	cl_wait();
+	mbar_wait(&cl_bar, 0); /* every other block's result has landed */
+	__syncthreads();       /* and this block's own */
+	for (int x = threadIdx.x; x < GM * D; x += CL_THREADS) {
+		const int h = x / D, i = x % D;
+		if (h >= gn)
+			continue;
+		float M = -INFINITY, S = 0, A = 0;
+		for (uint32_t t = 0; t < C; t++)
+			M = fmaxf(M, cl_m[t * GM + h]);
+		if (M > -INFINITY) {
+			for (uint32_t t = 0; t < C; t++) {
+				const float w = exp2f(cl_m[t * GM + h] - M);
+				S += cl_l[t * GM + h] * w;
+				A += cl_acc[(t * GM + h) * D + i] * w;
+			}
+		}
+		const int d = (i % 8) * (D / 8) + i / 8;
+		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + h) * D + d;
 		kvt_store1(out, S > 0 ? A / S : 0.0f);
-		if (d == 0 && a.lse)
-			a.lse[(size_t)r * G + g0 + g] = S > 0 ? (M + log2f(S)) * KVT_LN2 : -INFINITY;
-	});
+		if (i == 0 && a.lse)
+			a.lse[(size_t)r * G + g0 + h] = S > 0 ? (M + log2f(S)) * KVT_LN2 : -INFINITY;
+	}
 	}
 #endif
 }

@@ -361,6 +361,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="only run sparse attention at 32K eagerly, for ncu")
+    ap.add_argument("--attend-only", action="store_true",
+                    help="only the attention comparison, at 32K and 128K")
     args = ap.parse_args()
     torch.manual_seed(0)
     kvt = Kvt(args.lib)
@@ -379,6 +381,11 @@ def main():
         torch.cuda.synchronize()
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.attend_only:
+        for c in (32768, 131072):
+            a = bench_attention(kvt, c)
+            print(f"sparse_vs_sdpa_{c // 1024}k: {a['ratio']:.2f} ({a['sparse_us']:.2f} us)")
+        return
     hbm = hbm_copy_bw()
     print(f"hbm: device-to-device copy {hbm:.0f} GB/s (read + write)")
     ctxs = [32768, 131072] if args.quick else [32768, 131072, 1 << 20]

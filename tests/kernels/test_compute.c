@@ -712,17 +712,24 @@ static void test_attend(void **state)
 	};
 	/* cuda has two kernels (many splits per row on CUDA cores; one cluster per row on
 	 * tensor cores, sm_90): each forced in turn (a forced cluster kernel that cannot
-	 * launch fails the case), then the automatic choice */
-	static const char *const kernels[] = {"split", "cluster", NULL};
-	for (int k = 0; k < (C == CPU ? 1 : 3); k++) {
-		if (C != CPU && kernels[k])
-			setenv("KVT_ATTEND_KERNEL", kernels[k], 1);
+	 * launch fails the case; its largest size, then clusters of one and two blocks:
+	 * the first block merges alone, or with one other), then the automatic choice */
+	static const char *const kernels[][2] = {
+		{"split", NULL}, {"cluster", NULL}, {"cluster", "1"}, {"cluster", "2"}, {NULL, NULL}};
+	for (size_t k = 0; k < (C == CPU ? 1 : sizeof(kernels) / sizeof(kernels[0])); k++) {
+		if (C != CPU && kernels[k][0])
+			setenv("KVT_ATTEND_KERNEL", kernels[k][0], 1);
 		else
 			unsetenv("KVT_ATTEND_KERNEL");
+		if (C != CPU && kernels[k][1])
+			setenv("KVT_ATTEND_CLUSTER", kernels[k][1], 1);
+		else
+			unsetenv("KVT_ATTEND_CLUSTER");
 		for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
 			att_case(&cases[i]);
 	}
 	unsetenv("KVT_ATTEND_KERNEL");
+	unsetenv("KVT_ATTEND_CLUSTER");
 }
 
 /* ---- policy and arguments ---- */
