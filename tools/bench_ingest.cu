@@ -10,7 +10,8 @@
  *   row:     one cp.async.bulk per 256-byte token row, to rows padded to 272 bytes
  *            (the attention kernel's layout), on an mbarrier.
  * A round loads `round` pages and waits for them; a block does pages/blocks pages.
- *   nvcc -O3 -std=c++17 -arch=sm_90a -o bench-ingest tools/bench_ingest.cu && ./bench-ingest
+ * Built with the CUDA build as build-gpu/tools/kvtier-bench-ingest (sm_90 only), or
+ *   nvcc -O3 -std=c++17 -arch=sm_90 -o bench-ingest tools/bench_ingest.cu && ./bench-ingest
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -33,6 +34,10 @@ __device__ __forceinline__ uint32_t sa(const void *p)
 {
 	return (uint32_t)__cvta_generic_to_shared(p);
 }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#error "bench_ingest needs sm_90 (cp.async.bulk, mbarrier transaction counts)"
+#endif
 
 __device__ __forceinline__ void mbar_init(uint64_t *b, uint32_t n)
 {
@@ -127,7 +132,7 @@ __global__ void empty(uint32_t *sink)
 		*sink = 1;
 }
 
-int main(int argc, char **argv)
+int main(void)
 {
 	const int total = 256, launches = 40;
 	const size_t pool_pages = 65536; /* 2 GiB */
