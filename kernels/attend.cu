@@ -471,6 +471,15 @@ template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y
 	return u;
 }
 
+/* 2^x by the SFU alone (ex2.approx.ftz: relative error about 2^-22, -inf gives 0;
+ * exp2f adds a range check and a scaling around it) */
+__device__ __forceinline__ float ex2_fast(float x)
+{
+	float y;
+	asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+	return y;
+}
+
 __device__ __forceinline__ uint32_t word(const uint4 &v, int i)
 {
 	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -706,16 +715,19 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 			for (int x = 0; x < VW / 4; x++)
 				vr[u][x] = s4[x];
 		}
-		float sc[2][4] = {};
+		/* two accumulators a tile (even and odd k-steps): chains of D/32 dependent
+		 * mma, not D/16 */
+		float sc[2][2][4] = {};
 #pragma unroll
 		for (int tile = 0; tile < 2; tile++)
 #pragma unroll
 			for (int ks = 0; ks < D / 16; ks++)
-				mma_16816<T>(sc[tile], word(qa[ks / 2], (ks % 2) * 2),
+				mma_16816<T>(sc[tile][ks % 2], word(qa[ks / 2], (ks % 2) * 2),
 					     word(qa[ks / 2], (ks % 2) * 2 + 1),
 					     word(kr[tile][ks / 2], (ks % 2) * 2),
 					     word(kr[tile][ks / 2], (ks % 2) * 2 + 1));
-		float x[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]}; /* head g, the 4 tokens */
+		float x[4] = {sc[0][0][0] + sc[0][1][0], sc[0][0][1] + sc[0][1][1],
+			      sc[1][0][0] + sc[1][1][0], sc[1][0][1] + sc[1][1][1]}; /* head g, its 4 tokens */
 		float mx = m;
 #pragma unroll
 		for (int u = 0; u < 4; u++) {
@@ -725,7 +737,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
 		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
 		const float base = mx == -INFINITY ? 0.0f : mx; /* nothing valid yet */
-		const float corr = exp2f(m - base);
+		const float corr = ex2_fast(m - base);
 		m = mx;
 		l *= corr;
 #pragma unroll
@@ -734,7 +746,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 		float pr[4];
 #pragma unroll
 		for (int u = 0; u < 4; u++) {
-			pr[u] = exp2f(x[u] - base);
+			pr[u] = ex2_fast(x[u] - base);
 			l += pr[u];
 		}
 		const uint32_t pa0 = pack2<T>(pr[0], pr[1]), pa2 = pack2<T>(pr[2], pr[3]);
