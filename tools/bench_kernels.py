@@ -250,9 +250,15 @@ def bench_attention(kvt, ctx, rows=8, G=4, D=128, T=64, budget_tokens=2048):
         sweep.append(f"{c}: {timeit(cycle([lambda t=t: L.attend(q, t, n_sel, out, lse) for t in tabs]), iters=64):.1f}")
     del os.environ["KVT_ATTEND_CLUSTER"]
     print(f"attend ctx={ctx:>7}: sparse, cluster kernel by cluster size (us): {', '.join(sweep)}")
+    # the default again, after the others: a latency-bound call of 8 us moves by several
+    # percent with what ran just before it (0.4 us seen); the best of the two counts, and
+    # torch's side below is the best of two measurements as well
+    del os.environ["KVT_ATTEND_KERNEL"]
+    t_again = timeit(cycle([lambda t=t: L.attend(q, t, n_sel, out, lse) for t in tabs]), iters=64)
+    print(f"attend ctx={ctx:>7}: sparse, default kernel, measured twice: {t_sparse:.2f} and {t_again:.2f} us")
+    t_sparse = min(t_sparse, t_again)
     # the fixed cost: the same launches over empty rows, and a one-block kernel of torch's
     empty = torch.zeros_like(n_sel)
-    del os.environ["KVT_ATTEND_KERNEL"]
     t_empty_cl = timeit(lambda: L.attend(q, tabs[0], empty, out, lse), iters=64)
     os.environ["KVT_ATTEND_KERNEL"] = "split"
     t_empty_sp = timeit(lambda: L.attend(q, tabs[0], empty, out, lse), iters=64)
@@ -286,7 +292,8 @@ def bench_attention(kvt, ctx, rows=8, G=4, D=128, T=64, budget_tokens=2048):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         ref = F.scaled_dot_product_attention(qt, Kt, Vt, enable_gqa=True)
-        t_sdpa = timeit(lambda: F.scaled_dot_product_attention(qt, Kt, Vt, enable_gqa=True))
+        t_sdpa = min(timeit(lambda: F.scaled_dot_product_attention(qt, Kt, Vt, enable_gqa=True))
+                     for _ in range(2))
     # correctness of the dense paged kernel against torch on the same data
     L.attend(q, dense_table, L.n_pages, out, lse)
     err = (out.reshape(1, rows * G, 1, D).float() - ref.float()).abs().max().item()

@@ -86,6 +86,10 @@ fi
 je=$(ldd build-gpu/libkvtier.so | awk '/libjemalloc/ {print $3}')
 LD_PRELOAD=$je python3 tools/bench_kernels.py --lib build-gpu/libkvtier.so >"$out/kernels.txt" 2>&1
 echo "== kernels (selection, sparse attention, recall)"; cat "$out/kernels.txt" | tail -20
+if [ -x build-gpu/tools/kvtier-bench-ingest ]; then
+	./build-gpu/tools/kvtier-bench-ingest >"$out/ingest.txt" 2>&1
+	echo "== scattered pages into shared memory (the attention's load floor)"; cat "$out/ingest.txt"
+fi
 if [ "$what" = kernels ]; then
 	echo "tests rc $tests_rc"
 	exit 0
