@@ -126,6 +126,57 @@ __global__ void __launch_bounds__(256, 1) ingest(const uint8_t *pool, const int 
 		*sink = acc;
 }
 
+/*
+ * The attention kernel's fixed cost without its passes: a cluster of 8 blocks of 256
+ * threads with most of the shared memory, one dependent load (like n_pages); with
+ * MERGE, each block then sends 4 x 128 floats into the first block's shared memory by
+ * st.async on its mbarrier (the cluster kernel's merge), which waits, sums and stores.
+ */
+template <bool MERGE>
+__global__ void __launch_bounds__(256, 1) cl_end(const int *pages, uint32_t *sink)
+{
+	extern __shared__ __align__(128) uint8_t sm[];
+	__shared__ uint64_t bar;
+	float *acc = reinterpret_cast<float *>(sm);
+	uint32_t rank;
+	asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+	if (MERGE) {
+		if (rank == 0 && threadIdx.x == 0)
+			mbar_init(&bar, 1);
+		asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+	}
+	const float v = (float)__ldg(&pages[blockIdx.x]);
+	if (!MERGE) {
+		if (v == 12345.0f)
+			*sink = 1;
+		return;
+	}
+	uint32_t acc0, bar0;
+	asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(acc0) : "r"(sa(acc)));
+	asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(bar0) : "r"(sa(&bar)));
+	if (rank) {
+		asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+		for (uint32_t i = threadIdx.x; i < 512; i += blockDim.x)
+			asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, "
+				     "[%2];" ::"r"(acc0 + (rank * 512 + i) * 4),
+				     "r"(__float_as_uint(v + i)), "r"(bar0)
+				     : "memory");
+		return;
+	}
+	for (uint32_t i = threadIdx.x; i < 512; i += blockDim.x)
+		acc[i] = v + i;
+	if (threadIdx.x == 0)
+		mbar_expect(&bar, 7 * 512 * 4);
+	asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+	mbar_wait(&bar, 0);
+	__syncthreads();
+	float sum = 0;
+	for (int r = 0; r < 8; r++)
+		sum += acc[r * 512 + threadIdx.x];
+	if (sum == 12345.0f)
+		*sink = 1;
+}
+
 __global__ void empty(uint32_t *sink)
 {
 	if (threadIdx.x == 1000)
@@ -190,6 +241,33 @@ int main(void)
 	};
 	const float e = timeit([&](int) { empty<<<64, 256, 0, s>>>(sink); });
 	printf("empty kernel (64 blocks): %.2f us a launch\n", e);
+	{
+		const int big = 200 * 1024;
+		CK(cudaFuncSetAttribute(cl_end<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, big));
+		CK(cudaFuncSetAttribute(cl_end<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, big));
+		auto launch = [&](void (*k)(const int *, uint32_t *), int i, int smem) {
+			cudaLaunchAttribute at = {};
+			at.id = cudaLaunchAttributeClusterDimension;
+			at.val.clusterDim.x = 8;
+			at.val.clusterDim.y = at.val.clusterDim.z = 1;
+			cudaLaunchConfig_t cfg = {};
+			cfg.gridDim = dim3(64, 1, 1);
+			cfg.blockDim = dim3(256, 1, 1);
+			cfg.dynamicSmemBytes = smem;
+			cfg.stream = s;
+			cfg.attrs = &at;
+			cfg.numAttrs = 1;
+			CK(cudaLaunchKernelEx(&cfg, k, (const int *)(pages + i * total), sink));
+		};
+		const int most = lim[0] - 1024;
+		CK(cudaFuncSetAttribute(cl_end<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+		CK(cudaFuncSetAttribute(cl_end<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+		const float c0 = timeit([&](int i) { launch(cl_end<false>, i, big); });
+		const float c1 = timeit([&](int i) { launch(cl_end<true>, i, big); });
+		const float c2 = timeit([&](int i) { launch(cl_end<true>, i, most); });
+		printf("clusters of 8 (64 blocks, 200 KiB shared memory each), one load: %.2f us; "
+		       "and the merge by st.async: %.2f us (with %d KiB: %.2f us)\n", c0, c1, most / 1024, c2);
+	}
 	printf("%-8s %6s %5s %5s %9s %9s %12s\n", "way", "blocks", "per", "round", "us", "GB/s",
 	       "GB/s per SM");
 	const char *names[] = {"cpasync", "bulk", "row"};
