@@ -577,6 +577,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	extern __shared__ __align__(16) float cl_smem[];
 	cg::cluster_group cl = cg::this_cluster();
 	const uint32_t C = cl.num_blocks(), b = cl.block_rank();
+	const uint32_t lc = __ffs(C) - 1; /* C is a power of two (pick_cluster): shifts, not divisions */
 	uint8_t *stage0 = reinterpret_cast<uint8_t *>(cl_smem);
 	constexpr int PD = D + 8; /* a warp's result: a head's row, padded (see below) */
 	float *cl_acc = reinterpret_cast<float *>(stage0 + nst * cl_stage_bytes<D>());
@@ -595,7 +596,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	 * n_pages instead of after it: one memory latency less before the first K/V loads.
 	 */
 	const uint32_t ent_g = a.stride + (a.tail_slot != nullptr);
-	const uint32_t eg = (uint32_t)((uint64_t)ent_g * b / C) + (warp * 16 + (lane & 15)) / T_;
+	const uint32_t eg = (uint32_t)(((uint64_t)ent_g * b) >> lc) + (warp * 16 + (lane & 15)) / T_;
 	const int32_t sg = eg < a.stride ? __ldg(&a.table[(size_t)r * a.stride + eg]) : 0;
 	uint32_t n = a.n_pages[r];
 	n = n < a.stride ? n : a.stride;
@@ -608,8 +609,8 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 	 * 33rd entry costing a whole pass more.
 	 */
 	const uint32_t ent = n + (tlen > 0);
-	const uint32_t e0 = (uint32_t)((uint64_t)ent * b / C);
-	const uint32_t e1 = (uint32_t)((uint64_t)ent * (b + 1) / C);
+	const uint32_t e0 = (uint32_t)(((uint64_t)ent * b) >> lc);
+	const uint32_t e1 = (uint32_t)(((uint64_t)ent * (b + 1)) >> lc);
 	const uint32_t ntok = (e1 - e0) * (uint32_t)T_; /* the tail's missing tokens masked */
 	const size_t vofs = (size_t)T_ * D;
 
