@@ -18,27 +18,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ipc",
-                                "python"))
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:
-    print("torch missing: skip")
-    sys.exit(77)
-import kvtier  # noqa: E402
-
-if not torch.cuda.is_available():
-    print("no CUDA device: skip")
-    sys.exit(77)
+from gpu_prelude import F, cuda_client, torch  # exits 77 without them
 
 H, G, D, T = 2, 4, 128, 64
 PAGES, BUDGET, STEPS = 600, 96, 12  # per head; the pool holds 512 pages of 32 KiB
-c = kvtier.Client(1, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, data_bytes=32 << 20,
-                  tenant="copies", host_reads=False)
-if c.backend != "cuda":
-    print(f"daemon backend {c.backend}: skip")
-    sys.exit(77)
+c = cuda_client(1, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, data_bytes=32 << 20,
+                tenant="copies", host_reads=False)
 dev = torch.device("cuda")
 gen = torch.Generator(device=dev).manual_seed(5)
 ntok = PAGES * T + 17

@@ -5,30 +5,14 @@
 queries and outputs on the device, a named sequence reopened. With a budget that covers
 every page, sparse attention must equal torch's dense attention over the same KV.
 Exit 77 (skip) without torch, a GPU, or a daemon on the cuda backend."""
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ipc",
-                                "python"))
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:
-    print("torch missing: skip")
-    sys.exit(77)
-import kvtier  # noqa: E402
-
-if not torch.cuda.is_available():
-    print("no CUDA device: skip")
-    sys.exit(77)
+from gpu_prelude import F, cuda_client, kvtier, torch  # exits 77 without them
 
 L, H, G, D, T = 2, 4, 4, 128, 64
 PREFILL, STEPS = 1000, 8
-c = kvtier.Client(L, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, data_bytes=32 << 20)
-if c.backend != "cuda":
-    print(f"daemon backend {c.backend}: skip")
-    sys.exit(77)
+c = cuda_client(L, H, G, D, dtype="bf16", page_tokens=T, dense_layers=0, data_bytes=32 << 20)
 dev = torch.device("cuda")
 gen = torch.Generator(device=dev).manual_seed(3)
 n = PREFILL + STEPS
