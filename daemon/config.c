@@ -94,6 +94,12 @@ static const struct opt opts[] = {
 	{"select.substitute_gap", OPT_U32, F(substitute_gap), 0, 1000, true,
 	 "KVTIER_SEL_SUBSTITUTE replaces an NVMe-only page only when its score bound is at "
 	 "least this many nats below the row's best page (0: any such page)"},
+	{"fast.max_bytes", OPT_SIZE, F(fast_bytes_max), 0, 1 * TiB, false,
+	 "largest fast-path region (summaries and page map in GPU memory) a client may have; "
+	 "0: no fast path"},
+	{"fast.lease_steps", OPT_U32, F(lease_steps), 1, 1000000, true,
+	 "a fast-path lease (a page kept on the GPU for a client's own selection) not selected "
+	 "in this many of its layer's steps is taken back"},
 	{"metrics.listen", OPT_STR, F(metrics_listen), 0, 0, false,
 	 "Prometheus endpoint: ADDR:PORT (a loopback address; port 0: any), or \"off\""},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
@@ -138,6 +144,8 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->max_disk_prefetch = 32;
 	c->drift_pct = 100;
 	c->wasted_steps = 16;
+	c->fast_bytes_max = 4 * GiB;
+	c->lease_steps = 8;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

@@ -53,6 +53,9 @@ struct kvt_config {
 	uint32_t wasted_steps;     /* a prefetched page unused this many steps is wasted */
 	uint32_t max_disk_prefetch; /* prefetches reading from NVMe at once */
 	uint32_t substitute_gap;   /* nats below a row's best page a page must be to be replaced */
+	/* the fast path (ipc/wire.h) */
+	uint64_t fast_bytes_max;   /* largest region of summaries and map a client may have */
+	uint32_t lease_steps;      /* a lease not selected in this many steps is taken back */
 	/* stats */
 	char metrics_listen[64];
 	/* daemon */

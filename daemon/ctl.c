@@ -374,6 +374,7 @@ static void json_pf(struct kvt_json *j, const char *key, const struct kvtier_pre
 	kvt_json_u64(j, "disk", p->disk);
 	kvt_json_u64(j, "fetched", p->fetched);
 	kvt_json_u64(j, "substituted", p->substituted);
+	kvt_json_u64(j, "missed", p->missed);
 	kvt_json_f64(j, "hit_rate", p->selected ? (double)p->hit / (double)p->selected : 0);
 	kvt_json_u64(j, "prefetch_gpu", p->prefetch_gpu);
 	kvt_json_u64(j, "prefetch_host", p->prefetch_host);

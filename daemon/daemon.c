@@ -98,12 +98,14 @@ int kvd_start(struct kvd *d)
 
 int kvd_iterate(struct kvd *d, int idle_ms)
 {
-	bool waiting = !kvt_list_empty(&d->zombies);
+	bool waiting = !kvt_list_empty(&d->zombies), spin = false;
 	struct kvd_client *c;
-	kvt_list_for_each_entry(c, &d->clients, link)
-		waiting |= c->busy != NULL || c->dead || c->ndeferred;
+	kvt_list_for_each_entry(c, &d->clients, link) {
+		waiting |= c->busy != NULL || c->dead || c->ndeferred || kvd_fast_waiting(c);
+		spin |= c->nfb != 0; /* a feedback waits for a kernel of microseconds */
+	}
 	waiting |= kvd_ctl_busy(d);
-	int ret = kvt_store_run(d->store, waiting ? (idle_ms < 2 ? idle_ms : 2) : idle_ms);
+	int ret = kvt_store_run(d->store, spin ? 0 : waiting ? (idle_ms < 2 ? idle_ms : 2) : idle_ms);
 	kvd_server_tick(d);
 	return ret;
 }

@@ -241,7 +241,7 @@ static void reads_tick(struct kvd_client *c)
 		deferred_release(c);
 }
 
-static void client_unpin(struct kvd_client *c, const struct page_key *k)
+void kvd_client_unpin(struct kvd_client *c, const struct page_key *k)
 {
 	if (c->reads_busy && !c->dead) {
 		if (c->ndeferred == c->defcap && c->defcap < DEFERRED_MAX) {
@@ -268,7 +268,7 @@ static void client_unpin(struct kvd_client *c, const struct page_key *k)
 static void unpin_layer(struct kvd_client *c, struct kvd_layer *L)
 {
 	for (uint32_t i = 0; i < L->npinned; i++)
-		client_unpin(c, &L->pinned[i]);
+		kvd_client_unpin(c, &L->pinned[i]);
 	L->npinned = 0;
 }
 
@@ -312,7 +312,7 @@ static void old_pins_take(struct kvd_layer *L, struct old_pins *o)
 static void old_pins_done(struct kvd_client *c, struct old_pins *o)
 {
 	for (; o->at < o->n; o->at++)
-		client_unpin(c, &o->p[o->at]);
+		kvd_client_unpin(c, &o->p[o->at]);
 	kvt_free(o->p);
 	o->p = NULL;
 }
@@ -329,7 +329,7 @@ static int repin(struct kvd_client *c, struct kvd_layer *L, struct old_pins *o,
 		 const struct page_key *k)
 {
 	while (o->at < o->n && o->p[o->at].kv_head == k->kv_head && o->p[o->at].index < k->index)
-		client_unpin(c, &o->p[o->at++]);
+		kvd_client_unpin(c, &o->p[o->at++]);
 	if (o->at < o->n && same_key(&o->p[o->at], k)) {
 		int ret = pin_key(c->d, L, k, true); /* the store's pin stays as it is */
 		if (ret == 0)
@@ -343,7 +343,7 @@ static int repin(struct kvd_client *c, struct kvd_layer *L, struct old_pins *o,
 static void old_pins_head_done(struct kvd_client *c, struct old_pins *o, uint16_t h)
 {
 	while (o->at < o->n && o->p[o->at].kv_head == h)
-		client_unpin(c, &o->p[o->at++]);
+		kvd_client_unpin(c, &o->p[o->at++]);
 }
 
 static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t need)
@@ -374,6 +374,12 @@ static int layer_reserve(struct kvd_client *c, struct kvd_layer *L, uint32_t nee
 		memcpy(prev + (size_t)h * nc, L->prev + (size_t)h * L->cap, L->cap * sizeof(*prev));
 		memcpy(pfs + (size_t)h * nc, L->pf_step + (size_t)h * L->cap,
 		       L->cap * sizeof(uint32_t));
+	}
+	if (kvd_fast_layer_grow(c, L, L->cap, nc) < 0) {
+		kvt_free(rec);
+		kvt_free(prev);
+		kvt_free(pfs);
+		return -ENOMEM;
 	}
 	kvt_free(L->rec);
 	kvt_free(L->prev);
@@ -420,6 +426,7 @@ static struct kvd_seq *seq_new(struct kvd_client *c)
 	q->refs[0] = q->own;
 	q->nrefs = 1;
 	q->id = id;
+	q->gen = ++c->seq_gen;
 	c->seqs[id] = q;
 	c->nseqs++;
 	return q;
@@ -448,6 +455,7 @@ static void named_close(struct kvd_client *c, struct kvd_seq *q)
 
 static void seq_free(struct kvd_client *c, struct kvd_seq *q)
 {
+	kvd_fast_seq_free(c, q);
 	for (uint32_t l = 0; l < c->layout.layers; l++)
 		unpin_layer(c, &q->layer[l]);
 	if (q->own->named && !q->own->building)
@@ -469,9 +477,19 @@ static void seq_free(struct kvd_client *c, struct kvd_seq *q)
 	kvt_free(q);
 }
 
-static struct kvd_seq *seq_get(struct kvd_client *c, uint32_t id)
+struct kvd_seq *kvd_seq_get(struct kvd_client *c, uint32_t id)
 {
-	return id < c->d->cfg.max_seqs ? c->seqs[id] : NULL;
+	return id < c->d->cfg.max_seqs && c->seqs ? c->seqs[id] : NULL;
+}
+
+#define seq_get kvd_seq_get
+
+struct page_key kvd_page_key(const struct kvd_client *c, const struct kvd_seq *q,
+			     uint32_t layer, uint32_t h, uint32_t p)
+{
+	return (struct page_key){.tenant = c->tenant->id, .layer = (uint16_t)layer,
+				 .kv_head = (uint16_t)h, .seq = q->layer[layer].owner[p]->sseq,
+				 .index = p};
 }
 
 /* ---- appends ---- */
@@ -534,11 +552,24 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
 				       .slots = slots, .records = rdev,
 				       .summaries = c->sum_pool, .n = H};
-	if (!pages || !slots || !rdev ||
+	/* the fast path's copy, where the client's own kernels find it (wire.h) */
+	int32_t fpos[256];
+	struct kvt_summarize_args fa = a;
+	fa.n = 0;
+	if (kvd_fast_pos(c, q, layer, 0, idx) >= 0) {
+		for (uint32_t h = 0; h < H; h++)
+			fpos[h] = (int32_t)kvd_fast_pos(c, q, layer, h, idx);
+		fa.records = scratch(d, SCR_FAST, H * sizeof(int32_t));
+		fa.summaries = c->fast.ptr;
+		fa.n = fa.records ? H : 0;
+	}
+	if (!pages || !slots || !rdev || (fa.summaries != a.summaries && !fa.n) ||
 	    kvt_compute_upload(d->cc, pages, L->fill, (size_t)H * pb) < 0 ||
 	    kvt_compute_upload(d->cc, slots, seq_slots, H * sizeof(int32_t)) < 0 ||
 	    kvt_compute_upload(d->cc, rdev, recs, H * sizeof(int32_t)) < 0 ||
-	    (ret = kvt_summarize(d->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(d->cc, NULL)) < 0 ||
+	    (fa.n && kvt_compute_upload(d->cc, (void *)fa.records, fpos, H * sizeof(int32_t)) < 0) ||
+	    (ret = kvt_summarize(d->cc, &a, NULL)) < 0 || (ret = kvt_summarize(d->cc, &fa, NULL)) < 0 ||
+	    (ret = kvt_compute_sync(d->cc, NULL)) < 0 ||
 	    (ret = origin_add_recs(q->own, recs, H)) < 0) {
 		rec_release(c, recs, H);
 		return ret < 0 ? ret : -ENOMEM;
@@ -548,6 +579,7 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 	L->owner[idx] = q->own;
 	L->stored++;
 	L->sealed_heads = 0;
+	kvd_fast_sealed(c, q, layer, idx);
 	return 0;
 }
 
@@ -642,13 +674,6 @@ static void wait_done(struct kvd_wait *w)
 
 /* ---- selection ---- */
 
-/* Both the sequence's and the client's counters. */
-#define PF_ADD(c, q, field, n)                                                                 \
-	do {                                                                                   \
-		(q)->st.field += (n);                                                          \
-		(c)->pf.field += (n);                                                          \
-	} while (0)
-
 void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_stats *from)
 {
 	uint64_t *t = (uint64_t *)to;
@@ -657,7 +682,7 @@ void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_s
 		t[i] += f[i];
 }
 
-static struct kvd_client *client_by_id(struct kvd *d, uint32_t id)
+struct kvd_client *kvd_client_by_id(struct kvd *d, uint32_t id)
 {
 	struct kvd_client *c;
 	kvt_list_for_each_entry(c, &d->clients, link)
@@ -690,7 +715,7 @@ struct kvd_pf {
 static void pf_cb(void *arg, int res)
 {
 	struct kvd_pf *p = arg;
-	struct kvd_client *c = client_by_id(p->d, p->client);
+	struct kvd_client *c = kvd_client_by_id(p->d, p->client);
 	if (p->from_disk)
 		p->d->pf_disk_inflight--;
 	struct kvtier_prefetch_stats *st = c ? &c->pf : &p->d->pf_gone;
@@ -1997,7 +2022,7 @@ static void do_remove(struct kvd_client *c, const struct kvt_sqe *r)
 
 void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 {
-	struct kvd_seq *q;
+	struct kvd_seq *q = NULL;
 	if ((r->op == KVT_OP_SEQ_CLOSE || r->op == KVT_OP_SEQ_FORK || r->op == KVT_OP_SEQ_INFO ||
 	     r->op == KVT_OP_SEQ_SYNC) &&
 	    (r->seq >= c->d->cfg.max_seqs || r->layer >= c->layout.layers)) {
@@ -2042,6 +2067,7 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 			kvd_complete(c, r->user_data, -ENOENT, 0, 0);
 			return;
 		}
+		kvd_fast_tick(c); /* the selections whose reports are in */
 		memcpy(c->data + r->off[0], r->seq == KVT_SEQ_ALL ? &c->pf : &q->st,
 		       sizeof(struct kvtier_prefetch_stats));
 		kvd_complete(c, r->user_data, 0, 0, 0);
@@ -2054,6 +2080,9 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 		return;
 	case KVT_OP_SEQ_REMOVE:
 		do_remove(c, r);
+		return;
+	case KVT_OP_FEEDBACK:
+		kvd_fast_feedback(c, r);
 		return;
 	case KVT_OP_SEQ_INFO:
 		if (!(q = seq_get(c, r->seq)) || r->layer >= c->layout.layers) {
@@ -2098,6 +2127,7 @@ void kvd_engine_detach(struct kvd_client *c)
 			seq_free(c, c->seqs[i]);
 	kvt_free(c->seqs);
 	c->seqs = NULL;
+	kvd_fast_detach(c);
 	if (c->sum_pool)
 		kvt_compute_free(c->d->cc, c->sum_pool);
 	c->sum_pool = NULL;
@@ -2112,6 +2142,7 @@ void kvd_engine_tick(struct kvd *d)
 	kvt_list_for_each_entry(c, &d->clients, link)
 	{
 		reads_tick(c);
+		kvd_fast_tick(c);
 		struct kvd_wait *w = c->busy;
 		if (!w)
 			continue;

@@ -18,6 +18,7 @@
 #include "daemon/loop.h"
 #include "ipc/wire.h"
 #include "kernels/compute.h"
+#include "tiers/device.h"
 #include "tiers/store.h"
 
 /* Why a client was disconnected (counted by reason). */
@@ -95,10 +96,19 @@ struct kvd_layer {
 	} *prev;
 	uint32_t *pf_step; /* the selection after which a prefetch of it started (0: none) */
 	uint32_t steps;    /* selections of this layer so far */
+	/* the fast path (fast.c), [kv_heads][cap] like rec: the slot leased to the client
+	 * (-1: none, -2: on its way), and the feedback that last selected the page; the
+	 * leases as (head << 24 | page); feedbacks of this layer so far */
+	int32_t *lease;
+	uint32_t *lease_at;
+	uint32_t *leased;
+	uint32_t nleased, leasecap;
+	uint32_t fsteps;
 };
 
 struct kvd_seq {
 	uint32_t id;
+	uint64_t gen; /* unique per client: tells a later sequence of the same id apart */
 	struct kvd_origin *own;
 	struct kvd_origin **refs; /* every origin whose pages it reads, own first */
 	uint32_t nrefs;
@@ -175,6 +185,25 @@ struct kvd_client {
 	 * pool landed, and the pages so served */
 	struct kvt_fence *copy_fence;
 	uint64_t selects_early, pages_early;
+	/* the fast path (fast.c): its region, the feedbacks waiting for the client's
+	 * kernels (in order), the map writes not made yet and the leases they take back,
+	 * and the leases taken back whose slots wait for the client's reads */
+	struct kvt_dev_mem fast;
+	uint32_t fast_pages, fast_seqs;
+	uint64_t fast_map_off, fb_done, seq_gen;
+	struct kvt_sqe *fb;
+	uint32_t nfb, fbcap;
+	int32_t *pairs;
+	uint32_t npairs, paircap;
+	struct page_key *revoking;
+	uint32_t nrevoking, revokingcap;
+	struct kvd_revoked {
+		struct page_key k;
+		uint32_t snap; /* fence_seq once the map said -1 */
+	} *revoked;
+	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
+	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
+	bool fast_pressure; /* a lease found no room since the last tick */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;
 	/* counters */
@@ -219,6 +248,7 @@ enum kvd_scratch_id {
 	SCR_PAGES,
 	SCR_SLOTS,
 	SCR_RECS,
+	SCR_FAST, /* a seal's fast-path record positions */
 	SCR_MAX
 };
 
@@ -340,5 +370,39 @@ void kvd_engine_stop(struct kvd *d);
 uint64_t kvd_now_ns(void);
 /* to += from, counter by counter */
 void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_stats *from);
+struct kvd_seq *kvd_seq_get(struct kvd_client *c, uint32_t id);
+struct kvd_client *kvd_client_by_id(struct kvd *d, uint32_t id);
+/* Lets a pin of the client go, or keeps it until the client's reads have ended. */
+void kvd_client_unpin(struct kvd_client *c, const struct page_key *k);
+/* The store's key of page p of head h of a layer of q. */
+struct page_key kvd_page_key(const struct kvd_client *c, const struct kvd_seq *q,
+			     uint32_t layer, uint32_t h, uint32_t p);
+
+/* Both the sequence's and the client's counters. */
+#define PF_ADD(c, q, field, n)                                                                 \
+	do {                                                                                   \
+		(q)->st.field += (n);                                                          \
+		(c)->pf.field += (n);                                                          \
+	} while (0)
+
+/* fast.c: the fast path (ipc/wire.h) */
+/* Makes the client's region (HELLO asked for one): 0, or -errno (it then has none). */
+int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs);
+void kvd_fast_detach(struct kvd_client *c);
+/* Where the record of page idx of a layer of q goes, or -1 (none: not covered). */
+int64_t kvd_fast_pos(const struct kvd_client *c, const struct kvd_seq *q, uint32_t layer,
+		     uint32_t h, uint32_t idx);
+/* The lease arrays of a layer grown with its cap (layer_reserve). 0 or -ENOMEM. */
+int kvd_fast_layer_grow(struct kvd_client *c, struct kvd_layer *L, uint32_t old_cap,
+			uint32_t new_cap);
+/* A sequence closing: its leases taken back (their slots wait for the client's reads). */
+void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q);
+/* A page of q just sealed: leased at once (the window selects it next). */
+void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t idx);
+void kvd_fast_feedback(struct kvd_client *c, const struct kvt_sqe *r);
+/* Feedbacks now ready, map writes, leases whose reads have ended. */
+void kvd_fast_tick(struct kvd_client *c);
+/* Whether the loop should poll without sleeping (a feedback waits for kernels). */
+bool kvd_fast_waiting(const struct kvd_client *c);
 
 #endif

@@ -332,6 +332,8 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		 offsetof(struct kvtier_prefetch_stats, bytes_h2d)},
 		{"kvtier_prefetch_nvme_bytes_total", "Bytes prefetched from NVMe.",
 		 offsetof(struct kvtier_prefetch_stats, bytes_nvme)},
+		{"kvtier_select_missed_total", "Pages a client's own selection went without (not leased yet).",
+		 offsetof(struct kvtier_prefetch_stats, missed)},
 	};
 	for (size_t f = 0; f < sizeof(pf) / sizeof(pf[0]); f++) {
 		head(b, pf[f].name, "counter", pf[f].help);

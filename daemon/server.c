@@ -290,9 +290,23 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 	else
 		kvt_warn("server", "client %u: no copy fence (%s): its selects wait for their "
 			 "copies", c->id, strerror(-ret));
+	/* the fast path, when asked for; without it the client selects through the daemon */
+	if (m.fast_pages) {
+		if ((ret = kvd_fast_attach(c, m.fast_pages, m.fast_seqs)) == 0 && c->fast.ptr) {
+			w.flags |= KVT_WELCOME_FAST;
+			w.fast_bytes = c->fast.size;
+			w.fast_map_off = c->fast_map_off;
+			w.fast_pages = c->fast_pages;
+			w.fast_seqs = c->fast_seqs;
+		} else {
+			kvt_warn("server", "client %u: no fast path (%u pages x %u sequences): %s",
+				 c->id, m.fast_pages, m.fast_seqs, strerror(ret < 0 ? -ret : EINVAL));
+		}
+	}
 	int fds[KVT_FD_MAX] = {c->ring_fd, c->req_efd, c->cmp_efd, c->tenant->pool_fd,
-			       c->tenant->host_fd};
-	if ((ret = kvd_send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, KVT_FD_MAX)) < 0) {
+			       c->tenant->host_fd, c->fast.fd};
+	const unsigned nfds = c->fast.ptr ? KVT_FD_MAX : KVT_FD_FAST;
+	if ((ret = kvd_send_msg(c->sock, KVT_MSG_WELCOME, 0, &w, sizeof(w), fds, nfds)) < 0) {
 		kvd_client_kill(c, KVD_DISC_ERROR, "WELCOME: %s", strerror(-ret));
 		return;
 	}

@@ -15,6 +15,7 @@ _Static_assert(KVTIER_SEQ_NAME_MAX == KVT_SEQ_NAME_MAX && (int)KVTIER_SEQ_CREATE
 #include "tiers/device.h"
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -30,7 +31,11 @@ _Static_assert(KVTIER_SEQ_NAME_MAX == KVT_SEQ_NAME_MAX && (int)KVTIER_SEQ_CREATE
 struct live_seq {
 	uint32_t id;     /* the daemon's sequence id */
 	bool used;
+	bool fast_ok;    /* every page's summary is where the fast path reads it (not a fork
+			  * or a sequence opened by name) */
 	uint32_t *ntok;  /* [layers] tokens appended */
+	uint32_t *sent;  /* [layers] of which the daemon has (kvtier_append_async keeps the
+			  * page still filling here until it is full) */
 };
 
 struct kvtier_client {
@@ -76,6 +81,14 @@ struct kvtier_client {
 	/* the daemon's copy fence: behind its copies into the pool that a select's answer
 	 * names before they have landed (KVT_CQE_COPIES); NULL: selects wait for them */
 	struct kvt_fence *copy_fence;
+	/* the fast path (wire.h): the daemon's region, the data area's part the requests
+	 * use (the rest is the feedback ring), the ring's bytes handed out, the next token,
+	 * the stream of kvtier_append_async */
+	struct kvt_dev_mem fast;
+	uint64_t req_bytes, fb_off, fb_bytes, fb_head;
+	uint32_t fb_token;
+	uint64_t fb_dropped;
+	void *append_stream;
 	/* KVTIER_TIMING=1: where kvtier_select's time goes, printed at detach */
 	bool timing;
 	uint64_t sel_n, sel_ns[3]; /* the query staged, the round trip, the table up */
@@ -93,6 +106,14 @@ struct kvtier_table {
 	uint32_t max_seqs, rows, stride, layer, cap_cells;
 	int32_t *slots, *pages, *n_pages, *tail_len, *tail_slot; /* host (slots, n_pages: pinned) */
 	int32_t *d_slots, *d_n_pages, *d_tail_len, *d_tail_slot; /* backend (cuda) */
+	/* made by kvtier_select_async (on stream, not yet seen by the host side): its
+	 * selection, the page index of each entry, scores, and the inputs staged up:
+	 * [n full pages | row base | tail_len | tail_slot | n selected] of max rows */
+	bool fast, fast_seen;
+	void *stream;
+	int32_t *d_sel, *d_pages, *fin, *d_fin;
+	float *d_scores;
+	uint32_t sel_cells, page_cells, score_cells;
 	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
 	struct kvt_fence *done;
 	bool queued;
@@ -196,6 +217,23 @@ static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
 	return out->res;
 }
 
+/*
+ * A request that takes no completion (KVT_OP_FEEDBACK), posted without waiting; false
+ * when the ring has no room (the daemon is behind: the request is dropped).
+ */
+static bool post(struct kvtier_client *c, struct kvt_sqe *r)
+{
+	if (c->dead || c->sq_tail - kvt_load_acquire(&c->hdr->sq_head) >= c->w.sq_entries)
+		return false;
+	r->user_data = r->user_data ? r->user_data : ++c->next_ud;
+	memcpy(&c->sqes[c->sq_tail & (c->w.sq_entries - 1)], r, sizeof(*r));
+	kvt_store_release(&c->hdr->sq_tail, ++c->sq_tail);
+	uint64_t one = 1;
+	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0)
+		c->dead = true;
+	return true;
+}
+
 /* ---- attach ---- */
 
 static int connect_to(const char *path)
@@ -256,7 +294,7 @@ static int recv_welcome(struct kvtier_client *c)
 	    c->w.host_headroom >= c->w.host_stride)
 		return -EPROTO;
 	for (int i = 0; i < KVT_FD_MAX; i++)
-		if (c->fds[i] < 0)
+		if (c->fds[i] < 0 && (i != KVT_FD_FAST || (c->w.flags & KVT_WELCOME_FAST)))
 			return -EPROTO;
 	return 0;
 }
@@ -275,8 +313,10 @@ static int alloc_tails(struct kvtier_client *c)
 	for (uint32_t i = 0; i < c->w.max_seqs; i++)
 		c->live_of[i] = -1;
 	for (uint32_t i = 0; i < c->max_live; i++)
-		if (!(c->live[i].ntok = calloc(c->layout.layers, sizeof(uint32_t))))
+		if (!(c->live[i].ntok = calloc(2 * (size_t)c->layout.layers, sizeof(uint32_t))))
 			return -ENOMEM;
+		else
+			c->live[i].sent = c->live[i].ntok + c->layout.layers;
 	return kvt_compute_alloc(c->cc, bytes, &c->tail_dev);
 }
 
@@ -317,6 +357,11 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 					 layout->head_dim, layout->dtype, layout->page_tokens,
 					 layout->dense_layers, layout->reps},
 			      .ring_entries = o.ring_entries, .data_bytes = o.data_bytes};
+	if (o.max_context && layout->page_tokens) {
+		h.fast_pages = (uint32_t)(((uint64_t)o.max_context + layout->page_tokens - 1) /
+					  layout->page_tokens);
+		h.fast_seqs = c->max_live;
+	}
 	if (o.tenant)
 		memcpy(h.tenant, o.tenant, strnlen(o.tenant, sizeof(h.tenant)));
 	struct kvt_msg_hdr mh = {.magic = KVT_WIRE_MAGIC, .version = KVT_WIRE_VERSION,
@@ -356,6 +401,21 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	    (ret = kvt_compute_open(dev, &c->cc)) < 0)
 		goto fail;
 	c->gpu = c->w.device == KVT_WIRE_DEV_CUDA;
+	c->fast.fd = -1;
+	c->req_bytes = c->w.data_bytes;
+	if ((c->w.flags & KVT_WELCOME_FAST) && c->fds[KVT_FD_FAST] >= 0) {
+		/* the fast path's feedback ring: the last quarter of the data area */
+		c->fb_bytes = (c->w.data_bytes / 4) & ~63ull;
+		c->fb_off = c->w.data_bytes - c->fb_bytes;
+		c->req_bytes = c->fb_off;
+		if (c->w.fast_map_off >= c->w.fast_bytes || !c->w.fast_pages ||
+		    c->w.fast_seqs > c->max_live ||
+		    (ret = c->dev->ops->mem_import(c->dev, c->fds[KVT_FD_FAST], c->w.fast_bytes,
+						   &c->fast)) < 0) {
+			ret = ret < 0 ? ret : -EPROTO;
+			goto fail;
+		}
+	}
 	c->host = mmap(NULL, c->w.host_bytes, PROT_READ, MAP_SHARED, c->fds[KVT_FD_HOST], 0);
 	if (c->host == MAP_FAILED) {
 		c->host = NULL;
@@ -432,6 +492,8 @@ void kvtier_detach(struct kvtier_client *c)
 			c->dev->ops->host_unregister(c->dev, c->ring + c->w.data_off);
 		if (c->pool.ptr)
 			c->dev->ops->mem_destroy(c->dev, &c->pool);
+		if (c->fast.ptr)
+			c->dev->ops->mem_destroy(c->dev, &c->fast);
 		kvt_device_close(c->dev);
 	}
 	if (c->host)
@@ -474,7 +536,8 @@ static int live_add(struct kvtier_client *c, uint32_t seq)
 			continue;
 		c->live[i].used = true;
 		c->live[i].id = seq;
-		memset(c->live[i].ntok, 0, c->layout.layers * sizeof(uint32_t));
+		c->live[i].fast_ok = true;
+		memset(c->live[i].ntok, 0, 2 * (size_t)c->layout.layers * sizeof(uint32_t));
 		c->live_of[seq] = (int32_t)i;
 		return (int)i;
 	}
@@ -562,7 +625,8 @@ int kvtier_seq_open(struct kvtier_client *c, const char *name, uint32_t flags, u
 			ret = li < 0 ? li : -EPROTO;
 		} else {
 			for (uint32_t l = 0; l < c->layout.layers; l++)
-				c->live[li].ntok[l] = (uint32_t)e.aux[0];
+				c->live[li].ntok[l] = c->live[li].sent[l] = (uint32_t)e.aux[0];
+			c->live[li].fast_ok = false; /* its summaries are the daemon's only */
 			*seq = (uint32_t)ret;
 			if (tokens)
 				*tokens = (uint32_t)e.aux[0];
@@ -597,16 +661,21 @@ int kvtier_seq_remove(struct kvtier_client *c, const char *name)
 	return ret < 0 ? ret : 0;
 }
 
+static int flush_seq(struct kvtier_client *c, struct live_seq *l);
+
 int kvtier_seq_fork(struct kvtier_client *c, uint32_t parent, uint32_t prefix, uint32_t *out)
 {
 	const uint32_t L = c->layout.layers, H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t pb = 2 * (size_t)T * c->row;
 	struct kvt_sqe r = {.op = KVT_OP_SEQ_FORK, .seq = parent, .ntok = prefix, .off = {0}};
 	struct kvt_cqe e;
-	if ((uint64_t)L * H * pb > c->w.data_bytes)
+	if ((uint64_t)L * H * pb > c->req_bytes)
 		return -EMSGSIZE;
 	pthread_mutex_lock(&c->lock);
-	int ret = live_get(c, parent) ? call(c, &r, &e) : -ENOENT;
+	struct live_seq *pl = live_get(c, parent);
+	int ret = !pl ? -ENOENT : flush_seq(c, pl);
+	if (ret == 0)
+		ret = call(c, &r, &e);
 	if (ret < 0)
 		goto out;
 	int li = live_add(c, (uint32_t)ret);
@@ -620,8 +689,9 @@ int kvtier_seq_fork(struct kvtier_client *c, uint32_t parent, uint32_t prefix, u
 	ret = 0;
 	/* the daemon wrote the child's partial page, [layer][head][page], at offset 0 */
 	const uint32_t part = prefix % T;
+	c->live[li].fast_ok = false; /* its parent's pages' summaries are where the parent's are */
 	for (uint32_t l = 0; l < L; l++) {
-		c->live[li].ntok[l] = prefix;
+		c->live[li].ntok[l] = c->live[li].sent[l] = prefix;
 		for (uint32_t h = 0; h < H && part && !ret; h++) {
 			const uint8_t *src = c->data + ((size_t)l * H + h) * pb;
 			size_t s = tail_slot(c, (uint32_t)li, l, h) * c->w.slot_bytes;
@@ -685,18 +755,71 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
 	return ret < 0 ? ret : sret;
 }
 
+/*
+ * The tokens kvtier_append_async kept of the page still filling of one layer go to the
+ * daemon (from the device's copy of the page): when the page is full, and before any
+ * request that needs the daemon to have every token. On an error the tokens the daemon
+ * did not take are dropped here too (the sequence ends where the daemon's does).
+ */
+static int flush_layer(struct kvtier_client *c, struct live_seq *l, uint32_t layer)
+{
+	const uint32_t n = l->ntok[layer] - l->sent[layer];
+	if (!n)
+		return 0;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t tok = c->row * H;
+	const uint64_t voff = ((uint64_t)n * tok + 63) & ~63ull;
+	const uint32_t li = (uint32_t)c->live_of[l->id];
+	const size_t s0 = tail_slot(c, li, layer, 0) * c->w.slot_bytes;
+	int ret = kvt_compute_sync(c->cc, c->append_stream);
+	if (ret == 0)
+		ret = kvt_compute_download(c->cc, c->tail_host + s0, (uint8_t *)c->tail_dev + s0,
+					   H * c->w.slot_bytes);
+	if (ret == 0 && 2 * voff > c->req_bytes)
+		ret = -EMSGSIZE;
+	if (ret < 0) {
+		l->ntok[layer] = l->sent[layer];
+		return ret;
+	}
+	for (uint32_t t = l->sent[layer]; t < l->ntok[layer]; t++)
+		for (uint32_t h = 0; h < H; h++) {
+			const uint8_t *page = c->tail_host + s0 + (size_t)h * c->w.slot_bytes;
+			size_t i = (size_t)(t - l->sent[layer]) * H + h, pos = t % T;
+			memcpy(c->data + i * c->row, page + pos * c->row, c->row);
+			memcpy(c->data + voff + i * c->row, page + (T + pos) * c->row, c->row);
+		}
+	struct kvt_sqe r = {.op = KVT_OP_APPEND, .seq = l->id, .layer = (uint16_t)layer,
+			    .ntok = n, .off = {0, voff}};
+	struct kvt_cqe e = {0};
+	ret = call(c, &r, &e);
+	uint32_t acc = ret == -ECONNRESET || ret == -EPROTO || e.aux[0] > n ? 0 : (uint32_t)e.aux[0];
+	if (ret >= 0 && acc < n)
+		ret = -EPROTO;
+	l->sent[layer] += acc;
+	l->ntok[layer] = l->sent[layer];
+	return ret < 0 ? ret : 0;
+}
+
+static int flush_seq(struct kvtier_client *c, struct live_seq *l)
+{
+	int ret = 0;
+	for (uint32_t layer = 0; layer < c->layout.layers && ret == 0; layer++)
+		ret = flush_layer(c, l, layer);
+	return ret;
+}
+
 int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
 		  const void *v, uint32_t ntok, unsigned mem)
 {
 	if (!k || !v || layer >= c->layout.layers)
 		return -EINVAL;
 	const size_t tok = c->row * c->layout.kv_heads;
-	const uint64_t chunk_max = c->w.data_bytes / (2 * tok);
+	const uint64_t chunk_max = c->req_bytes / (2 * tok);
 	if (!chunk_max)
 		return -EMSGSIZE;
 	pthread_mutex_lock(&c->lock);
 	struct live_seq *l = live_get(c, seq);
-	int ret = l ? 0 : -ENOENT;
+	int ret = l ? flush_layer(c, l, layer) : -ENOENT;
 	/* an attend still queued may read the tail pages this append rewrites */
 	if (ret == 0 && c->layer_queued[layer]) {
 		ret = c->dev->ops->fence_wait(c->dev, c->layer_fence[layer]);
@@ -724,12 +847,58 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 		uint32_t acc = ret == -ECONNRESET || ret == -EPROTO ? 0 : (uint32_t)e.aux[0];
 		int mr = mirror_tail(c, (uint32_t)c->live_of[seq], layer, l->ntok[layer], acc, voff);
 		l->ntok[layer] += acc;
+		l->sent[layer] = l->ntok[layer];
 		if (ret >= 0)
 			ret = mr;
 		done += n;
 	}
 	pthread_mutex_unlock(&c->lock);
 	return ret < 0 ? ret : 0;
+}
+
+int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
+			const void *v, uint32_t ntok, void *stream)
+{
+	if (!c || !k || !v || layer >= c->layout.layers)
+		return -EINVAL;
+	if (!c->fast.ptr) { /* no fast path: through the daemon at once */
+		int ret = kvt_compute_sync(c->cc, stream);
+		return ret < 0 ? ret : kvtier_append(c, seq, layer, k, v, ntok, KVT_MEM_DEVICE);
+	}
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t tok = c->row * H;
+	pthread_mutex_lock(&c->lock);
+	struct live_seq *l = live_get(c, seq);
+	int ret = l ? 0 : -ENOENT;
+	if (ret == 0 && c->append_stream != stream) {
+		/* the pages kept so far were written on the other stream */
+		for (uint32_t i = 0; i < c->max_live && ret == 0; i++)
+			if (c->live[i].used)
+				ret = flush_seq(c, &c->live[i]);
+		c->append_stream = stream;
+	}
+	if (ret == 0 && c->layer_queued[layer]) { /* an attend on another stream reads the tail */
+		ret = c->dev->ops->fence_stream_wait(c->dev, c->layer_fence[layer], stream);
+		c->layer_queued[layer] = false;
+	}
+	const uint32_t li = l ? (uint32_t)c->live_of[seq] : 0;
+	for (uint32_t done = 0; done < ntok && ret == 0;) {
+		const uint32_t pos = l->ntok[layer] % T;
+		const uint32_t n = ntok - done < T - pos ? ntok - done : T - pos;
+		struct kvt_put_rows_args a = {
+			.g = c->geom, .heads = H, .ntok = n, .pos0 = pos,
+			.k = (const uint8_t *)k + (size_t)done * tok,
+			.v = (const uint8_t *)v + (size_t)done * tok, .pool = c->tail_dev,
+			.slot_bytes = c->w.slot_bytes, .slot0 = tail_slot(c, li, layer, 0)};
+		if ((ret = kvt_put_rows(c->cc, &a, stream)) < 0)
+			break;
+		l->ntok[layer] += n;
+		done += n;
+		if (l->ntok[layer] % T == 0) /* full: the daemon seals it and summarizes it */
+			ret = flush_layer(c, l, layer);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return ret;
 }
 
 /* ---- tables ---- */
@@ -773,16 +942,48 @@ void kvtier_table_destroy(struct kvtier_table *t)
 			dev->ops->fence_wait(dev, t->up);
 		dev->ops->fence_destroy(dev, t->up);
 	}
+	if (t->fast && !t->fast_seen)
+		kvt_compute_sync(t->c->cc, t->stream);
 	kvt_compute_free(t->c->cc, t->d_n_pages);
 	kvt_compute_free(t->c->cc, t->d_slots);
+	kvt_compute_free(t->c->cc, t->d_sel);
+	kvt_compute_free(t->c->cc, t->d_pages);
+	kvt_compute_free(t->c->cc, t->d_fin);
+	kvt_compute_free(t->c->cc, t->d_scores);
+	kvt_compute_host_free(t->c->cc, t->fin);
 	kvt_compute_host_free(t->c->cc, t->n_pages);
 	kvt_compute_host_free(t->c->cc, t->slots);
 	free(t->pages);
 	free(t);
 }
 
+/* A table kvtier_select_async made: its device side, once its kernels have run. */
+static void fast_fetch(struct kvtier_table *t)
+{
+	struct kvtier_client *c = t->c;
+	const size_t rows = t->rows, cells = rows * t->stride;
+	pthread_mutex_lock(&c->lock);
+	int ret = kvt_compute_sync(c->cc, t->stream);
+	if (ret == 0)
+		ret = kvt_compute_download(c->cc, t->slots, t->d_slots, cells * sizeof(int32_t));
+	if (ret == 0)
+		ret = kvt_compute_download(c->cc, t->pages, t->d_pages, cells * sizeof(int32_t));
+	if (ret == 0)
+		ret = kvt_compute_download(c->cc, t->n_pages, t->d_n_pages, rows * sizeof(int32_t));
+	if (ret < 0) /* an empty view rather than a wrong one */
+		memset(t->n_pages, 0, rows * sizeof(int32_t));
+	memcpy(t->tail_len, t->fin + 2 * (size_t)t->max_seqs * c->layout.kv_heads,
+	       rows * sizeof(int32_t));
+	memcpy(t->tail_slot, t->fin + 3 * (size_t)t->max_seqs * c->layout.kv_heads,
+	       rows * sizeof(int32_t));
+	t->fast_seen = true;
+	pthread_mutex_unlock(&c->lock);
+}
+
 void kvtier_table_view(const struct kvtier_table *t, struct kvtier_table_view *out)
 {
+	if (t->fast && !t->fast_seen)
+		fast_fetch((struct kvtier_table *)t);
 	*out = (struct kvtier_table_view){.rows = t->rows, .stride = t->stride, .layer = t->layer,
 					  .slots = t->slots, .pages = t->pages,
 					  .n_pages = t->n_pages,
@@ -826,6 +1027,41 @@ static int ensure_dev(struct kvtier_client *c, void **p, size_t *have, size_t ne
 	return ret;
 }
 
+/* Room for a table of rows x stride entries: host and device sides. */
+static int table_cells(struct kvtier_client *c, struct kvtier_table *t, size_t cells)
+{
+	if (cells <= t->cap_cells)
+		return 0;
+	int32_t *s = NULL;
+	if (kvt_compute_host_alloc(c->cc, cells * sizeof(int32_t), (void **)&s) == 0) {
+		kvt_compute_host_free(c->cc, t->slots);
+		t->slots = s;
+	}
+	int32_t *pg = realloc(t->pages, cells * sizeof(int32_t));
+	if (pg)
+		t->pages = pg;
+	kvt_compute_free(c->cc, t->d_slots);
+	t->d_slots = NULL;
+	t->cap_cells = 0;
+	if (!s || !pg || kvt_compute_alloc(c->cc, cells * sizeof(int32_t), (void **)&t->d_slots) < 0)
+		return -ENOMEM;
+	t->cap_cells = (uint32_t)cells;
+	return 0;
+}
+
+static int grow_dev(struct kvtier_client *c, void **p, uint32_t *have, size_t need, size_t esz)
+{
+	if (need <= *have)
+		return 0;
+	kvt_compute_free(c->cc, *p);
+	*p = NULL;
+	*have = 0;
+	int ret = kvt_compute_alloc(c->cc, need * esz, p);
+	if (ret == 0)
+		*have = (uint32_t)need;
+	return ret;
+}
+
 int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, uint32_t layer,
 		  const void *q, unsigned mem, const struct kvtier_select_params *p,
 		  struct kvtier_table *t)
@@ -843,6 +1079,8 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		struct live_seq *l = live_get(c, seqs[b]);
 		if (!l)
 			ret = -ENOENT;
+		else if ((ret = flush_layer(c, l, layer)) < 0)
+			break;
 		else if (l->ntok[layer] / T > max_pages)
 			max_pages = l->ntok[layer] / T;
 	}
@@ -858,7 +1096,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	uint64_t qoff = ((uint64_t)nseq * 4 + 63) & ~63ull;
 	uint64_t ooff = (qoff + qbytes + 63) & ~63ull;
 	uint64_t obytes = rows * (2 * (uint64_t)stride + 2) * sizeof(int32_t);
-	if (!ret && ooff + obytes > c->w.data_bytes)
+	if (!ret && ooff + obytes > c->req_bytes)
 		ret = -EMSGSIZE;
 	if (!ret && t->queued) { /* an attend queued on the table still reads it */
 		ret = c->dev->ops->fence_wait(c->dev, t->done);
@@ -868,25 +1106,8 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		ret = c->dev->ops->fence_wait(c->dev, t->up);
 		t->up_pending = false;
 	}
-	if (!ret && rows * stride > t->cap_cells) {
-		int32_t *s = NULL;
-		if (kvt_compute_host_alloc(c->cc, rows * stride * sizeof(int32_t), (void **)&s) == 0) {
-			kvt_compute_host_free(c->cc, t->slots);
-			t->slots = s;
-		}
-		int32_t *pg = realloc(t->pages, rows * stride * sizeof(int32_t));
-		if (pg)
-			t->pages = pg;
-		kvt_compute_free(c->cc, t->d_slots);
-		t->d_slots = NULL;
-		if (!s || !pg || kvt_compute_alloc(c->cc, rows * stride * sizeof(int32_t),
-						   (void **)&t->d_slots) < 0) {
-			t->cap_cells = 0;
-			ret = -ENOMEM;
-		} else {
-			t->cap_cells = (uint32_t)(rows * stride);
-		}
-	}
+	if (!ret)
+		ret = table_cells(c, t, rows * stride);
 	if (ret)
 		goto out;
 	const uint64_t t0 = c->timing ? mono_ns() : 0;
@@ -949,6 +1170,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		goto out;
 	memcpy(t->slots, tab, rows * stride * sizeof(int32_t));
 	memcpy(t->pages, pages, rows * stride * sizeof(int32_t));
+	t->fast = false;
 	t->rows = (uint32_t)rows;
 	t->stride = stride;
 	t->layer = layer;
@@ -979,6 +1201,153 @@ out:
 	return ret < 0 ? ret : 0;
 }
 
+/* An entry of the feedback ring (wire.h, KVT_OP_FEEDBACK): its offset in the data area
+ * and the ring bytes it takes, or -1 while the daemon has not caught up. */
+static int64_t fb_alloc(struct kvtier_client *c, uint64_t size, uint32_t *taken)
+{
+	size = (size + 63) & ~63ull;
+	if (size > c->fb_bytes / 2)
+		return -1;
+	const uint64_t done = kvt_load_acquire(&c->hdr->fb_done);
+	const uint64_t at = c->fb_head % c->fb_bytes;
+	const uint64_t skip = at + size > c->fb_bytes ? c->fb_bytes - at : 0;
+	if (c->fb_head + skip + size - done > c->fb_bytes)
+		return -1;
+	c->fb_head += skip + size;
+	*taken = (uint32_t)(skip + size);
+	return (int64_t)(c->fb_off + (skip ? 0 : at));
+}
+
+int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
+			uint32_t layer, const void *q, const struct kvtier_select_params *p,
+			struct kvtier_table *t, void *stream)
+{
+	if (!c || !seqs || !q || !p || !t || t->c != c || !nseq || nseq > t->max_seqs ||
+	    layer >= c->layout.layers)
+		return -EINVAL;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t rows = (size_t)nseq * H, mr = (size_t)t->max_seqs * H;
+	pthread_mutex_lock(&c->lock);
+	bool fast = c->fast.ptr && layer >= c->layout.dense_layers;
+	uint32_t smax = 1;
+	int ret = 0;
+	for (uint32_t b = 0; b < nseq && !ret; b++) {
+		struct live_seq *l = live_get(c, seqs[b]);
+		if (!l) {
+			ret = -ENOENT;
+			break;
+		}
+		uint32_t n = l->ntok[layer] / T;
+		if (!l->fast_ok || seqs[b] >= c->w.fast_seqs || n > c->w.fast_pages)
+			fast = false;
+		smax = n > smax ? n : smax;
+	}
+	if (!ret && !fast) { /* through the daemon, the queries as the stream leaves them */
+		pthread_mutex_unlock(&c->lock);
+		ret = kvt_compute_sync(c->cc, stream);
+		return ret < 0 ? ret : kvtier_select(c, seqs, nseq, layer, q, KVT_MEM_DEVICE, p, t);
+	}
+	uint32_t stride = p->budget_pages;
+	uint32_t forced = (p->sink_tokens + T - 1) / T + p->window_tokens / T + 1;
+	stride = stride < forced ? forced : stride ? stride : 1;
+	if (!ret && t->queued) /* an attend queued on it reads it (on stream: in order) */
+		ret = c->dev->ops->fence_stream_wait(c->dev, t->done, stream);
+	t->queued = false;
+	if (!ret && t->up_pending) { /* the last select's staging is read by its copy */
+		ret = c->dev->ops->fence_wait(c->dev, t->up);
+		t->up_pending = false;
+	}
+	if (ret || (ret = table_cells(c, t, rows * stride)) < 0 ||
+	    (ret = grow_dev(c, (void **)&t->d_sel, &t->sel_cells, rows * stride, 4)) < 0 ||
+	    (ret = grow_dev(c, (void **)&t->d_pages, &t->page_cells, rows * stride, 4)) < 0 ||
+	    (ret = grow_dev(c, (void **)&t->d_scores, &t->score_cells, rows * smax, 4)) < 0)
+		goto out;
+	if (!t->fin && ((ret = kvt_compute_host_alloc(c->cc, 5 * mr * sizeof(int32_t),
+						      (void **)&t->fin)) < 0 ||
+			(ret = kvt_compute_alloc(c->cc, 5 * mr * sizeof(int32_t),
+						 (void **)&t->d_fin)) < 0))
+		goto out;
+	/* [n full pages | row base | tail_len | tail_slot | n selected] */
+	for (size_t row = 0; row < rows; row++) {
+		struct live_seq *l = live_get(c, seqs[row / H]);
+		const uint32_t h = (uint32_t)(row % H), tl = l->ntok[layer] % T;
+		t->fin[row] = (int32_t)(l->ntok[layer] / T);
+		t->fin[mr + row] = (int32_t)((((size_t)layer * c->w.fast_seqs + seqs[row / H]) * H + h) *
+					     c->w.fast_pages);
+		t->fin[2 * mr + row] = (int32_t)tl;
+		t->fin[3 * mr + row] = tl ? (int32_t)tail_slot(c, (uint32_t)c->live_of[seqs[row / H]],
+							       layer, h)
+					  : -1;
+	}
+	/* the report of what was selected, for the daemon's leases */
+	uint32_t taken = 0;
+	const uint64_t seq_at = 64 + (2 * rows + rows * stride) * sizeof(int32_t);
+	int64_t fb = fb_alloc(c, seq_at + nseq * sizeof(uint32_t), &taken);
+	const uint32_t token = ++c->fb_token ? c->fb_token : ++c->fb_token;
+	if (fb >= 0) {
+		__atomic_store_n((uint32_t *)(c->data + fb), 0, __ATOMIC_RELAXED);
+		memcpy(c->data + fb + seq_at, seqs, nseq * sizeof(uint32_t));
+	} else {
+		c->fb_dropped++;
+	}
+	const size_t in = 5 * mr * sizeof(int32_t);
+	struct kvt_score_args sc = {.g = c->geom, .method = KVT_SCORE_QUEST, .agg = KVT_GQA_MAX,
+				    .rows = (uint32_t)rows, .stride = smax, .q = q,
+				    .summaries = c->fast.ptr, .n_pages = t->d_fin,
+				    .scores = t->d_scores, .row_base = t->d_fin + mr};
+	struct kvt_select_args se = {
+		.mode = p->top_p_mode ? KVT_SELECT_TOPP : KVT_SELECT_TOPK, .rows = (uint32_t)rows,
+		.stride = smax, .out_stride = stride, .budget_pages = p->budget_pages,
+		.page_tokens = T, .sink_tokens = p->sink_tokens, .window_tokens = p->window_tokens,
+		.top_p = p->top_p, .logit_scale = 1.0f / sqrtf((float)c->layout.head_dim),
+		.scores = t->d_scores, .n_pages = t->d_fin, .tail_len = t->d_fin + 2 * mr,
+		.out = t->d_sel, .n_out = t->d_fin + 4 * mr};
+	struct kvt_resolve_args rs = {
+		.rows = (uint32_t)rows, .stride = stride, .sel = t->d_sel, .n_sel = t->d_fin + 4 * mr,
+		.map = (const int32_t *)((const uint8_t *)c->fast.ptr + c->w.fast_map_off),
+		.row_base = t->d_fin + mr, .table = t->d_slots, .pages = t->d_pages,
+		.n_table = t->d_n_pages, .report = fb >= 0 ? (int32_t *)(c->data + fb + 64) : NULL,
+		.ready = fb >= 0 ? (uint32_t *)(c->data + fb) : NULL, .token = token};
+	if ((ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
+	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||
+	    (ret = kvt_score(c->cc, &sc, stream)) < 0 || (ret = kvt_select(c->cc, &se, stream)) < 0 ||
+	    (ret = kvt_resolve(c->cc, &rs, stream)) < 0) {
+		kvt_compute_sync(c->cc, stream); /* nothing queued may still read the staging */
+	} else {
+		t->up_pending = true;
+	}
+	if (fb >= 0) {
+		struct kvt_sqe r = {.op = KVT_OP_FEEDBACK, .layer = (uint16_t)layer, .seq = nseq,
+				    .user_data = token, .ntok = taken, .out_stride = stride,
+				    .off = {(uint64_t)fb + seq_at, (uint64_t)fb}};
+		if (ret < 0 || !post(c, &r)) {
+			/* the last entry handed out: taken back (its report never comes) */
+			c->fb_head -= taken;
+			c->fb_dropped += ret == 0;
+		}
+	}
+	if (ret == 0) {
+		t->fast = true;
+		t->fast_seen = false;
+		t->stream = stream;
+		t->rows = (uint32_t)rows;
+		t->stride = stride;
+		t->layer = layer;
+	}
+out:
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+/* The read fence recorded, then counted (wire.h: the fast path's leases wait for two). */
+static int fence_record(struct kvtier_client *c, void *stream)
+{
+	int ret = c->dev->ops->fence_record(c->dev, c->fence, stream);
+	if (ret == 0)
+		__atomic_add_fetch(&c->hdr->fence_seq, 1, __ATOMIC_RELEASE);
+	return ret;
+}
+
 /* The attention over a table: the backend's copies of it and of the tails. */
 static void attend_args(const struct kvtier_client *c, const struct kvtier_table *t,
 			const void *q, void *out, float *lse, float scale,
@@ -988,8 +1357,9 @@ static void attend_args(const struct kvtier_client *c, const struct kvtier_table
 	*a = (struct kvt_attend_args){
 		.g = c->geom, .rows = t->rows, .stride = t->stride, .scale = scale, .q = q,
 		.pool = c->pool.ptr, .slot_bytes = c->w.slot_bytes, .table = t->d_slots,
-		.n_pages = t->d_n_pages, .tail_slot = t->d_n_pages + 2 * mr,
-		.tail_len = t->d_n_pages + mr, .out = out, .lse = lse, .tail_pool = c->tail_dev,
+		.n_pages = t->d_n_pages, .tail_slot = t->fast ? t->d_fin + 3 * mr : t->d_n_pages + 2 * mr,
+		.tail_len = t->fast ? t->d_fin + 2 * mr : t->d_n_pages + mr, .out = out, .lse = lse,
+		.tail_pool = c->tail_dev,
 		.host_pool = c->host_dev ? (const uint8_t *)c->host_dev + c->w.host_headroom : NULL,
 		.host_slot_bytes = c->w.host_stride,
 	};
@@ -1055,7 +1425,7 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 		ret = kvt_attend(c->cc, &a, stream);
 	if (ret == 0 && !c->fence) /* no fence: the daemon must not find it running */
 		ret = kvt_compute_sync(c->cc, stream);
-	else if (ret == 0 && (ret = dev->ops->fence_record(dev, c->fence, stream)) == 0 &&
+	else if (ret == 0 && (ret = fence_record(c, stream)) == 0 &&
 		 (ret = dev->ops->fence_record(dev, t->done, stream)) == 0 &&
 		 (ret = dev->ops->fence_record(dev, c->layer_fence[t->layer], stream)) == 0) {
 		t->queued = true;
@@ -1081,8 +1451,7 @@ int kvtier_reads_fence(struct kvtier_client *c, void *stream)
 	if (!c)
 		return -EINVAL;
 	pthread_mutex_lock(&c->lock);
-	int ret = c->fence ? c->dev->ops->fence_record(c->dev, c->fence, stream)
-			   : kvt_compute_sync(c->cc, stream);
+	int ret = c->fence ? fence_record(c, stream) : kvt_compute_sync(c->cc, stream);
 	pthread_mutex_unlock(&c->lock);
 	return ret;
 }

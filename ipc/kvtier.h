@@ -64,6 +64,11 @@ struct kvtier_attach_opts {
 	uint32_t ring_entries;
 	uint32_t max_live_seqs; /* sequences open at once; 0: 64 */
 	uint32_t flags;         /* enum kvtier_attach_flags */
+	/* the fast path (kvtier_select_async): tokens per sequence it covers, for the first
+	 * max_live_seqs sequence ids; 0: none (every select is a round trip to the daemon).
+	 * Costs GPU memory of the daemon's: per (layer, sequence, KV head, page) a summary
+	 * and a map entry, about 2.5% of the KV it covers at head_dim 128. */
+	uint32_t max_context;
 };
 
 struct kvtier_client;
@@ -201,6 +206,38 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 		  struct kvtier_table *t);
 
 /*
+ * The fast path: the same selection as kvtier_select, made on stream by the caller's
+ * own device, with no round trip to the daemon: scores over the page summaries the
+ * daemon keeps in memory both map, top-k (sinks and window included), and the table
+ * from the daemon's map of pages it keeps on the GPU for this client (leases). q is
+ * device memory. A selected page not leased yet is left out of this table (counted in
+ * kvtier_prefetch_stats.missed); the daemon, told of the selection afterwards, leases
+ * it for the next steps, and takes leases back from pages not selected for a while
+ * (fast.lease_steps). kvtier_attend_async on the same stream then attends over the
+ * table; the host side of the table (kvtier_table_view) waits for the kernels.
+ * Needs an attach with max_context; a layer below dense_layers, a sequence the fast
+ * path does not cover (a fork, a sequence opened by name, a longer context, an id past
+ * max_live_seqs) or a daemon without it make this a kvtier_select (synchronous).
+ * 0, -EINVAL, -ENOENT, -ENOMEM, -errno of the device.
+ */
+int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
+			uint32_t layer, const void *q, const struct kvtier_select_params *p,
+			struct kvtier_table *t, void *stream);
+
+/*
+ * Appends ntok tokens to one layer of seq from device memory, queued on stream (k and
+ * v [ntok][kv_heads][head_dim], read when the stream gets there), like an engine's
+ * cache-write kernel: the page still filling stays on the device until it is full, and
+ * only then goes to the daemon (a round trip every page_tokens tokens). Until then the
+ * daemon's count of the sequence's tokens is behind (every request that needs them
+ * sends them first); as with any page still filling, those tokens are not kept if the
+ * daemon dies. Use one stream for a client's appends, selects and attends. Without the
+ * fast path it is kvtier_append. 0 or -errno as kvtier_append.
+ */
+int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
+			const void *v, uint32_t ntok, void *stream);
+
+/*
  * For an engine that reads the pages of a table with kernels of its own: work queued
  * on stream after this call runs after the table's pages are in their slots. On the
  * cuda backend kvtier_select may return while the daemon's copies of pages into the
@@ -292,6 +329,9 @@ struct kvtier_prefetch_stats {
 	uint64_t prefetch_wasted;  /* ... and not */
 	uint64_t prefetch_refused; /* the store had no room to start them */
 	uint64_t bytes_h2d, bytes_nvme; /* prefetched into the GPU, and read from NVMe */
+	/* kvtier_select_async: selected pages the step went without (not leased on the GPU
+	 * when its table was made; leased since, for the next steps) */
+	uint64_t missed;
 	uint64_t lat_gpu[KVTIER_LAT_BUCKETS];  /* host RAM -> GPU */
 	uint64_t lat_host[KVTIER_LAT_BUCKETS]; /* NVMe -> host RAM */
 };

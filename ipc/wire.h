@@ -26,7 +26,7 @@
 #include "ipc/kvtier.h"
 
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 4
+#define KVT_WIRE_VERSION 5
 
 #define KVT_MSG_MAX (64u * 1024)
 
@@ -85,10 +85,12 @@ struct kvt_hello {
 	struct kvt_wire_layout layout;
 	char tenant[KVT_TENANT_NAME_MAX]; /* "" for the caller's default tenant */
 	uint32_t ring_entries;            /* requested; 0: the daemon's default */
-	uint32_t pad_;
+	uint32_t fast_pages;              /* the fast path (below): pages per row, 0: none */
 	uint64_t data_bytes;              /* requested data area; 0: default */
+	uint32_t fast_seqs;               /* the fast path: sequence ids it covers */
+	uint32_t pad_;
 };
-_Static_assert(sizeof(struct kvt_hello) == 88, "wire format");
+_Static_assert(sizeof(struct kvt_hello) == 96, "wire format");
 
 enum kvt_welcome_fd {
 	KVT_FD_RING = 0, /* the ring memfd (read-write) */
@@ -96,8 +98,26 @@ enum kvt_welcome_fd {
 	KVT_FD_CMP,      /* eventfd: daemon -> client, "completions posted" */
 	KVT_FD_POOL,     /* the tenant's GPU pool (VMM POSIX fd, or a memfd on the cpu device) */
 	KVT_FD_HOST,     /* the tenant's host arena (sealed memfd, read-only mappings) */
+	KVT_FD_FAST,     /* with KVT_WELCOME_FAST: the fast path's region (like the pool) */
 	KVT_FD_MAX
 };
+
+/*
+ * The fast path: a client that picks its own pages. The daemon keeps, in device
+ * memory both map (KVT_FD_FAST, fast_bytes), for every (layer, sequence id <
+ * fast_seqs, KV head, page < fast_pages), at position
+ *     pos = ((layer * fast_seqs + seq) * kv_heads + head) * fast_pages + page:
+ *   - the page's summary record, at pos * record bytes (written when the page fills,
+ *     before the append that filled it is answered);
+ *   - int32 map[pos] at fast_map_off: the GPU pool slot where the page stays for the
+ *     client's reads (a lease), or -1.
+ * The client scores, selects and builds its table on its own stream from these, with
+ * no round trip, and tells the daemon what it selected (KVT_OP_FEEDBACK); the daemon
+ * leases what was missing, so that the next steps find it, and takes back leases of
+ * pages not selected for a while: it writes -1 first, and lets the slot go only after
+ * the client has recorded its read fence twice since (fence_seq) and the fence is
+ * complete.
+ */
 
 enum kvt_wire_device {
 	KVT_WIRE_DEV_CPU = 0,
@@ -134,15 +154,19 @@ struct kvt_welcome {
 	 * (KVT_CQE_COPIES); the client orders its reads of the table after it. Its state,
 	 * on a device that keeps it in memory (cpu), is the ring header's copy_fence. */
 	uint8_t copy_fence[64];
+	/* with KVT_WELCOME_FAST (above) */
+	uint64_t fast_bytes, fast_map_off;
+	uint32_t fast_pages, fast_seqs;
 };
 enum kvt_welcome_flags {
 	KVT_WELCOME_FENCE = 1u << 0,      /* fence holds a handle */
 	KVT_WELCOME_COPY_FENCE = 1u << 1, /* copy_fence holds a handle */
+	KVT_WELCOME_FAST = 1u << 2,       /* the fast path's region came (KVT_FD_FAST) */
 };
-_Static_assert(sizeof(struct kvt_welcome) == 232, "wire format");
+_Static_assert(sizeof(struct kvt_welcome) == 256, "wire format");
 
 /* The prefetcher's counters (struct kvtier_prefetch_stats) are the public header's. */
-_Static_assert(sizeof(struct kvtier_prefetch_stats) == 120 + 2 * 8 * KVTIER_LAT_BUCKETS,
+_Static_assert(sizeof(struct kvtier_prefetch_stats) == 128 + 2 * 8 * KVTIER_LAT_BUCKETS,
 	       "wire format");
 
 /* The daemon's counters, for tools and tests (kvtierctl has the full set). */
@@ -192,11 +216,16 @@ struct kvt_ring_hdr {
 	/* client: nonzero while threads of the client read pages of its tables outside
 	 * kvtier_attend (kvtier_reads_hold): the daemon keeps unpinned slots as they are */
 	uint32_t reads_held;
-	uint8_t pad7[60];
+	/* client: counts its records of the read fence, each counted after it is made */
+	uint32_t fence_seq;
+	uint8_t pad7[56];
 	/* daemon (its device's worker): the copy fence's state on the cpu device */
 	uint8_t copy_fence[64];
+	/* daemon: bytes of the feedback ring (KVT_OP_FEEDBACK) it is done with */
+	uint64_t fb_done;
+	uint8_t pad8[56];
 };
-_Static_assert(sizeof(struct kvt_ring_hdr) == 8 * 64, "wire format");
+_Static_assert(sizeof(struct kvt_ring_hdr) == 9 * 64, "wire format");
 
 enum kvt_op_code {
 	KVT_OP_NOP = 0,
@@ -212,6 +241,12 @@ enum kvt_op_code {
 			    * -> res: the sequence id, aux[0]: tokens it holds (every layer) */
 	KVT_OP_SEQ_SYNC,   /* seq -> aux[0]: tokens on NVMe in every layer */
 	KVT_OP_SEQ_REMOVE, /* name: ntok bytes at off[0] */
+	/* the fast path: a selection the client made, answered by no completion. layer,
+	 * seq: nseq, user_data: its token, out_stride: the report's stride, ntok: bytes of
+	 * the feedback ring it takes (done with, they go to fb_done in order), off[0]: the
+	 * sequence ids u32[nseq], off[1]: the entry: u32 ready, then at +64 the report
+	 * (struct kvt_resolve_args). The daemon reads it once ready holds the token. */
+	KVT_OP_FEEDBACK,
 	KVT_OP_MAX
 };
 

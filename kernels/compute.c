@@ -205,6 +205,36 @@ int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *str
 	return ret < 0 ? ret : a->rows ? c->ops->attend(c, a, stream) : 0;
 }
 
+int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream)
+{
+	if (!a || (a->rows && (!a->stride || !a->sel || !a->n_sel || !a->map || !a->row_base ||
+			       !a->table || !a->n_table || (a->report && !a->ready))))
+		return -EINVAL;
+	return a->rows ? c->ops->resolve(c, a, stream) : 0;
+}
+
+int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream)
+{
+	if (!a || kvt_geom_check(&a->g) < 0)
+		return -EINVAL;
+	if (!a->ntok)
+		return 0;
+	if (!a->heads || !a->k || !a->v || !a->pool ||
+	    (uint64_t)a->pos0 + a->ntok > a->g.page_tokens ||
+	    a->slot_bytes < 2ull * a->g.page_tokens * a->g.head_dim * kvt_dtype_size(a->g.dtype))
+		return -EINVAL;
+	return c->ops->put_rows(c, a, stream);
+}
+
+int kvt_scatter_i32(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n)
+{
+	if (!n)
+		return 0;
+	if (!dst || !pairs)
+		return -EINVAL;
+	return c->ops->scatter_i32(c, dst, pairs, n);
+}
+
 int kvt_compute_sync(struct kvt_compute *c, void *stream)
 {
 	return c->ops->sync(c, stream);

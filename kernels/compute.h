@@ -104,6 +104,9 @@ struct kvt_score_args {
 	const int32_t *sum_index;  /* [rows][stride] or NULL (contiguous records) */
 	const int32_t *n_pages;    /* [rows] pages of each row, <= stride */
 	float *scores;             /* [rows][stride] out */
+	/* [rows] or NULL: without sum_index, the records of row r start at row_base[r]
+	 * instead of r * stride (rows of a batch picked out of a larger array) */
+	const int32_t *row_base;
 };
 
 /*
@@ -170,6 +173,51 @@ struct kvt_attend_args {
 	uint64_t host_slot_bytes;
 };
 
+/*
+ * A page table from a selection, where the map of where pages are lives beside the
+ * summaries (a client choosing its own pages): page p of row r is in pool slot
+ * map[row_base[r] + p], or nowhere the attention can read it now (< 0). Writes
+ * table[r * stride + i] / pages[r * stride + i] (the slots and page indices of the
+ * selected pages that are in the pool, ascending page order) and n_table[r]. With
+ * report set, also the whole selection, for whoever keeps the map, in mapped host memory:
+ * report[0..rows) n_sel, [rows..2 rows) n_table, then [rows][stride] the selected
+ * pages; and once all of it is written, *ready = token (release order: a reader that
+ * sees the token sees the report).
+ */
+struct kvt_resolve_args {
+	uint32_t rows;
+	uint32_t stride;           /* of sel, table and pages */
+	const int32_t *sel;        /* [rows][stride] page indices (kvt_select without slot_map) */
+	const int32_t *n_sel;      /* [rows] */
+	const int32_t *map;        /* slot of each page, by row_base[r] + page */
+	const int32_t *row_base;   /* [rows] */
+	int32_t *table;            /* [rows][stride] out */
+	int32_t *pages;            /* [rows][stride] out, or NULL */
+	int32_t *n_table;          /* [rows] out */
+	int32_t *report;           /* or NULL */
+	uint32_t *ready;           /* with report */
+	uint32_t token;
+	uint32_t pad_;
+};
+
+/*
+ * New tokens into the pages that are filling: ntok tokens of K and of V, each
+ * [ntok][heads][D] (device memory, or host memory the device maps), go to rows
+ * pos0 .. pos0 + ntok - 1 of the pages in slots slot0 .. slot0 + heads - 1 of pool
+ * (pos0 + ntok <= page_tokens): what an engine's cache-write kernel does.
+ */
+struct kvt_put_rows_args {
+	struct kvt_geom g;
+	uint32_t heads;
+	uint32_t ntok;
+	uint32_t pos0;
+	uint32_t pad_;
+	const void *k, *v;
+	void *pool;
+	uint64_t slot_bytes;
+	uint64_t slot0;
+};
+
 /* A page-table entry with this bit is a slot of the host pool (attend's host_pool). */
 #define KVT_SLOT_HOST 0x40000000
 
@@ -222,6 +270,13 @@ int kvt_summarize(struct kvt_compute *c, const struct kvt_summarize_args *a, voi
 int kvt_score(struct kvt_compute *c, const struct kvt_score_args *a, void *stream);
 int kvt_select(struct kvt_compute *c, const struct kvt_select_args *a, void *stream);
 int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
+int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
+int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
+/*
+ * dst[pairs[2i]] = pairs[2i + 1] for i < n: pairs in host memory, dst in the backend's
+ * (or mapped memory it writes); done when it returns, on the backend's own stream.
+ */
+int kvt_scatter_i32(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
 /* Waits for everything issued on stream (NULL: the backend's own). */
 int kvt_compute_sync(struct kvt_compute *c, void *stream);
 

@@ -124,7 +124,8 @@ static int cpu_score(struct kvt_compute *base, const struct kvt_score_args *a, v
 			n = a->stride;
 		for (uint32_t p = 0; p < n; p++) {
 			size_t idx = (size_t)r * a->stride + p;
-			size_t recno = a->sum_index ? (size_t)a->sum_index[idx] : idx;
+			size_t recno = a->sum_index ? (size_t)a->sum_index[idx]
+				       : a->row_base ? (size_t)a->row_base[r] + p : idx;
 			const uint8_t *s = (const uint8_t *)a->summaries + recno * rec;
 			float agg = a->agg == KVT_GQA_SUM ? 0.0f : -INFINITY;
 			for (uint32_t g = 0; g < G; g++) {
@@ -246,6 +247,63 @@ static int cpu_select(struct kvt_compute *base, const struct kvt_select_args *a,
 	return 0;
 }
 
+static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *a, void *stream)
+{
+	(void)base;
+	(void)stream;
+	const size_t rows = a->rows;
+	for (size_t r = 0; r < rows; r++) {
+		int32_t n = a->n_sel[r], k = 0;
+		if (n < 0)
+			n = 0;
+		if ((uint32_t)n > a->stride)
+			n = (int32_t)a->stride;
+		const int32_t *sel = a->sel + r * a->stride;
+		for (int32_t i = 0; i < n; i++) {
+			int32_t slot = a->map[(size_t)a->row_base[r] + (size_t)sel[i]];
+			if (slot < 0)
+				continue;
+			a->table[r * a->stride + (size_t)k] = slot;
+			if (a->pages)
+				a->pages[r * a->stride + (size_t)k] = sel[i];
+			k++;
+		}
+		a->n_table[r] = k;
+		if (a->report) {
+			a->report[r] = n;
+			a->report[rows + r] = k;
+			memcpy(a->report + 2 * rows + r * a->stride, sel, (size_t)n * sizeof(int32_t));
+		}
+	}
+	if (a->report)
+		__atomic_store_n(a->ready, a->token, __ATOMIC_RELEASE);
+	return 0;
+}
+
+static int cpu_put_rows(struct kvt_compute *base, const struct kvt_put_rows_args *a, void *stream)
+{
+	(void)base;
+	(void)stream;
+	const size_t row = (size_t)a->g.head_dim * kvt_dtype_size(a->g.dtype), T = a->g.page_tokens;
+	for (uint32_t t = 0; t < a->ntok; t++)
+		for (uint32_t h = 0; h < a->heads; h++) {
+			uint8_t *page = (uint8_t *)a->pool + (a->slot0 + h) * a->slot_bytes;
+			size_t src = ((size_t)t * a->heads + h) * row, pos = a->pos0 + t;
+			memcpy(page + pos * row, (const uint8_t *)a->k + src, row);
+			memcpy(page + (T + pos) * row, (const uint8_t *)a->v + src, row);
+		}
+	return 0;
+}
+
+static int cpu_scatter_i32(struct kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n)
+{
+	(void)base;
+	/* the map another process's kernels read: whole words */
+	for (uint32_t i = 0; i < n; i++)
+		__atomic_store_n(&dst[pairs[2 * i]], pairs[2 * i + 1], __ATOMIC_RELEASE);
+	return 0;
+}
+
 /* Entry e of row r (e == n: the tail): a pool slot, a host-pool slot or a tail slot. */
 static const uint8_t *page_addr(const struct kvt_attend_args *a, uint32_t r, uint32_t e,
 				uint32_t n, int32_t tslot)
@@ -339,4 +397,7 @@ const struct kvt_compute_ops kvt_compute_cpu_ops = {
 	.copy_async = cpu_copy_async,
 	.host_alloc = cpu_alloc,
 	.host_free = cpu_free,
+	.resolve = cpu_resolve,
+	.put_rows = cpu_put_rows,
+	.scatter_i32 = cpu_scatter_i32,
 };

@@ -16,6 +16,8 @@ struct cuda_compute {
 	kvt_compute base;
 	cudaStream_t stream;
 	kvt_cuda_ws ws;
+	int32_t *pairs; /* scatter_i32's pairs on the device */
+	uint32_t pairs_cap;
 };
 
 int kvt_cuda_errno(cudaError_t e, const char *what)
@@ -76,6 +78,7 @@ static void cuda_close(kvt_compute *base)
 	cudaStreamSynchronize(c->stream);
 	cudaFree(c->ws.buf);
 	cudaFree(c->ws.counters);
+	cudaFree(c->pairs);
 	cudaStreamDestroy(c->stream);
 	kvt_free(c);
 }
@@ -157,6 +160,38 @@ static int cuda_attend(kvt_compute *base, const kvt_attend_args *a, void *stream
 	return kvt_cuda_attend(a, &c->ws, pick(c, stream));
 }
 
+static int cuda_resolve(kvt_compute *base, const kvt_resolve_args *a, void *stream)
+{
+	return kvt_cuda_resolve(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_put_rows(kvt_compute *base, const kvt_put_rows_args *a, void *stream)
+{
+	return kvt_cuda_put_rows(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n)
+{
+	auto *c = reinterpret_cast<cuda_compute *>(base);
+	if (n > c->pairs_cap) {
+		uint32_t cap = n < 4096 ? 4096 : n;
+		cudaFree(c->pairs);
+		c->pairs = NULL;
+		c->pairs_cap = 0;
+		int ret = kvt_cuda_errno(cudaMalloc(&c->pairs, (size_t)cap * 2 * sizeof(int32_t)),
+					 "malloc");
+		if (ret < 0)
+			return ret;
+		c->pairs_cap = cap;
+	}
+	int ret = kvt_cuda_errno(cudaMemcpyAsync(c->pairs, pairs, (size_t)n * 2 * sizeof(int32_t),
+						 cudaMemcpyHostToDevice, c->stream), "scatter");
+	if (ret == 0)
+		ret = kvt_cuda_scatter(dst, c->pairs, n, c->stream);
+	int sret = kvt_cuda_errno(cudaStreamSynchronize(c->stream), "scatter");
+	return ret < 0 ? ret : sret;
+}
+
 static int cuda_sync(kvt_compute *base, void *stream)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
@@ -182,4 +217,7 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_host_alloc,
 	cuda_host_free,
 	cuda_stream,
+	cuda_resolve,
+	cuda_put_rows,
+	cuda_scatter_i32,
 };

@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define KVT_COMPUTE_OPS_VERSION 2
+#define KVT_COMPUTE_OPS_VERSION 3
 
 struct kvt_compute_ops {
 	const char *name;
@@ -35,6 +35,9 @@ struct kvt_compute_ops {
 	void (*host_free)(struct kvt_compute *c, void *p);
 	/* the backend's own stream (NULL on cpu) */
 	void *(*stream)(struct kvt_compute *c);
+	int (*resolve)(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
+	int (*put_rows)(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
+	int (*scatter_i32)(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
 };
 
 /* Every backend's object starts with this. */

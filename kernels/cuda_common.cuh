@@ -156,5 +156,8 @@ int kvt_cuda_summarize(const struct kvt_summarize_args *a, cudaStream_t s);
 int kvt_cuda_score(const struct kvt_score_args *a, cudaStream_t s);
 int kvt_cuda_select(const struct kvt_select_args *a, cudaStream_t s);
 int kvt_cuda_attend(const struct kvt_attend_args *a, struct kvt_cuda_ws *ws, cudaStream_t s);
+int kvt_cuda_resolve(const struct kvt_resolve_args *a, cudaStream_t s);
+int kvt_cuda_put_rows(const struct kvt_put_rows_args *a, cudaStream_t s);
+int kvt_cuda_scatter(int32_t *dst, const int32_t *pairs_dev, uint32_t n, cudaStream_t s);
 
 #endif

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 		uint32_t p = base + u * PG + pg;
 		valid[u] = p < n;
 		size_t idx = (size_t)r * a.stride + (valid[u] ? p : 0);
-		size_t recno = a.sum_index ? (size_t)a.sum_index[idx] : idx;
+		size_t recno = a.sum_index ? (size_t)a.sum_index[idx]
+			       : a.row_base ? (size_t)a.row_base[r] + (valid[u] ? p : 0) : idx;
 		recp[u] = sum + recno * rec;
 	}
 	float score[U];

@@ -80,7 +80,7 @@ struct opts {
 	double gpu_frac, host_frac;
 	unsigned methods;
 	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
-	bool progress, keep, substitute;
+	bool progress, keep, substitute, sync_select;
 	uint32_t subst_gap;
 	const char *dopt[32];
 	uint32_t ndopt;
@@ -1153,7 +1153,8 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	acc_init(res);
 	struct daemon dm = {0};
 	struct kvtier_client *c = NULL;
-	struct kvtier_table *tab = NULL;
+	struct kvtier_table *tab = NULL, **tabs = NULL;
+	uint8_t *dnk = NULL;
 	uint32_t *seqs = calloc(r->B, sizeof(uint32_t));
 	double *times = calloc(r->S, sizeof(double));
 	const size_t qper = (size_t)r->rows * r->G * r->D;
@@ -1192,6 +1193,12 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	struct kvtier_attach_opts ao = {.socket = O.socket ? O.socket : dm.sock,
 					.data_bytes = 64ull << 20,
 					.max_live_seqs = r->B < 64 ? 64 : r->B};
+	/* the fast path: selection on our stream, appends kept until a page is full */
+	const bool fast = !O.sync_select;
+	if (fast) {
+		ao.max_context = r->N + r->S + r->T;
+		ao.max_live_seqs = r->B;
+	}
 	if ((ret = kvtier_attach(&lo, &ao, &c)) < 0) {
 		snprintf(res->why, sizeof(res->why), "attach: %s", strerror(-ret));
 		failed = true;
@@ -1240,6 +1247,19 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		res->flush_s = now() - f0;
 	}
 	tab = kvtier_table_create(c, r->B);
+	/* the fast path: a table per layer (a layer's is read by its attention while the
+	 * next layer selects), the steps' tokens on the device */
+	tabs = fast ? calloc(r->L, sizeof(*tabs)) : NULL;
+	for (uint32_t l = 0; tabs && l < r->L; l++)
+		if (!(tabs[l] = kvtier_table_create(c, r->B)))
+			ret = -ENOMEM;
+	dnk = fast ? dalloc(g, (size_t)r->L * r->B * 2 * stepb) : NULL;
+	if (fast && (!tabs || ret || !dnk ||
+		     kvt_compute_upload(g->cc, dnk, nk, (size_t)r->L * r->B * 2 * stepb) < 0)) {
+		snprintf(res->why, sizeof(res->why), "out of memory (fast-path tables)");
+		goto out;
+	}
+	void *stream = kvt_compute_stream(g->cc);
 	q = dalloc(g, (size_t)r->S * r->L * qper * r->esz);
 	out = dalloc(g, (size_t)r->L * qper * r->esz);
 	lse = dalloc(g, (size_t)r->L * r->rows * r->G * sizeof(float));
@@ -1260,7 +1280,34 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		if (s == O.warmup && (ret = kvtier_stats(c, UINT32_MAX, &st0)) < 0)
 			break;
 		double t0 = now(), ta = 0, tsel = 0;
-		for (uint32_t l = 0; l < r->L && !ret; l++) {
+		for (uint32_t l = 0; fast && l < r->L && !ret; l++) {
+			/* an engine's layer: its token's K/V, selection and attention queued */
+			double u0 = now();
+			for (uint32_t b = 0; b < r->B && !ret; b++) {
+				const uint8_t *k = dnk + ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
+				ret = kvtier_append_async(c, seqs[b], l, k, k + stepb, 1, stream);
+			}
+			const uint8_t *ql = (const uint8_t *)q + ((size_t)s * r->L + l) * qper * r->esz;
+			double u1 = now();
+			if (ret || (ret = kvtier_select_async(c, seqs, r->B, l, ql, &sp, tabs[l], stream)) < 0)
+				break;
+			ta += u1 - u0;
+			tsel += now() - u1;
+			ret = kvtier_attend_async(c, tabs[l], ql, (uint8_t *)out + l * qper * r->esz,
+						  lse + (size_t)l * r->rows * r->G, (float)r->scale, stream);
+		}
+		if (fast && !ret)
+			ret = kvt_compute_sync(g->cc, stream);
+		double t1f = now();
+		for (uint32_t l = 0; fast && !ret && s >= O.warmup && l < r->L; l++) {
+			/* after the step's time: the tables' pages, for the needle check */
+			struct kvtier_table_view v;
+			kvtier_table_view(tabs[l], &v);
+			for (uint32_t row = 0; row < v.rows; row++)
+				check_needle(r, res, s, l, row, v.pages + (size_t)row * v.stride,
+					     v.n_pages[row], 0);
+		}
+		for (uint32_t l = 0; !fast && l < r->L && !ret; l++) {
 			double u0 = now();
 			for (uint32_t b = 0; b < r->B && !ret; b++) {
 				const uint8_t *k = nk + ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
@@ -1283,7 +1330,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 					    lse + (size_t)l * r->rows * r->G, (float)r->scale,
 					    KVT_MEM_DEVICE);
 		}
-		double t1 = now();
+		double t1 = fast ? t1f : now();
 		if (ret || s < O.warmup)
 			continue;
 		times[nt++] = t1 - t0;
@@ -1317,9 +1364,9 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		sum += times[i];
 	snprintf(res->extra, sizeof(res->extra),
 		 "prefill %.1f s (+%.1f s write-back); a step: %.0f%% append, %.0f%% select, %.0f%% attend; %.0f pages "
-		 "selected, %.1f read from host in place, %.1f waited for, %.1f read from disk",
+		 "selected, %.1f missed, %.1f read from host in place, %.1f waited for, %.1f read from disk",
 		 res->prefill_s, res->flush_s, 100 * t_app / sum, 100 * t_sel / sum, 100 * (sum - t_app - t_sel) / sum,
-		 sel / steps, (double)(st1.host - st0.host) / steps,
+		 sel / steps, (double)(st1.missed - st0.missed) / steps, (double)(st1.host - st0.host) / steps,
 		 (double)(st1.fetched - st0.fetched + st1.late - st0.late) / steps,
 		 (double)(st1.disk - st0.disk) / steps);
 	if (O.daemon_stats) { /* the daemon's own view of the run, through kvtierctl */
@@ -1331,6 +1378,10 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 			fprintf(stderr, "kvtier-bench: kvtierctl stats failed (see %s)\n", O.daemon_stats);
 	}
 out:
+	for (uint32_t l = 0; tabs && l < r->L; l++)
+		kvtier_table_destroy(tabs[l]);
+	free(tabs);
+	kvt_compute_free(g->cc, dnk);
 	if (tab)
 		kvtier_table_destroy(tab);
 	if (c)
@@ -1578,6 +1629,9 @@ static void usage(FILE *f)
 		"  --substitute[=GAP]  kvtier selects with KVTIER_SEL_SUBSTITUTE: a page only on\n"
 		"                      NVMe is replaced by the best resident one, if its score\n"
 		"                      bound is GAP nats or more below the row's best (0: any)\n"
+		"  --sync-select       kvtier selects through the daemon (kvtier_select, a round\n"
+		"                      trip per layer) instead of on the bench's stream\n"
+		"                      (kvtier_select_async, the fast path)\n"
 		"  --threads N         KV generation threads (all cores)\n"
 		"  --seed N            the generator's seed (1)\n"
 		"  --no-progress       no progress bar (default when stderr is not a terminal)\n");
@@ -1588,7 +1642,7 @@ int main(int argc, char **argv)
 	enum { O_LAYERS = 256, O_HEADS, O_GROUP, O_HDIM, O_DTYPE, O_CTX, O_BATCH, O_BUDGET, O_SINK,
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
-	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST };
+	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1602,7 +1656,7 @@ int main(int argc, char **argv)
 		{"plot", 1, 0, O_PLOT}, {"threads", 1, 0, O_THREADS}, {"seed", 1, 0, O_SEED},
 		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP},
 		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
-		{"substitute", 2, 0, O_SUBST}, {0, 0, 0, 0}};
+		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -1691,6 +1745,7 @@ int main(int argc, char **argv)
 		case O_CSV: O.csv = optarg; continue;
 		case O_PLOT: O.plot = optarg; continue;
 		case O_DSTATS: O.daemon_stats = optarg; continue;
+		case O_SYNCSEL: O.sync_select = true; continue;
 		case O_SUBST:
 			O.substitute = true;
 			if (optarg) {

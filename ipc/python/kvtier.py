@@ -31,7 +31,8 @@ class _Layout(ctypes.Structure):
 class _Opts(ctypes.Structure):
     _fields_ = [("socket", ctypes.c_char_p), ("tenant", ctypes.c_char_p),
                 ("data_bytes", ctypes.c_uint64), ("ring_entries", ctypes.c_uint32),
-                ("max_live_seqs", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+                ("max_live_seqs", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("max_context", ctypes.c_uint32)]
 
 
 class _SelParams(ctypes.Structure):
@@ -58,11 +59,11 @@ class _Memory(ctypes.Structure):
 LAT_BUCKETS = 24
 STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "substituted",
                 "prefetch_gpu", "prefetch_host", "prefetch_used", "prefetch_wasted",
-                "prefetch_refused", "bytes_h2d", "bytes_nvme")
+                "prefetch_refused", "bytes_h2d", "bytes_nvme", "missed")
 SLOT_HOST = 0x40000000
 # The socket protocol (ipc/wire.h), for tools that speak it without the library.
 WIRE_MAGIC = 0x3154564B
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 ATTACH_NO_HOST_READS = 1
 SEL_SUBSTITUTE = 1
 

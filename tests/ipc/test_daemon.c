@@ -894,6 +894,112 @@ static void test_copy_order(void **state)
 	drifting = false;
 }
 
+/*
+ * The fast path: the client selects on its own (kvtier_select_async) from the daemon's
+ * summaries and map of leases, appends with kvtier_append_async (the page still filling
+ * stays with the client until full), and attends. Checked at every step: each table
+ * entry is the page it says it is, byte for byte, and a page of the selection the
+ * daemon makes for the same query (a select through the daemon, on a second table);
+ * the output is the reference over the entries. A page missing at first (not leased
+ * yet) is leased for the next steps: with the query held, the fast table becomes the
+ * daemon's selection exactly, and the missed count stops growing.
+ */
+static void test_fast(void **state)
+{
+	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
+	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 4,
+				       .max_context = PREFILL + 256};
+	struct kvtier_client *c = NULL;
+	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	struct seqdesc s = {.salt = 31};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PREFILL - 5); /* a page still filling */
+	struct kvtier_table *fast = kvtier_table_create(c, 1), *slow = kvtier_table_create(c, 1);
+	assert_non_null(fast);
+	assert_non_null(slow);
+	const size_t qn = (size_t)HEADS * GROUP * D;
+	float *q = malloc(qn * 4), *out = malloc(qn * 4), ref[GROUP * D];
+	float *k = malloc((size_t)HEADS * D * 4), *v = malloc((size_t)HEADS * D * 4);
+	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = 2 * T};
+	struct kvtier_prefetch_stats st;
+	uint64_t missed_at[40];
+	for (uint32_t stepno = 0; stepno < 40; stepno++) {
+		/* the query held for 12 steps, then another */
+		const uint32_t qstep = stepno < 12 ? 0 : stepno < 24 ? 500 : 900;
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			for (uint32_t h = 0; h < HEADS; h++)
+				for (uint32_t d = 0; d < D; d++) {
+					k[h * D + d] = kv_of(&s, l, h, s.ntok, d, 0);
+					v[h * D + d] = kv_of(&s, l, h, s.ntok, d, 1);
+				}
+			assert_int_equal(kvtier_append_async(c, s.id, l, k, v, 1, NULL), 0);
+		}
+		s.ntok++;
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			query(qstep == 0 ? 40 : qstep, 0, l, q);
+			assert_int_equal(kvtier_select_async(c, &s.id, 1, l, q, &sp, fast, NULL), 0);
+			assert_int_equal(kvtier_attend_async(c, fast, q, out, NULL, 1.0f / sqrtf(D), NULL), 0);
+			struct kvtier_table_view fv, sv;
+			kvtier_table_view(fast, &fv);
+			assert_int_equal(kvtier_select(c, &s.id, 1, l, q, KVT_MEM_HOST, &sp, slow), 0);
+			kvtier_table_view(slow, &sv);
+			for (uint32_t r = 0; r < fv.rows; r++) {
+				int pages[64], np = fv.n_pages[r];
+				check_eq(fv.tail_len[r], (int)(s.ntok % T));
+				check(np <= sv.n_pages[r]);
+				int at = 0;
+				for (int j = 0; j < np; j++) {
+					const float *slot = slot_addr(&mem, fv.slots[r * fv.stride + j]);
+					pages[j] = page_of_slot(&s, l, r, slot);
+					check(pages[j] >= 0);
+					check_eq(fv.pages[r * fv.stride + j], pages[j]);
+					while (at < sv.n_pages[r] && sv.pages[r * sv.stride + at] != pages[j])
+						at++;
+					check(at < sv.n_pages[r]); /* in the daemon's selection, in order */
+				}
+				/* a query held 3 steps: every page it selects is leased */
+				if (stepno % 12 >= 3)
+					check_eq(np, sv.n_pages[r]);
+				reference(&s, l, r, q + (size_t)r * GROUP * D, pages, np, ref);
+				for (uint32_t i = 0; i < GROUP * D; i++)
+					check(fabsf(out[(size_t)r * GROUP * D + i] - ref[i]) <= 2e-5f);
+			}
+		}
+		assert_int_equal(kvtier_stats(c, UINT32_MAX, &st), 0);
+		missed_at[stepno] = st.missed;
+	}
+	/* the first step of each query misses pages (other than those still leased), and
+	 * the steps after a few of it miss none */
+	check(missed_at[0] > 0);
+	check_eq(missed_at[11], missed_at[3]);
+	check(missed_at[12] > missed_at[11]);
+	check_eq(missed_at[23], missed_at[15]);
+	check_eq(missed_at[39], missed_at[27]);
+	check(st.selected > st.hit && st.hit > 0);
+	uint32_t n;
+	assert_int_equal(kvtier_seq_tokens(c, s.id, 1, &n), 0);
+	check_eq(n, PREFILL + 35);
+	/* a fork sends the page still filling first, and takes the daemon's path */
+	uint32_t f;
+	assert_int_equal(kvtier_seq_fork(c, s.id, s.ntok, &f), 0);
+	assert_int_equal(kvtier_select_async(c, &f, 1, 1, q, &sp, fast, NULL), 0);
+	struct kvtier_table_view fv;
+	kvtier_table_view(fast, &fv);
+	check_eq(fv.tail_len[0], (int)(s.ntok % T));
+	assert_int_equal(kvtier_seq_close(c, f), 0);
+	kvtier_table_destroy(fast);
+	kvtier_table_destroy(slow);
+	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	kvtier_detach(c);
+	free(q);
+	free(out);
+	free(k);
+	free(v);
+	daemon_alive();
+}
+
 static void test_disallowed_uid(void **state)
 {
 	if (geteuid() != 0)
@@ -929,6 +1035,7 @@ int main(void)
 		cmocka_unit_test_setup(test_malformed, reset_globals),
 		cmocka_unit_test_setup(test_kill9, reset_globals),
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
+		cmocka_unit_test_setup(test_fast, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */
 	};

@@ -422,7 +422,7 @@ try:
     s2.connect(SOCK)
     s2.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 8, 7, 0) + b"status\0")
     s2.recv(1 << 16)
-    s2.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 1, 88, 0) + b"\0" * 88)  # HELLO now
+    s2.sendall(struct.pack("<IHHIi", kvtier.WIRE_MAGIC, kvtier.WIRE_VERSION, 1, 96, 0) + b"\0" * 96)  # HELLO now
     s2.settimeout(10)
     check(s2.recv(1 << 16) == b"", "raw: HELLO on a control connection hangs up")
     s2.close()

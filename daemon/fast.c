@@ -1,0 +1,542 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The fast path (ipc/wire.h): a client that picks its own pages on its own stream,
+ * from summaries and a map of leased slots that the daemon keeps in GPU memory both
+ * processes map. The daemon never stands between a layer and its attention: it hears
+ * of each selection afterwards (KVT_OP_FEEDBACK, read once the client's kernel has
+ * written it), leases what the selection missed (pinned in the GPU pool, its slot
+ * written into the map once the page is there), and takes back leases of pages not
+ * selected for fast.lease_steps steps of their layer: -1 into the map first, the pin
+ * let go only once the client's reads that may have seen the old slot have ended.
+ *
+ * A lease is one pin of the page in the store: the store never moves a leased page.
+ * What the client reads through the map is therefore always the page the map names;
+ * a page not leased in time is left out of that step's table, counted (missed), and
+ * leased for the next.
+ */
+#include "kvtierd.h"
+
+#include "daemon/alloc.h"
+#include "daemon/log.h"
+
+#include <errno.h>
+#include <string.h>
+
+#define FB_MAX	     65536u	 /* feedbacks waiting for their kernels */
+#define LEASE_NONE   (-1)
+#define LEASE_COMING (-2)
+
+int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
+{
+	struct kvd *d = c->d;
+	struct kvt_device *dev = kvt_store_device(d->store);
+	if (!pages || !seqs)
+		return 0;
+	if (!c->fence)
+		return -EOPNOTSUPP; /* leases cannot be taken back without the read fence */
+	if (seqs > d->cfg.max_seqs || pages > (1u << 24))
+		return -EINVAL;
+	const uint64_t n = (uint64_t)c->layout.layers * seqs * c->layout.kv_heads * pages;
+	const uint64_t sum = (n * c->rec_bytes + 4095) & ~4095ull;
+	const uint64_t bytes = sum + n * sizeof(int32_t);
+	if (n > INT32_MAX || bytes > d->cfg.fast_bytes_max)
+		return -E2BIG;
+	int ret = dev->ops->mem_create(dev, bytes, &c->fast);
+	if (ret < 0)
+		return ret;
+	c->fast_pages = pages;
+	c->fast_seqs = seqs;
+	c->fast_map_off = sum;
+	if ((ret = kvt_compute_memset(d->cc, (uint8_t *)c->fast.ptr + sum, 0xff,
+				      n * sizeof(int32_t))) < 0) {
+		dev->ops->mem_destroy(dev, &c->fast);
+		memset(&c->fast, 0, sizeof(c->fast));
+		c->fast_pages = c->fast_seqs = 0;
+		return ret;
+	}
+	return 0;
+}
+
+/* Leases taken back whose reads have ended: their pins go (all of them when the
+ * client is gone). */
+static void revoked_release(struct kvd_client *c, bool all)
+{
+	if (!c->nrevoked)
+		return;
+	struct kvd *d = c->d;
+	bool done = all || c->dead;
+	uint32_t seq = 0;
+	if (!done) {
+		struct kvt_device *dev = kvt_store_device(d->store);
+		/* the count first: a record counted is made, and the query sees it or a later one */
+		seq = kvt_load_acquire(&c->hdr->fence_seq);
+		int ret = dev->ops->fence_query(dev, c->fence);
+		if (ret < 0 && ret != -EAGAIN) {
+			kvd_client_kill(c, KVD_DISC_ERROR, "its read fence: %s", strerror(-ret));
+			return; /* detach releases them */
+		}
+		if (ret == -EAGAIN)
+			return;
+	}
+	while (c->nrevoked) {
+		struct kvd_revoked *r = &c->revoked[c->rv_head];
+		if (!done && (int32_t)(seq - r->snap) < 2)
+			break;
+		kvt_store_unpin(d->store, &r->k);
+		c->rv_head = (c->rv_head + 1) % c->revokedcap;
+		c->nrevoked--;
+	}
+	if (!c->nrevoked)
+		c->rv_head = 0;
+}
+
+static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t snap)
+{
+	if (c->nrevoked == c->revokedcap) {
+		uint32_t nc = c->revokedcap ? c->revokedcap * 2 : 1024;
+		struct kvd_revoked *n = kvt_malloc(nc * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < c->nrevoked; i++)
+			n[i] = c->revoked[(c->rv_head + i) % c->revokedcap];
+		kvt_free(c->revoked);
+		c->revoked = n;
+		c->revokedcap = nc;
+		c->rv_head = 0;
+	}
+	c->revoked[(c->rv_head + c->nrevoked) % c->revokedcap] = (struct kvd_revoked){*k, snap};
+	c->nrevoked++;
+	return 0;
+}
+
+/*
+ * The map writes made, then the leases they took back start waiting for the client's
+ * reads: a read the client queues from now on sees -1, and the fence it records twice
+ * more marks the end of every read queued before.
+ */
+static void map_flush(struct kvd_client *c, bool closing)
+{
+	struct kvd *d = c->d;
+	if (c->npairs) {
+		int ret = kvt_scatter_i32(d->cc, (int32_t *)((uint8_t *)c->fast.ptr + c->fast_map_off),
+					  c->pairs, c->npairs);
+		if (ret < 0) {
+			/* the map may still name slots taken back: they stay pinned (until the
+			 * client detaches), never reused under it */
+			kvt_err("fast", "client %u: map writes failed (%s): %u leases kept", c->id,
+				strerror(-ret), c->nrevoking);
+			kvd_client_kill(c, KVD_DISC_ERROR, "fast-path map: %s", strerror(-ret));
+			return;
+		}
+		c->npairs = 0;
+	}
+	if (!c->nrevoking)
+		return;
+	/* A sequence closing: the client queues no more reads of it, and those queued are
+	 * behind the fence it recorded last (kvd_client_unpin waits for that one). */
+	const uint32_t snap = kvt_load_acquire(&c->hdr->fence_seq);
+	for (uint32_t i = 0; i < c->nrevoking; i++)
+		if (closing)
+			kvd_client_unpin(c, &c->revoking[i]);
+		else if (c->dead)
+			kvt_store_unpin(d->store, &c->revoking[i]);
+		else if (revoked_push(c, &c->revoking[i], snap) < 0)
+			kvd_client_unpin(c, &c->revoking[i]); /* out of memory: the older way */
+	c->nrevoking = 0;
+}
+
+static int pair_push(struct kvd_client *c, int64_t pos, int32_t v)
+{
+	if (c->npairs == c->paircap) {
+		uint32_t nc = c->paircap ? c->paircap * 2 : 1024;
+		int32_t *n = kvt_realloc(c->pairs, (size_t)nc * 2 * sizeof(int32_t));
+		if (!n)
+			return -ENOMEM;
+		c->pairs = n;
+		c->paircap = nc;
+	}
+	c->pairs[2 * c->npairs] = (int32_t)pos;
+	c->pairs[2 * c->npairs + 1] = v;
+	c->npairs++;
+	return 0;
+}
+
+/* -1 into the map for k's position; its pin waits for the client's reads. */
+static void lease_revoke(struct kvd_client *c, int64_t pos, const struct page_key *k)
+{
+	if (c->nrevoking == c->revokingcap) {
+		uint32_t nc = c->revokingcap ? c->revokingcap * 2 : 1024;
+		struct page_key *n = kvt_realloc(c->revoking, nc * sizeof(*n));
+		if (n) {
+			c->revoking = n;
+			c->revokingcap = nc;
+		}
+	}
+	if (c->nrevoking == c->revokingcap || pair_push(c, pos, LEASE_NONE) < 0) {
+		/* no memory to take it back safely: the lease stays pinned until detach */
+		kvt_warn("fast", "client %u: out of memory taking a lease back", c->id);
+		return;
+	}
+	c->revoking[c->nrevoking++] = *k;
+	c->fast_revokes++;
+}
+
+void kvd_fast_detach(struct kvd_client *c)
+{
+	struct kvd *d = c->d;
+	/* sequences are gone (their leases with them): what remains are pins */
+	for (uint32_t i = 0; i < c->nrevoking; i++)
+		kvt_store_unpin(d->store, &c->revoking[i]);
+	c->nrevoking = 0;
+	revoked_release(c, true);
+	kvt_free(c->revoking);
+	kvt_free(c->revoked);
+	kvt_free(c->pairs);
+	kvt_free(c->fb);
+	c->revoking = NULL;
+	c->revoked = NULL;
+	c->pairs = NULL;
+	c->fb = NULL;
+	c->nfb = c->fbcap = c->npairs = c->paircap = c->revokingcap = c->revokedcap = 0;
+	if (c->fast.ptr) {
+		struct kvt_device *dev = kvt_store_device(d->store);
+		dev->ops->mem_destroy(dev, &c->fast);
+		memset(&c->fast, 0, sizeof(c->fast));
+	}
+}
+
+int64_t kvd_fast_pos(const struct kvd_client *c, const struct kvd_seq *q, uint32_t layer,
+		     uint32_t h, uint32_t idx)
+{
+	if (!c->fast.ptr || q->id >= c->fast_seqs || idx >= c->fast_pages)
+		return -1;
+	return (((int64_t)layer * c->fast_seqs + q->id) * c->layout.kv_heads + h) * c->fast_pages +
+	       idx;
+}
+
+int kvd_fast_layer_grow(struct kvd_client *c, struct kvd_layer *L, uint32_t old_cap,
+			uint32_t new_cap)
+{
+	if (!c->fast.ptr)
+		return 0;
+	const uint32_t H = c->layout.kv_heads;
+	int32_t *lease = kvt_malloc((size_t)H * new_cap * sizeof(int32_t));
+	uint32_t *at = kvt_calloc((size_t)H * new_cap, sizeof(uint32_t));
+	if (!lease || !at) {
+		kvt_free(lease);
+		kvt_free(at);
+		return -ENOMEM;
+	}
+	for (size_t i = 0; i < (size_t)H * new_cap; i++)
+		lease[i] = LEASE_NONE;
+	for (uint32_t h = 0; h < H && old_cap && L->lease; h++) {
+		memcpy(lease + (size_t)h * new_cap, L->lease + (size_t)h * old_cap,
+		       old_cap * sizeof(int32_t));
+		memcpy(at + (size_t)h * new_cap, L->lease_at + (size_t)h * old_cap,
+		       old_cap * sizeof(uint32_t));
+	}
+	kvt_free(L->lease);
+	kvt_free(L->lease_at);
+	L->lease = lease;
+	L->lease_at = at;
+	return 0;
+}
+
+void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q)
+{
+	struct kvd *d = c->d;
+	for (uint32_t l = 0; l < c->layout.layers; l++) {
+		struct kvd_layer *L = &q->layer[l];
+		bool any = false;
+		for (uint32_t j = 0; j < L->nleased; j++) {
+			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
+			int32_t *ls = &L->lease[(size_t)h * L->cap + p];
+			struct page_key k = kvd_page_key(c, q, l, h, p);
+			if (*ls == LEASE_COMING) {
+				kvt_store_unpin(d->store, &k); /* never in the map */
+			} else if (*ls >= 0) {
+				lease_revoke(c, kvd_fast_pos(c, q, l, h, p), &k);
+				any = true;
+			}
+			*ls = LEASE_NONE;
+		}
+		L->nleased = 0;
+		if (any)
+			map_flush(c, true);
+		kvt_free(L->lease);
+		kvt_free(L->lease_at);
+		kvt_free(L->leased);
+		L->lease = NULL;
+		L->lease_at = NULL;
+		L->leased = NULL;
+		L->leasecap = 0;
+	}
+}
+
+/* ---- leases ---- */
+
+struct lease_cb {
+	struct kvd *d;
+	uint32_t client, seq, layer, h, p;
+	uint64_t gen, t0;
+	bool from_disk;
+};
+
+static void grant(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+		  uint32_t p, int32_t slot)
+{
+	struct kvd_layer *L = &q->layer[layer];
+	if (pair_push(c, kvd_fast_pos(c, q, layer, h, p), slot) < 0) {
+		/* not in the map: the client cannot see it, so it is no lease */
+		struct page_key k = kvd_page_key(c, q, layer, h, p);
+		kvt_store_unpin(c->d->store, &k);
+		L->lease[(size_t)h * L->cap + p] = LEASE_NONE;
+		return;
+	}
+	L->lease[(size_t)h * L->cap + p] = slot;
+	c->fast_grants++;
+}
+
+static void lease_cb_fn(void *arg, int res)
+{
+	struct lease_cb *a = arg;
+	struct kvd *d = a->d;
+	struct kvd_client *c = kvd_client_by_id(d, a->client);
+	struct kvd_seq *q = c && !c->dead ? kvd_seq_get(c, a->seq) : NULL;
+	if (!q || q->gen != a->gen) { /* closed: its close let the pin go */
+		kvt_free(a);
+		return;
+	}
+	struct kvd_layer *L = &q->layer[a->layer];
+	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p];
+	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
+	struct kvt_page_info pi;
+	if (*ls != LEASE_COMING) {
+		kvt_free(a);
+		return;
+	}
+	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0 &&
+	    (pi.valid & (1u << TIER_GPU))) {
+		grant(c, q, a->layer, a->h, a->p, (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]));
+		c->pf.bytes_h2d += c->page_bytes;
+		if (a->from_disk)
+			c->pf.bytes_nvme += c->page_bytes;
+	} else {
+		kvt_store_unpin(d->store, &k);
+		*ls = LEASE_NONE; /* the sweep drops it from the list */
+		if (res < 0 && res != -EAGAIN)
+			kvt_warn("fast", "client %u: page %u of layer %u head %u not brought up: %s",
+				 c->id, a->p, a->layer, a->h, strerror(-res));
+	}
+	kvt_free(a);
+}
+
+static int leased_push(struct kvd_layer *L, uint32_t h, uint32_t p)
+{
+	if (L->nleased == L->leasecap) {
+		uint32_t nc = L->leasecap ? L->leasecap * 2 : 64;
+		uint32_t *n = kvt_realloc(L->leased, nc * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		L->leased = n;
+		L->leasecap = nc;
+	}
+	L->leased[L->nleased++] = h << 24 | p;
+	return 0;
+}
+
+/* A page the client selected and found no lease for: pinned, and into the map once it
+ * is on the GPU. */
+static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+			uint32_t p)
+{
+	struct kvd *d = c->d;
+	struct kvd_layer *L = &q->layer[layer];
+	struct page_key k = kvd_page_key(c, q, layer, h, p);
+	struct kvt_page_info pi;
+	if (kvt_store_page_info(d->store, &k, &pi) < 0 || leased_push(L, h, p) < 0)
+		return;
+	if (kvt_store_pin(d->store, &k) < 0) {
+		L->nleased--;
+		return;
+	}
+	if (pi.valid & (1u << TIER_GPU)) {
+		grant(c, q, layer, h, p, (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]));
+		return;
+	}
+	struct lease_cb *a = kvt_malloc(sizeof(*a));
+	int ret = -ENOMEM;
+	if (a) {
+		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
+				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
+				       .from_disk = !(pi.valid & (1u << TIER_HOST))};
+		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
+		ret = kvt_store_prefetch(d->store, &k, TIER_GPU, lease_cb_fn, a);
+	}
+	if (ret < 0) {
+		kvt_free(a);
+		kvt_store_unpin(d->store, &k);
+		L->lease[(size_t)h * L->cap + p] = LEASE_NONE;
+		L->nleased--;
+		PF_ADD(c, q, prefetch_refused, 1);
+		c->fast_refused++;
+		c->fast_pressure = true; /* the sweeps keep only what this step selected */
+		return;
+	}
+	PF_ADD(c, q, prefetch_gpu, 1);
+}
+
+void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t idx)
+{
+	struct kvd *d = c->d;
+	struct kvd_layer *L = &q->layer[layer];
+	const uint32_t H = c->layout.kv_heads;
+	/* a layer not decoding yet (a prefill) leases nothing: no step would read it soon */
+	if (kvd_fast_pos(c, q, layer, 0, idx) < 0 || c->dead || !L->fsteps)
+		return;
+	if (!L->lease && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
+		return;
+	/* the window selects it at the next step: leased now, in the map before the answer */
+	for (uint32_t h = 0; h < H; h++) {
+		L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
+		if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
+			lease_start(c, q, layer, h, idx);
+	}
+	const uint64_t t0 = kvd_now_ns();
+	for (uint32_t h = 0; h < H;) {
+		if (L->lease[(size_t)h * L->cap + idx] != LEASE_COMING) {
+			h++;
+			continue;
+		}
+		if (kvd_now_ns() - t0 > (uint64_t)d->cfg.promote_timeout_ms * 1000000ull)
+			break; /* it comes later, into the map then */
+		kvt_store_run(d->store, 1);
+	}
+	map_flush(c, false);
+}
+
+/* ---- feedback ---- */
+
+static bool fb_ready(const struct kvd_client *c, const struct kvt_sqe *e)
+{
+	return __atomic_load_n((const uint32_t *)(c->data + e->off[1]), __ATOMIC_ACQUIRE) ==
+	       (uint32_t)e->user_data;
+}
+
+/* What the report says, copied out of shared memory once and bounded. */
+static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
+{
+	struct kvd *d = c->d;
+	const uint32_t nseq = e->seq, H = c->layout.kv_heads, layer = e->layer;
+	const uint32_t rows = nseq * H, stride = e->out_stride;
+	const size_t rep_n = 2 * (size_t)rows + (size_t)rows * stride;
+	uint32_t *ids = kvt_malloc(nseq * sizeof(uint32_t) + rep_n * sizeof(int32_t));
+	if (!ids)
+		return; /* a selection not heard of: only fewer leases */
+	int32_t *rep = (int32_t *)(ids + nseq);
+	memcpy(ids, c->data + e->off[0], nseq * sizeof(uint32_t));
+	memcpy(rep, c->data + e->off[1] + 64, rep_n * sizeof(int32_t));
+	for (uint32_t b = 0; b < nseq; b++) {
+		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
+		if (!q || q->id >= c->fast_seqs)
+			continue;
+		struct kvd_layer *L = &q->layer[layer];
+		if (!L->lease && L->cap && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
+			continue;
+		const uint32_t step = ++L->fsteps;
+		PF_ADD(c, q, steps, 1);
+		for (uint32_t h = 0; h < H; h++) {
+			const uint32_t row = b * H + h;
+			int32_t n = rep[row], nh = rep[rows + row];
+			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
+			nh = nh < 0 ? 0 : nh > n ? n : nh;
+			PF_ADD(c, q, selected, (uint64_t)n);
+			PF_ADD(c, q, hit, (uint64_t)nh);
+			PF_ADD(c, q, missed, (uint64_t)(n - nh));
+			const int32_t *sel = rep + 2 * (size_t)rows + (size_t)row * stride;
+			for (int32_t i = 0; i < n; i++) {
+				int32_t p = sel[i];
+				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
+					continue;
+				size_t at = (size_t)h * L->cap + (uint32_t)p;
+				L->lease_at[at] = step;
+				if (L->lease[at] == LEASE_NONE)
+					lease_start(c, q, layer, h, (uint32_t)p);
+			}
+		}
+		/* leases not selected for `keep` steps go back (those not selected now, when the
+		 * GPU pool had no room for a lease); failed ones leave the list */
+		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;
+		for (uint32_t j = 0; j < L->nleased;) {
+			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
+			size_t at = (size_t)h * L->cap + p;
+			if (L->lease[at] >= 0 && step - L->lease_at[at] >= keep) {
+				struct page_key k = kvd_page_key(c, q, layer, h, p);
+				lease_revoke(c, kvd_fast_pos(c, q, layer, h, p), &k);
+				L->lease[at] = LEASE_NONE;
+			}
+			if (L->lease[at] == LEASE_NONE)
+				L->leased[j] = L->leased[--L->nleased];
+			else
+				j++;
+		}
+	}
+	kvt_free(ids);
+}
+
+void kvd_fast_feedback(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	const uint64_t rows = (uint64_t)r->seq * c->layout.kv_heads;
+	const uint64_t rep = 64 + (2 * rows + rows * r->out_stride) * sizeof(int32_t);
+	if (!c->fast.ptr || !r->seq || r->seq > d->cfg.max_batch || r->layer >= c->layout.layers ||
+	    !r->out_stride || r->out_stride > c->fast_pages || r->ntok > c->data_bytes ||
+	    ((r->off[0] | r->off[1]) & 3) || r->off[0] > c->data_bytes ||
+	    r->seq * sizeof(uint32_t) > c->data_bytes - r->off[0] || r->off[1] > c->data_bytes ||
+	    rep > c->data_bytes - r->off[1]) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "FEEDBACK out of bounds (nseq %u layer %u "
+				"stride %u, offsets %llu %llu)", r->seq, r->layer, r->out_stride,
+				(unsigned long long)r->off[0], (unsigned long long)r->off[1]);
+		return;
+	}
+	if (c->nfb == c->fbcap) {
+		uint32_t nc = c->fbcap ? c->fbcap * 2 : 64;
+		struct kvt_sqe *n = nc <= FB_MAX ? kvt_realloc(c->fb, nc * sizeof(*n)) : NULL;
+		if (!n) {
+			kvd_client_kill(c, KVD_DISC_ERROR, "%u feedbacks whose kernels never ran",
+					c->nfb);
+			return;
+		}
+		c->fb = n;
+		c->fbcap = nc;
+	}
+	c->fb[c->nfb++] = *r;
+	c->fast_feedbacks++;
+	kvd_fast_tick(c);
+}
+
+void kvd_fast_tick(struct kvd_client *c)
+{
+	if (!c->fast.ptr || c->dead)
+		return;
+	uint32_t i = 0;
+	uint64_t bytes = 0;
+	for (; i < c->nfb && fb_ready(c, &c->fb[i]); i++) {
+		fb_process(c, &c->fb[i]);
+		bytes += c->fb[i].ntok;
+	}
+	if (i) {
+		memmove(c->fb, c->fb + i, (c->nfb - i) * sizeof(*c->fb));
+		c->nfb -= i;
+		c->fb_done += bytes;
+		kvt_store_release(&c->hdr->fb_done, c->fb_done);
+	}
+	map_flush(c, false);
+	revoked_release(c, false);
+	c->fast_pressure = false;
+}
+
+bool kvd_fast_waiting(const struct kvd_client *c)
+{
+	return c->nfb || c->nrevoked || c->npairs;
+}

@@ -1,0 +1,105 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The small kernels of a client that picks its own pages (ipc/client.c, the fast
+ * path): a table from a selection and the map of where pages are (resolve), the new
+ * tokens into the pages still filling (put_rows), and the daemon's writes of that
+ * map (scatter).
+ */
+#include "kernels/compute_impl.h"
+#include "kernels/cuda_common.cuh"
+
+/*
+ * One block; a warp per row at a time. The hits of a row are packed in page order
+ * with a ballot per 32 entries. The report is in mapped host memory: every thread's
+ * stores are made visible to the system before the block's barrier, and the ready
+ * token is the last store.
+ */
+__global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
+{
+	const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	const size_t rows = a.rows;
+	for (uint32_t r = warp; r < a.rows; r += blockDim.x >> 5) {
+		int32_t n = a.n_sel[r];
+		n = n < 0 ? 0 : n > (int32_t)a.stride ? (int32_t)a.stride : n;
+		const int32_t *sel = a.sel + (size_t)r * a.stride;
+		const size_t base = (size_t)a.row_base[r];
+		int32_t k = 0;
+		for (int32_t i0 = 0; i0 < n; i0 += 32) {
+			const int32_t i = i0 + (int32_t)lane;
+			int32_t p = 0, slot = -1;
+			if (i < n) {
+				p = sel[i];
+				slot = a.map[base + (size_t)p];
+				if (a.report)
+					a.report[2 * rows + (size_t)r * a.stride + i] = p;
+			}
+			const unsigned hit = __ballot_sync(0xffffffffu, slot >= 0);
+			if (slot >= 0) {
+				const int32_t at = k + __popc(hit & ((1u << lane) - 1));
+				a.table[(size_t)r * a.stride + at] = slot;
+				if (a.pages)
+					a.pages[(size_t)r * a.stride + at] = p;
+			}
+			k += __popc(hit);
+		}
+		if (lane == 0) {
+			a.n_table[r] = k;
+			if (a.report) {
+				a.report[r] = n;
+				a.report[rows + r] = k;
+			}
+		}
+	}
+	if (a.report) {
+		__threadfence_system();
+		__syncthreads();
+		if (threadIdx.x == 0)
+			*(volatile uint32_t *)a.ready = a.token;
+	}
+}
+
+int kvt_cuda_resolve(const kvt_resolve_args *a, cudaStream_t s)
+{
+	resolve_kernel<<<1, 256, 0, s>>>(*a);
+	return kvt_cuda_errno(cudaGetLastError(), "resolve");
+}
+
+/* 16-byte pieces: a block per (token, head), a thread per piece of K and of V. */
+__global__ void put_rows_kernel(kvt_put_rows_args a, uint32_t pieces)
+{
+	const uint32_t t = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+	const size_t row = (size_t)pieces * 16, T = a.g.page_tokens;
+	const size_t src = ((size_t)t * a.heads + h) * row;
+	uint8_t *page = static_cast<uint8_t *>(a.pool) + (a.slot0 + h) * a.slot_bytes;
+	const size_t pos = a.pos0 + t;
+	for (uint32_t i = threadIdx.x; i < 2 * pieces; i += blockDim.x) {
+		const bool v = i >= pieces;
+		const uint32_t j = v ? i - pieces : i;
+		const uint8_t *from = static_cast<const uint8_t *>(v ? a.v : a.k) + src + (size_t)j * 16;
+		uint8_t *to = page + ((v ? T : 0) + pos) * row + (size_t)j * 16;
+		*reinterpret_cast<uint4 *>(to) = *reinterpret_cast<const uint4 *>(from);
+	}
+}
+
+int kvt_cuda_put_rows(const kvt_put_rows_args *a, cudaStream_t s)
+{
+	const size_t row = (size_t)a->g.head_dim * kvt_dtype_size(a->g.dtype);
+	const uint32_t pieces = (uint32_t)(row / 16);
+	if (row % 16 || ((uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->pool | a->slot_bytes) % 16)
+		return -EINVAL;
+	put_rows_kernel<<<a->ntok * a->heads, pieces * 2 < 256 ? pieces * 2 : 256, 0, s>>>(*a, pieces);
+	return kvt_cuda_errno(cudaGetLastError(), "put_rows");
+}
+
+__global__ void scatter_kernel(int32_t *dst, const int32_t *pairs, uint32_t n)
+{
+	for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+		dst[pairs[2 * i]] = pairs[2 * i + 1];
+}
+
+int kvt_cuda_scatter(int32_t *dst, const int32_t *pairs_dev, uint32_t n, cudaStream_t s)
+{
+	uint32_t blocks = (n + 255) / 256;
+	scatter_kernel<<<blocks < 128 ? blocks : 128, 256, 0, s>>>(dst, pairs_dev, n);
+	return kvt_cuda_errno(cudaGetLastError(), "scatter");
+}
