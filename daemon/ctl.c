@@ -446,6 +446,15 @@ static void cmd_clients(struct req *r)
 		kvt_json_bool(j, "copy_fence", o->copy_fence != NULL);
 		kvt_json_u64(j, "selects_before_copies", o->selects_early);
 		kvt_json_u64(j, "pages_before_copies", o->pages_early);
+		/* the fast path (fast.c): its reports, leases given, taken back, refused,
+		 * reports waiting for their kernels, slots waiting for its reads */
+		kvt_json_bool(j, "fast_path", o->fast.ptr != NULL);
+		kvt_json_u64(j, "fast_feedbacks", o->fast_feedbacks);
+		kvt_json_u64(j, "fast_leases_granted", o->fast_grants);
+		kvt_json_u64(j, "fast_leases_revoked", o->fast_revokes);
+		kvt_json_u64(j, "fast_leases_refused", o->fast_refused);
+		kvt_json_u64(j, "fast_feedbacks_waiting", o->nfb);
+		kvt_json_u64(j, "fast_slots_waiting_reads", o->nrevoked);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "select_compute", o->sel_compute, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "attention_latency", o->attn, KVT_HIST_BUCKETS, "us");

@@ -555,15 +555,15 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 	/* the fast path's copy, where the client's own kernels find it (wire.h) */
 	int32_t fpos[256];
 	struct kvt_summarize_args fa = a;
-	fa.n = 0;
-	if (kvd_fast_pos(c, q, layer, 0, idx) >= 0) {
+	const bool fast = kvd_fast_pos(c, q, layer, 0, idx) >= 0;
+	fa.n = fast ? H : 0;
+	if (fast) {
 		for (uint32_t h = 0; h < H; h++)
 			fpos[h] = (int32_t)kvd_fast_pos(c, q, layer, h, idx);
 		fa.records = scratch(d, SCR_FAST, H * sizeof(int32_t));
 		fa.summaries = c->fast.ptr;
-		fa.n = fa.records ? H : 0;
 	}
-	if (!pages || !slots || !rdev || (fa.summaries != a.summaries && !fa.n) ||
+	if (!pages || !slots || !rdev || (fast && !fa.records) ||
 	    kvt_compute_upload(d->cc, pages, L->fill, (size_t)H * pb) < 0 ||
 	    kvt_compute_upload(d->cc, slots, seq_slots, H * sizeof(int32_t)) < 0 ||
 	    kvt_compute_upload(d->cc, rdev, recs, H * sizeof(int32_t)) < 0 ||

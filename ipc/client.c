@@ -113,7 +113,7 @@ struct kvtier_table {
 	void *stream;
 	int32_t *d_sel, *d_pages, *fin, *d_fin;
 	float *d_scores;
-	uint32_t sel_cells, page_cells, score_cells;
+	size_t sel_bytes, page_bytes, score_bytes;
 	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
 	struct kvt_fence *done;
 	bool queued;
@@ -1049,19 +1049,6 @@ static int table_cells(struct kvtier_client *c, struct kvtier_table *t, size_t c
 	return 0;
 }
 
-static int grow_dev(struct kvtier_client *c, void **p, uint32_t *have, size_t need, size_t esz)
-{
-	if (need <= *have)
-		return 0;
-	kvt_compute_free(c->cc, *p);
-	*p = NULL;
-	*have = 0;
-	int ret = kvt_compute_alloc(c->cc, need * esz, p);
-	if (ret == 0)
-		*have = (uint32_t)need;
-	return ret;
-}
-
 int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, uint32_t layer,
 		  const void *q, unsigned mem, const struct kvtier_select_params *p,
 		  struct kvtier_table *t)
@@ -1258,9 +1245,9 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		t->up_pending = false;
 	}
 	if (ret || (ret = table_cells(c, t, rows * stride)) < 0 ||
-	    (ret = grow_dev(c, (void **)&t->d_sel, &t->sel_cells, rows * stride, 4)) < 0 ||
-	    (ret = grow_dev(c, (void **)&t->d_pages, &t->page_cells, rows * stride, 4)) < 0 ||
-	    (ret = grow_dev(c, (void **)&t->d_scores, &t->score_cells, rows * smax, 4)) < 0)
+	    (ret = ensure_dev(c, (void **)&t->d_sel, &t->sel_bytes, rows * stride * 4)) < 0 ||
+	    (ret = ensure_dev(c, (void **)&t->d_pages, &t->page_bytes, rows * stride * 4)) < 0 ||
+	    (ret = ensure_dev(c, (void **)&t->d_scores, &t->score_bytes, rows * smax * 4)) < 0)
 		goto out;
 	if (!t->fin && ((ret = kvt_compute_host_alloc(c->cc, 5 * mr * sizeof(int32_t),
 						      (void **)&t->fin)) < 0 ||

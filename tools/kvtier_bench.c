@@ -1147,6 +1147,16 @@ static void daemon_stop(struct daemon *dm, bool failed)
 		rm_rf(dm->dir);
 }
 
+/* The needles found in a step's table of layer l. */
+static void needles(const struct run *r, struct result *res, uint32_t s, uint32_t l,
+		    const struct kvtier_table *t)
+{
+	struct kvtier_table_view v;
+	kvtier_table_view(t, &v);
+	for (uint32_t row = 0; row < v.rows; row++)
+		check_needle(r, res, s, l, row, v.pages + (size_t)row * v.stride, v.n_pages[row], 0);
+}
+
 static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cuda)
 {
 	char lb[96];
@@ -1295,57 +1305,35 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		if (s == O.warmup && (ret = kvtier_stats(c, UINT32_MAX, &st0)) < 0)
 			break;
 		double t0 = now(), ta = 0, tsel = 0;
-		for (uint32_t l = 0; fast && l < r->L && !ret; l++) {
-			/* an engine's layer: its token's K/V, selection and attention queued */
+		for (uint32_t l = 0; l < r->L && !ret; l++) {
+			/* an engine's layer: its token's K/V, selection and attention (the fast
+			 * path: queued on one stream, waited for once a step) */
+			struct kvtier_table *tl = fast ? tabs[l] : tab;
 			double u0 = now();
 			for (uint32_t b = 0; b < r->B && !ret; b++) {
-				const uint8_t *k = dnk + ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
-				ret = kvtier_append_async(c, seqs[b], l, k, k + stepb, 1, stream);
+				size_t at = ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
+				ret = fast ? kvtier_append_async(c, seqs[b], l, dnk + at, dnk + at + stepb, 1, stream)
+					   : kvtier_append(c, seqs[b], l, nk + at, nk + at + stepb, 1, KVT_MEM_HOST);
 			}
 			const uint8_t *ql = (const uint8_t *)q + ((size_t)s * r->L + l) * qper * r->esz;
 			double u1 = now();
-			if (ret || (ret = kvtier_select_async(c, seqs, r->B, l, ql, &sp, tabs[l], stream)) < 0)
+			if (ret || (ret = fast ? kvtier_select_async(c, seqs, r->B, l, ql, &sp, tl, stream)
+					       : kvtier_select(c, seqs, r->B, l, ql, KVT_MEM_DEVICE, &sp, tl)) < 0)
 				break;
 			ta += u1 - u0;
 			tsel += now() - u1;
-			ret = kvtier_attend_async(c, tabs[l], ql, (uint8_t *)out + l * qper * r->esz,
-						  lse + (size_t)l * r->rows * r->G, (float)r->scale, stream);
+			if (!fast && s >= O.warmup) /* the host side is there: no wait */
+				needles(r, res, s, l, tl);
+			void *ol = (uint8_t *)out + l * qper * r->esz;
+			float *ll = lse + (size_t)l * r->rows * r->G;
+			ret = fast ? kvtier_attend_async(c, tl, ql, ol, ll, (float)r->scale, stream)
+				   : kvtier_attend(c, tl, ql, ol, ll, (float)r->scale, KVT_MEM_DEVICE);
 		}
 		if (fast && !ret)
 			ret = kvt_compute_sync(g->cc, stream);
-		double t1f = now();
-		for (uint32_t l = 0; fast && !ret && s >= O.warmup && l < r->L; l++) {
-			/* after the step's time: the tables' pages, for the needle check */
-			struct kvtier_table_view v;
-			kvtier_table_view(tabs[l], &v);
-			for (uint32_t row = 0; row < v.rows; row++)
-				check_needle(r, res, s, l, row, v.pages + (size_t)row * v.stride,
-					     v.n_pages[row], 0);
-		}
-		for (uint32_t l = 0; !fast && l < r->L && !ret; l++) {
-			double u0 = now();
-			for (uint32_t b = 0; b < r->B && !ret; b++) {
-				const uint8_t *k = nk + ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
-				ret = kvtier_append(c, seqs[b], l, k, k + stepb, 1, KVT_MEM_HOST);
-			}
-			const uint8_t *ql = (const uint8_t *)q + ((size_t)s * r->L + l) * qper * r->esz;
-			double u1 = now();
-			if (ret || (ret = kvtier_select(c, seqs, r->B, l, ql, KVT_MEM_DEVICE, &sp, tab)) < 0)
-				break;
-			ta += u1 - u0;
-			tsel += now() - u1;
-			if (s >= O.warmup) {
-				struct kvtier_table_view v;
-				kvtier_table_view(tab, &v);
-				for (uint32_t row = 0; row < v.rows; row++)
-					check_needle(r, res, s, l, row, v.pages + (size_t)row * v.stride,
-						     v.n_pages[row], 0);
-			}
-			ret = kvtier_attend(c, tab, ql, (uint8_t *)out + l * qper * r->esz,
-					    lse + (size_t)l * r->rows * r->G, (float)r->scale,
-					    KVT_MEM_DEVICE);
-		}
-		double t1 = fast ? t1f : now();
+		double t1 = now();
+		for (uint32_t l = 0; fast && !ret && s >= O.warmup && l < r->L; l++)
+			needles(r, res, s, l, tabs[l]); /* after the step's time: its tables waited for */
 		if (ret || s < O.warmup)
 			continue;
 		times[nt++] = t1 - t0;
