@@ -326,7 +326,11 @@ int rel_raw_attach(struct rel_raw *r, const char *sock, uint16_t version, uint32
 	struct cmsghdr *cm = CMSG_FIRSTHDR(&rm);
 	if (!cm)
 		return -EPROTO;
-	memcpy(r->fds, CMSG_DATA(cm), sizeof(r->fds));
+	/* the fds that came (KVT_FD_FAST only with the fast path); the others -1 */
+	size_t nfd = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+	for (int i = 0; i < KVT_FD_MAX; i++)
+		r->fds[i] = -1;
+	memcpy(r->fds, CMSG_DATA(cm), (nfd < KVT_FD_MAX ? nfd : KVT_FD_MAX) * sizeof(int));
 	if (recv(r->sock, &r->w, sizeof(r->w), MSG_WAITALL) != sizeof(r->w))
 		return -EPROTO;
 	r->ring = mmap(NULL, r->w.ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -339,7 +343,7 @@ void rel_raw_close(struct rel_raw *r)
 	if (r->ring && r->ring != MAP_FAILED)
 		munmap(r->ring, r->w.ring_bytes);
 	for (int i = 0; i < KVT_FD_MAX; i++)
-		if (r->fds[i] > 0)
+		if (r->fds[i] > 0) /* not 0: a struct zeroed before a failed attach */
 			close(r->fds[i]);
 	close(r->sock);
 }
