@@ -455,6 +455,17 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_leases_refused", o->fast_refused);
 		kvt_json_u64(j, "fast_feedbacks_waiting", o->nfb);
 		kvt_json_u64(j, "fast_slots_waiting_reads", o->nrevoked);
+		kvt_json_u64(j, "fast_feedbacks_waiting_max", o->fast_lag_max);
+		/* selection churn: pages reported, and of them those not selected by the
+		 * layer's previous step */
+		kvt_json_u64(j, "fast_pages_selected", o->fast_selected);
+		kvt_json_u64(j, "fast_pages_fresh", o->fast_fresh);
+		kvt_json_f64(j, "fast_feedback_us_mean",
+			     o->fast_feedbacks ? (double)o->fast_fb_ns / 1e3 / o->fast_feedbacks : 0);
+		kvt_json_u64(j, "fast_leases_copied", o->fast_copied);
+		kvt_json_f64(j, "fast_lease_copy_us_mean",
+			     o->fast_copied ? (double)o->fast_grant_ns / 1e3 / o->fast_copied : 0);
+		kvt_json_u64(j, "fast_sweeps_under_pressure", o->fast_pressured);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "select_compute", o->sel_compute, KVT_HIST_BUCKETS, "us");
 		kvt_json_hist(j, "attention_latency", o->attn, KVT_HIST_BUCKETS, "us");

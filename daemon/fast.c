@@ -318,6 +318,8 @@ static void lease_cb_fn(void *arg, int res)
 	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0 &&
 	    (pi.valid & (1u << TIER_GPU))) {
 		grant(c, q, a->layer, a->h, a->p, (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]));
+		c->fast_copied++;
+		c->fast_grant_ns += kvd_now_ns() - a->t0;
 		c->pf.bytes_h2d += c->page_bytes;
 		if (a->from_disk)
 			c->pf.bytes_nvme += c->page_bytes;
@@ -453,12 +455,14 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 			PF_ADD(c, q, selected, (uint64_t)n);
 			PF_ADD(c, q, hit, (uint64_t)nh);
 			PF_ADD(c, q, missed, (uint64_t)(n - nh));
+			c->fast_selected += (uint64_t)n;
 			const int32_t *sel = rep + 2 * (size_t)rows + (size_t)row * stride;
 			for (int32_t i = 0; i < n; i++) {
 				int32_t p = sel[i];
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
 				size_t at = (size_t)h * L->cap + (uint32_t)p;
+				c->fast_fresh += L->lease_at[at] + 1 != step;
 				L->lease_at[at] = step;
 				if (L->lease[at] == LEASE_NONE)
 					lease_start(c, q, layer, h, (uint32_t)p);
@@ -467,6 +471,7 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 		/* leases not selected for `keep` steps go back (those not selected now, when the
 		 * GPU pool had no room for a lease); failed ones leave the list */
 		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;
+		c->fast_pressured += c->fast_pressure;
 		for (uint32_t j = 0; j < L->nleased;) {
 			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
 			size_t at = (size_t)h * L->cap + p;
@@ -521,11 +526,15 @@ void kvd_fast_tick(struct kvd_client *c)
 		return;
 	uint32_t i = 0;
 	uint64_t bytes = 0;
+	if (c->nfb > c->fast_lag_max)
+		c->fast_lag_max = c->nfb;
+	const uint64_t t0 = c->nfb ? kvd_now_ns() : 0;
 	for (; i < c->nfb && fb_ready(c, &c->fb[i]); i++) {
 		fb_process(c, &c->fb[i]);
 		bytes += c->fb[i].ntok;
 	}
 	if (i) {
+		c->fast_fb_ns += kvd_now_ns() - t0;
 		memmove(c->fb, c->fb + i, (c->nfb - i) * sizeof(*c->fb));
 		c->nfb -= i;
 		c->fb_done += bytes;

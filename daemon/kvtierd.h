@@ -203,6 +203,10 @@ struct kvd_client {
 	} *revoked;
 	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
+	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
+	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
+	uint64_t fast_copied, fast_pressured; /* leases that waited for a copy; sweeps at keep 1 */
+	uint32_t fast_lag_max;		    /* most feedbacks waiting at once */
 	bool fast_pressure; /* a lease found no room since the last tick */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;

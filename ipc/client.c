@@ -465,6 +465,9 @@ void kvtier_detach(struct kvtier_client *c)
 				"to the daemon %.1f us, table to the device %.1f us\n",
 			(unsigned long long)c->sel_n, c->sel_ns[0] / 1e3 / c->sel_n,
 			c->sel_ns[1] / 1e3 / c->sel_n, c->sel_ns[2] / 1e3 / c->sel_n);
+	if (c->timing && c->fb_token)
+		fprintf(stderr, "libkvtier: fast path: %u selects, %llu reports dropped (ring full)\n",
+			c->fb_token, (unsigned long long)c->fb_dropped);
 	for (uint32_t l = 0; c->layer_fence && l < c->layout.layers; l++)
 		if (c->layer_fence[l]) {
 			if (c->layer_queued[l])

@@ -1373,10 +1373,11 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		 (double)(st1.fetched - st0.fetched + st1.late - st0.late) / steps,
 		 (double)(st1.disk - st0.disk) / steps);
 	if (O.daemon_stats) { /* the daemon's own view of the run, through kvtierctl */
-		char cmd[3 * PATH_MAX + 128], c2[16];
+		char cmd[5 * PATH_MAX + 160], c2[16];
 		fmt_tokens(c2, sizeof(c2), r->N);
 		snprintf(cmd, sizeof(cmd), "{ echo '== kvtier %s batch %u'; '%s/kvtierctl' --socket '%s' "
-			 "stats; } >>'%s' 2>&1", c2, r->B, self_dir, ao.socket, O.daemon_stats);
+			 "stats; '%s/kvtierctl' --socket '%s' clients; } >>'%s' 2>&1", c2, r->B, self_dir, ao.socket,
+			 self_dir, ao.socket, O.daemon_stats);
 		if (system(cmd) != 0)
 			fprintf(stderr, "kvtier-bench: kvtierctl stats failed (see %s)\n", O.daemon_stats);
 	}
