@@ -462,8 +462,9 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_pages_fresh", o->fast_fresh);
 		kvt_json_f64(j, "fast_feedback_us_mean",
 			     o->fast_feedbacks ? (double)o->fast_fb_ns / 1e3 / o->fast_feedbacks : 0);
-		kvt_json_u64(j, "fast_leases_copied", o->fast_copied);
-		kvt_json_f64(j, "fast_lease_copy_us_mean",
+		kvt_json_u64(j, "fast_leases_promoted", o->fast_copied);
+		kvt_json_u64(j, "fast_leases_promoting", o->fast_promoting);
+		kvt_json_f64(j, "fast_promote_us_mean",
 			     o->fast_copied ? (double)o->fast_grant_ns / 1e3 / o->fast_copied : 0);
 		kvt_json_u64(j, "fast_sweeps_under_pressure", o->fast_pressured);
 		kvt_json_hist(j, "select_latency", o->sel_lat, KVT_HIST_BUCKETS, "us");

@@ -13,6 +13,15 @@
  * What the client reads through the map is therefore always the page the map names;
  * a page not leased in time is left out of that step's table, counted (missed), and
  * leased for the next.
+ *
+ * A lease names the page where it is: a GPU slot, or, for a page in host RAM, its host
+ * slot (KVT_SLOT_HOST), which the client's attention reads in place. A page only on
+ * NVMe is read into host RAM first. So most leases are granted at once, with no copy:
+ * a page selected once (a low score among near-equal ones, as the top-k's edge changes
+ * from step to step) is never copied at all. A host lease selected again is brought to
+ * the GPU (at most FAST_PROMOTING copies at once), and its map entry then names the
+ * GPU slot: the pin keeps the host copy until the lease goes, so reads of either are
+ * good while the map changes.
  */
 #include "kvtierd.h"
 
@@ -25,6 +34,8 @@
 #define FB_MAX	     65536u	 /* feedbacks waiting for their kernels */
 #define LEASE_NONE   (-1)
 #define LEASE_COMING (-2)
+#define LEASE_PROMOTING 0x20000000 /* with a host slot: a copy to the GPU under way */
+#define FAST_PROMOTING	1024u	   /* host leases being copied to the GPU at once */
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
 {
@@ -279,8 +290,18 @@ struct lease_cb {
 	struct kvd *d;
 	uint32_t client, seq, layer, h, p;
 	uint64_t gen, t0;
-	bool from_disk;
+	bool from_disk, promote;
 };
+
+/* Where a lease of the page can name it now: a GPU slot, a host slot, or -1. */
+static int32_t lease_slot(const struct kvt_page_info *pi)
+{
+	if (pi->valid & (1u << TIER_GPU))
+		return (int32_t)TIER_SLOT_INDEX(pi->slot[TIER_GPU]);
+	if (pi->valid & (1u << TIER_HOST))
+		return (int32_t)TIER_SLOT_INDEX(pi->slot[TIER_HOST]) | KVT_SLOT_HOST;
+	return LEASE_NONE;
+}
 
 static void grant(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
 		  uint32_t p, int32_t slot)
@@ -297,13 +318,42 @@ static void grant(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint3
 	c->fast_grants++;
 }
 
+/* A host lease's page landed on the GPU (or did not): the map names the GPU slot now. */
+static void promoted(struct kvd_client *c, struct kvd_seq *q, const struct lease_cb *a, int res)
+{
+	struct kvd_layer *L = &q->layer[a->layer];
+	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p];
+	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
+	struct kvt_page_info pi;
+	if (*ls < 0 || !(*ls & KVT_SLOT_HOST))
+		return; /* taken back (and maybe leased again) meanwhile */
+	*ls &= ~LEASE_PROMOTING;
+	if (res < 0 || kvt_store_page_info(c->d->store, &k, &pi) < 0 ||
+	    !(pi.valid & (1u << TIER_GPU)))
+		return; /* it stays a host lease */
+	const int32_t slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
+	if (pair_push(c, kvd_fast_pos(c, q, a->layer, a->h, a->p), slot) < 0)
+		return;
+	*ls = slot;
+	c->fast_copied++;
+	c->fast_grant_ns += kvd_now_ns() - a->t0;
+	c->pf.bytes_h2d += c->page_bytes;
+}
+
 static void lease_cb_fn(void *arg, int res)
 {
 	struct lease_cb *a = arg;
 	struct kvd *d = a->d;
 	struct kvd_client *c = kvd_client_by_id(d, a->client);
 	struct kvd_seq *q = c && !c->dead ? kvd_seq_get(c, a->seq) : NULL;
+	if (c && a->promote)
+		c->fast_promoting--;
 	if (!q || q->gen != a->gen) { /* closed: its close let the pin go */
+		kvt_free(a);
+		return;
+	}
+	if (a->promote) {
+		promoted(c, q, a, res);
 		kvt_free(a);
 		return;
 	}
@@ -315,19 +365,17 @@ static void lease_cb_fn(void *arg, int res)
 		kvt_free(a);
 		return;
 	}
-	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0 &&
-	    (pi.valid & (1u << TIER_GPU))) {
-		grant(c, q, a->layer, a->h, a->p, (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]));
-		c->fast_copied++;
-		c->fast_grant_ns += kvd_now_ns() - a->t0;
-		c->pf.bytes_h2d += c->page_bytes;
-		if (a->from_disk)
-			c->pf.bytes_nvme += c->page_bytes;
+	int32_t slot = LEASE_NONE;
+	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0)
+		slot = lease_slot(&pi);
+	if (slot >= 0) {
+		grant(c, q, a->layer, a->h, a->p, slot);
+		c->pf.bytes_nvme += c->page_bytes;
 	} else {
 		kvt_store_unpin(d->store, &k);
 		*ls = LEASE_NONE; /* the sweep drops it from the list */
 		if (res < 0 && res != -EAGAIN)
-			kvt_warn("fast", "client %u: page %u of layer %u head %u not brought up: %s",
+			kvt_warn("fast", "client %u: page %u of layer %u head %u not read: %s",
 				 c->id, a->p, a->layer, a->h, strerror(-res));
 	}
 	kvt_free(a);
@@ -362,18 +410,20 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 		L->nleased--;
 		return;
 	}
-	if (pi.valid & (1u << TIER_GPU)) {
-		grant(c, q, layer, h, p, (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]));
+	const int32_t slot = lease_slot(&pi);
+	if (slot >= 0) {
+		grant(c, q, layer, h, p, slot);
 		return;
 	}
+	/* only on NVMe: into host RAM, leased there once read */
 	struct lease_cb *a = kvt_malloc(sizeof(*a));
 	int ret = -ENOMEM;
 	if (a) {
 		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
 				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
-				       .from_disk = !(pi.valid & (1u << TIER_HOST))};
+				       .from_disk = true};
 		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
-		ret = kvt_store_prefetch(d->store, &k, TIER_GPU, lease_cb_fn, a);
+		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
 	}
 	if (ret < 0) {
 		kvt_free(a);
@@ -385,6 +435,29 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 		c->fast_pressure = true; /* the sweeps keep only what this step selected */
 		return;
 	}
+	PF_ADD(c, q, prefetch_host, 1);
+}
+
+/* A host lease selected again: its page copied to the GPU, the map changed once there. */
+static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+			  uint32_t p)
+{
+	struct kvd_layer *L = &q->layer[layer];
+	if (c->fast_promoting >= FAST_PROMOTING)
+		return; /* read in place meanwhile; the next selection asks again */
+	struct page_key k = kvd_page_key(c, q, layer, h, p);
+	struct lease_cb *a = kvt_malloc(sizeof(*a));
+	if (!a)
+		return;
+	*a = (struct lease_cb){.d = c->d, .client = c->id, .seq = q->id, .layer = layer, .h = h,
+			       .p = p, .gen = q->gen, .t0 = kvd_now_ns(), .promote = true};
+	if (kvt_store_prefetch(c->d->store, &k, TIER_GPU, lease_cb_fn, a) < 0) {
+		kvt_free(a); /* no room in the GPU pool now: it stays a host lease */
+		PF_ADD(c, q, prefetch_refused, 1);
+		return;
+	}
+	L->lease[(size_t)h * L->cap + p] |= LEASE_PROMOTING;
+	c->fast_promoting++;
 	PF_ADD(c, q, prefetch_gpu, 1);
 }
 
@@ -431,7 +504,7 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 	struct kvd *d = c->d;
 	const uint32_t nseq = e->seq, H = c->layout.kv_heads, layer = e->layer;
 	const uint32_t rows = nseq * H, stride = e->out_stride;
-	const size_t rep_n = 2 * (size_t)rows + (size_t)rows * stride;
+	const size_t rep_n = 3 * (size_t)rows + (size_t)rows * stride;
 	uint32_t *ids = kvt_malloc(nseq * sizeof(uint32_t) + rep_n * sizeof(int32_t));
 	if (!ids)
 		return; /* a selection not heard of: only fewer leases */
@@ -449,14 +522,16 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 		PF_ADD(c, q, steps, 1);
 		for (uint32_t h = 0; h < H; h++) {
 			const uint32_t row = b * H + h;
-			int32_t n = rep[row], nh = rep[rows + row];
+			int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
 			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
 			nh = nh < 0 ? 0 : nh > n ? n : nh;
+			nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
 			PF_ADD(c, q, selected, (uint64_t)n);
-			PF_ADD(c, q, hit, (uint64_t)nh);
+			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
+			PF_ADD(c, q, host, (uint64_t)nhost);
 			PF_ADD(c, q, missed, (uint64_t)(n - nh));
 			c->fast_selected += (uint64_t)n;
-			const int32_t *sel = rep + 2 * (size_t)rows + (size_t)row * stride;
+			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			for (int32_t i = 0; i < n; i++) {
 				int32_t p = sel[i];
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
@@ -464,8 +539,11 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 				size_t at = (size_t)h * L->cap + (uint32_t)p;
 				c->fast_fresh += L->lease_at[at] + 1 != step;
 				L->lease_at[at] = step;
-				if (L->lease[at] == LEASE_NONE)
+				const int32_t ls = L->lease[at];
+				if (ls == LEASE_NONE)
 					lease_start(c, q, layer, h, (uint32_t)p);
+				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))
+					lease_promote(c, q, layer, h, (uint32_t)p);
 			}
 		}
 		/* leases not selected for `keep` steps go back (those not selected now, when the
@@ -493,7 +571,7 @@ void kvd_fast_feedback(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
 	const uint64_t rows = (uint64_t)r->seq * c->layout.kv_heads;
-	const uint64_t rep = 64 + (2 * rows + rows * r->out_stride) * sizeof(int32_t);
+	const uint64_t rep = 64 + (3 * rows + rows * r->out_stride) * sizeof(int32_t);
 	if (!c->fast.ptr || !r->seq || r->seq > d->cfg.max_batch || r->layer >= c->layout.layers ||
 	    !r->out_stride || r->out_stride > c->fast_pages || r->ntok > c->data_bytes ||
 	    ((r->off[0] | r->off[1]) & 3) || r->off[0] > c->data_bytes ||

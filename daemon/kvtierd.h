@@ -205,8 +205,9 @@ struct kvd_client {
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
 	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
 	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
-	uint64_t fast_copied, fast_pressured; /* leases that waited for a copy; sweeps at keep 1 */
+	uint64_t fast_copied, fast_pressured; /* host leases moved to the GPU; sweeps at keep 1 */
 	uint32_t fast_lag_max;		    /* most feedbacks waiting at once */
+	uint32_t fast_promoting;	    /* host leases on their way to the GPU */
 	bool fast_pressure; /* a lease found no room since the last tick */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;

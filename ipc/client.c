@@ -1218,7 +1218,8 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t rows = (size_t)nseq * H, mr = (size_t)t->max_seqs * H;
 	pthread_mutex_lock(&c->lock);
-	bool fast = c->fast.ptr && layer >= c->layout.dense_layers;
+	/* the map names host slots too: read in place, so the host arena must be mapped */
+	bool fast = c->fast.ptr && c->host_dev && layer >= c->layout.dense_layers;
 	uint32_t smax = 1;
 	int ret = 0;
 	for (uint32_t b = 0; b < nseq && !ret; b++) {
@@ -1271,7 +1272,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	}
 	/* the report of what was selected, for the daemon's leases */
 	uint32_t taken = 0;
-	const uint64_t seq_at = 64 + (2 * rows + rows * stride) * sizeof(int32_t);
+	const uint64_t seq_at = 64 + (3 * rows + rows * stride) * sizeof(int32_t);
 	int64_t fb = fb_alloc(c, seq_at + nseq * sizeof(uint32_t), &taken);
 	const uint32_t token = ++c->fb_token ? c->fb_token : ++c->fb_token;
 	if (fb >= 0) {

@@ -26,7 +26,7 @@
 #include "ipc/kvtier.h"
 
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 5
+#define KVT_WIRE_VERSION 6
 
 #define KVT_MSG_MAX (64u * 1024)
 

@@ -180,8 +180,8 @@ struct kvt_attend_args {
  * table[r * stride + i] / pages[r * stride + i] (the slots and page indices of the
  * selected pages that are in the pool, ascending page order) and n_table[r]. With
  * report set, also the whole selection, for whoever keeps the map, in mapped host memory:
- * report[0..rows) n_sel, [rows..2 rows) n_table, then [rows][stride] the selected
- * pages; and once all of it is written, *ready = token (release order: a reader that
+ * report[0..rows) n_sel, [rows..2 rows) n_table, [2 rows..3 rows) how many of those are
+ * KVT_SLOT_HOST slots, then [rows][stride] the selected pages; and once all of it is written, *ready = token (release order: a reader that
  * sees the token sees the report).
  */
 struct kvt_resolve_args {

@@ -253,7 +253,7 @@ static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *
 	(void)stream;
 	const size_t rows = a->rows;
 	for (size_t r = 0; r < rows; r++) {
-		int32_t n = a->n_sel[r], k = 0;
+		int32_t n = a->n_sel[r], k = 0, nh = 0;
 		if (n < 0)
 			n = 0;
 		if ((uint32_t)n > a->stride)
@@ -264,6 +264,7 @@ static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *
 			if (slot < 0)
 				continue;
 			a->table[r * a->stride + (size_t)k] = slot;
+			nh += (slot & KVT_SLOT_HOST) != 0;
 			if (a->pages)
 				a->pages[r * a->stride + (size_t)k] = sel[i];
 			k++;
@@ -272,7 +273,8 @@ static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *
 		if (a->report) {
 			a->report[r] = n;
 			a->report[rows + r] = k;
-			memcpy(a->report + 2 * rows + r * a->stride, sel, (size_t)n * sizeof(int32_t));
+			a->report[2 * rows + r] = nh;
+			memcpy(a->report + 3 * rows + r * a->stride, sel, (size_t)n * sizeof(int32_t));
 		}
 	}
 	if (a->report)

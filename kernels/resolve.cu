@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 		n = n < 0 ? 0 : n > (int32_t)a.stride ? (int32_t)a.stride : n;
 		const int32_t *sel = a.sel + (size_t)r * a.stride;
 		const size_t base = (size_t)a.row_base[r];
-		int32_t k = 0;
+		int32_t k = 0, nh = 0;
 		for (int32_t i0 = 0; i0 < n; i0 += 32) {
 			const int32_t i = i0 + (int32_t)lane;
 			int32_t p = 0, slot = -1;
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 				p = sel[i];
 				slot = a.map[base + (size_t)p];
 				if (a.report)
-					a.report[2 * rows + (size_t)r * a.stride + i] = p;
+					a.report[3 * rows + (size_t)r * a.stride + i] = p;
 			}
 			const unsigned hit = __ballot_sync(0xffffffffu, slot >= 0);
 			if (slot >= 0) {
@@ -41,12 +41,14 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 					a.pages[(size_t)r * a.stride + at] = p;
 			}
 			k += __popc(hit);
+			nh += __popc(__ballot_sync(0xffffffffu, slot >= 0 && (slot & KVT_SLOT_HOST)));
 		}
 		if (lane == 0) {
 			a.n_table[r] = k;
 			if (a.report) {
 				a.report[r] = n;
 				a.report[rows + r] = k;
+				a.report[2 * rows + r] = nh;
 			}
 		}
 	}

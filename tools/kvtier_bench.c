@@ -1376,7 +1376,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		char cmd[5 * PATH_MAX + 160], c2[16];
 		fmt_tokens(c2, sizeof(c2), r->N);
 		snprintf(cmd, sizeof(cmd), "{ echo '== kvtier %s batch %u'; '%s/kvtierctl' --socket '%s' "
-			 "stats; '%s/kvtierctl' --socket '%s' clients; } >>'%s' 2>&1", c2, r->B, self_dir, ao.socket,
+			 "stats; '%s/kvtierctl' --socket '%s' --json clients; } >>'%s' 2>&1", c2, r->B, self_dir, ao.socket,
 			 self_dir, ao.socket, O.daemon_stats);
 		if (system(cmd) != 0)
 			fprintf(stderr, "kvtier-bench: kvtierctl stats failed (see %s)\n", O.daemon_stats);

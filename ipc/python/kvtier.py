@@ -63,7 +63,7 @@ STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "
 SLOT_HOST = 0x40000000
 # The socket protocol (ipc/wire.h), for tools that speak it without the library.
 WIRE_MAGIC = 0x3154564B
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 ATTACH_NO_HOST_READS = 1
 SEL_SUBSTITUTE = 1
 

@@ -902,7 +902,8 @@ static void test_copy_order(void **state)
  * daemon makes for the same query (a select through the daemon, on a second table);
  * the output is the reference over the entries. A page missing at first (not leased
  * yet) is leased for the next steps: with the query held, the fast table becomes the
- * daemon's selection exactly, and the missed count stops growing.
+ * daemon's selection exactly, and the missed count stops growing. Leases name pages
+ * where they are: read in place from host RAM first, from the GPU pool once selected again.
  */
 static void test_fast(void **state)
 {
@@ -924,7 +925,7 @@ static void test_fast(void **state)
 	float *k = malloc((size_t)HEADS * D * 4), *v = malloc((size_t)HEADS * D * 4);
 	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = 2 * T};
 	struct kvtier_prefetch_stats st;
-	uint64_t missed_at[40];
+	uint64_t missed_at[40], in_host = 0, on_gpu = 0;
 	for (uint32_t stepno = 0; stepno < 40; stepno++) {
 		/* the query held for 12 steps, then another */
 		const uint32_t qstep = stepno < 12 ? 0 : stepno < 24 ? 500 : 900;
@@ -952,6 +953,10 @@ static void test_fast(void **state)
 				int at = 0;
 				for (int j = 0; j < np; j++) {
 					const float *slot = slot_addr(&mem, fv.slots[r * fv.stride + j]);
+					if (fv.slots[r * fv.stride + j] & KVTIER_SLOT_HOST)
+						in_host++;
+					else
+						on_gpu++;
 					pages[j] = page_of_slot(&s, l, r, slot);
 					check(pages[j] >= 0);
 					check_eq(fv.pages[r * fv.stride + j], pages[j]);
@@ -978,6 +983,9 @@ static void test_fast(void **state)
 	check_eq(missed_at[23], missed_at[15]);
 	check_eq(missed_at[39], missed_at[27]);
 	check(st.selected > st.hit && st.hit > 0);
+	/* leases name pages in host RAM in place at once, and those selected again move
+	 * to the GPU pool */
+	check(in_host > 0 && on_gpu > 0 && st.host > 0);
 	uint32_t n;
 	assert_int_equal(kvtier_seq_tokens(c, s.id, 1, &n), 0);
 	check_eq(n, PREFILL + 35);
