@@ -191,11 +191,40 @@ static int copies_wait(struct kvtier_client *c)
 	}
 }
 
+/*
+ * Room in the request ring: requests posted without a completion (the fast path's
+ * reports) may fill it while the daemon is behind. 0, or -ECONNRESET when the daemon
+ * is gone.
+ */
+static int sq_room_wait(struct kvtier_client *c)
+{
+	for (unsigned spin = 0;
+	     c->sq_tail - kvt_load_acquire(&c->hdr->sq_head) >= c->w.sq_entries; spin++) {
+		if (c->dead)
+			return -ECONNRESET;
+		if (spin < 1000) {
+			__builtin_ia32_pause();
+			continue;
+		}
+		struct pollfd p = {c->sock, POLLRDHUP, 0};
+		if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
+			c->dead = true;
+			return -ECONNRESET;
+		}
+		struct timespec ts = {0, 20000};
+		nanosleep(&ts, NULL);
+	}
+	return 0;
+}
+
 /* One request, one completion; called with c->lock held. */
 static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
 {
 	if (c->dead)
 		return -ECONNRESET;
+	int room = sq_room_wait(c);
+	if (room < 0)
+		return room;
 	r->user_data = ++c->next_ud;
 	memcpy(&c->sqes[c->sq_tail & (c->w.sq_entries - 1)], r, sizeof(*r));
 	/* The entry must be visible before the index that hands it over. */
@@ -358,6 +387,9 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 					 layout->dense_layers, layout->reps},
 			      .ring_entries = o.ring_entries, .data_bytes = o.data_bytes};
 	if (o.max_context && layout->page_tokens) {
+		/* a report per layer and step goes without waiting: room for a few steps */
+		if (!h.ring_entries)
+			h.ring_entries = 1024;
 		h.fast_pages = (uint32_t)(((uint64_t)o.max_context + layout->page_tokens - 1) /
 					  layout->page_tokens);
 		h.fast_seqs = c->max_live;

@@ -905,6 +905,61 @@ static void test_copy_order(void **state)
  * daemon's selection exactly, and the missed count stops growing. Leases name pages
  * where they are: read in place from host RAM first, from the GPU pool once selected again.
  */
+/*
+ * The fast path's reports take no completion: with the daemon stopped they fill the
+ * request ring (the rest are dropped, not queued). A request that waits for its answer
+ * then waits for room too, rather than overrun the ring (which the daemon answers by
+ * disconnecting the client).
+ */
+static void *cont_later(void *arg)
+{
+	struct timespec ts = {0, 200 * 1000000};
+	nanosleep(&ts, NULL);
+	kill(*(pid_t *)arg, SIGCONT);
+	return NULL;
+}
+
+static void test_fast_ring_full(void **state)
+{
+	(void)state;
+	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
+	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 2, .ring_entries = 4,
+				       .max_context = PREFILL + 64};
+	struct kvtier_client *c = NULL;
+	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct seqdesc s = {.salt = 41};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PREFILL);
+	struct kvtier_table *t = kvtier_table_create(c, 1);
+	assert_non_null(t);
+	const size_t qn = (size_t)HEADS * GROUP * D;
+	float *q = malloc(qn * 4);
+	struct kvtier_select_params sp = {.budget_pages = 4, .sink_tokens = T, .window_tokens = T};
+	assert_int_equal(kill(daemon_pid, SIGSTOP), 0);
+	int wst; /* stopped (kill only asks) */
+	assert_int_equal(waitpid(daemon_pid, &wst, WUNTRACED), daemon_pid);
+	assert_true(WIFSTOPPED(wst));
+	for (uint32_t i = 0; i < 12; i++) { /* 12 reports, 4 entries */
+		query(50, i, i % LAYERS, q);
+		assert_int_equal(kvtier_select_async(c, &s.id, 1, i % LAYERS, q, &sp, t, NULL), 0);
+	}
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, cont_later, &daemon_pid), 0);
+	assert_int_equal(kvtier_nop(c), 0); /* waits for room, then answered */
+	pthread_join(th, NULL);
+	uint32_t n = 0;
+	assert_int_equal(kvtier_seq_tokens(c, s.id, 0, &n), 0);
+	check_eq(n, PREFILL);
+	/* the client is still attached and served */
+	query(50, 0, 0, q);
+	assert_int_equal(kvtier_select_async(c, &s.id, 1, 0, q, &sp, t, NULL), 0);
+	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	kvtier_table_destroy(t);
+	free(q);
+	kvtier_detach(c);
+	daemon_alive();
+}
+
 static void test_fast(void **state)
 {
 	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
@@ -1044,6 +1099,7 @@ int main(void)
 		cmocka_unit_test_setup(test_kill9, reset_globals),
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_fast, reset_globals),
+		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */
 	};
