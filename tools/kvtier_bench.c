@@ -1290,11 +1290,13 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		if (fast && s == O.warmup) {
 			/* the daemon leases what the warm-up selected (a ramp of thousands of
 			 * pages at 128K, once per sequence): the timed steps start once it has
-			 * caught up (no lease started for 50 ms), so they measure decoding, not
-			 * the ramp */
+			 * caught up (no copy started or landed for 50 ms), so they measure
+			 * decoding, not the ramp */
 			struct kvtier_prefetch_stats a = {0}, b;
 			for (int i = 0; i < 500 && (ret = kvtier_stats(c, UINT32_MAX, &b)) == 0; i++) {
-				if (i && b.prefetch_gpu == a.prefetch_gpu && b.steps == a.steps)
+				if (i && b.prefetch_gpu == a.prefetch_gpu &&
+				    b.prefetch_host == a.prefetch_host && b.bytes_h2d == a.bytes_h2d &&
+				    b.bytes_nvme == a.bytes_nvme && b.steps == a.steps)
 					break;
 				a = b;
 				usleep(50000);
