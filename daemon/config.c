@@ -100,6 +100,9 @@ static const struct opt opts[] = {
 	{"fast.lease_steps", OPT_U32, F(lease_steps), 1, 1000000, true,
 	 "a fast-path lease (a page kept on the GPU for a client's own selection) not selected "
 	 "in this many of its layer's steps is taken back"},
+	{"fast.promote", OPT_BOOL, F(fast_promote), 0, 1, true,
+	 "copy pages leased in host RAM to the GPU pool (off: the client reads them in place "
+	 "from host RAM, leaving the pool to others)"},
 	{"metrics.listen", OPT_STR, F(metrics_listen), 0, 0, false,
 	 "Prometheus endpoint: ADDR:PORT (a loopback address; port 0: any), or \"off\""},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
@@ -146,6 +149,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->wasted_steps = 16;
 	c->fast_bytes_max = 4 * GiB;
 	c->lease_steps = 8;
+	c->fast_promote = true;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

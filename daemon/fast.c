@@ -15,13 +15,14 @@
  * leased for the next.
  *
  * A lease names the page where it is: a GPU slot, or, for a page in host RAM, its host
- * slot (KVT_SLOT_HOST), which the client's attention reads in place. A page only on
- * NVMe is read into host RAM first. So most leases are granted at once, with no copy:
- * a page selected once (a low score among near-equal ones, as the top-k's edge changes
- * from step to step) is never copied at all. A host lease selected again is brought to
- * the GPU (at most FAST_PROMOTING copies at once), and its map entry then names the
- * GPU slot: the pin keeps the host copy until the lease goes, so reads of either are
- * good while the map changes.
+ * slot (KVT_SLOT_HOST), which the client's attention may read in place (the client
+ * does so only for pages whose score says they may matter: the bus is slow). A page
+ * only on NVMe is read into host RAM first (pages that may not matter only while
+ * fewer than FAST_READING such reads are under way). So a lease is granted at once
+ * for most pages, and its copy to the GPU starts then (at most FAST_PROMOTING at once;
+ * the others when selected again): once there, the map entry names the GPU slot. The
+ * pin keeps the host copy until the lease goes, so reads of either are good while the
+ * map changes.
  */
 #include "kvtierd.h"
 
@@ -36,6 +37,7 @@
 #define LEASE_COMING (-2)
 #define LEASE_PROMOTING 0x20000000 /* with a host slot: a copy to the GPU under way */
 #define FAST_PROMOTING	1024u	   /* host leases being copied to the GPU at once */
+#define FAST_READING	256u	   /* NVMe reads at once for pages that may not matter */
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
 {
@@ -340,6 +342,9 @@ static void promoted(struct kvd_client *c, struct kvd_seq *q, const struct lease
 	c->pf.bytes_h2d += c->page_bytes;
 }
 
+static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+			  uint32_t p);
+
 static void lease_cb_fn(void *arg, int res)
 {
 	struct lease_cb *a = arg;
@@ -348,6 +353,8 @@ static void lease_cb_fn(void *arg, int res)
 	struct kvd_seq *q = c && !c->dead ? kvd_seq_get(c, a->seq) : NULL;
 	if (c && a->promote)
 		c->fast_promoting--;
+	else if (c)
+		c->fast_reading--;
 	if (!q || q->gen != a->gen) { /* closed: its close let the pin go */
 		kvt_free(a);
 		return;
@@ -371,6 +378,8 @@ static void lease_cb_fn(void *arg, int res)
 	if (slot >= 0) {
 		grant(c, q, a->layer, a->h, a->p, slot);
 		c->pf.bytes_nvme += c->page_bytes;
+		if (slot & KVT_SLOT_HOST)
+			lease_promote(c, q, a->layer, a->h, a->p);
 	} else {
 		kvt_store_unpin(d->store, &k);
 		*ls = LEASE_NONE; /* the sweep drops it from the list */
@@ -398,13 +407,20 @@ static int leased_push(struct kvd_layer *L, uint32_t h, uint32_t p)
 /* A page the client selected and found no lease for: pinned, and into the map once it
  * is on the GPU. */
 static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
-			uint32_t p)
+			uint32_t p, bool matters)
 {
 	struct kvd *d = c->d;
 	struct kvd_layer *L = &q->layer[layer];
 	struct page_key k = kvd_page_key(c, q, layer, h, p);
 	struct kvt_page_info pi;
-	if (kvt_store_page_info(d->store, &k, &pi) < 0 || leased_push(L, h, p) < 0)
+	if (kvt_store_page_info(d->store, &k, &pi) < 0)
+		return;
+	/* the disk is slow: pages that may not matter wait for the next selection when
+	 * many reads are under way already */
+	if (!(pi.valid & ((1u << TIER_GPU) | (1u << TIER_HOST))) && !matters &&
+	    c->fast_reading >= FAST_READING)
+		return;
+	if (leased_push(L, h, p) < 0)
 		return;
 	if (kvt_store_pin(d->store, &k) < 0) {
 		L->nleased--;
@@ -413,6 +429,8 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	const int32_t slot = lease_slot(&pi);
 	if (slot >= 0) {
 		grant(c, q, layer, h, p, slot);
+		if ((slot & KVT_SLOT_HOST) && L->lease[(size_t)h * L->cap + p] == slot)
+			lease_promote(c, q, layer, h, p); /* read in place until it is there */
 		return;
 	}
 	/* only on NVMe: into host RAM, leased there once read */
@@ -424,6 +442,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 				       .from_disk = true};
 		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
 		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
+		c->fast_reading += ret == 0;
 	}
 	if (ret < 0) {
 		kvt_free(a);
@@ -443,7 +462,7 @@ static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t laye
 			  uint32_t p)
 {
 	struct kvd_layer *L = &q->layer[layer];
-	if (c->fast_promoting >= FAST_PROMOTING)
+	if (!c->d->cfg.fast_promote || c->fast_promoting >= FAST_PROMOTING)
 		return; /* read in place meanwhile; the next selection asks again */
 	struct page_key k = kvd_page_key(c, q, layer, h, p);
 	struct lease_cb *a = kvt_malloc(sizeof(*a));
@@ -475,7 +494,7 @@ void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, ui
 	for (uint32_t h = 0; h < H; h++) {
 		L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
 		if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
-			lease_start(c, q, layer, h, idx);
+			lease_start(c, q, layer, h, idx, true);
 	}
 	const uint64_t t0 = kvd_now_ns();
 	for (uint32_t h = 0; h < H;) {
@@ -533,7 +552,8 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 			c->fast_selected += (uint64_t)n;
 			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			for (int32_t i = 0; i < n; i++) {
-				int32_t p = sel[i];
+				const bool matters = sel[i] & KVT_PAGE_MATTERS;
+				int32_t p = sel[i] & ~KVT_PAGE_MATTERS;
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
 				size_t at = (size_t)h * L->cap + (uint32_t)p;
@@ -541,7 +561,7 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 				L->lease_at[at] = step;
 				const int32_t ls = L->lease[at];
 				if (ls == LEASE_NONE)
-					lease_start(c, q, layer, h, (uint32_t)p);
+					lease_start(c, q, layer, h, (uint32_t)p, matters);
 				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))
 					lease_promote(c, q, layer, h, (uint32_t)p);
 			}

@@ -208,6 +208,7 @@ struct kvd_client {
 	uint64_t fast_copied, fast_pressured; /* host leases moved to the GPU; sweeps at keep 1 */
 	uint32_t fast_lag_max;		    /* most feedbacks waiting at once */
 	uint32_t fast_promoting;	    /* host leases on their way to the GPU */
+	uint32_t fast_reading;		    /* leases on their way from NVMe */
 	bool fast_pressure; /* a lease found no room since the last tick */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;

@@ -1331,6 +1331,15 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		.row_base = t->d_fin + mr, .table = t->d_slots, .pages = t->d_pages,
 		.n_table = t->d_n_pages, .report = fb >= 0 ? (int32_t *)(c->data + fb + 64) : NULL,
 		.ready = fb >= 0 ? (uint32_t *)(c->data + fb) : NULL, .token = token};
+	if (p->host_gap >= 0) { /* host pages read in place only where they may matter */
+		rs.scores = t->d_scores;
+		rs.score_stride = smax;
+		rs.n_full = t->d_fin;
+		rs.sink_pages = (p->sink_tokens + T - 1) / T;
+		rs.window_pages = p->window_tokens / T;
+		rs.host_gap = (p->host_gap > 0 ? p->host_gap : KVTIER_HOST_GAP) /
+			      se.logit_scale; /* nats to q.k */
+	}
 	if ((ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
 	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||
 	    (ret = kvt_score(c->cc, &sc, stream)) < 0 || (ret = kvt_select(c->cc, &se, stream)) < 0 ||

@@ -164,7 +164,15 @@ struct kvtier_select_params {
 	uint32_t top_p_mode;    /* 1: top-p (capped at budget_pages) instead of top-k */
 	float top_p;
 	uint32_t flags;         /* enum kvtier_select_flags */
+	/*
+	 * kvtier_select_async: a page leased in host RAM is read in place (over the bus,
+	 * every step until it is on the GPU) only if its score bound lies at most host_gap
+	 * nats below the row's best (sinks and window always); the others wait for their
+	 * copy to the GPU. 0: KVTIER_HOST_GAP; < 0: every one.
+	 */
+	float host_gap;
 };
+#define KVTIER_HOST_GAP 3.0f
 
 /* A step's page tables for a batch of sequences, reused across steps and layers. */
 struct kvtier_table;

@@ -178,12 +178,21 @@ struct kvt_attend_args {
  * summaries (a client choosing its own pages): page p of row r is in pool slot
  * map[row_base[r] + p], or nowhere the attention can read it now (< 0). Writes
  * table[r * stride + i] / pages[r * stride + i] (the slots and page indices of the
- * selected pages that are in the pool, ascending page order) and n_table[r]. With
- * report set, also the whole selection, for whoever keeps the map, in mapped host memory:
- * report[0..rows) n_sel, [rows..2 rows) n_table, [2 rows..3 rows) how many of those are
- * KVT_SLOT_HOST slots, then [rows][stride] the selected pages; and once all of it is written, *ready = token (release order: a reader that
- * sees the token sees the report).
+ * selected pages that are in the pool, ascending page order) and n_table[r].
+ *
+ * With scores set, a page whose slot is in host RAM (KVT_SLOT_HOST: read over the bus
+ * at every step) enters the table only if it may matter: a sink or window page (p <
+ * sink_pages, or p >= n_full[r] - window_pages), or its score at most host_gap below
+ * the row's best among the other selected pages. The rest count as missing this step.
+ *
+ * With report set, also the whole selection, for whoever keeps the map, in mapped host
+ * memory: report[0..rows) n_sel, [rows..2 rows) n_table, [2 rows..3 rows) how many of
+ * those are KVT_SLOT_HOST slots, then [rows][stride] the selected pages, each with
+ * KVT_PAGE_MATTERS set if it passed that test (every page without scores); and once all
+ * of it is written, *ready = token (release order: a reader that sees the token sees
+ * the report).
  */
+#define KVT_PAGE_MATTERS 0x40000000
 struct kvt_resolve_args {
 	uint32_t rows;
 	uint32_t stride;           /* of sel, table and pages */
@@ -197,8 +206,14 @@ struct kvt_resolve_args {
 	int32_t *report;           /* or NULL */
 	uint32_t *ready;           /* with report */
 	uint32_t token;
+	uint32_t score_stride;     /* of scores */
+	const float *scores;       /* [rows][score_stride] (kvt_score's), or NULL */
+	const int32_t *n_full;     /* [rows] full pages, with scores */
+	uint32_t sink_pages, window_pages;
+	float host_gap;            /* in score units */
 	uint32_t pad_;
 };
+
 
 /*
  * New tokens into the pages that are filling: ntok tokens of K and of V, each

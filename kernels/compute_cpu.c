@@ -259,14 +259,31 @@ static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *
 		if ((uint32_t)n > a->stride)
 			n = (int32_t)a->stride;
 		const int32_t *sel = a->sel + r * a->stride;
+		const float *sc = a->scores ? a->scores + r * a->score_stride : NULL;
+		const int32_t win = sc ? a->n_full[r] - (int32_t)a->window_pages : 0;
+		float floor = -INFINITY;
+		if (sc) {
+			float best = -INFINITY;
+			for (int32_t i = 0; i < n; i++)
+				if (sel[i] >= (int32_t)a->sink_pages && sel[i] < win && sc[sel[i]] > best)
+					best = sc[sel[i]];
+			floor = best - a->host_gap;
+		}
 		for (int32_t i = 0; i < n; i++) {
-			int32_t slot = a->map[(size_t)a->row_base[r] + (size_t)sel[i]];
+			const int32_t p = sel[i];
+			const bool matters = !sc || p < (int32_t)a->sink_pages || p >= win || sc[p] >= floor;
+			int32_t slot = a->map[(size_t)a->row_base[r] + (size_t)p];
+			if (a->report)
+				a->report[3 * rows + r * a->stride + (size_t)i] =
+					p | (matters ? KVT_PAGE_MATTERS : 0);
+			if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
+				slot = -1; /* not worth the bus this step */
 			if (slot < 0)
 				continue;
 			a->table[r * a->stride + (size_t)k] = slot;
 			nh += (slot & KVT_SLOT_HOST) != 0;
 			if (a->pages)
-				a->pages[r * a->stride + (size_t)k] = sel[i];
+				a->pages[r * a->stride + (size_t)k] = p;
 			k++;
 		}
 		a->n_table[r] = k;
@@ -274,7 +291,6 @@ static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *
 			a->report[r] = n;
 			a->report[rows + r] = k;
 			a->report[2 * rows + r] = nh;
-			memcpy(a->report + 3 * rows + r * a->stride, sel, (size_t)n * sizeof(int32_t));
 		}
 	}
 	if (a->report)

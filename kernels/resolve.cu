@@ -9,8 +9,8 @@
 #include "kernels/cuda_common.cuh"
 
 /*
- * One block; a warp per row at a time. The hits of a row are packed in page order
- * with a ballot per 32 entries. The report is in mapped host memory: every thread's
+ * One block; a warp per row at a time: the row's best score among pages not forced
+ * (a warp's max), then the hits packed in page order with a ballot per 32 entries. The report is in mapped host memory: every thread's
  * stores are made visible to the system before the block's barrier, and the ready
  * token is the last store.
  */
@@ -23,6 +23,20 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 		n = n < 0 ? 0 : n > (int32_t)a.stride ? (int32_t)a.stride : n;
 		const int32_t *sel = a.sel + (size_t)r * a.stride;
 		const size_t base = (size_t)a.row_base[r];
+		const float *sc = a.scores ? a.scores + (size_t)r * a.score_stride : NULL;
+		const int32_t win = sc ? a.n_full[r] - (int32_t)a.window_pages : 0;
+		float floor = -INFINITY;
+		if (sc) {
+			float best = -INFINITY;
+			for (int32_t i = (int32_t)lane; i < n; i += 32) {
+				const int32_t p = sel[i];
+				if (p >= (int32_t)a.sink_pages && p < win)
+					best = fmaxf(best, sc[p]);
+			}
+			for (int o = 16; o; o >>= 1)
+				best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+			floor = best - a.host_gap;
+		}
 		int32_t k = 0, nh = 0;
 		for (int32_t i0 = 0; i0 < n; i0 += 32) {
 			const int32_t i = i0 + (int32_t)lane;
@@ -30,8 +44,13 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 			if (i < n) {
 				p = sel[i];
 				slot = a.map[base + (size_t)p];
+				const bool matters = !sc || p < (int32_t)a.sink_pages || p >= win ||
+						     sc[p] >= floor;
+				if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
+					slot = -1; /* not worth the bus this step */
 				if (a.report)
-					a.report[3 * rows + (size_t)r * a.stride + i] = p;
+					a.report[3 * rows + (size_t)r * a.stride + i] =
+						p | (matters ? KVT_PAGE_MATTERS : 0);
 			}
 			const unsigned hit = __ballot_sync(0xffffffffu, slot >= 0);
 			if (slot >= 0) {

@@ -38,7 +38,8 @@ class _Opts(ctypes.Structure):
 class _SelParams(ctypes.Structure):
     _fields_ = [("budget_pages", ctypes.c_uint32), ("sink_tokens", ctypes.c_uint32),
                 ("window_tokens", ctypes.c_uint32), ("top_p_mode", ctypes.c_uint32),
-                ("top_p", ctypes.c_float), ("flags", ctypes.c_uint32)]
+                ("top_p", ctypes.c_float), ("flags", ctypes.c_uint32),
+                ("host_gap", ctypes.c_float)]
 
 
 class _View(ctypes.Structure):

@@ -978,12 +978,20 @@ static void test_fast(void **state)
 	const size_t qn = (size_t)HEADS * GROUP * D;
 	float *q = malloc(qn * 4), *out = malloc(qn * 4), ref[GROUP * D];
 	float *k = malloc((size_t)HEADS * D * 4), *v = malloc((size_t)HEADS * D * 4);
-	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = 2 * T};
+	/* every page leased in host RAM read in place */
+	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = 2 * T,
+					  .host_gap = -1};
 	struct kvtier_prefetch_stats st;
 	uint64_t missed_at[40], in_host = 0, on_gpu = 0;
+	/* the first query's leases stay in host RAM (read in place), the others' go to the GPU */
+	assert_int_equal(CTL("config\0set\0name=fast.promote\0value=0\0"), 0);
 	for (uint32_t stepno = 0; stepno < 40; stepno++) {
 		/* the query held for 12 steps, then another */
 		const uint32_t qstep = stepno < 12 ? 0 : stepno < 24 ? 500 : 900;
+		if (stepno == 12) {
+			check(in_host > 0);
+			assert_int_equal(CTL("config\0set\0name=fast.promote\0value=1\0"), 0);
+		}
 		for (uint32_t l = 0; l < LAYERS; l++) {
 			for (uint32_t h = 0; h < HEADS; h++)
 				for (uint32_t d = 0; d < D; d++) {

@@ -816,6 +816,141 @@ static void test_copy_async(void **state)
 	kvt_compute_host_free(C, NULL);
 }
 
+/*
+ * The fast path's kernels against what they must do, on the backend under test:
+ * resolve (the table from a selection and a map: pages missing, on the GPU, in host
+ * RAM; host ones only where they may matter; the report and its ready token), scatter
+ * (the daemon's map writes) and put_rows (tokens into a page still filling).
+ */
+static void *dz(size_t bytes)
+{
+	void *d;
+	assert_int_equal(kvt_compute_alloc(C, bytes, &d), 0);
+	return d;
+}
+
+/* fetch() without the free: the buffer is used again */
+static void dget(void *h, const void *d, size_t bytes)
+{
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	assert_int_equal(kvt_compute_download(C, h, d, bytes), 0);
+}
+
+static void test_resolve(void **state)
+{
+	(void)state;
+	enum { R = 3, S = 8, P = 40 };
+	const int32_t sel[R][S] = {{0, 3, 7, 9, 12, 20, 38, 39},
+				   {0, 1, 2, 3, 4, 5, 6, 7},
+				   {0, 5, 30, 31, 32, 33, 34, 35}};
+	const int32_t n_sel[R] = {8, 5, 8}, n_full[R] = {40, 30, 36}, row_base[R] = {0, P, 2 * P};
+	int32_t map[R * P];
+	float sc[R][P];
+	for (int r = 0; r < R; r++)
+		for (int p = 0; p < P; p++) {
+			/* a third missing, a third on the GPU, a third in host RAM */
+			int kind = (int)((p * 7 + r) % 3);
+			map[r * P + p] = kind == 0 ? -1 : kind == 1 ? 100 * r + p
+								   : (100 * r + p) | KVT_SLOT_HOST;
+			sc[r][p] = (float)((p * 13 + r * 5) % 17);
+		}
+	const float gap = 5.0f;
+	int32_t *d_sel = dev_dup(C, sel, sizeof(sel)), *d_nsel = dev_dup(C, n_sel, sizeof(n_sel));
+	int32_t *d_full = dev_dup(C, n_full, sizeof(n_full)), *d_base = dev_dup(C, row_base, sizeof(row_base));
+	int32_t *d_map = dev_dup(C, map, sizeof(map));
+	float *d_sc = dev_dup(C, sc, sizeof(sc));
+	int32_t *d_tab = dz(R * S * 4), *d_pages = dz(R * S * 4);
+	int32_t *d_nt = dz(R * 4);
+	int32_t *rep;
+	assert_int_equal(kvt_compute_host_alloc(C, 64 + (3 * R + R * S) * 4, (void **)&rep), 0);
+	memset(rep, 0xee, 64 + (3 * R + R * S) * 4);
+	*(uint32_t *)rep = 0;
+	for (int gated = 0; gated < 2; gated++) {
+		struct kvt_resolve_args a = {.rows = R, .stride = S, .sel = d_sel, .n_sel = d_nsel,
+					     .map = d_map, .row_base = d_base, .table = d_tab,
+					     .pages = d_pages, .n_table = d_nt, .report = rep + 16,
+					     .ready = (uint32_t *)rep, .token = 77u + (uint32_t)gated};
+		if (gated) {
+			a.scores = d_sc;
+			a.score_stride = P;
+			a.n_full = d_full;
+			a.sink_pages = 1;
+			a.window_pages = 2;
+			a.host_gap = gap;
+		}
+		assert_int_equal(kvt_resolve(C, &a, NULL), 0);
+		assert_int_equal(kvt_compute_sync(C, NULL), 0);
+		int32_t tab[R * S], pages[R * S], nt[R];
+		dget(tab, d_tab, sizeof(tab));
+		dget(pages, d_pages, sizeof(pages));
+		dget(nt, d_nt, sizeof(nt));
+		assert_int_equal(__atomic_load_n((uint32_t *)rep, __ATOMIC_ACQUIRE), 77u + (uint32_t)gated);
+		const int32_t *report = rep + 16;
+		for (int r = 0; r < R; r++) {
+			float best = -INFINITY;
+			for (int i = 0; i < n_sel[r]; i++) {
+				int p = sel[r][i];
+				if (p >= 1 && p < n_full[r] - 2 && sc[r][p] > best)
+					best = sc[r][p];
+			}
+			int k = 0, host = 0;
+			for (int i = 0; i < n_sel[r]; i++) {
+				int p = sel[r][i], slot = map[r * P + p];
+				bool matters = !gated || p < 1 || p >= n_full[r] - 2 || sc[r][p] >= best - gap;
+				assert_int_equal(report[3 * R + r * S + i], p | (matters ? KVT_PAGE_MATTERS : 0));
+				if (slot < 0 || ((slot & KVT_SLOT_HOST) && !matters))
+					continue;
+				assert_int_equal(tab[r * S + k], slot);
+				assert_int_equal(pages[r * S + k], p);
+				host += (slot & KVT_SLOT_HOST) != 0;
+				k++;
+			}
+			assert_int_equal(nt[r], k);
+			assert_int_equal(report[r], n_sel[r]);
+			assert_int_equal(report[R + r], k);
+			assert_int_equal(report[2 * R + r], host);
+		}
+	}
+	/* the map written from host pairs */
+	int32_t pairs[] = {5, 1234, 41, -1, 119, 7 | KVT_SLOT_HOST};
+	assert_int_equal(kvt_scatter_i32(C, d_map, pairs, 3), 0);
+	int32_t m2[R * P];
+	dget(m2, d_map, sizeof(m2));
+	map[5] = 1234, map[41] = -1, map[119] = 7 | KVT_SLOT_HOST;
+	assert_memory_equal(m2, map, sizeof(map));
+	/* tokens 3..4 of 2 heads into slots 4 and 5 of a pool of 6 (f32, D 8, T 4) */
+	struct kvt_geom g = {.head_dim = 8, .page_tokens = 4, .group = 1, .reps = 1, .dtype = KVT_F32};
+	const size_t slot_bytes = 2 * 4 * 8 * 4;
+	float kv[2][2][2][8], *pool = calloc(6, slot_bytes), *out = malloc(6 * slot_bytes);
+	for (int i = 0; i < 2 * 2 * 2 * 8; i++)
+		((float *)kv)[i] = (float)i + 0.5f;
+	void *d_pool = dev_dup(C, pool, 6 * slot_bytes);
+	float *d_k = dev_dup(C, kv[0], sizeof(kv[0])), *d_v = dev_dup(C, kv[1], sizeof(kv[1]));
+	struct kvt_put_rows_args pr = {.g = g, .heads = 2, .ntok = 2, .pos0 = 2, .k = d_k, .v = d_v,
+				       .pool = d_pool, .slot_bytes = slot_bytes, .slot0 = 4};
+	assert_int_equal(kvt_put_rows(C, &pr, NULL), 0);
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	dget(out, d_pool, 6 * slot_bytes);
+	for (int t = 0; t < 2; t++)
+		for (int h = 0; h < 2; h++) {
+			float *page = pool + (4 + h) * slot_bytes / 4;
+			memcpy(page + (2 + t) * 8, kv[0][t][h], 32);	     /* K rows */
+			memcpy(page + (4 + 2 + t) * 8, kv[1][t][h], 32); /* V rows after T of K */
+		}
+	assert_memory_equal(out, pool, 6 * slot_bytes);
+	pr.pos0 = 3; /* past the page */
+	assert_int_equal(kvt_put_rows(C, &pr, NULL), -EINVAL);
+	free(pool);
+	free(out);
+	kvt_compute_free(C, d_pool);
+	kvt_compute_free(C, d_k);
+	kvt_compute_free(C, d_v);
+	kvt_compute_host_free(C, rep);
+	void *ds[] = {d_sel, d_nsel, d_full, d_base, d_map, d_sc, d_tab, d_pages, d_nt};
+	for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
+		kvt_compute_free(C, ds[i]);
+}
+
 static void test_bad_args(void **state)
 {
 	struct kvt_geom g = {.head_dim = 128, .page_tokens = 64, .group = 4, .reps = 3, .dtype = KVT_BF16};
@@ -871,7 +1006,7 @@ int main(void)
 		cmocka_unit_test(test_quest_bound), cmocka_unit_test(test_select_topk),
 		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
 		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
-		cmocka_unit_test(test_copy_async),
+		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_resolve),
 	};
 	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
 	if (CPU != C)
