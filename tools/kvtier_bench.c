@@ -77,7 +77,7 @@ struct opts {
 	uint32_t dtype, page, budget, sink, window, dense_layers;
 	uint32_t ctx[MAXLIST], nctx, batch[MAXLIST], nbatch;
 	uint32_t steps, warmup, threads;
-	double gpu_frac, host_frac;
+	double gpu_frac, host_frac, host_gap;
 	unsigned methods;
 	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
 	bool progress, keep, substitute, sync_select;
@@ -1280,7 +1280,8 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	}
 	struct kvtier_select_params sp = {.budget_pages = O.budget / r->T, .sink_tokens = O.sink,
 					  .window_tokens = O.window,
-					  .flags = O.substitute ? KVTIER_SEL_SUBSTITUTE : 0};
+					  .flags = O.substitute ? KVTIER_SEL_SUBSTITUTE : 0,
+					  .host_gap = (float)O.host_gap};
 	struct kvtier_prefetch_stats st0 = {0}, st1 = {0};
 	uint32_t nt = 0;
 	double t_app = 0, t_sel = 0; /* of the timed steps: in kvtier_append, kvtier_select */
@@ -1638,6 +1639,9 @@ static void usage(FILE *f)
 		"  --sync-select       kvtier selects through the daemon (kvtier_select, a round\n"
 		"                      trip per layer) instead of on the bench's stream\n"
 		"                      (kvtier_select_async, the fast path)\n"
+		"  --host-gap NATS     the fast path reads a page in host RAM in place only within\n"
+		"                      NATS of the row's best score (0: libkvtier's default; < 0:\n"
+		"                      every one)\n"
 		"  --threads N         KV generation threads (all cores)\n"
 		"  --seed N            the generator's seed (1)\n"
 		"  --no-progress       no progress bar (default when stderr is not a terminal)\n");
@@ -1648,7 +1652,7 @@ int main(int argc, char **argv)
 	enum { O_LAYERS = 256, O_HEADS, O_GROUP, O_HDIM, O_DTYPE, O_CTX, O_BATCH, O_BUDGET, O_SINK,
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
-	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL };
+	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1662,7 +1666,8 @@ int main(int argc, char **argv)
 		{"plot", 1, 0, O_PLOT}, {"threads", 1, 0, O_THREADS}, {"seed", 1, 0, O_SEED},
 		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP},
 		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
-		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL}, {0, 0, 0, 0}};
+		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL},
+		{"host-gap", 1, 0, O_HOSTGAP}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -1752,6 +1757,15 @@ int main(int argc, char **argv)
 		case O_PLOT: O.plot = optarg; continue;
 		case O_DSTATS: O.daemon_stats = optarg; continue;
 		case O_SYNCSEL: O.sync_select = true; continue;
+		case O_HOSTGAP: {
+			char *e2;
+			O.host_gap = strtod(optarg, &e2);
+			if (*e2 || e2 == optarg) {
+				fprintf(stderr, "kvtier-bench: --host-gap takes nats (< 0: every page)\n");
+				return 2;
+			}
+			continue;
+		}
 		case O_SUBST:
 			O.substitute = true;
 			if (optarg) {
