@@ -36,7 +36,7 @@
 #define LEASE_NONE   (-1)
 #define LEASE_COMING (-2)
 #define LEASE_PROMOTING 0x20000000 /* with a host slot: a copy to the GPU under way */
-#define FAST_PROMOTING	1024u	   /* host leases being copied to the GPU at once */
+#define FAST_PROMOTING	4096u	   /* host leases being copied to the GPU at once */
 #define FAST_READING	256u	   /* NVMe reads at once for pages that may not matter */
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
