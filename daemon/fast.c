@@ -292,7 +292,7 @@ struct lease_cb {
 	struct kvd *d;
 	uint32_t client, seq, layer, h, p;
 	uint64_t gen, t0;
-	bool from_disk, promote;
+	bool promote; /* a host lease's copy to the GPU (else a read from NVMe) */
 };
 
 /* Where a lease of the page can name it now: a GPU slot, a host slot, or -1. */
@@ -404,8 +404,8 @@ static int leased_push(struct kvd_layer *L, uint32_t h, uint32_t p)
 	return 0;
 }
 
-/* A page the client selected and found no lease for: pinned, and into the map once it
- * is on the GPU. */
+/* A page the client selected and found no lease for: pinned, and into the map where it
+ * is (GPU or host RAM; from NVMe once read). */
 static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
 			uint32_t p, bool matters)
 {
@@ -438,8 +438,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	int ret = -ENOMEM;
 	if (a) {
 		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
-				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
-				       .from_disk = true};
+				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns()};
 		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
 		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
 		c->fast_reading += ret == 0;
@@ -457,7 +456,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	PF_ADD(c, q, prefetch_host, 1);
 }
 
-/* A host lease selected again: its page copied to the GPU, the map changed once there. */
+/* A host lease: its page copied to the GPU, the map changed once there (promoted()). */
 static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
 			  uint32_t p)
 {

@@ -217,15 +217,17 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
  * The fast path: the same selection as kvtier_select, made on stream by the caller's
  * own device, with no round trip to the daemon: scores over the page summaries the
  * daemon keeps in memory both map, top-k (sinks and window included), and the table
- * from the daemon's map of pages it keeps on the GPU for this client (leases). q is
- * device memory. A selected page not leased yet is left out of this table (counted in
- * kvtier_prefetch_stats.missed); the daemon, told of the selection afterwards, leases
+ * from the daemon's map of pages it keeps for this client (leases: on the GPU, or in
+ * host RAM, read in place only within p->host_gap of the row's best score). q is
+ * device memory. A selected page not leased yet (or in host RAM and below that) is left
+ * out of this table (counted in kvtier_prefetch_stats.missed); the daemon, told of the selection afterwards, leases
  * it for the next steps, and takes leases back from pages not selected for a while
  * (fast.lease_steps). kvtier_attend_async on the same stream then attends over the
  * table; the host side of the table (kvtier_table_view) waits for the kernels.
  * Needs an attach with max_context; a layer below dense_layers, a sequence the fast
  * path does not cover (a fork, a sequence opened by name, a longer context, an id past
- * max_live_seqs) or a daemon without it make this a kvtier_select (synchronous).
+ * max_live_seqs), a client attached with KVTIER_ATTACH_NO_HOST_READS (the map names
+ * pages in host RAM too) or a daemon without it make this a kvtier_select (synchronous).
  * 0, -EINVAL, -ENOENT, -ENOMEM, -errno of the device.
  */
 int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,

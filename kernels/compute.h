@@ -214,7 +214,6 @@ struct kvt_resolve_args {
 	uint32_t pad_;
 };
 
-
 /*
  * New tokens into the pages that are filling: ntok tokens of K and of V, each
  * [ntok][heads][D] (device memory, or host memory the device maps), go to rows

@@ -10,9 +10,9 @@
 
 /*
  * One block; a warp per row at a time: the row's best score among pages not forced
- * (a warp's max), then the hits packed in page order with a ballot per 32 entries. The report is in mapped host memory: every thread's
- * stores are made visible to the system before the block's barrier, and the ready
- * token is the last store.
+ * (a warp's max), then the hits packed in page order with a ballot per 32 entries.
+ * The report is in mapped host memory: every thread's stores are made visible to the
+ * system before the block's barrier, and the ready token is the last store.
  */
 __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 {

@@ -903,7 +903,8 @@ static void test_copy_order(void **state)
  * the output is the reference over the entries. A page missing at first (not leased
  * yet) is leased for the next steps: with the query held, the fast table becomes the
  * daemon's selection exactly, and the missed count stops growing. Leases name pages
- * where they are: read in place from host RAM first, from the GPU pool once selected again.
+ * where they are: read in place from host RAM first, from the GPU pool once copied there
+ * (not while fast.promote is off).
  */
 /*
  * The fast path's reports take no completion: with the daemon stopped they fill the
@@ -939,12 +940,12 @@ static void test_fast_ring_full(void **state)
 	int wst; /* stopped (kill only asks) */
 	assert_int_equal(waitpid(daemon_pid, &wst, WUNTRACED), daemon_pid);
 	assert_true(WIFSTOPPED(wst));
+	pthread_t th; /* continued in 200 ms, whatever fails here */
+	assert_int_equal(pthread_create(&th, NULL, cont_later, &daemon_pid), 0);
 	for (uint32_t i = 0; i < 12; i++) { /* 12 reports, 4 entries */
 		query(50, i, i % LAYERS, q);
 		assert_int_equal(kvtier_select_async(c, &s.id, 1, i % LAYERS, q, &sp, t, NULL), 0);
 	}
-	pthread_t th;
-	assert_int_equal(pthread_create(&th, NULL, cont_later, &daemon_pid), 0);
 	assert_int_equal(kvtier_nop(c), 0); /* waits for room, then answered */
 	pthread_join(th, NULL);
 	uint32_t n = 0;
@@ -1046,8 +1047,7 @@ static void test_fast(void **state)
 	check_eq(missed_at[23], missed_at[15]);
 	check_eq(missed_at[39], missed_at[27]);
 	check(st.selected > st.hit && st.hit > 0);
-	/* leases name pages in host RAM in place at once, and those selected again move
-	 * to the GPU pool */
+	/* leases name pages in host RAM in place at once, and move to the GPU pool */
 	check(in_host > 0 && on_gpu > 0 && st.host > 0);
 	uint32_t n;
 	assert_int_equal(kvtier_seq_tokens(c, s.id, 1, &n), 0);
