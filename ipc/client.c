@@ -167,6 +167,28 @@ static int wait_cqe(struct kvtier_client *c)
 }
 
 /*
+ * One turn of waiting for the daemon: spin a while, then check that it is still there
+ * and sleep 20 us. 0, or -ECONNRESET when it is gone.
+ */
+static int daemon_wait_turn(struct kvtier_client *c, unsigned spin)
+{
+	if (c->dead)
+		return -ECONNRESET;
+	if (spin < 1000) {
+		__builtin_ia32_pause();
+		return 0;
+	}
+	struct pollfd p = {c->sock, POLLRDHUP, 0};
+	if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
+		c->dead = true;
+		return -ECONNRESET;
+	}
+	struct timespec ts = {0, 20000};
+	nanosleep(&ts, NULL);
+	return 0;
+}
+
+/*
  * The copies a select's answer named, landed, waited for on the host (the cpu device,
  * whose worker lands them while the daemon goes on): 0, or -ECONNRESET when the daemon
  * is gone first.
@@ -175,19 +197,8 @@ static int copies_wait(struct kvtier_client *c)
 {
 	for (unsigned spin = 0;; spin++) {
 		int ret = c->dev->ops->fence_query(c->dev, c->copy_fence);
-		if (ret != -EAGAIN)
+		if (ret != -EAGAIN || (ret = daemon_wait_turn(c, spin)) < 0)
 			return ret;
-		if (spin < 1000) {
-			__builtin_ia32_pause();
-			continue;
-		}
-		struct pollfd p = {c->sock, POLLRDHUP, 0};
-		if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
-			c->dead = true;
-			return -ECONNRESET;
-		}
-		struct timespec ts = {0, 20000};
-		nanosleep(&ts, NULL);
 	}
 }
 
@@ -200,19 +211,9 @@ static int sq_room_wait(struct kvtier_client *c)
 {
 	for (unsigned spin = 0;
 	     c->sq_tail - kvt_load_acquire(&c->hdr->sq_head) >= c->w.sq_entries; spin++) {
-		if (c->dead)
-			return -ECONNRESET;
-		if (spin < 1000) {
-			__builtin_ia32_pause();
-			continue;
-		}
-		struct pollfd p = {c->sock, POLLRDHUP, 0};
-		if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
-			c->dead = true;
-			return -ECONNRESET;
-		}
-		struct timespec ts = {0, 20000};
-		nanosleep(&ts, NULL);
+		int ret = daemon_wait_turn(c, spin);
+		if (ret < 0)
+			return ret;
 	}
 	return 0;
 }
