@@ -103,6 +103,10 @@ static const struct opt opts[] = {
 	{"fast.promote", OPT_BOOL, F(fast_promote), 0, 1, true,
 	 "copy pages leased in host RAM to the GPU pool (off: the client reads them in place "
 	 "from host RAM, leaving the pool to others)"},
+	{"fast.disk_reads", OPT_U32, F(fast_disk_reads), 0, 65536, true,
+	 "a page a fast-path client selected but whose score says it may not matter is read "
+	 "from NVMe only while fewer than this many of the client's lease reads are under way "
+	 "(pages that may matter are read regardless; fewer low ones queue ahead of them)"},
 	{"metrics.listen", OPT_STR, F(metrics_listen), 0, 0, false,
 	 "Prometheus endpoint: ADDR:PORT (a loopback address; port 0: any), or \"off\""},
 	{"daemon.log_level", OPT_U32, F(log_level), 3, 7, true, "3 errors .. 7 debug"},
@@ -150,6 +154,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->fast_bytes_max = 4 * GiB;
 	c->lease_steps = 8;
 	c->fast_promote = true;
+	c->fast_disk_reads = 256;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

@@ -102,7 +102,8 @@ int kvd_iterate(struct kvd *d, int idle_ms)
 	struct kvd_client *c;
 	kvt_list_for_each_entry(c, &d->clients, link) {
 		waiting |= c->busy != NULL || c->dead || c->ndeferred || kvd_fast_waiting(c);
-		spin |= c->nfb != 0; /* a feedback waits for a kernel of microseconds */
+		/* a feedback waits for a kernel of microseconds; a client's stream for an ack */
+		spin |= c->nfb != 0 || c->nacks != 0;
 	}
 	waiting |= kvd_ctl_busy(d);
 	int ret = kvt_store_run(d->store, spin ? 0 : waiting ? (idle_ms < 2 ? idle_ms : 2) : idle_ms);

@@ -18,7 +18,7 @@
  * slot (KVT_SLOT_HOST), which the client's attention may read in place (the client
  * does so only for pages whose score says they may matter: the bus is slow). A page
  * only on NVMe is read into host RAM first (pages that may not matter only while
- * fewer than FAST_READING such reads are under way). So a lease is granted at once
+ * fewer than fast.disk_reads reads are under way). So a lease is granted at once
  * for most pages, and its copy to the GPU starts then (at most FAST_PROMOTING at once;
  * the others when selected again): once there, the map entry names the GPU slot. The
  * pin keeps the host copy until the lease goes, so reads of either are good while the
@@ -37,7 +37,6 @@
 #define LEASE_COMING (-2)
 #define LEASE_PROMOTING 0x20000000 /* with a host slot: a copy to the GPU under way */
 #define FAST_PROMOTING	4096u	   /* host leases being copied to the GPU at once */
-#define FAST_READING	256u	   /* NVMe reads at once for pages that may not matter */
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
 {
@@ -206,6 +205,11 @@ void kvd_fast_detach(struct kvd_client *c)
 	kvt_free(c->revoked);
 	kvt_free(c->pairs);
 	kvt_free(c->fb);
+	for (uint32_t i = 0; i < c->nacks; i++)
+		kvt_free(c->acks[i].pg);
+	kvt_free(c->acks);
+	c->acks = NULL;
+	c->nacks = c->ackcap = 0;
 	c->revoking = NULL;
 	c->revoked = NULL;
 	c->pairs = NULL;
@@ -418,7 +422,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	/* the disk is slow: pages that may not matter wait for the next selection when
 	 * many reads are under way already */
 	if (!(pi.valid & ((1u << TIER_GPU) | (1u << TIER_HOST))) && !matters &&
-	    c->fast_reading >= FAST_READING)
+	    c->fast_reading >= d->cfg.fast_disk_reads)
 		return;
 	if (leased_push(L, h, p) < 0)
 		return;
@@ -516,6 +520,130 @@ static bool fb_ready(const struct kvd_client *c, const struct kvt_sqe *e)
 	       (uint32_t)e->user_data;
 }
 
+/* The layer's lease arrays for a report of seq, or NULL (not a fast-path sequence). */
+static struct kvd_layer *fb_layer(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
+{
+	if (!q || q->id >= c->fast_seqs)
+		return NULL;
+	struct kvd_layer *L = &q->layer[layer];
+	if (!L->lease && L->cap && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
+		return NULL;
+	return L->lease ? L : NULL;
+}
+
+static void ack_write(struct kvd_client *c, const struct kvd_ack *a)
+{
+	__atomic_store_n((uint32_t *)(c->data + a->off + 8), a->token, __ATOMIC_RELEASE);
+	c->fast_waits++;
+	c->fast_waited += a->waited;
+	c->fast_wait_ns += kvd_now_ns() - a->t0;
+}
+
+/*
+ * The pages a report's client waits for (KVT_PAGE_WAIT), before anything else of it:
+ * leased where they are, and the map written; the ack now if none must come from
+ * NVMe, else once they have (acks_tick), or once the client has stopped waiting.
+ */
+static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const uint32_t *ids,
+			 const int32_t *rep, uint64_t t0)
+{
+	const uint32_t nseq = e->seq, H = c->layout.kv_heads, layer = e->layer;
+	const uint32_t rows = nseq * H, stride = e->out_stride;
+	const uint32_t wait_ms = (e->budget + 999) / 1000;
+	struct kvd_ack a = {.off = e->off[1], .hold = c->fb_seen, .t0 = t0,
+			    .token = (uint32_t)e->user_data,
+			    .wait_ns = (uint64_t)(wait_ms < c->d->cfg.promote_timeout_ms
+						  ? wait_ms : c->d->cfg.promote_timeout_ms) * 1000000ull};
+	uint32_t cap = 0;
+	for (uint32_t b = 0; b < nseq; b++) {
+		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
+		struct kvd_layer *L = fb_layer(c, q, layer);
+		for (uint32_t h = 0; L && h < H; h++) {
+			const uint32_t row = b * H + h;
+			int32_t n = rep[row];
+			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
+			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
+			for (int32_t i = 0; i < n; i++) {
+				if (!(sel[i] & KVT_PAGE_WAIT))
+					continue;
+				const int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
+				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
+					continue;
+				a.waited++;
+				const size_t at = (size_t)h * L->cap + (uint32_t)p;
+				if (L->lease[at] == LEASE_NONE)
+					lease_start(c, q, layer, h, (uint32_t)p, true);
+				if (L->lease[at] != LEASE_COMING && L->lease[at] != LEASE_NONE)
+					continue; /* in the map */
+				if (a.n == cap) {
+					const uint32_t nc = cap ? 2 * cap : 16;
+					struct kvd_ack_page *pg = kvt_realloc(a.pg, nc * sizeof(*pg));
+					if (!pg)
+						continue; /* not waited for: acked before it is in */
+					a.pg = pg;
+					cap = nc;
+				}
+				a.pg[a.n++] = (struct kvd_ack_page){q->gen, q->id, layer, h, (uint32_t)p};
+			}
+		}
+	}
+	if (!a.waited)
+		return;
+	map_flush(c, false);
+	if (!a.n && !c->nacks) {
+		ack_write(c, &a);
+		kvt_free(a.pg);
+		return;
+	}
+	if (c->nacks == c->ackcap) {
+		uint32_t nc = c->ackcap ? 2 * c->ackcap : 16;
+		struct kvd_ack *n = kvt_realloc(c->acks, nc * sizeof(*n));
+		if (!n) {
+			ack_write(c, &a); /* early: the client reads the map as it is */
+			kvt_free(a.pg);
+			return;
+		}
+		c->acks = n;
+		c->ackcap = nc;
+	}
+	c->acks[c->nacks++] = a;
+}
+
+/*
+ * Acks whose pages are in the map (or gone), in order, the map written first; or whose
+ * client has stopped waiting. A page refused (no room in host RAM, e.g. behind the
+ * write-back) or whose read failed is tried again meanwhile.
+ */
+static void acks_tick(struct kvd_client *c)
+{
+	uint32_t i = 0;
+	const uint64_t now = c->nacks ? kvd_now_ns() : 0;
+	for (; i < c->nacks; i++) {
+		struct kvd_ack *a = &c->acks[i];
+		const bool late = now - a->t0 >= a->wait_ns;
+		for (uint32_t j = 0; j < a->n && !late;) {
+			const struct kvd_ack_page *g = &a->pg[j];
+			struct kvd_seq *q = kvd_seq_get(c, g->seq);
+			struct kvd_layer *L = q && q->gen == g->gen ? &q->layer[g->layer] : NULL;
+			const int32_t *ls = L && L->lease ? &L->lease[(size_t)g->h * L->cap + g->p] : NULL;
+			if (ls && *ls == LEASE_NONE && g->p < L->stored)
+				lease_start(c, q, g->layer, g->h, g->p, true);
+			if (ls && (*ls == LEASE_COMING || *ls == LEASE_NONE))
+				j++;
+			else
+				a->pg[j] = a->pg[--a->n];
+		}
+		if (a->n && !late)
+			break;
+		ack_write(c, a);
+		kvt_free(a->pg);
+	}
+	if (i) {
+		memmove(c->acks, c->acks + i, (c->nacks - i) * sizeof(*c->acks));
+		c->nacks -= i;
+	}
+}
+
 /* What the report says, copied out of shared memory once and bounded. */
 static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 {
@@ -529,12 +657,12 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 	int32_t *rep = (int32_t *)(ids + nseq);
 	memcpy(ids, c->data + e->off[0], nseq * sizeof(uint32_t));
 	memcpy(rep, c->data + e->off[1] + 64, rep_n * sizeof(int32_t));
+	if (__atomic_load_n((const uint32_t *)(c->data + e->off[1] + 4), __ATOMIC_RELAXED))
+		fb_wait_pass(c, e, ids, rep, kvd_now_ns());
 	for (uint32_t b = 0; b < nseq; b++) {
 		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
-		if (!q || q->id >= c->fast_seqs)
-			continue;
-		struct kvd_layer *L = &q->layer[layer];
-		if (!L->lease && L->cap && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
+		struct kvd_layer *L = fb_layer(c, q, layer);
+		if (!L)
 			continue;
 		const uint32_t step = ++L->fsteps;
 		PF_ADD(c, q, steps, 1);
@@ -544,15 +672,20 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
 			nh = nh < 0 ? 0 : nh > n ? n : nh;
 			nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
+			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
+			int32_t waited = 0;
+			for (int32_t i = 0; i < n; i++)
+				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
+			waited = waited > n - nh ? n - nh : waited;
 			PF_ADD(c, q, selected, (uint64_t)n);
 			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
 			PF_ADD(c, q, host, (uint64_t)nhost);
-			PF_ADD(c, q, missed, (uint64_t)(n - nh));
+			PF_ADD(c, q, late, (uint64_t)waited);
+			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
 			c->fast_selected += (uint64_t)n;
-			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			for (int32_t i = 0; i < n; i++) {
 				const bool matters = sel[i] & KVT_PAGE_MATTERS;
-				int32_t p = sel[i] & ~KVT_PAGE_MATTERS;
+				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
 				size_t at = (size_t)h * L->cap + (uint32_t)p;
@@ -622,27 +755,31 @@ void kvd_fast_tick(struct kvd_client *c)
 	if (!c->fast.ptr || c->dead)
 		return;
 	uint32_t i = 0;
-	uint64_t bytes = 0;
 	if (c->nfb > c->fast_lag_max)
 		c->fast_lag_max = c->nfb;
 	const uint64_t t0 = c->nfb ? kvd_now_ns() : 0;
 	for (; i < c->nfb && fb_ready(c, &c->fb[i]); i++) {
 		fb_process(c, &c->fb[i]);
-		bytes += c->fb[i].ntok;
+		c->fb_seen += c->fb[i].ntok;
 	}
 	if (i) {
 		c->fast_fb_ns += kvd_now_ns() - t0;
 		memmove(c->fb, c->fb + i, (c->nfb - i) * sizeof(*c->fb));
 		c->nfb -= i;
-		c->fb_done += bytes;
-		kvt_store_release(&c->hdr->fb_done, c->fb_done);
 	}
 	map_flush(c, false);
+	acks_tick(c);
+	/* ring bytes go back in order: none of a report whose ack is still to come */
+	const uint64_t done = c->nacks ? c->acks[0].hold : c->fb_seen;
+	if (done != c->fb_done) {
+		c->fb_done = done;
+		kvt_store_release(&c->hdr->fb_done, c->fb_done);
+	}
 	revoked_release(c, false);
 	c->fast_pressure = false;
 }
 
 bool kvd_fast_waiting(const struct kvd_client *c)
 {
-	return c->nfb || c->nrevoked || c->npairs;
+	return c->nfb || c->nrevoked || c->npairs || c->nacks;
 }

@@ -210,6 +210,22 @@ struct kvd_client {
 	uint32_t fast_promoting;	    /* host leases on their way to the GPU */
 	uint32_t fast_reading;		    /* leases on their way from NVMe */
 	bool fast_pressure; /* a lease found no room since the last tick */
+	/* reports whose client waits (KVT_PAGE_WAIT) for pages still being read in, in
+	 * order: the ack is written once none is; their ring bytes and those of every
+	 * report after them are held until then (the client reuses them) */
+	struct kvd_ack {
+		uint64_t off;  /* the report's entry in the data area */
+		uint64_t hold; /* fb_seen before it */
+		uint64_t t0, wait_ns; /* the client waits from t0 (about) for wait_ns */
+		uint32_t token, n, waited;
+		struct kvd_ack_page {
+			uint64_t gen;
+			uint32_t seq, layer, h, p;
+		} *pg; /* [n] still being read in */
+	} *acks;
+	uint32_t nacks, ackcap;
+	uint64_t fb_seen; /* ring bytes of the reports processed */
+	uint64_t fast_waits, fast_waited, fast_wait_ns; /* reports, pages, report to ack */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
 	size_t rx_len;
 	/* counters */

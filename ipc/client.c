@@ -1308,12 +1308,25 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	const uint64_t seq_at = 64 + (3 * rows + rows * stride) * sizeof(int32_t);
 	int64_t fb = fb_alloc(c, seq_at + nseq * sizeof(uint32_t), &taken);
 	const uint32_t token = ++c->fb_token ? c->fb_token : ++c->fb_token;
-	if (fb >= 0) {
-		__atomic_store_n((uint32_t *)(c->data + fb), 0, __ATOMIC_RELAXED);
+	uint32_t *entry = fb >= 0 ? (uint32_t *)(c->data + fb) : NULL;
+	if (entry) {
+		/* posted before the kernels: a wait for pages (on the cpu device, inside the
+		 * resolve call) needs the daemon to have the entry; it reads it once the token
+		 * is in */
+		__atomic_store_n(&entry[0], 0, __ATOMIC_RELAXED);
+		__atomic_store_n(&entry[2], token - 1, __ATOMIC_RELAXED); /* the ack: not yet */
 		memcpy(c->data + fb + seq_at, seqs, nseq * sizeof(uint32_t));
-	} else {
-		c->fb_dropped++;
+		struct kvt_sqe r = {.op = KVT_OP_FEEDBACK, .layer = (uint16_t)layer, .seq = nseq,
+				    .user_data = token, .ntok = taken, .out_stride = stride,
+				    .budget = p->wait_us < 0 ? 0 : p->wait_us ? (uint32_t)p->wait_us
+									: KVTIER_WAIT_US,
+				    .off = {(uint64_t)fb + seq_at, (uint64_t)fb}};
+		if (!post(c, &r)) {
+			c->fb_head -= taken; /* the last entry handed out: taken back */
+			entry = NULL;
+		}
 	}
+	c->fb_dropped += !entry;
 	const size_t in = 5 * mr * sizeof(int32_t);
 	struct kvt_score_args sc = {.g = c->geom, .method = KVT_SCORE_QUEST, .agg = KVT_GQA_MAX,
 				    .rows = (uint32_t)rows, .stride = smax, .q = q,
@@ -1330,8 +1343,12 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		.rows = (uint32_t)rows, .stride = stride, .sel = t->d_sel, .n_sel = t->d_fin + 4 * mr,
 		.map = (const int32_t *)((const uint8_t *)c->fast.ptr + c->w.fast_map_off),
 		.row_base = t->d_fin + mr, .table = t->d_slots, .pages = t->d_pages,
-		.n_table = t->d_n_pages, .report = fb >= 0 ? (int32_t *)(c->data + fb + 64) : NULL,
-		.ready = fb >= 0 ? (uint32_t *)(c->data + fb) : NULL, .token = token};
+		.n_table = t->d_n_pages, .report = entry ? (int32_t *)(entry + 16) : NULL,
+		.ready = entry, .token = token};
+	if (entry && p->wait_us >= 0) { /* pages that matter and are missing: waited for */
+		rs.ack = entry + 2;
+		rs.wait_ns = (uint64_t)(p->wait_us ? p->wait_us : KVTIER_WAIT_US) * 1000u;
+	}
 	if (p->host_gap >= 0) { /* host pages read in place only where they may matter */
 		rs.scores = t->d_scores;
 		rs.score_stride = smax;
@@ -1346,18 +1363,13 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	    (ret = kvt_score(c->cc, &sc, stream)) < 0 || (ret = kvt_select(c->cc, &se, stream)) < 0 ||
 	    (ret = kvt_resolve(c->cc, &rs, stream)) < 0) {
 		kvt_compute_sync(c->cc, stream); /* nothing queued may still read the staging */
+		if (entry) { /* the daemon waits for the report: an empty one (nothing selected) */
+			memset(entry + 16, 0, 3 * rows * sizeof(int32_t));
+			__atomic_store_n(&entry[1], 0, __ATOMIC_RELAXED);
+			__atomic_store_n(&entry[0], token, __ATOMIC_RELEASE);
+		}
 	} else {
 		t->up_pending = true;
-	}
-	if (fb >= 0) {
-		struct kvt_sqe r = {.op = KVT_OP_FEEDBACK, .layer = (uint16_t)layer, .seq = nseq,
-				    .user_data = token, .ntok = taken, .out_stride = stride,
-				    .off = {(uint64_t)fb + seq_at, (uint64_t)fb}};
-		if (ret < 0 || !post(c, &r)) {
-			/* the last entry handed out: taken back (its report never comes) */
-			c->fb_head -= taken;
-			c->fb_dropped += ret == 0;
-		}
 	}
 	if (ret == 0) {
 		t->fast = true;

@@ -171,8 +171,18 @@ struct kvtier_select_params {
 	 * copy to the GPU. 0: KVTIER_HOST_GAP; < 0: every one.
 	 */
 	float host_gap;
+	/*
+	 * kvtier_select_async: a selected page that may matter (a sink or window page, or
+	 * one within host_gap of the row's best) and is not leased yet holds the stream
+	 * (on the device, no host thread waits) until the daemon has leased it, read from
+	 * NVMe if it must be, for at most wait_us; then the table is made again. Pages of
+	 * lower score never wait: they are left out of that step. 0: KVTIER_WAIT_US; < 0:
+	 * never wait.
+	 */
+	int32_t wait_us;
 };
 #define KVTIER_HOST_GAP 3.0f
+#define KVTIER_WAIT_US	20000
 
 /* A step's page tables for a batch of sequences, reused across steps and layers. */
 struct kvtier_table;

@@ -26,7 +26,7 @@
 #include "ipc/kvtier.h"
 
 #define KVT_WIRE_MAGIC	 0x3154564bu /* "KVT1" */
-#define KVT_WIRE_VERSION 6
+#define KVT_WIRE_VERSION 7
 
 #define KVT_MSG_MAX (64u * 1024)
 
@@ -244,8 +244,12 @@ enum kvt_op_code {
 	/* the fast path: a selection the client made, answered by no completion. layer,
 	 * seq: nseq, user_data: its token, out_stride: the report's stride, ntok: bytes of
 	 * the feedback ring it takes (done with, they go to fb_done in order), off[0]: the
-	 * sequence ids u32[nseq], off[1]: the entry: u32 ready, then at +64 the report
-	 * (struct kvt_resolve_args). The daemon reads it once ready holds the token. */
+	 * sequence ids u32[nseq], off[1]: the entry: u32 ready, u32 missing, u32 ack, then
+	 * at +64 the report (struct kvt_resolve_args). The daemon reads it once ready holds
+	 * the token. Pages marked KVT_PAGE_WAIT hold the client's stream for up to budget
+	 * microseconds, until the daemon writes the token into ack (release): once they are
+	 * all in the map (or the time is up); the entry's ring bytes go to fb_done only
+	 * after that. */
 	KVT_OP_FEEDBACK,
 	KVT_OP_MAX
 };

@@ -208,7 +208,7 @@ int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *str
 int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream)
 {
 	if (!a || (a->rows && (!a->stride || !a->sel || !a->n_sel || !a->map || !a->row_base ||
-			       !a->table || !a->n_table || (a->report && !a->ready) ||
+			       !a->table || !a->n_table || (a->report && !a->ready) || (a->ack && !a->report) ||
 			       (a->scores && (!a->n_full || !a->score_stride)))))
 		return -EINVAL;
 	return a->rows ? c->ops->resolve(c, a, stream) : 0;

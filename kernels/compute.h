@@ -190,9 +190,16 @@ struct kvt_attend_args {
  * those are KVT_SLOT_HOST slots, then [rows][stride] the selected pages, each with
  * KVT_PAGE_MATTERS set if it passed that test (every page without scores); and once all
  * of it is written, *ready = token (release order: a reader that sees the token sees
- * the report).
+ * the report). ready[1] is then how many pages that matter were missing.
+ *
+ * With ack set too (and report), a page that matters and is missing is waited for: it
+ * is marked KVT_PAGE_WAIT in the report, and once the report is out the call waits
+ * until *ack reaches token (the keeper of the map writes it once it has put those pages
+ * in the map: (int32_t)(*ack - token) >= 0), or wait_ns has passed; then it makes the
+ * table again from the map as it is then (the report stays the first one).
  */
 #define KVT_PAGE_MATTERS 0x40000000
+#define KVT_PAGE_WAIT	 0x20000000
 struct kvt_resolve_args {
 	uint32_t rows;
 	uint32_t stride;           /* of sel, table and pages */
@@ -212,6 +219,8 @@ struct kvt_resolve_args {
 	uint32_t sink_pages, window_pages;
 	float host_gap;            /* in score units */
 	uint32_t pad_;
+	uint32_t *ack;             /* with report, or NULL: never wait */
+	uint64_t wait_ns;          /* the longest wait for *ack */
 };
 
 /*

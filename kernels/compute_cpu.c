@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "daemon/alloc.h"
 #include "kernels/compute_impl.h"
@@ -247,54 +248,86 @@ static int cpu_select(struct kvt_compute *base, const struct kvt_select_args *a,
 	return 0;
 }
 
+/* Row r's table (and its report the first time); the pages that matter and are missing. */
+static int32_t cpu_resolve_row(const struct kvt_resolve_args *a, size_t r, bool again)
+{
+	const size_t rows = a->rows;
+	int32_t *report = again ? NULL : a->report;
+	int32_t n = a->n_sel[r], k = 0, nh = 0, nw = 0;
+	if (n < 0)
+		n = 0;
+	if ((uint32_t)n > a->stride)
+		n = (int32_t)a->stride;
+	const int32_t *sel = a->sel + r * a->stride;
+	const float *sc = a->scores ? a->scores + r * a->score_stride : NULL;
+	const int32_t win = sc ? a->n_full[r] - (int32_t)a->window_pages : 0;
+	float floor = -INFINITY;
+	if (sc) {
+		float best = -INFINITY;
+		for (int32_t i = 0; i < n; i++)
+			if (sel[i] >= (int32_t)a->sink_pages && sel[i] < win && sc[sel[i]] > best)
+				best = sc[sel[i]];
+		floor = best - a->host_gap;
+	}
+	for (int32_t i = 0; i < n; i++) {
+		const int32_t p = sel[i];
+		const bool matters = !sc || p < (int32_t)a->sink_pages || p >= win || sc[p] >= floor;
+		int32_t slot = __atomic_load_n(&a->map[(size_t)a->row_base[r] + (size_t)p],
+					       __ATOMIC_RELAXED);
+		if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
+			slot = -1; /* not worth the bus this step */
+		nw += matters && slot < 0;
+		if (report)
+			report[3 * rows + r * a->stride + (size_t)i] =
+				p | (matters ? KVT_PAGE_MATTERS : 0) |
+				(matters && slot < 0 && a->ack ? KVT_PAGE_WAIT : 0);
+		if (slot < 0)
+			continue;
+		a->table[r * a->stride + (size_t)k] = slot;
+		nh += (slot & KVT_SLOT_HOST) != 0;
+		if (a->pages)
+			a->pages[r * a->stride + (size_t)k] = p;
+		k++;
+	}
+	a->n_table[r] = k;
+	if (report) {
+		report[r] = n;
+		report[rows + r] = k;
+		report[2 * rows + r] = nh;
+	}
+	return nw;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static int cpu_resolve(struct kvt_compute *base, const struct kvt_resolve_args *a, void *stream)
 {
 	(void)base;
 	(void)stream;
-	const size_t rows = a->rows;
-	for (size_t r = 0; r < rows; r++) {
-		int32_t n = a->n_sel[r], k = 0, nh = 0;
-		if (n < 0)
-			n = 0;
-		if ((uint32_t)n > a->stride)
-			n = (int32_t)a->stride;
-		const int32_t *sel = a->sel + r * a->stride;
-		const float *sc = a->scores ? a->scores + r * a->score_stride : NULL;
-		const int32_t win = sc ? a->n_full[r] - (int32_t)a->window_pages : 0;
-		float floor = -INFINITY;
-		if (sc) {
-			float best = -INFINITY;
-			for (int32_t i = 0; i < n; i++)
-				if (sel[i] >= (int32_t)a->sink_pages && sel[i] < win && sc[sel[i]] > best)
-					best = sc[sel[i]];
-			floor = best - a->host_gap;
-		}
-		for (int32_t i = 0; i < n; i++) {
-			const int32_t p = sel[i];
-			const bool matters = !sc || p < (int32_t)a->sink_pages || p >= win || sc[p] >= floor;
-			int32_t slot = a->map[(size_t)a->row_base[r] + (size_t)p];
-			if (a->report)
-				a->report[3 * rows + r * a->stride + (size_t)i] =
-					p | (matters ? KVT_PAGE_MATTERS : 0);
-			if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
-				slot = -1; /* not worth the bus this step */
-			if (slot < 0)
-				continue;
-			a->table[r * a->stride + (size_t)k] = slot;
-			nh += (slot & KVT_SLOT_HOST) != 0;
-			if (a->pages)
-				a->pages[r * a->stride + (size_t)k] = p;
-			k++;
-		}
-		a->n_table[r] = k;
-		if (a->report) {
-			a->report[r] = n;
-			a->report[rows + r] = k;
-			a->report[2 * rows + r] = nh;
-		}
-	}
-	if (a->report)
-		__atomic_store_n(a->ready, a->token, __ATOMIC_RELEASE);
+	uint32_t missing = 0;
+	for (size_t r = 0; r < a->rows; r++)
+		missing += (uint32_t)cpu_resolve_row(a, r, false);
+	if (!a->report)
+		return 0;
+	__atomic_store_n(&a->ready[1], missing, __ATOMIC_RELAXED);
+	__atomic_store_n(a->ready, a->token, __ATOMIC_RELEASE);
+	if (!a->ack || !missing)
+		return 0;
+	/* the keeper of the map runs in another process: it answers within microseconds
+	 * to milliseconds (a read from disk) */
+	const uint64_t t0 = mono_ns();
+	for (uint32_t spins = 0; (int32_t)(__atomic_load_n(a->ack, __ATOMIC_ACQUIRE) - a->token) < 0 &&
+				 mono_ns() - t0 < a->wait_ns;
+	     spins++)
+		if (spins > 64)
+			nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
+	for (size_t r = 0; r < a->rows; r++)
+		cpu_resolve_row(a, r, true);
 	return 0;
 }
 

@@ -8,75 +8,129 @@
 #include "kernels/compute_impl.h"
 #include "kernels/cuda_common.cuh"
 
+/* The map as the keeper wrote it since (at L2: this block may hold older lines in L1). */
+__device__ __forceinline__ int32_t map_at(const int32_t *map, size_t i, bool again)
+{
+	return again ? __ldcg(map + i) : map[i];
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t *p)
+{
+	uint32_t v;
+	asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+	return v;
+}
+
+__device__ __forceinline__ uint64_t globaltimer(void)
+{
+	uint64_t t;
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	return t;
+}
+
 /*
- * One block; a warp per row at a time: the row's best score among pages not forced
- * (a warp's max), then the hits packed in page order with a ballot per 32 entries.
- * The report is in mapped host memory: every thread's stores are made visible to the
- * system before the block's barrier, and the ready token is the last store.
+ * Row r's table, by one warp: the row's best score among pages not forced (a warp's
+ * max), then the hits packed in page order with a ballot per 32 entries. The first
+ * time (not again) it writes the row's report too. Returns the pages that matter and
+ * are missing.
+ */
+__device__ int32_t resolve_row(const kvt_resolve_args &a, uint32_t r, uint32_t lane, bool again)
+{
+	const size_t rows = a.rows;
+	int32_t n = a.n_sel[r];
+	n = n < 0 ? 0 : n > (int32_t)a.stride ? (int32_t)a.stride : n;
+	const int32_t *sel = a.sel + (size_t)r * a.stride;
+	const size_t base = (size_t)a.row_base[r];
+	const float *sc = a.scores ? a.scores + (size_t)r * a.score_stride : NULL;
+	const int32_t win = sc ? a.n_full[r] - (int32_t)a.window_pages : 0;
+	int32_t *report = again ? NULL : a.report;
+	float floor = -INFINITY;
+	if (sc) {
+		float best = -INFINITY;
+		for (int32_t i = (int32_t)lane; i < n; i += 32) {
+			const int32_t p = sel[i];
+			if (p >= (int32_t)a.sink_pages && p < win)
+				best = fmaxf(best, sc[p]);
+		}
+		for (int o = 16; o; o >>= 1)
+			best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+		floor = best - a.host_gap;
+	}
+	int32_t k = 0, nh = 0, nw = 0;
+	for (int32_t i0 = 0; i0 < n; i0 += 32) {
+		const int32_t i = i0 + (int32_t)lane;
+		int32_t p = 0, slot = -1;
+		bool matters = false;
+		if (i < n) {
+			p = sel[i];
+			slot = map_at(a.map, base + (size_t)p, again);
+			matters = !sc || p < (int32_t)a.sink_pages || p >= win || sc[p] >= floor;
+			if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
+				slot = -1; /* not worth the bus this step */
+			if (report)
+				report[3 * rows + (size_t)r * a.stride + i] =
+					p | (matters ? KVT_PAGE_MATTERS : 0) |
+					(matters && slot < 0 && a.ack ? KVT_PAGE_WAIT : 0);
+		}
+		const unsigned hit = __ballot_sync(0xffffffffu, slot >= 0);
+		if (slot >= 0) {
+			const int32_t at = k + __popc(hit & ((1u << lane) - 1));
+			a.table[(size_t)r * a.stride + at] = slot;
+			if (a.pages)
+				a.pages[(size_t)r * a.stride + at] = p;
+		}
+		k += __popc(hit);
+		nh += __popc(__ballot_sync(0xffffffffu, slot >= 0 && (slot & KVT_SLOT_HOST)));
+		nw += __popc(__ballot_sync(0xffffffffu, matters && slot < 0));
+	}
+	if (lane == 0) {
+		a.n_table[r] = k;
+		if (report) {
+			report[r] = n;
+			report[rows + r] = k;
+			report[2 * rows + r] = nh;
+		}
+	}
+	return nw;
+}
+
+/*
+ * One block, a warp per row at a time. The report is in mapped host memory: every
+ * thread's stores are made visible to the system before the block's barrier, and the
+ * ready token is the last store. A wait is one thread polling the ack word (mapped
+ * host memory too) while the others hold at the barrier.
  */
 __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 {
-	const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	const size_t rows = a.rows;
-	for (uint32_t r = warp; r < a.rows; r += blockDim.x >> 5) {
-		int32_t n = a.n_sel[r];
-		n = n < 0 ? 0 : n > (int32_t)a.stride ? (int32_t)a.stride : n;
-		const int32_t *sel = a.sel + (size_t)r * a.stride;
-		const size_t base = (size_t)a.row_base[r];
-		const float *sc = a.scores ? a.scores + (size_t)r * a.score_stride : NULL;
-		const int32_t win = sc ? a.n_full[r] - (int32_t)a.window_pages : 0;
-		float floor = -INFINITY;
-		if (sc) {
-			float best = -INFINITY;
-			for (int32_t i = (int32_t)lane; i < n; i += 32) {
-				const int32_t p = sel[i];
-				if (p >= (int32_t)a.sink_pages && p < win)
-					best = fmaxf(best, sc[p]);
-			}
-			for (int o = 16; o; o >>= 1)
-				best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
-			floor = best - a.host_gap;
-		}
-		int32_t k = 0, nh = 0;
-		for (int32_t i0 = 0; i0 < n; i0 += 32) {
-			const int32_t i = i0 + (int32_t)lane;
-			int32_t p = 0, slot = -1;
-			if (i < n) {
-				p = sel[i];
-				slot = a.map[base + (size_t)p];
-				const bool matters = !sc || p < (int32_t)a.sink_pages || p >= win ||
-						     sc[p] >= floor;
-				if (slot >= 0 && (slot & KVT_SLOT_HOST) && !matters)
-					slot = -1; /* not worth the bus this step */
-				if (a.report)
-					a.report[3 * rows + (size_t)r * a.stride + i] =
-						p | (matters ? KVT_PAGE_MATTERS : 0);
-			}
-			const unsigned hit = __ballot_sync(0xffffffffu, slot >= 0);
-			if (slot >= 0) {
-				const int32_t at = k + __popc(hit & ((1u << lane) - 1));
-				a.table[(size_t)r * a.stride + at] = slot;
-				if (a.pages)
-					a.pages[(size_t)r * a.stride + at] = p;
-			}
-			k += __popc(hit);
-			nh += __popc(__ballot_sync(0xffffffffu, slot >= 0 && (slot & KVT_SLOT_HOST)));
-		}
-		if (lane == 0) {
-			a.n_table[r] = k;
-			if (a.report) {
-				a.report[r] = n;
-				a.report[rows + r] = k;
-				a.report[2 * rows + r] = nh;
-			}
-		}
+	const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+	__shared__ uint32_t missing;
+	if (threadIdx.x == 0)
+		missing = 0;
+	__syncthreads();
+	for (uint32_t r = warp; r < a.rows; r += warps) {
+		const int32_t nw = resolve_row(a, r, lane, false);
+		if (lane == 0 && nw)
+			atomicAdd(&missing, (uint32_t)nw);
 	}
-	if (a.report) {
-		__threadfence_system();
-		__syncthreads();
-		if (threadIdx.x == 0)
-			*(volatile uint32_t *)a.ready = a.token;
+	__syncthreads();
+	if (!a.report)
+		return;
+	if (threadIdx.x == 0)
+		((volatile uint32_t *)a.ready)[1] = missing;
+	__threadfence_system();
+	__syncthreads();
+	if (threadIdx.x == 0)
+		*(volatile uint32_t *)a.ready = a.token;
+	if (!a.ack || !missing)
+		return;
+	if (threadIdx.x == 0) {
+		const uint64_t t0 = globaltimer();
+		while ((int32_t)(ld_acquire_sys(a.ack) - a.token) < 0 && globaltimer() - t0 < a.wait_ns)
+			__nanosleep(2000);
 	}
+	__syncthreads();
+	for (uint32_t r = warp; r < a.rows; r += warps)
+		resolve_row(a, r, lane, true);
 }
 
 int kvt_cuda_resolve(const kvt_resolve_args *a, cudaStream_t s)

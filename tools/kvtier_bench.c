@@ -78,6 +78,7 @@ struct opts {
 	uint32_t ctx[MAXLIST], nctx, batch[MAXLIST], nbatch;
 	uint32_t steps, warmup, threads;
 	double gpu_frac, host_frac, host_gap;
+	int32_t wait_us;
 	unsigned methods;
 	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
 	bool progress, keep, substitute, sync_select;
@@ -1281,7 +1282,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	struct kvtier_select_params sp = {.budget_pages = O.budget / r->T, .sink_tokens = O.sink,
 					  .window_tokens = O.window,
 					  .flags = O.substitute ? KVTIER_SEL_SUBSTITUTE : 0,
-					  .host_gap = (float)O.host_gap};
+					  .host_gap = (float)O.host_gap, .wait_us = O.wait_us};
 	struct kvtier_prefetch_stats st0 = {0}, st1 = {0};
 	uint32_t nt = 0;
 	double t_app = 0, t_sel = 0; /* of the timed steps: in kvtier_append, kvtier_select */
@@ -1642,6 +1643,9 @@ static void usage(FILE *f)
 		"  --host-gap NATS     the fast path reads a page in host RAM in place only within\n"
 		"                      NATS of the row's best score (0: libkvtier's default; < 0:\n"
 		"                      every one)\n"
+		"  --wait-us US        the fast path waits (on the stream) up to US for selected\n"
+		"                      pages that may matter and are not leased yet (0: libkvtier's\n"
+		"                      default; < 0: never)\n"
 		"  --threads N         KV generation threads (all cores)\n"
 		"  --seed N            the generator's seed (1)\n"
 		"  --no-progress       no progress bar (default when stderr is not a terminal)\n");
@@ -1652,7 +1656,7 @@ int main(int argc, char **argv)
 	enum { O_LAYERS = 256, O_HEADS, O_GROUP, O_HDIM, O_DTYPE, O_CTX, O_BATCH, O_BUDGET, O_SINK,
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
-	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP };
+	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP, O_WAITUS };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1667,7 +1671,7 @@ int main(int argc, char **argv)
 		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP},
 		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
 		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL},
-		{"host-gap", 1, 0, O_HOSTGAP}, {0, 0, 0, 0}};
+		{"host-gap", 1, 0, O_HOSTGAP}, {"wait-us", 1, 0, O_WAITUS}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -1764,6 +1768,16 @@ int main(int argc, char **argv)
 				fprintf(stderr, "kvtier-bench: --host-gap takes nats (< 0: every page)\n");
 				return 2;
 			}
+			continue;
+		}
+		case O_WAITUS: {
+			char *e2;
+			const long w = strtol(optarg, &e2, 10);
+			if (*e2 || e2 == optarg || w > INT32_MAX || w < INT32_MIN) {
+				fprintf(stderr, "kvtier-bench: --wait-us takes microseconds (< 0: never)\n");
+				return 2;
+			}
+			O.wait_us = (int32_t)w;
 			continue;
 		}
 		case O_SUBST:

@@ -39,7 +39,7 @@ class _SelParams(ctypes.Structure):
     _fields_ = [("budget_pages", ctypes.c_uint32), ("sink_tokens", ctypes.c_uint32),
                 ("window_tokens", ctypes.c_uint32), ("top_p_mode", ctypes.c_uint32),
                 ("top_p", ctypes.c_float), ("flags", ctypes.c_uint32),
-                ("host_gap", ctypes.c_float)]
+                ("host_gap", ctypes.c_float), ("wait_us", ctypes.c_int32)]
 
 
 class _View(ctypes.Structure):
@@ -64,7 +64,7 @@ STATS_FIELDS = ("steps", "selected", "hit", "late", "host", "disk", "fetched", "
 SLOT_HOST = 0x40000000
 # The socket protocol (ipc/wire.h), for tools that speak it without the library.
 WIRE_MAGIC = 0x3154564B
-WIRE_VERSION = 6
+WIRE_VERSION = 7
 ATTACH_NO_HOST_READS = 1
 SEL_SUBSTITUTE = 1
 

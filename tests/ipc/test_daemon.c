@@ -904,8 +904,105 @@ static void test_copy_order(void **state)
  * yet) is leased for the next steps: with the query held, the fast table becomes the
  * daemon's selection exactly, and the missed count stops growing. Leases name pages
  * where they are: read in place from host RAM first, from the GPU pool once copied there
- * (not while fast.promote is off).
+ * (not while fast.promote is off). No waits here (wait_us < 0): test_fast_wait.
  */
+/*
+ * The fast path's waits: pages that matter (here every one, host_gap < 0) and are not
+ * leased yet hold the call (the cpu device's resolve) until the daemon has leased them:
+ * from the first step of each new query on, the fast table is the daemon's selection
+ * exactly, nothing is missed, and the pages waited for are counted (late). With the
+ * daemon stopped, the wait ends at wait_us and the step goes without them; the daemon,
+ * continued, acks the report late, and the next step has them.
+ */
+static void test_fast_wait(void **state)
+{
+	(void)state;
+	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
+	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 2,
+				       .max_context = PREFILL + 64};
+	struct kvtier_client *c = NULL;
+	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	struct seqdesc s = {.salt = 53}, filler = {.salt = 54};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PREFILL);
+	assert_int_equal(kvtier_seq_sync(c, s.id, NULL), 0);
+	/* a second sequence as large pushes most of the first out of host RAM: those of its
+	 * pages that matter are read from NVMe while the step waits */
+	assert_int_equal(kvtier_seq_create(c, &filler.id), 0);
+	append_tokens(c, &filler, PREFILL);
+	struct kvtier_table *fast = kvtier_table_create(c, 1), *slow = kvtier_table_create(c, 1);
+	assert_non_null(fast);
+	assert_non_null(slow);
+	float *q = malloc((size_t)HEADS * GROUP * D * 4);
+	/* waits long enough for a read behind the second sequence's write-back: in host RAM,
+	 * the room for it comes only then */
+	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = T,
+					  .host_gap = -1, .wait_us = 2000000};
+	struct kvtier_prefetch_stats st;
+	uint64_t late = 0;
+	for (uint32_t stepno = 0; stepno < 9; stepno++) {
+		const uint32_t salt = 60 + stepno / 3; /* a new query every 3 steps */
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			query(salt, stepno, l, q);
+			assert_int_equal(kvtier_select_async(c, &s.id, 1, l, q, &sp, fast, NULL), 0);
+			struct kvtier_table_view fv, sv;
+			kvtier_table_view(fast, &fv);
+			assert_int_equal(kvtier_select(c, &s.id, 1, l, q, KVT_MEM_HOST, &sp, slow), 0);
+			kvtier_table_view(slow, &sv);
+			for (uint32_t r = 0; r < fv.rows; r++) {
+				check_eq(fv.n_pages[r], sv.n_pages[r]);
+				for (int j = 0; j < fv.n_pages[r]; j++) {
+					const float *slot = slot_addr(&mem, fv.slots[r * fv.stride + j]);
+					check_eq(page_of_slot(&s, l, r, slot), sv.pages[r * sv.stride + j]);
+					check_eq(fv.pages[r * fv.stride + j], sv.pages[r * sv.stride + j]);
+				}
+			}
+		}
+		assert_int_equal(kvtier_stats(c, UINT32_MAX, &st), 0);
+		check_eq(st.missed, 0);
+		if (stepno % 3 == 0)
+			check(st.late > late); /* the new query's pages, waited for */
+		late = st.late;
+	}
+	print_message("fast path with waits: %llu pages selected, %llu waited for (%llu read from "
+		      "NVMe), %llu missed\n", (unsigned long long)st.selected,
+		      (unsigned long long)st.late, (unsigned long long)st.prefetch_host,
+		      (unsigned long long)st.missed);
+	check(st.prefetch_host > 0);
+	/* the daemon stopped: the wait ends at wait_us, the pages not leased are left out */
+	sp.wait_us = 20000;
+	query(90, 0, 0, q);
+	assert_int_equal(kill(daemon_pid, SIGSTOP), 0);
+	int wst;
+	assert_int_equal(waitpid(daemon_pid, &wst, WUNTRACED), daemon_pid);
+	assert_true(WIFSTOPPED(wst));
+	const int sel_ret = kvtier_select_async(c, &s.id, 1, 0, q, &sp, fast, NULL);
+	assert_int_equal(kill(daemon_pid, SIGCONT), 0);
+	assert_int_equal(sel_ret, 0);
+	struct kvtier_table_view fv, sv;
+	kvtier_table_view(fast, &fv);
+	int short_rows = 0;
+	for (uint32_t r = 0; r < fv.rows; r++)
+		short_rows += fv.n_pages[r] < 8;
+	check(short_rows > 0);
+	/* continued: the report heard of, the pages leased, the next step has them */
+	assert_int_equal(kvtier_select_async(c, &s.id, 1, 0, q, &sp, fast, NULL), 0);
+	kvtier_table_view(fast, &fv);
+	assert_int_equal(kvtier_select(c, &s.id, 1, 0, q, KVT_MEM_HOST, &sp, slow), 0);
+	kvtier_table_view(slow, &sv);
+	for (uint32_t r = 0; r < fv.rows; r++)
+		check_eq(fv.n_pages[r], sv.n_pages[r]);
+	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	assert_int_equal(kvtier_seq_close(c, filler.id), 0);
+	kvtier_table_destroy(fast);
+	kvtier_table_destroy(slow);
+	kvtier_detach(c);
+	free(q);
+	daemon_alive();
+}
+
 /*
  * The fast path's reports take no completion: with the daemon stopped they fill the
  * request ring (the rest are dropped, not queued). A request that waits for its answer
@@ -981,7 +1078,7 @@ static void test_fast(void **state)
 	float *k = malloc((size_t)HEADS * D * 4), *v = malloc((size_t)HEADS * D * 4);
 	/* every page leased in host RAM read in place */
 	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = 2 * T,
-					  .host_gap = -1};
+					  .host_gap = -1, .wait_us = -1};
 	struct kvtier_prefetch_stats st;
 	uint64_t missed_at[40], in_host = 0, on_gpu = 0;
 	/* the first query's leases stay in host RAM (read in place), the others' go to the GPU */
@@ -1107,6 +1204,7 @@ int main(void)
 		cmocka_unit_test_setup(test_kill9, reset_globals),
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_fast, reset_globals),
+		cmocka_unit_test_setup(test_fast_wait, reset_globals),
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */

@@ -12,6 +12,8 @@
 #include <cmocka.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -951,6 +953,110 @@ static void test_resolve(void **state)
 		kvt_compute_free(C, ds[i]);
 }
 
+/*
+ * A resolve that waits: the pages that matter and are missing are marked KVT_PAGE_WAIT
+ * and counted in the header (ready[1]); the call holds (on the device: its kernel) until
+ * the keeper of the map, here a thread of this test, has put them in the map and
+ * written the token into the ack word, then the table has them. With no ack, the wait
+ * ends at wait_ns and the table goes without them. The map lives in host memory the
+ * device maps, so the thread can write it while the kernel waits.
+ */
+struct keeper {
+	uint32_t *hdr;     /* ready, missing, ack */
+	int32_t *map;
+	const int32_t *fill; /* [n] map index, slot */
+	uint32_t n, token, missing;
+};
+
+static void *keeper_fn(void *arg)
+{
+	struct keeper *k = arg;
+	while (__atomic_load_n(&k->hdr[0], __ATOMIC_ACQUIRE) != k->token)
+		sched_yield();
+	k->missing = __atomic_load_n(&k->hdr[1], __ATOMIC_RELAXED);
+	for (uint32_t i = 0; i < k->n; i++)
+		__atomic_store_n(&k->map[k->fill[2 * i]], k->fill[2 * i + 1], __ATOMIC_RELAXED);
+	__atomic_store_n(&k->hdr[2], k->token, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static void test_resolve_wait(void **state)
+{
+	(void)state;
+	enum { R = 2, S = 6, P = 16 };
+	const int32_t sel[R][S] = {{0, 2, 5, 9, 14, 15}, {0, 1, 4, 6, 7, 15}};
+	const int32_t n_sel[R] = {6, 6}, n_full[R] = {16, 16}, row_base[R] = {0, P};
+	float sc[R][P];
+	int32_t map0[R * P];
+	for (int r = 0; r < R; r++)
+		for (int p = 0; p < P; p++) {
+			map0[r * P + p] = p % 2 ? -1 : 10 * r + p; /* odd pages missing */
+			sc[r][p] = p == 9 || p == 7 ? 10.0f : 1.0f; /* 9 and 7 the best; 1 nat gap */
+		}
+	/* missing and mattering: sinks and window always (p 0, 15), 9 and 7 by score */
+	const int32_t fill[] = {15, 99, 9, 98, P + 7, 96, P + 15, 95};
+	int32_t *d_sel = dev_dup(C, sel, sizeof(sel)), *d_nsel = dev_dup(C, n_sel, sizeof(n_sel));
+	int32_t *d_full = dev_dup(C, n_full, sizeof(n_full)), *d_base = dev_dup(C, row_base, sizeof(row_base));
+	float *d_sc = dev_dup(C, sc, sizeof(sc));
+	int32_t *d_tab = dz(R * S * 4), *d_nt = dz(R * 4), *map, *rep;
+	assert_int_equal(kvt_compute_host_alloc(C, sizeof(map0), (void **)&map), 0);
+	assert_int_equal(kvt_compute_host_alloc(C, 64 + (3 * R + R * S) * 4, (void **)&rep), 0);
+	for (int acked = 1; acked >= 0; acked--) {
+		memcpy(map, map0, sizeof(map0));
+		memset(rep, 0, 64 + (3 * R + R * S) * 4);
+		uint32_t *hdr = (uint32_t *)rep;
+		hdr[2] = 40;
+		struct kvt_resolve_args a = {.rows = R, .stride = S, .sel = d_sel, .n_sel = d_nsel,
+					     .map = map, .row_base = d_base, .table = d_tab,
+					     .n_table = d_nt, .report = rep + 16, .ready = hdr,
+					     .token = 41, .score_stride = P, .scores = d_sc,
+					     .n_full = d_full, .sink_pages = 1, .window_pages = 1,
+					     .host_gap = 1.0f, .ack = hdr + 2,
+					     .wait_ns = acked ? 20000000000ull : 2000000ull};
+		struct keeper k = {.hdr = hdr, .map = map, .fill = fill, .n = 4, .token = 41};
+		pthread_t th;
+		if (acked)
+			assert_int_equal(pthread_create(&th, NULL, keeper_fn, &k), 0);
+		assert_int_equal(kvt_resolve(C, &a, NULL), 0);
+		assert_int_equal(kvt_compute_sync(C, NULL), 0);
+		if (acked) {
+			pthread_join(th, NULL);
+			assert_int_equal(k.missing, 4);
+		}
+		assert_int_equal(hdr[1], 4);
+		int32_t tab[R * S], nt[R];
+		dget(tab, d_tab, sizeof(tab));
+		dget(nt, d_nt, sizeof(nt));
+		const int32_t *report = rep + 16;
+		for (int r = 0; r < R; r++) {
+			int k2 = 0;
+			for (int i = 0; i < S; i++) {
+				const int p = sel[r][i];
+				const bool matters = p == 0 || p == 15 || sc[r][p] >= 9.0f;
+				const bool missing = map0[r * P + p] < 0;
+				assert_int_equal(report[3 * R + r * S + i],
+						 p | (matters ? KVT_PAGE_MATTERS : 0) |
+							 (matters && missing ? KVT_PAGE_WAIT : 0));
+				if (missing && !(matters && acked))
+					continue;
+				int32_t slot = map0[r * P + p];
+				for (int j = 0; j < 4 && missing; j++)
+					if (fill[2 * j] == r * P + p)
+						slot = fill[2 * j + 1];
+				assert_int_equal(tab[r * S + k2], slot);
+				k2++;
+			}
+			assert_int_equal(nt[r], k2);
+			assert_int_equal(report[R + r], 3); /* the first pass */
+		}
+	}
+	kvt_compute_host_free(C, map);
+	kvt_compute_host_free(C, rep);
+	void *ds[] = {d_sel, d_nsel, d_full, d_base, d_sc, d_tab, d_nt};
+	for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
+		kvt_compute_free(C, ds[i]);
+}
+
 static void test_bad_args(void **state)
 {
 	struct kvt_geom g = {.head_dim = 128, .page_tokens = 64, .group = 4, .reps = 3, .dtype = KVT_BF16};
@@ -1007,6 +1113,7 @@ int main(void)
 		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
 		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
 		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_resolve),
+		cmocka_unit_test(test_resolve_wait),
 	};
 	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
 	if (CPU != C)
