@@ -112,6 +112,7 @@ struct kvtier_table {
 	bool fast, fast_seen;
 	void *stream;
 	int32_t *d_sel, *d_pages, *fin, *d_fin;
+	bool sync_zeroed;
 	float *d_scores;
 	size_t sel_bytes, page_bytes, score_bytes;
 	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
@@ -1286,11 +1287,18 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	    (ret = ensure_dev(c, (void **)&t->d_pages, &t->page_bytes, rows * stride * 4)) < 0 ||
 	    (ret = ensure_dev(c, (void **)&t->d_scores, &t->score_bytes, rows * smax * 4)) < 0)
 		goto out;
-	if (!t->fin && ((ret = kvt_compute_host_alloc(c->cc, 5 * mr * sizeof(int32_t),
-						      (void **)&t->fin)) < 0 ||
-			(ret = kvt_compute_alloc(c->cc, 5 * mr * sizeof(int32_t),
-						 (void **)&t->d_fin)) < 0))
+	if (!t->fin && (ret = kvt_compute_host_alloc(c->cc, 5 * mr * sizeof(int32_t),
+						     (void **)&t->fin)) < 0)
 		goto out;
+	/* the device's copy, then two words for resolve's blocks (zero between calls) */
+	if (!t->d_fin && (ret = kvt_compute_alloc(c->cc, (5 * mr + 2) * sizeof(int32_t),
+						  (void **)&t->d_fin)) < 0)
+		goto out;
+	if (!t->sync_zeroed) {
+		if ((ret = kvt_compute_memset(c->cc, t->d_fin + 5 * mr, 0, 2 * sizeof(int32_t))) < 0)
+			goto out;
+		t->sync_zeroed = true;
+	}
 	/* [n full pages | row base | tail_len | tail_slot | n selected] */
 	for (size_t row = 0; row < rows; row++) {
 		struct live_seq *l = live_get(c, seqs[row / H]);
@@ -1344,7 +1352,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		.map = (const int32_t *)((const uint8_t *)c->fast.ptr + c->w.fast_map_off),
 		.row_base = t->d_fin + mr, .table = t->d_slots, .pages = t->d_pages,
 		.n_table = t->d_n_pages, .report = entry ? (int32_t *)(entry + 16) : NULL,
-		.ready = entry, .token = token};
+		.ready = entry, .token = token, .sync = (uint32_t *)(t->d_fin + 5 * mr)};
 	if (entry && p->wait_us >= 0) { /* pages that matter and are missing: waited for */
 		rs.ack = entry + 2;
 		rs.wait_ns = (uint64_t)(p->wait_us ? p->wait_us : KVTIER_WAIT_US) * 1000u;

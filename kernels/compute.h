@@ -221,6 +221,9 @@ struct kvt_resolve_args {
 	uint32_t pad_;
 	uint32_t *ack;             /* with report, or NULL: never wait */
 	uint64_t wait_ns;          /* the longest wait for *ack */
+	/* two words of device memory, zero, that the call leaves zero (the blocks of one
+	 * call count themselves there), or NULL: one block (slower beyond a few rows) */
+	uint32_t *sync;
 };
 
 /*

@@ -95,24 +95,43 @@ __device__ int32_t resolve_row(const kvt_resolve_args &a, uint32_t r, uint32_t l
 }
 
 /*
- * One block, a warp per row at a time. The report is in mapped host memory: every
- * thread's stores are made visible to the system before the block's barrier, and the
- * ready token is the last store. A wait is one thread polling the ack word (mapped
- * host memory too) while the others hold at the barrier.
+ * A warp per row; several blocks when the caller gave the scratch words (a.sync), else
+ * one. The report is in mapped host memory: every block's stores are made visible to the
+ * system before it takes its ticket, and the block that takes the last one writes the
+ * header and the ready token, the last store. A wait is one thread of that block polling
+ * the ack word (mapped host memory too) while the others hold at the barrier; then that
+ * block makes every row's table again (rare: a slow path is fine).
  */
 __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 {
 	const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 	__shared__ uint32_t missing;
+	__shared__ bool last;
 	if (threadIdx.x == 0)
 		missing = 0;
 	__syncthreads();
-	for (uint32_t r = warp; r < a.rows; r += warps) {
+	for (uint32_t r = blockIdx.x * warps + warp; r < a.rows; r += gridDim.x * warps) {
 		const int32_t nw = resolve_row(a, r, lane, false);
 		if (lane == 0 && nw)
 			atomicAdd(&missing, (uint32_t)nw);
 	}
-	__syncthreads();
+	if (gridDim.x > 1) {
+		__threadfence_system();
+		__syncthreads();
+		if (threadIdx.x == 0) {
+			if (missing)
+				atomicAdd(&a.sync[1], missing);
+			__threadfence();
+			last = atomicAdd(&a.sync[0], 1u) == gridDim.x - 1;
+			if (last) { /* every other block has added its count: left zero for the next */
+				missing = atomicExch(&a.sync[1], 0u);
+				a.sync[0] = 0;
+			}
+		}
+		__syncthreads();
+		if (!last)
+			return;
+	}
 	if (!a.report)
 		return;
 	if (threadIdx.x == 0)
@@ -135,7 +154,8 @@ __global__ void __launch_bounds__(256) resolve_kernel(kvt_resolve_args a)
 
 int kvt_cuda_resolve(const kvt_resolve_args *a, cudaStream_t s)
 {
-	resolve_kernel<<<1, 256, 0, s>>>(*a);
+	const uint32_t blocks = a->sync ? (a->rows + 7) / 8 : 1;
+	resolve_kernel<<<blocks, 256, 0, s>>>(*a);
 	return kvt_cuda_errno(cudaGetLastError(), "resolve");
 }
 

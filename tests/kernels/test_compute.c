@@ -983,26 +983,44 @@ static void *keeper_fn(void *arg)
 static void test_resolve_wait(void **state)
 {
 	(void)state;
-	enum { R = 2, S = 6, P = 16 };
-	const int32_t sel[R][S] = {{0, 2, 5, 9, 14, 15}, {0, 1, 4, 6, 7, 15}};
-	const int32_t n_sel[R] = {6, 6}, n_full[R] = {16, 16}, row_base[R] = {0, P};
+	/* 18 rows: several blocks where the backend uses them (sync words given) */
+	enum { R = 18, S = 6, P = 16 };
+	const int32_t pat[2][S] = {{0, 2, 5, 9, 14, 15}, {0, 1, 4, 6, 7, 15}};
+	int32_t sel[R][S], n_sel[R], n_full[R], row_base[R], map0[R * P], fill[2 * R * S];
 	float sc[R][P];
-	int32_t map0[R * P];
-	for (int r = 0; r < R; r++)
+	uint32_t nfill = 0;
+	for (int r = 0; r < R; r++) {
+		memcpy(sel[r], pat[r % 2], sizeof(pat[0]));
+		n_sel[r] = S;
+		n_full[r] = P;
+		row_base[r] = r * P;
 		for (int p = 0; p < P; p++) {
 			map0[r * P + p] = p % 2 ? -1 : 10 * r + p; /* odd pages missing */
 			sc[r][p] = p == 9 || p == 7 ? 10.0f : 1.0f; /* 9 and 7 the best; 1 nat gap */
 		}
-	/* missing and mattering: sinks and window always (p 0, 15), 9 and 7 by score */
-	const int32_t fill[] = {15, 99, 9, 98, P + 7, 96, P + 15, 95};
+		/* missing and mattering: sinks and window always (p 0, 15), 9 and 7 by score */
+		for (int i = 0; i < S; i++) {
+			const int p = sel[r][i];
+			if (map0[r * P + p] < 0 && (p == 0 || p == 15 || sc[r][p] >= 9.0f)) {
+				fill[2 * nfill] = r * P + p;
+				fill[2 * nfill++ + 1] = 5000 + r * P + p;
+			}
+		}
+	}
+	assert_int_equal(nfill, 2 * R);
 	int32_t *d_sel = dev_dup(C, sel, sizeof(sel)), *d_nsel = dev_dup(C, n_sel, sizeof(n_sel));
 	int32_t *d_full = dev_dup(C, n_full, sizeof(n_full)), *d_base = dev_dup(C, row_base, sizeof(row_base));
 	float *d_sc = dev_dup(C, sc, sizeof(sc));
+	const uint32_t zero2[2] = {0, 0};
 	int32_t *d_tab = dz(R * S * 4), *d_nt = dz(R * 4), *map, *rep;
+	uint32_t *d_sync = dev_dup(C, zero2, sizeof(zero2));
 	assert_int_equal(kvt_compute_host_alloc(C, sizeof(map0), (void **)&map), 0);
 	assert_int_equal(kvt_compute_host_alloc(C, 64 + (3 * R + R * S) * 4, (void **)&rep), 0);
-	for (int acked = 1; acked >= 0; acked--) {
+	for (int run = 0; run < 5; run++) { /* the last: nothing missing, no wait */
+		const bool acked = run < 2, blocks = run % 2 || run == 4, full = run == 4;
 		memcpy(map, map0, sizeof(map0));
+		for (uint32_t i = 0; full && i < nfill; i++)
+			map[fill[2 * i]] = fill[2 * i + 1];
 		memset(rep, 0, 64 + (3 * R + R * S) * 4);
 		uint32_t *hdr = (uint32_t *)rep;
 		hdr[2] = 40;
@@ -1012,8 +1030,9 @@ static void test_resolve_wait(void **state)
 					     .token = 41, .score_stride = P, .scores = d_sc,
 					     .n_full = d_full, .sink_pages = 1, .window_pages = 1,
 					     .host_gap = 1.0f, .ack = hdr + 2,
-					     .wait_ns = acked ? 20000000000ull : 2000000ull};
-		struct keeper k = {.hdr = hdr, .map = map, .fill = fill, .n = 4, .token = 41};
+					     .wait_ns = acked ? 20000000000ull : 2000000ull,
+					     .sync = blocks ? d_sync : NULL};
+		struct keeper k = {.hdr = hdr, .map = map, .fill = fill, .n = nfill, .token = 41};
 		pthread_t th;
 		if (acked)
 			assert_int_equal(pthread_create(&th, NULL, keeper_fn, &k), 0);
@@ -1021,38 +1040,42 @@ static void test_resolve_wait(void **state)
 		assert_int_equal(kvt_compute_sync(C, NULL), 0);
 		if (acked) {
 			pthread_join(th, NULL);
-			assert_int_equal(k.missing, 4);
+			assert_int_equal(k.missing, nfill);
 		}
-		assert_int_equal(hdr[1], 4);
-		int32_t tab[R * S], nt[R];
+		assert_int_equal(hdr[0], 41);
+		assert_int_equal(hdr[1], full ? 0 : nfill);
+		int32_t tab[R * S], nt[R], sync[2];
 		dget(tab, d_tab, sizeof(tab));
 		dget(nt, d_nt, sizeof(nt));
+		dget(sync, d_sync, sizeof(sync));
+		assert_true(sync[0] == 0 && sync[1] == 0); /* left zero for the next call */
 		const int32_t *report = rep + 16;
 		for (int r = 0; r < R; r++) {
 			int k2 = 0;
 			for (int i = 0; i < S; i++) {
 				const int p = sel[r][i];
 				const bool matters = p == 0 || p == 15 || sc[r][p] >= 9.0f;
-				const bool missing = map0[r * P + p] < 0;
+				const bool absent = map0[r * P + p] < 0, missing = absent && !full;
 				assert_int_equal(report[3 * R + r * S + i],
 						 p | (matters ? KVT_PAGE_MATTERS : 0) |
 							 (matters && missing ? KVT_PAGE_WAIT : 0));
 				if (missing && !(matters && acked))
 					continue;
-				int32_t slot = map0[r * P + p];
-				for (int j = 0; j < 4 && missing; j++)
-					if (fill[2 * j] == r * P + p)
-						slot = fill[2 * j + 1];
+				if (absent && !matters)
+					continue; /* never filled */
+				const int32_t slot = absent ? 5000 + r * P + p : map0[r * P + p];
 				assert_int_equal(tab[r * S + k2], slot);
 				k2++;
 			}
 			assert_int_equal(nt[r], k2);
-			assert_int_equal(report[R + r], 3); /* the first pass */
+			assert_int_equal(report[r], S);
+			assert_int_equal(report[R + r], full ? 5 : 3); /* the first pass */
+			assert_int_equal(report[2 * R + r], 0);
 		}
 	}
 	kvt_compute_host_free(C, map);
 	kvt_compute_host_free(C, rep);
-	void *ds[] = {d_sel, d_nsel, d_full, d_base, d_sc, d_tab, d_nt};
+	void *ds[] = {d_sel, d_nsel, d_full, d_base, d_sc, d_tab, d_nt, d_sync};
 	for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
 		kvt_compute_free(C, ds[i]);
 }
