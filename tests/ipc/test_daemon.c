@@ -355,6 +355,17 @@ static struct kvtier_client *attach_flags(const char *tenant, uint32_t flags)
 	return c;
 }
 
+/* A fast-path client: max_seqs sequences of up to max_context tokens (ring: 0 default). */
+static struct kvtier_client *attach_fast(uint32_t max_seqs, uint32_t max_context, uint32_t ring)
+{
+	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
+	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = max_seqs,
+				       .ring_entries = ring, .max_context = max_context};
+	struct kvtier_client *c = NULL;
+	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	return c;
+}
+
 static struct kvtier_client *attach(const char *tenant)
 {
 	return attach_flags(tenant, 0);
@@ -917,11 +928,7 @@ static void test_copy_order(void **state)
 static void test_fast_wait(void **state)
 {
 	(void)state;
-	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
-	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 2,
-				       .max_context = PREFILL + 64};
-	struct kvtier_client *c = NULL;
-	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct kvtier_client *c = attach_fast(2, PREFILL + 64, 0);
 	struct kvtier_memory mem;
 	kvtier_memory(c, &mem);
 	struct seqdesc s = {.salt = 53}, filler = {.salt = 54};
@@ -1020,11 +1027,7 @@ static void *cont_later(void *arg)
 static void test_fast_ring_full(void **state)
 {
 	(void)state;
-	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
-	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 2, .ring_entries = 4,
-				       .max_context = PREFILL + 64};
-	struct kvtier_client *c = NULL;
-	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct kvtier_client *c = attach_fast(2, PREFILL + 64, 4);
 	struct seqdesc s = {.salt = 41};
 	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
 	append_tokens(c, &s, PREFILL);
@@ -1060,11 +1063,7 @@ static void test_fast_ring_full(void **state)
 
 static void test_fast(void **state)
 {
-	struct kvtier_layout lay = {LAYERS, HEADS, GROUP, D, KVTIER_F32, T, 0, 2};
-	struct kvtier_attach_opts o = {.socket = sock_path, .max_live_seqs = 4,
-				       .max_context = PREFILL + 256};
-	struct kvtier_client *c = NULL;
-	assert_int_equal(kvtier_attach(&lay, &o, &c), 0);
+	struct kvtier_client *c = attach_fast(4, PREFILL + 256, 0);
 	struct kvtier_memory mem;
 	kvtier_memory(c, &mem);
 	struct seqdesc s = {.salt = 31};
