@@ -674,17 +674,9 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 			nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
 			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			int32_t waited = 0;
-			for (int32_t i = 0; i < n; i++)
-				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
-			waited = waited > n - nh ? n - nh : waited;
-			PF_ADD(c, q, selected, (uint64_t)n);
-			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
-			PF_ADD(c, q, host, (uint64_t)nhost);
-			PF_ADD(c, q, late, (uint64_t)waited);
-			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
-			c->fast_selected += (uint64_t)n;
 			for (int32_t i = 0; i < n; i++) {
 				const bool matters = sel[i] & KVT_PAGE_MATTERS;
+				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
 				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
@@ -697,6 +689,13 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))
 					lease_promote(c, q, layer, h, (uint32_t)p);
 			}
+			waited = waited > n - nh ? n - nh : waited;
+			PF_ADD(c, q, selected, (uint64_t)n);
+			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
+			PF_ADD(c, q, host, (uint64_t)nhost);
+			PF_ADD(c, q, late, (uint64_t)waited);
+			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
+			c->fast_selected += (uint64_t)n;
 		}
 		/* leases not selected for `keep` steps go back (those not selected now, when the
 		 * GPU pool had no room for a lease); failed ones leave the list */
