@@ -65,6 +65,9 @@ static const struct opt opts[] = {
 	{"store.page_bytes", OPT_SIZE, F(page_bytes), 4 * KiB, 16 * MiB, false,
 	 "largest page (2 * page_tokens * head_dim * dtype bytes)"},
 	{"store.queue_depth", OPT_U32, F(queue_depth), 1, 4096, false, "NVMe I/Os in flight"},
+	{"store.background_depth", OPT_U32, F(background_depth), 0, 4096, false,
+	 "NVMe I/Os in flight that no one waits for (prefetches, write-back; 0: queue_depth): "
+	 "the rest of queue_depth is kept for reads a client waits for"},
 	{"store.disk_full", OPT_STR, F(disk_full), 0, 0, false,
 	 "refuse (appends fail with ENOSPC) or evict (drop the coldest sequences)"},
 	{"store.durable", OPT_BOOL, F(durable), 0, 1, false, "write-backs with RWF_DSYNC"},

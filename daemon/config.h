@@ -36,6 +36,7 @@ struct kvt_config {
 	uint64_t nvme_bytes;
 	uint64_t page_bytes;
 	uint32_t queue_depth;
+	uint32_t background_depth;
 	char disk_full[16]; /* "refuse" | "evict" */
 	bool durable;
 	char fault_inject[256]; /* tier_fault.h's spec; "" off */

@@ -464,6 +464,10 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_pages_waited", o->fast_waited);
 		kvt_json_f64(j, "fast_wait_us_mean",
 				o->fast_waits ? (double)o->fast_wait_ns / 1e3 / (double)o->fast_waits : 0);
+		kvt_json_hist(j, "fast_wait", o->fast_wait_lat, KVT_HIST_BUCKETS, "us");
+		kvt_json_f64(j, "fast_wait_read_us_mean",
+			     o->fast_wait_reads ? (double)o->fast_wait_read_ns / 1e3 / o->fast_wait_reads
+						: 0);
 		kvt_json_f64(j, "fast_feedback_us_mean",
 			     o->fast_feedbacks ? (double)o->fast_fb_ns / 1e3 / o->fast_feedbacks : 0);
 		kvt_json_u64(j, "fast_leases_promoted", o->fast_copied);
@@ -728,6 +732,7 @@ static void cmd_stats(struct req *r)
 	kvt_json_u64(j, "recovered_pages", st.recovered_pages);
 	kvt_json_u64(j, "recovered_bad", st.recovered_bad);
 	kvt_json_u64(j, "backpressure", st.backpressure);
+	kvt_json_u64(j, "reads_hurried", st.reads_hurried);
 	kvt_json_u64(j, "meta_bytes", st.meta_bytes);
 	kvt_json_hist(j, "page_lifetime", st.lifetime, KVT_HIST_BUCKETS, "ms");
 	kvt_json_hist(j, "page_reuse_gap", st.reuse_gap, KVT_HIST_BUCKETS, "ms");

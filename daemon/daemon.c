@@ -58,6 +58,7 @@ int kvd_start(struct kvd *d)
 		.gpu_bytes = d->cfg.gpu_bytes,
 		.page_bytes = (uint32_t)d->cfg.page_bytes,
 		.queue_depth = d->cfg.queue_depth,
+		.background_depth = d->cfg.background_depth,
 		.disk_full = strcmp(d->cfg.disk_full, "evict") ? KVT_DISKFULL_REFUSE
 							      : KVT_DISKFULL_EVICT_SEQ,
 		.durable = d->cfg.durable,

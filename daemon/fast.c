@@ -18,7 +18,8 @@
  * slot (KVT_SLOT_HOST), which the client's attention may read in place (the client
  * does so only for pages whose score says they may matter: the bus is slow). A page
  * only on NVMe is read into host RAM first (pages that may not matter only while
- * fewer than fast.disk_reads reads are under way). So a lease is granted at once
+ * fewer than fast.disk_reads reads are under way; those the client waits for ahead of
+ * every read and write no one waits for: kvt_store_hurry). So a lease is granted at once
  * for most pages, and its copy to the GPU starts then (at most FAST_PROMOTING at once;
  * the others when selected again): once there, the map entry names the GPU slot. The
  * pin keeps the host copy until the lease goes, so reads of either are good while the
@@ -297,6 +298,7 @@ struct lease_cb {
 	uint32_t client, seq, layer, h, p;
 	uint64_t gen, t0;
 	bool promote; /* a host lease's copy to the GPU (else a read from NVMe) */
+	bool waited;  /* a read the client waits for (hurried) */
 };
 
 /* Where a lease of the page can name it now: a GPU slot, a host slot, or -1. */
@@ -379,6 +381,10 @@ static void lease_cb_fn(void *arg, int res)
 	int32_t slot = LEASE_NONE;
 	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0)
 		slot = lease_slot(&pi);
+	if (a->waited) {
+		c->fast_wait_reads++;
+		c->fast_wait_read_ns += kvd_now_ns() - a->t0;
+	}
 	if (slot >= 0) {
 		grant(c, q, a->layer, a->h, a->p, slot);
 		c->pf.bytes_nvme += c->page_bytes;
@@ -411,7 +417,7 @@ static int leased_push(struct kvd_layer *L, uint32_t h, uint32_t p)
 /* A page the client selected and found no lease for: pinned, and into the map where it
  * is (GPU or host RAM; from NVMe once read). */
 static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
-			uint32_t p, bool matters)
+			uint32_t p, bool matters, bool waited)
 {
 	struct kvd *d = c->d;
 	struct kvd_layer *L = &q->layer[layer];
@@ -442,10 +448,13 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	int ret = -ENOMEM;
 	if (a) {
 		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
-				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns()};
+				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
+				       .waited = waited};
 		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
 		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
 		c->fast_reading += ret == 0;
+		if (ret == 0 && waited) /* ahead of the reads no one waits for */
+			kvt_store_hurry(d->store, &k);
 	}
 	if (ret < 0) {
 		kvt_free(a);
@@ -497,7 +506,7 @@ void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, ui
 	for (uint32_t h = 0; h < H; h++) {
 		L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
 		if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
-			lease_start(c, q, layer, h, idx, true);
+			lease_start(c, q, layer, h, idx, true, false);
 	}
 	const uint64_t t0 = kvd_now_ns();
 	for (uint32_t h = 0; h < H;) {
@@ -510,6 +519,21 @@ void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, ui
 		kvt_store_run(d->store, 1);
 	}
 	map_flush(c, false);
+}
+
+/* A page the client waits for: leased, and its read from NVMe (if any) ahead of the
+ * others (prefetches, leases of pages that may not matter, the write-back). */
+static void lease_wait_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+			     uint32_t p)
+{
+	struct kvd_layer *L = &q->layer[layer];
+	const size_t at = (size_t)h * L->cap + p;
+	if (L->lease[at] == LEASE_NONE) {
+		lease_start(c, q, layer, h, p, true, true);
+	} else if (L->lease[at] == LEASE_COMING) { /* a read started earlier */
+		struct page_key k = kvd_page_key(c, q, layer, h, p);
+		kvt_store_hurry(c->d->store, &k);
+	}
 }
 
 /* ---- feedback ---- */
@@ -534,9 +558,11 @@ static struct kvd_layer *fb_layer(struct kvd_client *c, struct kvd_seq *q, uint3
 static void ack_write(struct kvd_client *c, const struct kvd_ack *a)
 {
 	__atomic_store_n((uint32_t *)(c->data + a->off + 8), a->token, __ATOMIC_RELEASE);
+	const uint64_t ns = kvd_now_ns() - a->t0;
 	c->fast_waits++;
 	c->fast_waited += a->waited;
-	c->fast_wait_ns += kvd_now_ns() - a->t0;
+	c->fast_wait_ns += ns;
+	c->fast_wait_lat[kvt_hist_bucket(ns / 1000)]++;
 }
 
 /*
@@ -571,8 +597,7 @@ static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const ui
 					continue;
 				a.waited++;
 				const size_t at = (size_t)h * L->cap + (uint32_t)p;
-				if (L->lease[at] == LEASE_NONE)
-					lease_start(c, q, layer, h, (uint32_t)p, true);
+				lease_wait_start(c, q, layer, h, (uint32_t)p);
 				if (L->lease[at] != LEASE_COMING && L->lease[at] != LEASE_NONE)
 					continue; /* in the map */
 				if (a.n == cap) {
@@ -627,7 +652,7 @@ static void acks_tick(struct kvd_client *c)
 			struct kvd_layer *L = q && q->gen == g->gen ? &q->layer[g->layer] : NULL;
 			const int32_t *ls = L && L->lease ? &L->lease[(size_t)g->h * L->cap + g->p] : NULL;
 			if (ls && *ls == LEASE_NONE && g->p < L->stored)
-				lease_start(c, q, g->layer, g->h, g->p, true);
+				lease_wait_start(c, q, g->layer, g->h, g->p);
 			if (ls && (*ls == LEASE_COMING || *ls == LEASE_NONE))
 				j++;
 			else
@@ -685,7 +710,7 @@ static void fb_process(struct kvd_client *c, const struct kvt_sqe *e)
 				L->lease_at[at] = step;
 				const int32_t ls = L->lease[at];
 				if (ls == LEASE_NONE)
-					lease_start(c, q, layer, h, (uint32_t)p, matters);
+					lease_start(c, q, layer, h, (uint32_t)p, matters, false);
 				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))
 					lease_promote(c, q, layer, h, (uint32_t)p);
 			}

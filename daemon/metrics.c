@@ -200,6 +200,9 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		{"kvtier_store_backpressure_total", "counter",
 		 "Operations refused for a tier full of busy pages.",
 		 offsetof(struct kvt_store_stats, backpressure)},
+		{"kvtier_store_reads_hurried_total", "counter",
+		 "NVMe reads moved ahead of the others: a client waited for their pages.",
+		 offsetof(struct kvt_store_stats, reads_hurried)},
 		{"kvtier_store_metadata_bytes", "gauge", "Bytes of the store's metadata.",
 		 offsetof(struct kvt_store_stats, meta_bytes)},
 	};

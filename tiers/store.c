@@ -60,6 +60,7 @@ struct page {
 	uint8_t wb_tries;
 	bool dropped;
 	struct waiter *waiters;
+	struct move *rd; /* its read from NVMe into host RAM, while under way */
 };
 
 struct move {
@@ -431,6 +432,8 @@ static void move_done(struct tier_io *io)
 	struct page *pg = m->pg;
 	int res = io->res;
 	enum tier_id via = m->dst == TIER_HOST ? m->src : m->dst;
+	if (pg->rd == m)
+		pg->rd = NULL;
 	int dir = m->dst == TIER_HOST ? TIER_READ : TIER_WRITE;
 	uint64_t us = (now_ns() - m->t0_ns) / 1000;
 	s->st.lat[via][dir][kvt_hist_bucket(us)]++;
@@ -547,6 +550,8 @@ static int start_move(struct kvt_store *s, struct page *pg, enum tier_id src,
 	pg->busy |= B(dst);
 	pg->io_refs++;
 	pg->readers[src]++;
+	if (src == TIER_NVME && dst == TIER_HOST)
+		pg->rd = m;
 	s->moves_inflight++;
 	if (dst == TIER_NVME)
 		s->wb_inflight++;
@@ -972,6 +977,23 @@ int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_
 	return promote(s, k, to, true, false, cb, arg);
 }
 
+int kvt_store_hurry(struct kvt_store *s, const struct page_key *k)
+{
+	struct page *pg = page_find(s, k);
+	if (!pg || !pg->rd)
+		return -ENOENT;
+	struct tier_io *io = &pg->rd->io;
+	if (io->urgent)
+		return 0;
+	struct tier *t = s->tier[TIER_NVME];
+	if (io->tier && t->ops->hurry) /* submitted: the tier moves it up */
+		t->ops->hurry(t, io);
+	else /* still in the store's queue: submitted urgent */
+		io->urgent = true;
+	s->st.reads_hurried++;
+	return 0;
+}
+
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,
 			void *arg)
 {
@@ -1382,6 +1404,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 		.capacity = s->p.nvme_bytes,
 		.path = s->p.nvme_path,
 		.queue_depth = s->p.queue_depth,
+		.bg_depth = s->p.background_depth,
 		.durable = s->p.durable,
 		.numa_node = s->dev->ops->numa_node(s->dev),
 		.faults = s->p.faults,

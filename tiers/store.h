@@ -37,6 +37,8 @@ struct kvt_store_params {
 	uint64_t gpu_bytes;    /* tenant 0's GPU arena (0: no GPU tier) */
 	uint32_t page_bytes;   /* bytes of one page (K and V); default 32 KiB */
 	unsigned queue_depth;  /* nvme in-flight I/Os; default 64 */
+	/* of those, the most that are not hurried (kvt_store_hurry); default queue_depth */
+	unsigned background_depth;
 	unsigned writeback_max; /* write-backs in flight; default queue_depth / 2 */
 	unsigned high_wm;      /* percent: background eviction starts above; default 90 */
 	unsigned low_wm;       /* percent: and stops at; default 80 */
@@ -99,6 +101,7 @@ struct kvt_store_stats {
 	uint64_t pages_lost;    /* pages whose every copy was bad */
 	uint64_t recovered_pages, recovered_bad;
 	uint64_t backpressure;  /* operations refused with -EAGAIN: tier full of busy pages */
+	uint64_t reads_hurried; /* NVMe reads moved ahead of the others (kvt_store_hurry) */
 	uint64_t meta_bytes;
 	uint64_t evict_reason[TIER_MAX][KVT_EVICT_MAX];
 	/* copies performed by each tier (TIER_READ: out of it, TIER_WRITE: into it),
@@ -179,6 +182,13 @@ int kvt_store_copy_fence(struct kvt_store *s, struct kvt_fence *f);
  */
 int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_id to,
 		       kvt_store_cb cb, void *arg);
+
+/*
+ * The page's read from NVMe into host RAM (started by a promote or prefetch), if it is
+ * still waiting for the disk, goes before the reads and writes that are not hurried:
+ * someone waits for this page now. 0, or -ENOENT (no such read under way).
+ */
+int kvt_store_hurry(struct kvt_store *s, const struct page_key *k);
 
 /* Makes sure the page is on NVMe; cb runs when it is. */
 int kvt_store_writeback(struct kvt_store *s, const struct page_key *k, kvt_store_cb cb,

@@ -55,11 +55,15 @@ struct tier_io {
 	int res;
 	enum page_check check;
 	void (*done)(struct tier_io *io);
+	/* started before ios that are not (nvme: ahead of those waiting for a queue slot);
+	 * set before submit, or later through tier_ops.hurry */
+	bool urgent;
 	/* private to the tier */
 	struct kvt_op op;
 	struct tier *tier;
 	uint32_t xfer;
 	uint8_t rd; /* nvme: how a read goes (tier_nvme.c) */
+	bool bg;    /* nvme: started as not urgent (counted against bg_depth) */
 	struct kvt_list qlink;
 };
 
@@ -76,6 +80,7 @@ struct tier_params {
 	uint64_t capacity;   /* bytes of payload (nvme: of the store) */
 	const char *path;    /* nvme: file or block device */
 	unsigned queue_depth;
+	unsigned bg_depth; /* nvme: ios in flight that are not urgent, at most (0: queue_depth) */
 	bool durable; /* nvme: writes with RWF_DSYNC */
 	int numa_node; /* host: node to place arenas on, -1 = unknown */
 	const char *faults; /* tier_fault_ops: what to inject (tier_fault.h) */
@@ -149,6 +154,12 @@ struct tier_ops {
 	 * anything). Runs the loop until done. Number of pages kept or -errno.
 	 */
 	int64_t (*scan)(struct tier *t, tier_scan_fn fn, void *arg);
+	/*
+	 * io, submitted to this tier and not completed, becomes urgent: if it still waits
+	 * for a queue slot, it goes before every io that is not. NULL: the tier starts its
+	 * ios at once (nothing waits).
+	 */
+	void (*hurry)(struct tier *t, struct tier_io *io);
 };
 
 /* What every tier embeds first. */

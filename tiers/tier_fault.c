@@ -249,6 +249,12 @@ static int f_submit(struct tier *t, struct tier_io **ios, unsigned n)
 	return 0;
 }
 
+static void f_hurry(struct tier *t, struct tier_io *io)
+{
+	if (in(t)->ops->hurry) /* one held back (a hang) stays held: it is not the inner's */
+		in(t)->ops->hurry(in(t), io);
+}
+
 static void f_usage(struct tier *t, struct tier_usage *u)
 {
 	struct fault_tier *f = (struct fault_tier *)t;
@@ -294,4 +300,5 @@ const struct tier_ops tier_fault_ops = {
 	.headroom = f_headroom,
 	.io_align = f_io_align,
 	.scan = f_scan,
+	.hurry = f_hurry,
 };

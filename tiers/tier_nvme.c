@@ -60,9 +60,10 @@ struct nvme_tier {
 	uint64_t nslots;
 	uint64_t data_off;
 	struct slot_pool pool;
-	unsigned qd;
-	unsigned inflight;
+	unsigned qd, bg_qd; /* in flight at most: all, those not urgent */
+	unsigned inflight, bg_inflight;
 	struct kvt_list pending; /* ios waiting for a queue slot */
+	struct kvt_list urgent;  /* those of them that are urgent: started first */
 	void *zero;              /* hdr_size zero bytes, aligned: the wipe */
 	unsigned wipes_inflight;
 	uint64_t reads, writes, read_bytes, write_bytes, wipes;
@@ -193,7 +194,9 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 	n->base.p = *p;
 	n->file_index = -1;
 	n->qd = p->queue_depth ? p->queue_depth : 64;
+	n->bg_qd = p->bg_depth && p->bg_depth < n->qd ? p->bg_depth : n->qd;
 	kvt_list_init(&n->pending);
+	kvt_list_init(&n->urgent);
 	int ret;
 	n->fd = open(p->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
 	if (n->fd < 0) {
@@ -464,11 +467,32 @@ static void start_io(struct nvme_tier *n, struct tier_io *io)
 
 static void start_pending(struct nvme_tier *n)
 {
-	while (n->inflight < n->qd && !kvt_list_empty(&n->pending)) {
-		struct tier_io *io = kvt_list_first(&n->pending, struct tier_io, qlink);
+	while (n->inflight < n->qd && !kvt_list_empty(&n->urgent)) {
+		struct tier_io *io = kvt_list_first(&n->urgent, struct tier_io, qlink);
 		kvt_list_del(&io->qlink);
 		start_io(n, io);
 	}
+	while (n->inflight < n->qd && n->bg_inflight < n->bg_qd && !kvt_list_empty(&n->pending)) {
+		struct tier_io *io = kvt_list_first(&n->pending, struct tier_io, qlink);
+		kvt_list_del(&io->qlink);
+		n->bg_inflight++;
+		io->bg = true;
+		start_io(n, io);
+	}
+}
+
+/* A page a client waits for: ahead of the prefetches and the write-back. */
+static void nvme_hurry(struct tier *t, struct tier_io *io)
+{
+	struct nvme_tier *n = (struct nvme_tier *)t;
+	if (io->tier != t || io->urgent)
+		return;
+	io->urgent = true;
+	if (!kvt_list_linked(&io->qlink))
+		return; /* under way already */
+	kvt_list_del(&io->qlink);
+	kvt_list_add_tail(&n->urgent, &io->qlink);
+	start_pending(n);
 }
 
 static void io_complete(struct kvt_op *op, int res, uint32_t flags)
@@ -477,6 +501,8 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 	struct tier_io *io = kvt_container_of(op, struct tier_io, op);
 	struct nvme_tier *n = (struct nvme_tier *)io->tier;
 	n->inflight--;
+	n->bg_inflight -= io->bg;
+	io->bg = false;
 	/*
 	 * What this completion leads to costs microseconds that the disk would sit out: a
 	 * read's check and a next write's stamp are XXH3 over a page. What the completions
@@ -505,7 +531,7 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 				/* again, header and all: the header tells a flipped bit from a
 				 * stale page or an empty slot */
 				io->rd = RD_AGAIN;
-				kvt_list_add(&n->pending, &io->qlink);
+				kvt_list_add(io->urgent ? &n->urgent : &n->pending, &io->qlink);
 				start_pending(n);
 				return;
 			}
@@ -563,7 +589,7 @@ static int nvme_submit(struct tier *t, struct tier_io **ios, unsigned n_ios)
 		ios[i]->tier = t;
 		ios[i]->rd = RD_SLOT;
 		kvt_list_init(&ios[i]->qlink);
-		kvt_list_add_tail(&n->pending, &ios[i]->qlink);
+		kvt_list_add_tail(ios[i]->urgent ? &n->urgent : &n->pending, &ios[i]->qlink);
 	}
 	/* Queued, not entered: the loop submits them all with its next run, in one call. */
 	start_pending(n);
@@ -577,7 +603,8 @@ static void nvme_usage(struct tier *t, struct tier_usage *u)
 	u->slots = n->pool.nslots;
 	u->used = slot_pool_used(&n->pool);
 	u->poisoned = n->pool.npoisoned;
-	u->inflight = n->inflight + n->wipes_inflight + (uint64_t)!kvt_list_empty(&n->pending);
+	u->inflight = n->inflight + n->wipes_inflight + (uint64_t)!kvt_list_empty(&n->pending) +
+		      (uint64_t)!kvt_list_empty(&n->urgent);
 	u->capacity_bytes = u->slots * t->p.page_bytes;
 	u->used_bytes = u->used * t->p.page_bytes;
 	u->reads = n->reads;
@@ -718,6 +745,7 @@ const struct tier_ops tier_nvme_ops = {
 	.poison = nvme_poison,
 	.slot_ptr = nvme_slot_ptr,
 	.submit = nvme_submit,
+	.hurry = nvme_hurry,
 	.usage = nvme_usage,
 	.headroom = nvme_headroom,
 	.io_align = nvme_io_align,

@@ -495,11 +495,11 @@ static void show_stats(const json_t *s, FILE *f)
 		     *pf = json_object_get(s, "prefetch");
 	fprintf(f, "store: %.0f pages (%.0f dirty, %.0f filling) in %.0f sequences; %.0f "
 		   "write-backs; errors: read %.0f write %.0f lost %.0f; enospc %.0f; "
-		   "backpressure %.0f\n",
+		   "backpressure %.0f; reads hurried %.0f\n",
 		num(st, "pages"), num(st, "pages_dirty"), num(st, "pages_filling"),
 		num(st, "sequences"), num(st, "writebacks"), num(st, "read_errors"),
 		num(st, "write_errors"), num(st, "pages_lost"), num(st, "enospc_refused"),
-		num(st, "backpressure"));
+		num(st, "backpressure"), num(st, "reads_hurried"));
 	fprintf(f, "pages: lifetime p50 %s p99 %s; reuse gap p50 %s p99 %s\n",
 		fmt_us(b[0], 32, 1e3 * hist_p(st, "page_lifetime", "p50")),
 		fmt_us(b[1], 32, 1e3 * hist_p(st, "page_lifetime", "p99")),

@@ -425,6 +425,152 @@ static void tenants_apart(void **state)
 	read_verify(s, &k, f->buf);
 }
 
+static int setup_qd(void **state, unsigned qd, unsigned bg)
+{
+	struct fx *f = calloc(1, sizeof(*f));
+	f->dir = strdup(t_dir("qd"));
+	f->p = params(f->dir, 64u << 20, 4u << 20, 2u << 20);
+	f->p.queue_depth = qd;
+	f->p.background_depth = bg;
+	f->buf = aligned_alloc(4096, PB);
+	int r = kvt_store_open(&f->p, &f->s);
+	if (r == -EPERM || r == -ENOSYS) {
+		free((void *)f->p.nvme_path);
+		free((void *)f->dir);
+		free(f->buf);
+		free(f);
+		return -1;
+	}
+	assert_int_equal(r, 0);
+	*state = f;
+	return 0;
+}
+
+/* one read at a time: the order they go in is the order out */
+static int setup_qd1(void **state)
+{
+	return setup_qd(state, 1, 0);
+}
+
+static int setup_bg1(void **state)
+{
+	return setup_qd(state, 4, 1);
+}
+
+/* n pages of seq 70, on NVMe only */
+static void on_disk(struct fx *f, int n)
+{
+	struct t_wait w = {0};
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(f->s, &k, f->buf, PB, 0, &w), 0);
+	}
+	assert_int_equal(t_drain(f->s, &w), 0);
+	assert_int_equal(kvt_store_flush(f->s), 0);
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		assert_int_equal(kvt_store_evict(f->s, &k, TIER_HOST), 0);
+	}
+}
+
+struct order {
+	int at[16], n;
+};
+
+struct order_cb {
+	struct order *o;
+	int id;
+};
+
+static void order_cb(void *arg, int res)
+{
+	struct order_cb *a = arg;
+	assert_int_equal(res, 0);
+	a->o->at[a->id] = a->o->n++;
+}
+
+/*
+ * A hurried read (kvt_store_hurry) goes to the disk before the reads queued ahead of
+ * it: one hurried while still in the store's queue, one once the disk tier has it
+ * waiting for a queue slot. The others keep their order; all read the right bytes.
+ */
+static void hurried_reads(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	const int n = 8;
+	on_disk(f, n);
+	struct page_key k6 = t_key(0, 70, 0, 0, 6), k5 = t_key(0, 70, 0, 0, 5);
+	assert_int_equal(kvt_store_hurry(s, &k6), -ENOENT); /* no read under way */
+	struct order o = {0};
+	struct order_cb cb[8];
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		cb[i] = (struct order_cb){&o, i};
+		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, order_cb, &cb[i]), 0);
+	}
+	assert_int_equal(kvt_store_hurry(s, &k6), 0); /* in the store's queue still */
+	assert_int_equal(kvt_store_hurry(s, &k6), 0); /* twice: once counted */
+	assert_true(kvt_store_run(s, 0) >= 0);        /* submitted: 6 first */
+	assert_int_equal(kvt_store_hurry(s, &k5), 0); /* waiting for the disk's one slot */
+	while (o.n < n)
+		assert_true(kvt_store_run(s, 100) >= 0);
+	assert_int_equal(o.at[6], 0);
+	assert_true(o.at[5] <= 2); /* after 6 and at most the one started after it */
+	for (int i = 1; i < n; i++) /* the rest in the order asked */
+		if (i != 5 && i != 6)
+			for (int j = 0; j < i; j++)
+				if (j != 5 && j != 6)
+					assert_true(o.at[j] < o.at[i]);
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.reads_hurried, 2);
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		read_verify(s, &k, f->buf);
+	}
+}
+
+/*
+ * background_depth 1 of queue_depth 4: reads no one hurried go to the disk one at a
+ * time; a hurried one does not wait for them.
+ */
+static void background_depth(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	const int n = 8;
+	on_disk(f, n);
+	struct order o = {0};
+	struct order_cb cb[8];
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		cb[i] = (struct order_cb){&o, i};
+		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, order_cb, &cb[i]), 0);
+	}
+	struct kvt_store_stats st;
+	uint64_t most = 0;
+	while (o.n < 4) {
+		assert_true(kvt_store_run(s, 0) >= 0);
+		kvt_store_stats(s, &st);
+		most = st.tier[TIER_NVME].inflight > most ? st.tier[TIER_NVME].inflight : most;
+	}
+	/* started one at a time: in flight, 1 (and 1 for ios waiting for a slot) */
+	assert_true(most <= 2);
+	for (int i = 0; i < 4; i++)
+		assert_int_equal(o.at[i], i);
+	struct page_key k7 = t_key(0, 70, 0, 0, 7);
+	assert_int_equal(kvt_store_hurry(s, &k7), 0);
+	while (o.n < n)
+		assert_true(kvt_store_run(s, 100) >= 0);
+	assert_true(o.at[7] <= 5); /* beside the one under way, not after 4, 5 and 6 */
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		read_verify(s, &k, f->buf);
+	}
+}
+
 static int setup_tiny_disk(void **state)
 {
 	/* 16 pages of disk */
@@ -479,6 +625,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(filling_pages, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(disk_full, setup_tiny_disk, teardown),
+		cmocka_unit_test_setup_teardown(hurried_reads, setup_qd1, teardown),
+		cmocka_unit_test_setup_teardown(background_depth, setup_bg1, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
