@@ -73,11 +73,13 @@ struct kvtier_client {
 	float *lse_dev;
 	size_t lse_dev_bytes;
 	/* reads queued and not waited for (kvtier_attend_async): the daemon's fence,
-	 * recorded behind each, and one of our own per layer for the tail pages they read,
-	 * which an append of that layer waits for */
+	 * recorded behind each (once: a later record of it is behind an earlier one's work
+	 * too, so every wait for such a read waits for this fence); per layer, whether an
+	 * attend reads its tail pages, which an append of that layer must not rewrite
+	 * before, and the stream it was queued on (an append there is behind it anyway) */
 	struct kvt_fence *fence;
-	struct kvt_fence **layer_fence; /* [layers], made when first needed */
-	bool *layer_queued;             /* [layers] */
+	bool *layer_queued;   /* [layers] */
+	void **layer_stream;  /* [layers] */
 	/* the daemon's copy fence: behind its copies into the pool that a select's answer
 	 * names before they have landed (KVT_CQE_COPIES); NULL: selects wait for them */
 	struct kvt_fence *copy_fence;
@@ -91,7 +93,11 @@ struct kvtier_client {
 	void *append_stream;
 	/* KVTIER_TIMING=1: where kvtier_select's time goes, printed at detach */
 	bool timing;
+	bool timing_sync; /* KVTIER_TIMING=2: the fast path's calls wait for their work */
 	uint64_t sel_n, sel_ns[3]; /* the query staged, the round trip, the table up */
+	/* the fast path's calls, host time: append_async, select_async (staging, the
+	 * report posted, the kernels queued), attend_async */
+	uint64_t fast_n[3], fast_ns[5];
 };
 
 static uint64_t mono_ns(void)
@@ -115,9 +121,10 @@ struct kvtier_table {
 	bool sync_zeroed;
 	float *d_scores;
 	size_t sel_bytes, page_bytes, score_bytes;
-	/* an attend queued on it (kvtier_attend_async) reads it until this fence */
-	struct kvt_fence *done;
+	/* an attend queued on it (kvtier_attend_async) reads it until the client's fence,
+	 * recorded behind it on done_stream */
 	bool queued;
+	void *done_stream;
 	/* the select's copies of slots and n_pages to the backend, queued on its own stream
 	 * and not waited for: an attend there runs after them, one on another stream waits
 	 * for this fence, and the next select waits for it before it rewrites the host side */
@@ -373,6 +380,7 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	for (int i = 0; i < KVT_FD_MAX; i++)
 		c->fds[i] = -1;
 	c->timing = getenv("KVTIER_TIMING") && atoi(getenv("KVTIER_TIMING")) > 0;
+	c->timing_sync = c->timing && atoi(getenv("KVTIER_TIMING")) > 1;
 	c->pool.fd = -1;
 	c->layout = *layout;
 	c->max_live = o.max_live_seqs ? o.max_live_seqs : 64;
@@ -475,9 +483,9 @@ int kvtier_attach(const struct kvtier_layout *layout, const struct kvtier_attach
 	    c->dev->ops->fence_open(c->dev, c->w.copy_fence, c->hdr->copy_fence,
 				    &c->copy_fence) < 0)
 		c->copy_fence = NULL;
-	c->layer_fence = calloc(layout->layers, sizeof(*c->layer_fence));
+	c->layer_stream = calloc(layout->layers, sizeof(*c->layer_stream));
 	c->layer_queued = calloc(layout->layers, sizeof(*c->layer_queued));
-	if (!c->layer_fence || !c->layer_queued) {
+	if (!c->layer_stream || !c->layer_queued) {
 		ret = -ENOMEM;
 		goto fail;
 	}
@@ -499,16 +507,25 @@ void kvtier_detach(struct kvtier_client *c)
 				"to the daemon %.1f us, table to the device %.1f us\n",
 			(unsigned long long)c->sel_n, c->sel_ns[0] / 1e3 / c->sel_n,
 			c->sel_ns[1] / 1e3 / c->sel_n, c->sel_ns[2] / 1e3 / c->sel_n);
-	if (c->timing && c->fb_token)
+	if (c->timing && c->fb_token) {
 		fprintf(stderr, "libkvtier: fast path: %u selects, %llu reports dropped (ring full)\n",
 			c->fb_token, (unsigned long long)c->fb_dropped);
-	for (uint32_t l = 0; c->layer_fence && l < c->layout.layers; l++)
-		if (c->layer_fence[l]) {
-			if (c->layer_queued[l])
-				c->dev->ops->fence_wait(c->dev, c->layer_fence[l]);
-			c->dev->ops->fence_destroy(c->dev, c->layer_fence[l]);
-		}
-	free(c->layer_fence);
+		const double n0 = c->fast_n[0] ? (double)c->fast_n[0] : 1,
+			     n1 = c->fast_n[1] ? (double)c->fast_n[1] : 1,
+			     n2 = c->fast_n[2] ? (double)c->fast_n[2] : 1;
+		fprintf(stderr, "libkvtier: fast path, %s per call: append %.1f us; select %.1f "
+				"us (staging %.1f, report posted %.1f, kernels queued %.1f); attend %.1f us\n",
+			c->timing_sync ? "host and device time (each call waited for)" : "host time",
+			c->fast_ns[0] / 1e3 / n0,
+			(c->fast_ns[1] + c->fast_ns[2] + c->fast_ns[3]) / 1e3 / n1, c->fast_ns[1] / 1e3 / n1,
+			c->fast_ns[2] / 1e3 / n1, c->fast_ns[3] / 1e3 / n1, c->fast_ns[4] / 1e3 / n2);
+	}
+	bool queued = false;
+	for (uint32_t l = 0; c->layer_queued && l < c->layout.layers; l++)
+		queued |= c->layer_queued[l];
+	if (queued && c->fence)
+		c->dev->ops->fence_wait(c->dev, c->fence);
+	free(c->layer_stream);
 	free(c->layer_queued);
 	if (c->fence)
 		c->dev->ops->fence_destroy(c->dev, c->fence);
@@ -859,7 +876,7 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 	int ret = l ? flush_layer(c, l, layer) : -ENOENT;
 	/* an attend still queued may read the tail pages this append rewrites */
 	if (ret == 0 && c->layer_queued[layer]) {
-		ret = c->dev->ops->fence_wait(c->dev, c->layer_fence[layer]);
+		ret = c->dev->ops->fence_wait(c->dev, c->fence);
 		c->layer_queued[layer] = false;
 	}
 	for (uint32_t done = 0; done < ntok && ret == 0;) {
@@ -904,6 +921,7 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 	}
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t tok = c->row * H;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	pthread_mutex_lock(&c->lock);
 	struct live_seq *l = live_get(c, seq);
 	int ret = l ? 0 : -ENOENT;
@@ -915,7 +933,8 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 		c->append_stream = stream;
 	}
 	if (ret == 0 && c->layer_queued[layer]) { /* an attend on another stream reads the tail */
-		ret = c->dev->ops->fence_stream_wait(c->dev, c->layer_fence[layer], stream);
+		if (c->layer_stream[layer] != stream)
+			ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
 		c->layer_queued[layer] = false;
 	}
 	const uint32_t li = l ? (uint32_t)c->live_of[seq] : 0;
@@ -933,6 +952,12 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 		done += n;
 		if (l->ntok[layer] % T == 0) /* full: the daemon seals it and summarizes it */
 			ret = flush_layer(c, l, layer);
+	}
+	if (c->timing) {
+		if (c->timing_sync)
+			kvt_compute_sync(c->cc, stream);
+		c->fast_n[0]++;
+		c->fast_ns[0] += mono_ns() - t0;
 	}
 	pthread_mutex_unlock(&c->lock);
 	return ret;
@@ -969,11 +994,8 @@ void kvtier_table_destroy(struct kvtier_table *t)
 	if (!t)
 		return;
 	struct kvt_device *dev = t->c->dev;
-	if (t->done) {
-		if (t->queued)
-			dev->ops->fence_wait(dev, t->done);
-		dev->ops->fence_destroy(dev, t->done);
-	}
+	if (t->queued)
+		dev->ops->fence_wait(dev, t->c->fence);
 	if (t->up) {
 		if (t->up_pending)
 			dev->ops->fence_wait(dev, t->up);
@@ -1123,7 +1145,7 @@ int kvtier_select(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq, 
 	if (!ret && ooff + obytes > c->req_bytes)
 		ret = -EMSGSIZE;
 	if (!ret && t->queued) { /* an attend queued on the table still reads it */
-		ret = c->dev->ops->fence_wait(c->dev, t->done);
+		ret = c->dev->ops->fence_wait(c->dev, c->fence);
 		t->queued = false;
 	}
 	if (!ret && t->up_pending) { /* the last select's copies still read the host side */
@@ -1251,6 +1273,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		return -EINVAL;
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t rows = (size_t)nseq * H, mr = (size_t)t->max_seqs * H;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	pthread_mutex_lock(&c->lock);
 	/* the map names host slots too: read in place, so the host arena must be mapped */
 	bool fast = c->fast.ptr && c->host_dev && layer >= c->layout.dense_layers;
@@ -1275,8 +1298,8 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	uint32_t stride = p->budget_pages;
 	uint32_t forced = (p->sink_tokens + T - 1) / T + p->window_tokens / T + 1;
 	stride = stride < forced ? forced : stride ? stride : 1;
-	if (!ret && t->queued) /* an attend queued on it reads it (on stream: in order) */
-		ret = c->dev->ops->fence_stream_wait(c->dev, t->done, stream);
+	if (!ret && t->queued && t->done_stream != stream) /* an attend queued on it reads it */
+		ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
 	t->queued = false;
 	if (!ret && t->up_pending) { /* the last select's staging is read by its copy */
 		ret = c->dev->ops->fence_wait(c->dev, t->up);
@@ -1312,6 +1335,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 					  : -1;
 	}
 	/* the report of what was selected, for the daemon's leases */
+	const uint64_t t1 = c->timing ? mono_ns() : 0;
 	uint32_t taken = 0;
 	const uint64_t seq_at = 64 + (3 * rows + rows * stride) * sizeof(int32_t);
 	int64_t fb = fb_alloc(c, seq_at + nseq * sizeof(uint32_t), &taken);
@@ -1335,6 +1359,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		}
 	}
 	c->fb_dropped += !entry;
+	const uint64_t t2 = c->timing ? mono_ns() : 0;
 	const size_t in = 5 * mr * sizeof(int32_t);
 	struct kvt_score_args sc = {.g = c->geom, .method = KVT_SCORE_QUEST, .agg = KVT_GQA_MAX,
 				    .rows = (uint32_t)rows, .stride = smax, .q = q,
@@ -1378,6 +1403,14 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		}
 	} else {
 		t->up_pending = true;
+	}
+	if (c->timing) {
+		if (c->timing_sync && ret == 0)
+			kvt_compute_sync(c->cc, stream);
+		c->fast_n[1]++;
+		c->fast_ns[1] += t1 - t0;
+		c->fast_ns[2] += t2 - t1;
+		c->fast_ns[3] += mono_ns() - t2;
 	}
 	if (ret == 0) {
 		t->fast = true;
@@ -1461,28 +1494,31 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 {
 	if (!t || t->c != c || !q || !out || !t->rows)
 		return -EINVAL;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	pthread_mutex_lock(&c->lock);
 	struct kvt_device *dev = c->dev;
 	int ret = 0;
-	if (c->fence) {
-		if (!t->done)
-			ret = dev->ops->fence_create(dev, NULL, NULL, &t->done);
-		if (!ret && !c->layer_fence[t->layer])
-			ret = dev->ops->fence_create(dev, NULL, NULL, &c->layer_fence[t->layer]);
-	}
 	struct kvt_attend_args a;
 	attend_args(c, t, q, out, lse, scale, &a);
-	if (ret == 0 && t->up_pending) /* the table's copies, on the backend's stream */
+	/* the table's copies: the select's stream (fast path) or the backend's; on that
+	 * stream the attend runs after them anyway */
+	if (t->up_pending && stream != (t->fast ? t->stream : kvt_compute_stream(c->cc)))
 		ret = dev->ops->fence_stream_wait(dev, t->up, stream);
 	if (ret == 0)
 		ret = kvt_attend(c->cc, &a, stream);
-	if (ret == 0 && !c->fence) /* no fence: the daemon must not find it running */
+	if (ret == 0 && !c->fence) { /* no fence: the daemon must not find it running */
 		ret = kvt_compute_sync(c->cc, stream);
-	else if (ret == 0 && (ret = fence_record(c, stream)) == 0 &&
-		 (ret = dev->ops->fence_record(dev, t->done, stream)) == 0 &&
-		 (ret = dev->ops->fence_record(dev, c->layer_fence[t->layer], stream)) == 0) {
+	} else if (ret == 0 && (ret = fence_record(c, stream)) == 0) {
 		t->queued = true;
+		t->done_stream = stream;
 		c->layer_queued[t->layer] = true;
+		c->layer_stream[t->layer] = stream;
+	}
+	if (c->timing) {
+		if (c->timing_sync)
+			kvt_compute_sync(c->cc, stream);
+		c->fast_n[2]++;
+		c->fast_ns[4] += mono_ns() - t0;
 	}
 	pthread_mutex_unlock(&c->lock);
 	return ret;
