@@ -490,6 +490,16 @@ static void order_cb(void *arg, int res)
 	a->o->at[a->id] = a->o->n++;
 }
 
+/* the n pages of on_disk() asked into host RAM in order; o records the order they come */
+static void promote_all(struct kvt_store *s, struct order *o, struct order_cb *cb, int n)
+{
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		cb[i] = (struct order_cb){o, i};
+		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, order_cb, &cb[i]), 0);
+	}
+}
+
 /*
  * A hurried read (kvt_store_hurry) goes to the disk before the reads queued ahead of
  * it: one hurried while still in the store's queue, one once the disk tier has it
@@ -505,11 +515,7 @@ static void hurried_reads(void **state)
 	assert_int_equal(kvt_store_hurry(s, &k6), -ENOENT); /* no read under way */
 	struct order o = {0};
 	struct order_cb cb[8];
-	for (int i = 0; i < n; i++) {
-		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
-		cb[i] = (struct order_cb){&o, i};
-		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, order_cb, &cb[i]), 0);
-	}
+	promote_all(s, &o, cb, n);
 	assert_int_equal(kvt_store_hurry(s, &k6), 0); /* in the store's queue still */
 	assert_int_equal(kvt_store_hurry(s, &k6), 0); /* twice: once counted */
 	assert_true(kvt_store_run(s, 0) >= 0);        /* submitted: 6 first */
@@ -544,11 +550,7 @@ static void background_depth(void **state)
 	on_disk(f, n);
 	struct order o = {0};
 	struct order_cb cb[8];
-	for (int i = 0; i < n; i++) {
-		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
-		cb[i] = (struct order_cb){&o, i};
-		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, order_cb, &cb[i]), 0);
-	}
+	promote_all(s, &o, cb, n);
 	struct kvt_store_stats st;
 	uint64_t most = 0;
 	while (o.n < 4) {
