@@ -39,11 +39,16 @@ static struct kvt_store_params params(const char *dir, uint64_t nvme, uint64_t h
 	return p;
 }
 
-static int setup(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu)
+/* queue_depth 0: params()'s */
+static int setup_qd(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu,
+		    unsigned qd, unsigned bg)
 {
 	struct fx *f = calloc(1, sizeof(*f));
 	f->dir = strdup(t_dir(name));
 	f->p = params(f->dir, nvme, host, gpu);
+	if (qd)
+		f->p.queue_depth = qd;
+	f->p.background_depth = bg;
 	f->buf = aligned_alloc(4096, PB);
 	int r = kvt_store_open(&f->p, &f->s);
 	if (r == -EPERM || r == -ENOSYS) {
@@ -53,6 +58,11 @@ static int setup(void **state, const char *name, uint64_t nvme, uint64_t host, u
 	assert_int_equal(r, 0);
 	*state = f;
 	return 0;
+}
+
+static int setup(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu)
+{
+	return setup_qd(state, name, nvme, host, gpu, 0, 0);
 }
 
 static int teardown(void **state)
@@ -425,36 +435,15 @@ static void tenants_apart(void **state)
 	read_verify(s, &k, f->buf);
 }
 
-static int setup_qd(void **state, unsigned qd, unsigned bg)
-{
-	struct fx *f = calloc(1, sizeof(*f));
-	f->dir = strdup(t_dir("qd"));
-	f->p = params(f->dir, 64u << 20, 4u << 20, 2u << 20);
-	f->p.queue_depth = qd;
-	f->p.background_depth = bg;
-	f->buf = aligned_alloc(4096, PB);
-	int r = kvt_store_open(&f->p, &f->s);
-	if (r == -EPERM || r == -ENOSYS) {
-		free((void *)f->p.nvme_path);
-		free((void *)f->dir);
-		free(f->buf);
-		free(f);
-		return -1;
-	}
-	assert_int_equal(r, 0);
-	*state = f;
-	return 0;
-}
-
 /* one read at a time: the order they go in is the order out */
 static int setup_qd1(void **state)
 {
-	return setup_qd(state, 1, 0);
+	return setup_qd(state, "qd1", 64u << 20, 4u << 20, 2u << 20, 1, 0);
 }
 
 static int setup_bg1(void **state)
 {
-	return setup_qd(state, 4, 1);
+	return setup_qd(state, "bg1", 64u << 20, 4u << 20, 2u << 20, 4, 1);
 }
 
 /* n pages of seq 70, on NVMe only */
