@@ -121,6 +121,13 @@ struct kvtier_table {
 	bool sync_zeroed;
 	float *d_scores;
 	size_t sel_bytes, page_bytes, score_bytes;
+	/* KVTIER_SEL_ESTIMATE: the estimate of the pages left out (kvt_estimate), its
+	 * work area and counters (zero between calls), and the largest row it spans */
+	bool estimate;
+	uint32_t smax;
+	float *d_est, *d_est_work;
+	uint32_t *d_est_sync;
+	size_t est_bytes, est_work_bytes, est_sync_bytes;
 	/* an attend queued on it (kvtier_attend_async) reads it until the client's fence,
 	 * recorded behind it on done_stream */
 	bool queued;
@@ -1009,6 +1016,9 @@ void kvtier_table_destroy(struct kvtier_table *t)
 	kvt_compute_free(t->c->cc, t->d_pages);
 	kvt_compute_free(t->c->cc, t->d_fin);
 	kvt_compute_free(t->c->cc, t->d_scores);
+	kvt_compute_free(t->c->cc, t->d_est);
+	kvt_compute_free(t->c->cc, t->d_est_work);
+	kvt_compute_free(t->c->cc, t->d_est_sync);
 	kvt_compute_host_free(t->c->cc, t->fin);
 	kvt_compute_host_free(t->c->cc, t->n_pages);
 	kvt_compute_host_free(t->c->cc, t->slots);
@@ -1310,6 +1320,25 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	    (ret = ensure_dev(c, (void **)&t->d_pages, &t->page_bytes, rows * stride * 4)) < 0 ||
 	    (ret = ensure_dev(c, (void **)&t->d_scores, &t->score_bytes, rows * smax * 4)) < 0)
 		goto out;
+	const bool est = p->flags & KVTIER_SEL_ESTIMATE;
+	if (est) {
+		const size_t ge = (size_t)c->layout.group * (c->layout.head_dim + 2);
+		const size_t sync_bytes = mr * c->layout.group * sizeof(uint32_t);
+		if ((ret = ensure_dev(c, (void **)&t->d_est, &t->est_bytes, rows * ge * 4)) < 0 ||
+		    (ret = ensure_dev(c, (void **)&t->d_est_work, &t->est_work_bytes,
+				      kvt_estimate_work_bytes(&c->geom, (uint32_t)rows, smax))) < 0)
+			goto out;
+		if (!t->d_est_sync) { /* for the most rows this table takes, zeroed once */
+			if ((ret = ensure_dev(c, (void **)&t->d_est_sync, &t->est_sync_bytes,
+					      sync_bytes)) < 0 ||
+			    (ret = kvt_compute_memset(c->cc, t->d_est_sync, 0, sync_bytes)) < 0) {
+				kvt_compute_free(c->cc, t->d_est_sync);
+				t->d_est_sync = NULL;
+				t->est_sync_bytes = 0;
+				goto out;
+			}
+		}
+	}
 	if (!t->fin && (ret = kvt_compute_host_alloc(c->cc, 5 * mr * sizeof(int32_t),
 						     (void **)&t->fin)) < 0)
 		goto out;
@@ -1415,6 +1444,8 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	if (ret == 0) {
 		t->fast = true;
 		t->fast_seen = false;
+		t->estimate = est;
+		t->smax = smax;
 		t->stream = stream;
 		t->rows = (uint32_t)rows;
 		t->stride = stride;
@@ -1431,6 +1462,27 @@ static int fence_record(struct kvtier_client *c, void *stream)
 	int ret = c->dev->ops->fence_record(c->dev, c->fence, stream);
 	if (ret == 0)
 		__atomic_add_fetch(&c->hdr->fence_seq, 1, __ATOMIC_RELEASE);
+	return ret;
+}
+
+/*
+ * KVTIER_SEL_ESTIMATE: the pages a fast table leaves out, estimated from the summaries
+ * on stream before the attention, which merges t->d_est (a->est).
+ */
+static int estimate_queue(struct kvtier_client *c, const struct kvtier_table *t, const void *q,
+			  float scale, struct kvt_attend_args *a, void *stream)
+{
+	if (!t->fast || !t->estimate)
+		return 0;
+	const size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
+	struct kvt_estimate_args e = {
+		.g = c->geom, .rows = t->rows, .max_pages = t->smax, .scale = scale, .q = q,
+		.summaries = c->fast.ptr, .row_base = t->d_fin + mr, .n_full = t->d_fin,
+		.stride = t->stride, .sel = t->d_pages, .n_sel = t->d_n_pages, .est = t->d_est,
+		.work = t->d_est_work, .sync = t->d_est_sync};
+	int ret = kvt_estimate(c->cc, &e, stream);
+	if (ret == 0)
+		a->est = t->d_est;
 	return ret;
 }
 
@@ -1477,7 +1529,8 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 	struct kvt_attend_args a;
 	attend_args(c, t, qd, od, ld, scale, &a);
 	const uint64_t t0 = mono_ns();
-	if ((ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
+	if ((ret = estimate_queue(c, t, qd, scale, &a, NULL)) < 0 ||
+	    (ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;
 	uint64_t us = (mono_ns() - t0) / 1000;
 	c->attend_us = us < 1 ? 1 : us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
@@ -1504,6 +1557,8 @@ int kvtier_attend_async(struct kvtier_client *c, struct kvtier_table *t, const v
 	 * stream the attend runs after them anyway */
 	if (t->up_pending && stream != (t->fast ? t->stream : kvt_compute_stream(c->cc)))
 		ret = dev->ops->fence_stream_wait(dev, t->up, stream);
+	if (ret == 0)
+		ret = estimate_queue(c, t, q, scale, &a, stream);
 	if (ret == 0)
 		ret = kvt_attend(c->cc, &a, stream);
 	if (ret == 0 && !c->fence) { /* no fence: the daemon must not find it running */

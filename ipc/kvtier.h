@@ -155,6 +155,14 @@ enum kvtier_select_flags {
 	 * selected that is resident (counted in kvtier_prefetch_stats.substituted), so
 	 * the step never waits for the disk. Sink and window pages are never replaced. */
 	KVTIER_SEL_SUBSTITUTE = 1u << 0,
+	/* The fast path (kvtier_select_async): the attention over the table (kvtier_attend,
+	 * kvtier_attend_async) adds an estimate of the pages the table leaves out (not
+	 * selected, or selected and not leased yet) from their summaries: each counts as
+	 * page_tokens tokens of its mean key and mean value (kvt_estimate). At a budget of a
+	 * few percent of a long context this cuts the output's error several times over, for
+	 * one more kernel a layer that reads two head_dim vectors a page. The lse stays the
+	 * attended tokens' own. No effect on a table made through the daemon. */
+	KVTIER_SEL_ESTIMATE = 1u << 1,
 };
 
 struct kvtier_select_params {

@@ -121,6 +121,26 @@ __device__ __forceinline__ void att_load_q(const T *q, int gn, float scale, floa
 }
 
 /*
+ * kvt_estimate's output for head g of row r (the pages the table leaves out) merged
+ * into a finished state: M in log2 units, S and A scaled by exp2(-M), dim d.
+ */
+__device__ __forceinline__ void att_est_fold(const kvt_attend_args &a, uint32_t r, int g, int d,
+					     float &M, float &S, float &A)
+{
+	if (!a.est)
+		return;
+	const float *e = a.est + ((size_t)r * a.g.group + g) * (a.g.head_dim + 2);
+	const float em = e[0] * KVT_LOG2E, el = e[1];
+	if (!(em > -INFINITY) || !(el > 0))
+		return;
+	const float mm = fmaxf(M, em);
+	const float wa = S > 0 ? exp2f(M - mm) : 0.0f, we = exp2f(em - mm);
+	S = S * wa + el * we;
+	A = A * wa + e[2 + d] * we;
+	M = mm;
+}
+
+/*
  * NG groups' states (sm_m, sm_l: [NG][GM]; sm_acc: [NG][GM][D], stored and synced)
  * merged: f(g, d, M, S, A) once for each of the block's outputs (head g < gn, dim d),
  * with S and A the sums scaled by exp2(-M).
@@ -253,8 +273,10 @@ __device__ __forceinline__ void att_splits_merge(const att_launch &L, uint32_t r
 		if (o >= GM * D || g >= gn)
 			continue;
 		const float S = sm_l[g];
+		float M2 = sm_m[g], S2 = S, A2 = A[i];
+		att_est_fold(a, r, g0 + g, d, M2, S2, A2);
 		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
-		kvt_store1(out, S > 0 ? A[i] / S : 0.0f);
+		kvt_store1(out, S2 > 0 ? A2 / S2 : 0.0f);
 		if (d == 0 && a.lse)
 			a.lse[(size_t)r * G + g0 + g] = S > 0 ? (sm_m[g] + log2f(S)) * KVT_LN2 : -INFINITY;
 	}
@@ -335,8 +357,10 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 		const float o_val = S > 0 ? A / S : 0.0f;
 		const float lse2 = S > 0 ? M + log2f(S) : -INFINITY;
 		if (my_splits == 1) {
+			float M2 = M, S2 = S, A2 = A;
+			att_est_fold(a, r, g0 + g, d, M2, S2, A2);
 			T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + g) * D + d;
-			kvt_store1(out, o_val);
+			kvt_store1(out, S2 > 0 ? A2 / S2 : 0.0f);
 			if (d == 0 && a.lse)
 				a.lse[(size_t)r * G + g0 + g] = lse2 * KVT_LN2;
 		} else {
@@ -865,10 +889,11 @@ __global__ void __launch_bounds__(CL_THREADS, 1) attend_cluster_kernel(kvt_atten
 			}
 		}
 		const int d = (i % 8) * (D / 8) + i / 8;
-		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + h) * D + d;
-		kvt_store1(out, S > 0 ? A / S : 0.0f);
 		if (i == 0 && a.lse)
 			a.lse[(size_t)r * G + g0 + h] = S > 0 ? (M + log2f(S)) * KVT_LN2 : -INFINITY;
+		att_est_fold(a, r, g0 + h, d, M, S, A);
+		T *out = static_cast<T *>(a.out) + ((size_t)r * G + g0 + h) * D + d;
+		kvt_store1(out, S > 0 ? A / S : 0.0f);
 	}
 	}
 #endif

@@ -29,7 +29,12 @@ size_t kvt_dtype_size(uint32_t dtype)
 
 size_t kvt_summary_record_bytes(const struct kvt_geom *g)
 {
-	return (size_t)(2 + g->reps) * g->head_dim * kvt_dtype_size(g->dtype);
+	return (size_t)(4 + g->reps) * g->head_dim * kvt_dtype_size(g->dtype);
+}
+
+size_t kvt_estimate_work_bytes(const struct kvt_geom *g, uint32_t rows, uint32_t max_pages)
+{
+	return (size_t)rows * kvt_est_chunks(max_pages) * g->group * (g->head_dim + 2) * sizeof(float);
 }
 
 int kvt_geom_check(const struct kvt_geom *g)
@@ -225,6 +230,18 @@ int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void 
 	    a->slot_bytes < 2ull * a->g.page_tokens * a->g.head_dim * kvt_dtype_size(a->g.dtype))
 		return -EINVAL;
 	return c->ops->put_rows(c, a, stream);
+}
+
+int kvt_estimate(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream)
+{
+	if (!a || kvt_geom_check(&a->g) < 0)
+		return -EINVAL;
+	if (!a->rows)
+		return 0;
+	if (!a->q || !a->summaries || !a->n_full || !a->est || !a->work || !a->sync ||
+	    (a->stride && (!a->sel || !a->n_sel)) || (!a->row_base && a->sum_stride < a->max_pages))
+		return -EINVAL;
+	return c->ops->estimate(c, a, stream);
 }
 
 int kvt_scatter_i32(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n)

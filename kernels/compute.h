@@ -27,8 +27,9 @@
  *            instead (a page read in place from mapped pinned host memory).
  *   Summary  one record per page, in the KV dtype (f32 for f32 KV):
  *            [min][max] (head_dim each, Quest) then [rep 0]..[rep R-1] (head_dim each,
- *            the means of R equal sub-blocks of the page's keys, InfLLM), so
- *            (2 + R) * head_dim elements; record i at summaries + i * record bytes.
+ *            the means of R equal sub-blocks of the page's keys, InfLLM), then [key
+ *            mean][value mean] (the page's, for kvt_estimate), so (4 + R) * head_dim
+ *            elements; record i at summaries + i * record bytes.
  *            sum_index[r * stride + p] names the record of page p of row r (NULL: the
  *            records of row r are contiguous from r * stride).
  *   Scores   float scores[r * stride + p] for p < n_pages[r].
@@ -171,6 +172,47 @@ struct kvt_attend_args {
 	 * stride; NULL when the table names none */
 	const void *host_pool;
 	uint64_t host_slot_bytes;
+	/* kvt_estimate's output for these rows, or NULL: the pages the table leaves out,
+	 * estimated, are merged into out (lse stays the attended tokens' alone, so
+	 * exp(lse - dense lse) is still the share of the mass the table covers) */
+	const float *est;
+};
+
+/*
+ * An estimate of the attention over the pages a table leaves out, from their summary
+ * records (RetroInfer's estimation zone, at page granularity): every full page p <
+ * n_full[r] of row r that is not among the row's entries sel[r * stride + i], i <
+ * n_sel[r] (entry e names page e - sel_base - r * sel_row_stride: page indices with both
+ * 0, or the slots of a slot_map that is base + r * stride + page), counts as
+ * page_tokens tokens, each with the page's mean key and mean value. For each query head
+ * g of row r, with z_p = scale * q_g . kmean_p, est[(r * group + g) * (head_dim + 2) + j]:
+ *   j = 0: m = max z_p (-inf when no page is left out),
+ *   j = 1: sum_p T exp(z_p - m),
+ *   j = 2 + d: sum_p T exp(z_p - m) vmean_p[d].
+ * A page's exp(mean logit) is at most its tokens' mean exp (Jensen): the estimate leans
+ * low, never high. Records as kvt_score's without sum_index (row r's from row_base[r],
+ * or r * sum_stride). work: kvt_estimate_work_bytes(g, rows, max_pages) bytes of the
+ * backend's memory, max_pages >= every n_full[r]; sync: rows * group words of it, zero,
+ * that the call leaves zero. Both for one call at a time.
+ */
+struct kvt_estimate_args {
+	struct kvt_geom g;
+	uint32_t rows;
+	uint32_t max_pages;
+	float scale;
+	uint32_t sum_stride;
+	const void *q;            /* [rows][group][D] */
+	const void *summaries;
+	const int32_t *row_base;  /* [rows] or NULL */
+	const int32_t *n_full;    /* [rows] */
+	uint32_t stride;          /* of sel */
+	uint32_t sel_row_stride;
+	int64_t sel_base;
+	const int32_t *sel;       /* [rows][stride] */
+	const int32_t *n_sel;     /* [rows] */
+	float *est;               /* [rows][group][D + 2] out */
+	float *work;
+	uint32_t *sync;
 };
 
 /*
@@ -253,6 +295,8 @@ struct kvt_compute;
 size_t kvt_dtype_size(uint32_t dtype);
 /* Bytes of one summary record. */
 size_t kvt_summary_record_bytes(const struct kvt_geom *g);
+/* Bytes of kvt_estimate's work area for rows rows of at most max_pages full pages. */
+size_t kvt_estimate_work_bytes(const struct kvt_geom *g, uint32_t rows, uint32_t max_pages);
 /* 0 when the geometry is usable by any backend, else -EINVAL. */
 int kvt_geom_check(const struct kvt_geom *g);
 
@@ -298,6 +342,7 @@ int kvt_select(struct kvt_compute *c, const struct kvt_select_args *a, void *str
 int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
 int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
 int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
+int kvt_estimate(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream);
 /*
  * dst[pairs[2i]] = pairs[2i + 1] for i < n: pairs in host memory, dst in the backend's
  * (or mapped memory it writes); done when it returns, on the backend's own stream.

@@ -104,6 +104,72 @@ static int cpu_summarize(struct kvt_compute *c, const struct kvt_summarize_args 
 					sum += kvt_load_elem(k, (size_t)t * D + d, dt);
 				kvt_store_elem(out, (size_t)(2 + r) * D + d, dt, sum / (float)n);
 			}
+			float ks = 0, vs = 0;
+			for (uint32_t t = 0; t < T; t++) {
+				ks += kvt_load_elem(k, (size_t)t * D + d, dt);
+				vs += kvt_load_elem(k, (size_t)(T + t) * D + d, dt);
+			}
+			kvt_store_elem(out, (size_t)(2 + R) * D + d, dt, ks / (float)T);
+			kvt_store_elem(out, (size_t)(3 + R) * D + d, dt, vs / (float)T);
+		}
+	}
+	return 0;
+}
+
+static int cpu_estimate(struct kvt_compute *base, const struct kvt_estimate_args *a, void *stream)
+{
+	struct cpu_compute *c = (struct cpu_compute *)base;
+	const uint32_t D = a->g.head_dim, G = a->g.group, T = a->g.page_tokens, R = a->g.reps,
+		       dt = a->g.dtype;
+	const size_t rec = kvt_summary_record_bytes(&a->g);
+	uint32_t most = 0;
+	for (uint32_t r = 0; r < a->rows; r++)
+		most = (uint32_t)a->n_full[r] > most ? (uint32_t)a->n_full[r] : most;
+	float *q = scratch(c, (size_t)G * D + (size_t)G * most + most);
+	if (!q)
+		return -ENOMEM;
+	float *z = q + (size_t)G * D, *out = z + (size_t)G * most;
+	uint8_t *left = (uint8_t *)out; /* [most]: 1 where the page is left out */
+	for (uint32_t r = 0; r < a->rows; r++) {
+		const uint32_t n = (uint32_t)a->n_full[r];
+		for (size_t i = 0; i < (size_t)G * D; i++)
+			q[i] = kvt_load_elem(a->q, (size_t)r * G * D + i, dt);
+		memset(left, 1, n);
+		const uint32_t ns = a->stride ? (uint32_t)a->n_sel[r] : 0;
+		for (uint32_t i = 0; i < ns && i < a->stride; i++) {
+			int64_t p = (int64_t)a->sel[(size_t)r * a->stride + i] - a->sel_base -
+				    (int64_t)r * a->sel_row_stride;
+			if (p >= 0 && p < n)
+				left[p] = 0;
+		}
+		const size_t base_rec = a->row_base ? (size_t)a->row_base[r] : (size_t)r * a->sum_stride;
+		for (uint32_t g = 0; g < G; g++) {
+			float m = -INFINITY;
+			for (uint32_t p = 0; p < n; p++) {
+				if (!left[p])
+					continue;
+				const uint8_t *s = (const uint8_t *)a->summaries + (base_rec + p) * rec;
+				float dot = 0;
+				for (uint32_t d = 0; d < D; d++)
+					dot += q[(size_t)g * D + d] *
+					       kvt_load_elem(s, (size_t)(2 + R) * D + d, dt);
+				z[(size_t)g * most + p] = dot * a->scale;
+				m = fmaxf(m, dot * a->scale);
+			}
+			float *e = a->est + ((size_t)r * G + g) * (D + 2);
+			memset(e, 0, (D + 2) * sizeof(float));
+			e[0] = m;
+			if (m == -INFINITY)
+				continue;
+			for (uint32_t p = 0; p < n; p++) {
+				if (!left[p])
+					continue;
+				const uint8_t *s = (const uint8_t *)a->summaries + (base_rec + p) * rec;
+				const float w = (float)T * expf(z[(size_t)g * most + p] - m);
+				e[1] += w;
+				for (uint32_t d = 0; d < D; d++)
+					e[2 + d] += w * kvt_load_elem(s, (size_t)(3 + R) * D + d, dt);
+			}
 		}
 	}
 	return 0;
@@ -416,10 +482,19 @@ static int cpu_attend(struct kvt_compute *base, const struct kvt_attend_args *a,
 						acc[d] += p * kvt_load_elem(v, (size_t)t * D + d, dt);
 				}
 			}
-			for (uint32_t d = 0; d < D; d++)
-				kvt_store_elem(a->out, qo + d, dt, nt ? acc[d] / l : 0.0f);
 			if (a->lse)
 				a->lse[(size_t)r * G + g] = nt ? m + logf(l) : -INFINITY;
+			const float *e = a->est ? a->est + ((size_t)r * G + g) * (D + 2) : NULL;
+			if (e && e[0] > -INFINITY && e[1] > 0) { /* the pages left out, estimated */
+				const float mm = nt && m > e[0] ? m : e[0];
+				const float wa = nt ? expf(m - mm) : 0.0f, we = expf(e[0] - mm);
+				l = l * wa + e[1] * we;
+				for (uint32_t d = 0; d < D; d++)
+					acc[d] = acc[d] * wa + e[2 + d] * we;
+				nt = 1;
+			}
+			for (uint32_t d = 0; d < D; d++)
+				kvt_store_elem(a->out, qo + d, dt, nt ? acc[d] / l : 0.0f);
 		}
 	}
 	return 0;
@@ -451,4 +526,5 @@ const struct kvt_compute_ops kvt_compute_cpu_ops = {
 	.resolve = cpu_resolve,
 	.put_rows = cpu_put_rows,
 	.scatter_i32 = cpu_scatter_i32,
+	.estimate = cpu_estimate,
 };

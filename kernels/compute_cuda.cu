@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * The cuda compute backend: the ops table over the kernels of summary.cu, select.cu
- * and attend.cu. Device memory comes from cudaMalloc; work goes to the caller's
+ * The cuda compute backend: the ops table over the kernels of summary.cu, select.cu,
+ * attend.cu, resolve.cu and estimate.cu. Device memory comes from cudaMalloc; work goes to the caller's
  * stream or to the backend's own non-blocking one. CUDA errors become errno here.
  */
 #include <errno.h>
@@ -170,6 +170,11 @@ static int cuda_put_rows(kvt_compute *base, const kvt_put_rows_args *a, void *st
 	return kvt_cuda_put_rows(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
 }
 
+static int cuda_estimate(kvt_compute *base, const kvt_estimate_args *a, void *stream)
+{
+	return kvt_cuda_estimate(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
 static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
@@ -220,4 +225,5 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_resolve,
 	cuda_put_rows,
 	cuda_scatter_i32,
+	cuda_estimate,
 };

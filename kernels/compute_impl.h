@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define KVT_COMPUTE_OPS_VERSION 3
+#define KVT_COMPUTE_OPS_VERSION 4
 
 struct kvt_compute_ops {
 	const char *name;
@@ -38,6 +38,7 @@ struct kvt_compute_ops {
 	int (*resolve)(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
 	int (*put_rows)(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
 	int (*scatter_i32)(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
+	int (*estimate)(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream);
 };
 
 /* Every backend's object starts with this. */
@@ -55,6 +56,14 @@ int kvt_check_summarize(const struct kvt_summarize_args *a);
 int kvt_check_score(const struct kvt_score_args *a);
 int kvt_check_select(const struct kvt_select_args *a);
 int kvt_check_attend(const struct kvt_attend_args *a);
+
+/* kvt_estimate's work area: [rows][chunks][group][D + 2] floats of block partials; a
+ * chunk is KVT_EST_PPB pages. */
+#define KVT_EST_PPB 128u
+static inline uint32_t kvt_est_chunks(uint32_t max_pages)
+{
+	return max_pages ? (max_pages + KVT_EST_PPB - 1) / KVT_EST_PPB : 1;
+}
 
 #ifdef __CUDACC__
 #define KVT_HD __host__ __device__

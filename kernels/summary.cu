@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * Page summaries (per-channel key min/max and R pooled representative keys) and page
+ * Page summaries (per-channel key min/max, R pooled representative keys, the page's
+ * mean key and mean value) and page
  * scores against a decode step's queries. The score kernel is a stream over the
  * summary records: D/8 lanes per page, each with 16-byte loads, four pages per
  * lane group in flight, the group's queries in registers.
@@ -22,12 +23,12 @@ template <typename T> __global__ void __launch_bounds__(128) summarize_kernel(kv
 						 (uint64_t)a.slots[i] * a.slot_bytes) +
 		     lane * 8;
 	T *out = reinterpret_cast<T *>(static_cast<char *>(a.summaries) +
-				       (uint64_t)a.records[i] * (2 + R) * D * sizeof(T)) +
+				       (uint64_t)a.records[i] * (4 + R) * D * sizeof(T)) +
 		 lane * 8;
-	float lo[8], hi[8], sum[8], v[8];
+	float lo[8], hi[8], sum[8], v[8], all[8];
 #pragma unroll
 	for (int j = 0; j < 8; j++)
-		lo[j] = INFINITY, hi[j] = -INFINITY;
+		lo[j] = INFINITY, hi[j] = -INFINITY, all[j] = 0;
 	const int blocks = R ? R : 1, per = T_ / blocks;
 	for (int r = 0; r < blocks; r++) {
 #pragma unroll
@@ -42,6 +43,9 @@ template <typename T> __global__ void __launch_bounds__(128) summarize_kernel(kv
 				sum[j] += v[j];
 			}
 		}
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			all[j] += sum[j];
 		if (R) {
 #pragma unroll
 			for (int j = 0; j < 8; j++)
@@ -51,6 +55,21 @@ template <typename T> __global__ void __launch_bounds__(128) summarize_kernel(kv
 	}
 	kvt_store8(out, lo);
 	kvt_store8(out + D, hi);
+	/* the page's mean key and mean value (kvt_estimate) */
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+		all[j] /= (float)T_, sum[j] = 0;
+	kvt_store8(out + (size_t)(2 + R) * D, all);
+	for (int t = 0; t < T_; t++) {
+		kvt_load8(k + (size_t)(T_ + t) * D, v);
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			sum[j] += v[j];
+	}
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+		sum[j] /= (float)T_;
+	kvt_store8(out + (size_t)(3 + R) * D, sum);
 }
 
 int kvt_cuda_summarize(const kvt_summarize_args *a, cudaStream_t s)
@@ -88,7 +107,7 @@ __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 			for (int j = 0; j < 8; j++)
 				qf[g][j] = 0;
 	}
-	const size_t rec = (size_t)(2 + R) * D;
+	const size_t rec = (size_t)(4 + R) * D;
 	const T *sum = static_cast<const T *>(a.summaries) + lane * 8;
 	const T *recp[U];
 	bool valid[U];

@@ -58,7 +58,8 @@ class Attend(C.Structure):
     _fields_ = [("g", Geom), ("rows", u32), ("stride", u32), ("scale", f32), ("pad_", u32),
                 ("q", vp), ("pool", vp), ("slot_bytes", u64), ("table", vp),
                 ("n_pages", vp), ("tail_slot", vp), ("tail_len", vp), ("out", vp),
-                ("lse", vp)]
+                ("lse", vp), ("tail_pool", vp), ("host_pool", vp), ("host_slot_bytes", u64),
+                ("est", vp)]
 
 
 class Kvt:
@@ -139,7 +140,7 @@ class Layer:
         # summary records stored in a shuffled order, reached through sum_index
         perm = torch.randperm(rows * n, device="cuda").to(torch.int32)
         self.sum_index = perm.view(rows, n).contiguous()
-        self.sums = torch.empty(rows * n * (2 + R) * D, dtype=torch.bfloat16, device="cuda")
+        self.sums = torch.empty(rows * n * (4 + R) * D, dtype=torch.bfloat16, device="cuda")
         a = Summarize(self.geom, ptr(self.pool), self.slot_bytes, ptr(self.slots),
                       ptr(self.sum_index), ptr(self.sums), rows * n, 0)
         kvt.call("kvt_summarize", a)

@@ -79,7 +79,7 @@ struct opts {
 	uint32_t steps, warmup, threads;
 	double gpu_frac, host_frac, host_gap;
 	int32_t wait_us;
-	unsigned methods;
+	unsigned methods, estimate;
 	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
 	bool progress, keep, substitute, sync_select;
 	uint32_t subst_gap;
@@ -104,6 +104,7 @@ static struct opts O = {
 	.gpu_frac = 0.10,
 	.host_frac = 0.50,
 	.methods = (1u << M_N) - 1,
+	.estimate = 1u << M_KVTIER,
 	.device = "auto",
 	.seed = 1,
 };
@@ -771,7 +772,8 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 	char lb[96];
 	struct meta m;
 	void *pool = NULL, *sums = NULL, *host = NULL;
-	float *scores = NULL;
+	float *scores = NULL, *est = NULL, *est_work = NULL;
+	uint32_t *est_sync = NULL;
 	int32_t *sel = NULL, *ids = NULL;
 	double *times = calloc(r->S, sizeof(double));
 	const size_t rec = kvt_summary_record_bytes(&(struct kvt_geom){
@@ -815,6 +817,16 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 			ids = malloc(cells * sizeof(int32_t));
 			int32_t *dids = dalloc(g, cells * sizeof(int32_t));
 			int ret = !sums || !scores || !sel || !ids || !dids ? -ENOMEM : 0;
+			if (!ret && (O.estimate & (1u << M_SPARSE))) { /* the pages left out, estimated */
+				const struct kvt_geom eg = {.head_dim = r->D, .page_tokens = r->T,
+							    .group = r->G, .dtype = O.dtype};
+				est = dalloc(g, (size_t)r->rows * r->G * (r->D + 2) * sizeof(float));
+				est_work = dalloc(g, kvt_estimate_work_bytes(&eg, r->rows, r->P));
+				est_sync = dalloc(g, (size_t)r->rows * r->G * sizeof(uint32_t));
+				ret = !est || !est_work || !est_sync ? -ENOMEM
+				      : kvt_compute_memset(g->cc, est_sync, 0,
+							   (size_t)r->rows * r->G * sizeof(uint32_t));
+			}
 			uint32_t n = 0; /* pages full by the last step */
 			for (size_t i = 0; !ret && i < cells; i++)
 				if ((i % r->P + 1) * r->T <= r->N + r->S)
@@ -865,10 +877,19 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 						.window_tokens = O.window, .logit_scale = (float)r->scale,
 						.scores = scores, .n_pages = m.npg, .tail_len = m.tlen,
 						.slot_map = a.table, .out = so, .n_out = sn};
+					struct kvt_estimate_args ea = {
+						.g = a.g, .rows = r->rows, .max_pages = r->P,
+						.scale = (float)r->scale, .sum_stride = r->P, .q = a.q,
+						.summaries = sc.summaries, .n_full = m.npg, .stride = r->K,
+						.sel_row_stride = r->P, .sel_base = (int64_t)l * r->rows * r->P,
+						.sel = so, .n_sel = sn, .est = est, .work = est_work,
+						.sync = est_sync};
 					double u0 = tsync ? now() : 0;
 					if ((ret = kvt_score(g->cc, &sc, NULL)) < 0 ||
-					    (ret = kvt_select(g->cc, &se, NULL)) < 0)
+					    (ret = kvt_select(g->cc, &se, NULL)) < 0 ||
+					    (est && (ret = kvt_estimate(g->cc, &ea, NULL)) < 0))
 						break;
+					a.est = est;
 					if (tsync && (ret = kvt_compute_sync(g->cc, NULL)) == 0 && s >= O.warmup)
 						tsel += now() - u0;
 					a.table = so;
@@ -924,6 +945,9 @@ out:
 	kvt_compute_free(g->cc, sums);
 	kvt_compute_free(g->cc, scores);
 	kvt_compute_free(g->cc, sel);
+	kvt_compute_free(g->cc, est);
+	kvt_compute_free(g->cc, est_work);
+	kvt_compute_free(g->cc, est_sync);
 	kvt_compute_free(g->cc, pool);
 	meta_free(g, &m);
 }
@@ -1298,7 +1322,8 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	}
 	struct kvtier_select_params sp = {.budget_pages = O.budget / r->T, .sink_tokens = O.sink,
 					  .window_tokens = O.window,
-					  .flags = O.substitute ? KVTIER_SEL_SUBSTITUTE : 0,
+					  .flags = (O.substitute ? KVTIER_SEL_SUBSTITUTE : 0) |
+						   (O.estimate & (1u << M_KVTIER) ? KVTIER_SEL_ESTIMATE : 0),
 					  .host_gap = (float)O.host_gap, .wait_us = O.wait_us};
 	struct kvtier_prefetch_stats st0 = {0}, st1 = {0};
 	uint32_t nt = 0;
@@ -1439,10 +1464,14 @@ static void print_table(FILE *f, const struct row *rows, uint32_t n, const char 
 {
 	fprintf(f, "\nkvtier-bench: %s, %u layers x %u KV heads x %u query heads each x D %u, %s, "
 		   "page %u tokens, budget %u tokens (sinks %u, window %u), kvtier GPU pool %.0f%% "
-		   "of the KV, host %.0f%%; %u timed steps after %u warm-up\n",
+		   "of the KV, host %.0f%%; %u timed steps after %u warm-up; pages left out "
+		   "estimated from their summaries: %s\n",
 		devdesc, O.m.layers, O.m.kv_heads, O.m.group, O.m.head_dim,
 		O.dtype == KVTIER_BF16 ? "bf16" : O.dtype == KVTIER_F16 ? "f16" : "f32", O.page,
-		O.budget, O.sink, O.window, O.gpu_frac * 100, O.host_frac * 100, O.steps, O.warmup);
+		O.budget, O.sink, O.window, O.gpu_frac * 100, O.host_frac * 100, O.steps, O.warmup,
+		(O.estimate & (1u << M_SPARSE)) && (O.estimate & (1u << M_KVTIER)) ? "sparse, kvtier"
+		: O.estimate & (1u << M_SPARSE) ? "sparse" : O.estimate & (1u << M_KVTIER) ? "kvtier"
+		: "none");
 	fprintf(f, "%-7s %-5s %-7s %10s %10s %10s %10s %10s %9s %9s %6s %7s %17s %7s\n", "context",
 		"batch", "method", "p50 ms", "p99 ms", "mean ms", "tok/s", "equiv GB/s", "PCIe MB", "NVMe MB", "hit",
 		"mass", "rel err mean/max", "needle");
@@ -1644,6 +1673,10 @@ static void usage(FILE *f)
 		"  --steps N --warmup N   timed decode steps, and untimed ones before (32, 8)\n"
 		"  --methods LIST      dense,reload,sparse,kvtier (all); mass, error and needle\n"
 		"                      columns need dense or reload in the run (the reference)\n"
+		"  --estimate LIST     sparse,kvtier or none (kvtier): these add an estimate of the\n"
+		"                      pages they leave out, from their summaries' mean key and\n"
+		"                      value (kvt_estimate, KVTIER_SEL_ESTIMATE); the mass column\n"
+		"                      stays the attended pages' own\n"
 		"  --device cpu|cuda|auto, --cpu   where attention runs and kvtierd keeps its pool\n"
 		"  --small             a small shape for a quick run: model small, contexts 2K,4K,\n"
 		"                      batch 1,2, budget 512, window 128, 4 timed steps\n"
@@ -1677,7 +1710,8 @@ int main(int argc, char **argv)
 	enum { O_LAYERS = 256, O_HEADS, O_GROUP, O_HDIM, O_DTYPE, O_CTX, O_BATCH, O_BUDGET, O_SINK,
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
-	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP, O_WAITUS };
+	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP, O_WAITUS,
+	       O_EST };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1692,7 +1726,8 @@ int main(int argc, char **argv)
 		{"no-progress", 0, 0, O_NOPROG}, {"help", 0, 0, O_HELP},
 		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
 		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL},
-		{"host-gap", 1, 0, O_HOSTGAP}, {"wait-us", 1, 0, O_WAITUS}, {0, 0, 0, 0}};
+		{"host-gap", 1, 0, O_HOSTGAP}, {"wait-us", 1, 0, O_WAITUS},
+		{"estimate", 1, 0, O_EST}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -1767,6 +1802,22 @@ int main(int argc, char **argv)
 					return 2;
 				}
 				O.methods |= 1u << k;
+			}
+			free(dup);
+			continue;
+		}
+		case O_EST: {
+			O.estimate = 0;
+			if (!strcmp(optarg, "none"))
+				continue;
+			char *dup = strdup(optarg), *save = NULL;
+			for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+				if (strcmp(t, "sparse") && strcmp(t, "kvtier")) {
+					fprintf(stderr, "kvtier-bench: --estimate takes sparse, kvtier or none, not %s\n", t);
+					free(dup);
+					return 2;
+				}
+				O.estimate |= 1u << (strcmp(t, "sparse") ? M_KVTIER : M_SPARSE);
 			}
 			free(dup);
 			continue;

@@ -680,7 +680,7 @@ static void plan_eval(const struct plan *p, double context, struct plan_out *o)
 	o->kv_session = context * lh * 2 * p->head_dim * p->dsize;
 	o->kv_total = o->kv_session * p->sessions;
 	o->pages_total = pages_row * lh * p->sessions;
-	o->sum_bytes = o->pages_total * (2.0 + p->reps) * p->head_dim * p->dsize;
+	o->sum_bytes = o->pages_total * (4.0 + p->reps) * p->head_dim * p->dsize; /* compute.h */
 	/* pages each (layer, head) of a session reads per step */
 	double sel = ceil(p->budget / T) + ceil(p->sink / T) + ceil(p->window / T);
 	if (sel > pages_row)

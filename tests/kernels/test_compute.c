@@ -135,6 +135,17 @@ static void summaries_case(uint32_t D, uint32_t T, uint32_t R, uint32_t dt)
 				double got = kvt_load_elem(s, (size_t)(2 + r) * D + d, dt);
 				assert_true(fabs(got - m) <= tol_of(dt) * fmax(1.0, fabs(m)));
 			}
+			double km = 0, vm = 0; /* the page's mean key and mean value */
+			for (uint32_t t = 0; t < T; t++) {
+				km += kvt_load_elem(k, (size_t)t * D + d, dt);
+				vm += kvt_load_elem(k, (size_t)(T + t) * D + d, dt);
+			}
+			km /= T;
+			vm /= T;
+			assert_true(fabs(kvt_load_elem(s, (size_t)(2 + R) * D + d, dt) - km) <=
+				    tol_of(dt) * fmax(1.0, fabs(km)));
+			assert_true(fabs(kvt_load_elem(s, (size_t)(3 + R) * D + d, dt) - vm) <=
+				    tol_of(dt) * fmax(1.0, fabs(vm)));
 		}
 	}
 	for (uint32_t i = 0; i < nrec; i++) /* untouched records keep the poison */
@@ -531,6 +542,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 		a.tail_pool = dev_dup(c, h->tail_pool, (size_t)h->rows * h->slot_bytes);
 	if (h->host_pool)
 		a.host_pool = dev_dup(c, h->host_pool, pool_bytes / h->slot_bytes * h->host_slot_bytes);
+	if (h->est)
+		a.est = dev_dup(c, h->est, (size_t)h->rows * h->g.group * (h->g.head_dim + 2) * 4);
 	for (int rep = 0; rep < 2; rep++) /* twice: the split counters must reset */
 		assert_int_equal(kvt_attend(c, &a, NULL), 0);
 	fetch(c, out, a.out, qn * es);
@@ -545,6 +558,8 @@ static void run_attend(struct kvt_compute *c, const struct kvt_attend_args *h, s
 		kvt_compute_free(c, (void *)a.tail_pool);
 	if (a.host_pool)
 		kvt_compute_free(c, (void *)a.host_pool);
+	if (a.est)
+		kvt_compute_free(c, (void *)a.est);
 }
 
 static void att_case(const struct att_case *ac)
@@ -626,6 +641,9 @@ static void att_case(const struct att_case *ac)
 		free(lse2);
 	}
 	double *w = malloc(sizeof(double) * (ac->stride + 1) * T), acc[256];
+	/* each head's reference state (max logit, sum, normalised output), for the estimate */
+	double *ref_m = malloc(sizeof(double) * rows * G), *ref_l = malloc(sizeof(double) * rows * G);
+	double *ref_o = malloc(sizeof(double) * qn);
 	for (uint32_t r = 0; r < rows; r++)
 		for (uint32_t h = 0; h < G; h++) {
 			const size_t qo = ((size_t)r * G + h) * D;
@@ -662,7 +680,10 @@ static void att_case(const struct att_case *ac)
 			for (uint32_t d = 0; d < D; d++) {
 				acc[d] = nt ? acc[d] / l : 0;
 				amax = fmax(amax, fabs(acc[d]));
+				ref_o[qo + d] = acc[d];
 			}
+			ref_m[(size_t)r * G + h] = nt ? m : -INFINITY;
+			ref_l[(size_t)r * G + h] = nt ? l : 0;
 			const double tol = tol_of(dt);
 			for (uint32_t d = 0; d < D; d++) {
 				double got = kvt_load_elem(out, qo + d, dt);
@@ -690,6 +711,55 @@ static void att_case(const struct att_case *ac)
 		free(out2);
 		free(lse2);
 	}
+	/* with an estimate of pages left out merged in (kvt_estimate's output): every kind
+	 * of head, a larger or smaller max than the table's, none (-inf), an empty row */
+	{
+		const size_t ge = (size_t)D + 2;
+		float *est = malloc(sizeof(float) * rows * G * ge);
+		void *out2 = malloc(qn * es);
+		float *lse2 = malloc(rows * G * 4);
+		for (uint32_t i = 0; i < rows * G; i++) {
+			float *e = est + i * ge;
+			e[0] = i % 5 == 4 ? -INFINITY : (float)(ref_m[i] > -INFINITY ? ref_m[i] : 0) +
+								 (float)(3 * srand1());
+			e[1] = e[0] > -INFINITY ? (float)(1 + 40 * urand()) : 0.0f;
+			for (uint32_t d = 0; d < D; d++)
+				e[2 + d] = e[0] > -INFINITY ? e[1] * (float)srand1() : 0.0f;
+		}
+		memset(out2, 0xff, qn * es);
+		memset(lse2, 0xff, rows * G * 4);
+		struct kvt_attend_args a2 = a;
+		a2.out = out2;
+		a2.lse = lse2;
+		a2.est = est;
+		run_attend(C, &a2, pool_bytes, out2, lse2);
+		assert_memory_equal(lse2, lse, rows * G * 4); /* the attended tokens' alone */
+		for (uint32_t i = 0; i < rows * G; i++) {
+			const float *e = est + i * ge;
+			const double mm = fmax(ref_m[i], e[0]);
+			const double wa = ref_l[i] > 0 ? ref_l[i] * exp(ref_m[i] - mm) : 0;
+			const double we = e[0] > -INFINITY ? exp(e[0] - mm) : 0;
+			double amax = 0, want[256];
+			for (uint32_t d = 0; d < D; d++) {
+				want[d] = wa + we * e[1] > 0
+						  ? (ref_o[(size_t)i * D + d] * wa + e[2 + d] * we) / (wa + we * e[1])
+						  : 0;
+				amax = fmax(amax, fabs(want[d]));
+			}
+			for (uint32_t d = 0; d < D; d++) {
+				double got = kvt_load_elem(out2, (size_t)i * D + d, dt);
+				if (!(fabs(got - want[d]) <= tol_of(dt) * (fabs(want[d]) + amax) + 1e-6))
+					fail_msg("estimate merged: D%u G%u row %u head %u d %u: %g vs %g",
+						 D, G, i / G, i % G, d, got, want[d]);
+			}
+		}
+		free(est);
+		free(out2);
+		free(lse2);
+	}
+	free(ref_m);
+	free(ref_l);
+	free(ref_o);
 	free(w);
 	free(pool);
 	free(q);
@@ -732,6 +802,161 @@ static void test_attend(void **state)
 	}
 	unsetenv("KVT_ATTEND_KERNEL");
 	unsetenv("KVT_ATTEND_CLUSTER");
+}
+
+/* ---- the estimate of the pages a table leaves out ---- */
+
+struct est_case {
+	uint32_t D, T, G, R, dt, rows, max_pages, stride;
+	int row_base; /* records through row_base (else r * sum_stride) */
+	int slots;    /* entries are slots base + r * row_stride + page */
+};
+
+static void est_case(const struct est_case *ec)
+{
+	const uint32_t D = ec->D, T = ec->T, G = ec->G, R = ec->R, dt = ec->dt, rows = ec->rows;
+	const struct kvt_geom g = {.head_dim = D, .page_tokens = T, .group = G, .reps = R, .dtype = dt};
+	const size_t es = kvt_dtype_size(dt), rec = kvt_summary_record_bytes(&g), ge = (size_t)D + 2;
+	const uint32_t sum_stride = ec->max_pages + 3, row_stride = ec->max_pages + 11;
+	const int64_t sel_base = ec->slots ? 1000 : 0;
+	const size_t nrec = (size_t)rows * sum_stride + 17;
+	void *q = rand_elems((size_t)rows * G * D, dt, 2.0);
+	void *sums = malloc(nrec * rec);
+	for (size_t i = 0; i < nrec * rec / es; i++)
+		kvt_store_elem(sums, i, dt, (float)srand1());
+	int32_t *nf = malloc(rows * 4), *base = malloc(rows * 4), *ns = malloc(rows * 4);
+	int32_t *sel = malloc((size_t)rows * ec->stride * 4);
+	uint8_t *in = calloc((size_t)rows * ec->max_pages, 1);
+	for (uint32_t r = 0; r < rows; r++) {
+		/* rows: full, none, one page, all taken, and others */
+		nf[r] = r % 5 == 1 ? 0 : r % 5 == 2 ? 1 : (int32_t)(ec->max_pages - (r % 5 == 0 ? 0 : r % 7));
+		base[r] = (int32_t)((rows - 1 - r) * sum_stride + 5); /* reversed, offset */
+		uint32_t k = 0;
+		if (r % 5 == 3 && (uint32_t)nf[r] <= ec->stride) { /* every page in the table */
+			for (int32_t p = nf[r] - 1; p >= 0; p--)
+				sel[(size_t)r * ec->stride + k++] = p;
+		} else {
+			for (uint32_t i = 0; i < ec->stride && nf[r]; i++) {
+				uint32_t p = (uint32_t)((i * 37 + r * 11) % (uint32_t)nf[r]);
+				sel[(size_t)r * ec->stride + k++] = (int32_t)p; /* repeats allowed */
+			}
+			if (k < ec->stride) /* an entry past the row's full pages: ignored */
+				sel[(size_t)r * ec->stride + k++] = nf[r] + 2;
+		}
+		ns[r] = (int32_t)k;
+		for (uint32_t i = 0; i < k; i++) {
+			int32_t p = sel[(size_t)r * ec->stride + i];
+			if (p < nf[r])
+				in[(size_t)r * ec->max_pages + p] = 1;
+			if (ec->slots)
+				sel[(size_t)r * ec->stride + i] = (int32_t)(p + sel_base + (int64_t)r * row_stride);
+		}
+	}
+	const float scale = 0.7f / sqrtf((float)D);
+	float *est = malloc(sizeof(float) * rows * G * ge);
+	struct kvt_estimate_args a = {
+		.g = g, .rows = rows, .max_pages = ec->max_pages, .scale = scale,
+		.sum_stride = sum_stride, .stride = ec->stride,
+		.sel_row_stride = ec->slots ? row_stride : 0, .sel_base = sel_base};
+	a.q = dev_dup(C, q, (size_t)rows * G * D * es);
+	a.summaries = dev_dup(C, sums, nrec * rec);
+	a.row_base = ec->row_base ? dev_dup(C, base, rows * 4) : NULL;
+	a.n_full = dev_dup(C, nf, rows * 4);
+	a.sel = dev_dup(C, sel, (size_t)rows * ec->stride * 4);
+	a.n_sel = dev_dup(C, ns, rows * 4);
+	assert_int_equal(kvt_compute_alloc(C, sizeof(float) * rows * G * ge, (void **)&a.est), 0);
+	assert_int_equal(kvt_compute_memset(C, a.est, 0xff, sizeof(float) * rows * G * ge), 0);
+	const size_t wb = kvt_estimate_work_bytes(&g, rows, ec->max_pages);
+	assert_int_equal(kvt_compute_alloc(C, wb, (void **)&a.work), 0);
+	assert_int_equal(kvt_compute_memset(C, a.work, 0xff, wb), 0); /* need not be zero */
+	assert_int_equal(kvt_compute_alloc(C, (size_t)rows * G * 4, (void **)&a.sync), 0);
+	assert_int_equal(kvt_compute_memset(C, a.sync, 0, (size_t)rows * G * 4), 0);
+	/* three times: the counters must be zero again after each call, also after one
+	 * over fewer rows */
+	assert_int_equal(kvt_estimate(C, &a, NULL), 0);
+	struct kvt_estimate_args a1 = a;
+	a1.rows = rows > 1 ? rows - 1 : 1;
+	assert_int_equal(kvt_estimate(C, &a1, NULL), 0);
+	assert_int_equal(kvt_estimate(C, &a, NULL), 0);
+	uint32_t *sync = malloc((size_t)rows * G * 4);
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	assert_int_equal(kvt_compute_download(C, sync, a.sync, (size_t)rows * G * 4), 0);
+	for (uint32_t i = 0; i < rows * G; i++)
+		assert_int_equal(sync[i], 0);
+	free(sync);
+	assert_int_equal(kvt_compute_download(C, est, a.est, sizeof(float) * rows * G * ge), 0);
+	for (uint32_t r = 0; r < rows; r++) {
+		const size_t b = ec->row_base ? (size_t)base[r] : (size_t)r * sum_stride;
+		for (uint32_t h = 0; h < G; h++) {
+			double m = -INFINITY, l = 0, o[256] = {0}, omax = 0;
+			for (int pass = 0; pass < 2; pass++)
+				for (int32_t p = 0; p < nf[r]; p++) {
+					if (in[(size_t)r * ec->max_pages + p])
+						continue;
+					const uint8_t *sr = (const uint8_t *)sums + (b + p) * rec;
+					double z = 0;
+					for (uint32_t d = 0; d < D; d++)
+						z += (double)kvt_load_elem(q, ((size_t)r * G + h) * D + d, dt) *
+						     kvt_load_elem(sr, (size_t)(2 + R) * D + d, dt);
+					z *= scale;
+					if (!pass) {
+						m = fmax(m, z);
+						continue;
+					}
+					const double x = T * exp(z - m);
+					l += x;
+					for (uint32_t d = 0; d < D; d++)
+						o[d] += x * kvt_load_elem(sr, (size_t)(3 + R) * D + d, dt);
+				}
+			const float *e = est + ((size_t)r * G + h) * ge;
+			if (m == -INFINITY) {
+				if (!(isinf(e[0]) && e[0] < 0))
+					fail_msg("row %u head %u: nothing left out, m %g", r, h, e[0]);
+				continue;
+			}
+			/* m itself may differ by rounding: compare the sums at the reference's m */
+			const double c = exp((double)e[0] - m);
+			if (!(fabs(e[0] - m) <= 1e-3 * fmax(1.0, fabs(m))) ||
+			    !(fabs(e[1] * c - l) <= 1e-3 * l))
+				fail_msg("row %u head %u: m %g l %g vs %g %g", r, h, e[0], e[1] * c, m, l);
+			for (uint32_t d = 0; d < D; d++)
+				omax = fmax(omax, fabs(o[d]));
+			for (uint32_t d = 0; d < D; d++)
+				if (!(fabs(e[2 + d] * c - o[d]) <= 1e-3 * (fabs(o[d]) + omax)))
+					fail_msg("row %u head %u d %u: %g vs %g", r, h, d, e[2 + d] * c, o[d]);
+		}
+	}
+	kvt_compute_free(C, (void *)a.q);
+	kvt_compute_free(C, (void *)a.summaries);
+	kvt_compute_free(C, (void *)a.row_base);
+	kvt_compute_free(C, (void *)a.n_full);
+	kvt_compute_free(C, (void *)a.sel);
+	kvt_compute_free(C, (void *)a.n_sel);
+	kvt_compute_free(C, a.est);
+	kvt_compute_free(C, a.work);
+	kvt_compute_free(C, a.sync);
+	free(q);
+	free(sums);
+	free(nf);
+	free(base);
+	free(ns);
+	free(sel);
+	free(in);
+	free(est);
+}
+
+static void test_estimate(void **state)
+{
+	static const struct est_case cases[] = {
+		{128, 64, 4, 0, KVT_BF16, 10, 300, 33, 1, 0}, /* three chunks of pages */
+		{128, 64, 4, 4, KVT_BF16, 5, 2048, 32, 0, 1}, /* 128K tokens, slots */
+		{64, 16, 1, 2, KVT_F32, 6, 129, 7, 0, 0},
+		{256, 32, 5, 0, KVT_F16, 5, 77, 40, 1, 1},     /* two head chunks of 4 */
+		{128, 16, 12, 1, KVT_F32, 5, 200, 9, 0, 0},    /* two head chunks of 8 */
+		{64, 64, 8, 0, KVT_BF16, 7, 5, 64, 1, 0},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		est_case(&cases[i]);
 }
 
 /* ---- policy and arguments ---- */
@@ -1136,7 +1361,7 @@ int main(void)
 		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
 		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
 		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_resolve),
-		cmocka_unit_test(test_resolve_wait),
+		cmocka_unit_test(test_resolve_wait), cmocka_unit_test(test_estimate),
 	};
 	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
 	if (CPU != C)

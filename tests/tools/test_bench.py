@@ -109,6 +109,20 @@ try:
         check(0 < h <= 1.0, f"{tag}: selected pages leased when the table was made {h:.3f}")
         check(0 < m <= ms + 1e-6, f"{tag}: mass {m:.4f} against the selection's {ms:.4f}")
 
+    # the pages a selection leaves out, estimated from their summaries (kvt_estimate): the
+    # same KV and selection (the mass column, the attended pages', stays), a smaller error
+    est_csv = os.path.join(tmp, "est.csv")
+    p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--csv", est_csv,
+                        "--methods", "dense,sparse", "--estimate", "sparse"],
+                       capture_output=True, text=True, timeout=600)
+    check(p.returncode == 0 and "estimated from their summaries: sparse" in p.stdout,
+          f"--estimate sparse: exit {p.returncode}")
+    er = {(r["context"], r["batch"], r["method"]): r for r in csv.DictReader(open(est_csv))}
+    for k in sorted(k for k in er if k[2] == "sparse"):
+        e0, e1 = float(by[k]["rel_err_mean"]), float(er[k]["rel_err_mean"])
+        check(er[k]["mass_covered"] == by[k]["mass_covered"] and e1 < 0.7 * e0,
+              f"{k[0]} tokens, batch {k[1]}: with the estimate error {e1:.1e} against {e0:.1e}")
+
     # substitution: kvtier may then attend to other pages than sparse; the run still holds
     p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--context", "4K",
                         "--batch", "1", "--methods", "dense,kvtier", "--substitute=4"],
