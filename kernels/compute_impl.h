@@ -58,11 +58,13 @@ int kvt_check_select(const struct kvt_select_args *a);
 int kvt_check_attend(const struct kvt_attend_args *a);
 
 /* kvt_estimate's work area: [rows][chunks][group][D + 2] floats of block partials; a
- * chunk is KVT_EST_PPB pages. */
-#define KVT_EST_PPB 128u
+ * chunk is every chunks-th span of KVT_EST_PPB pages of a row. */
+#define KVT_EST_PPB 64u
+#define KVT_EST_MAX_CHUNKS 64u
 static inline uint32_t kvt_est_chunks(uint32_t max_pages)
 {
-	return max_pages ? (max_pages + KVT_EST_PPB - 1) / KVT_EST_PPB : 1;
+	uint32_t c = max_pages ? (max_pages + KVT_EST_PPB - 1) / KVT_EST_PPB : 1;
+	return c < KVT_EST_MAX_CHUNKS ? c : KVT_EST_MAX_CHUNKS;
 }
 
 #ifdef __CUDACC__

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: MIT
 /*
  * The estimate of the attention over the pages a table leaves out (kvt_estimate): a
- * block per (chunk of KVT_EST_PPB pages, row, chunk of GM query heads). D/8 lanes per
+ * block per (chunk, row, chunk of GM query heads), a chunk being every chunks-th span of
+ * KVT_EST_PPB pages (at most KVT_EST_MAX_CHUNKS chunks a row). D/8 lanes per
  * page, 16-byte loads of the page's mean key and mean value, all of a lane group's
  * pages loaded before any is used; an online softmax per lane group, merged over the
  * warp by shuffles and over the block in shared memory. Each block writes its partial
  * to the work area; the last block of a (row, head chunk) to finish (a counter in
- * sync) merges them into est.
+ * sync) merges them into est, every chunk's loads in flight together.
  */
 #include <errno.h>
 #include <math.h>
@@ -14,7 +15,7 @@
 #include "kernels/compute_impl.h"
 #include "kernels/cuda_common.cuh"
 
-#define EST_THREADS 256
+#define EST_THREADS 128
 #define EST_WARPS (EST_THREADS / 32)
 
 /* One online-softmax state (log2 units) of GM heads over 8 dims. */
@@ -55,21 +56,11 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 	const int G = a.g.group, R = a.g.reps, g0 = blockIdx.z * GM;
 	const int gn = G - g0 < GM ? G - g0 : GM;
 	const uint32_t lane = threadIdx.x % LPT, grp = threadIdx.x / LPT;
-	const uint32_t n = a.n_full[r], p0 = chunk * KVT_EST_PPB;
-
-	/* the chunk's pages the table has: a bitmap */
-	__shared__ uint32_t taken[KVT_EST_PPB / 32];
-	if (threadIdx.x < KVT_EST_PPB / 32)
-		taken[threadIdx.x] = 0;
-	__syncthreads();
+	const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+	const uint32_t n = a.n_full[r];
 	uint32_t ns = a.stride ? (uint32_t)a.n_sel[r] : 0;
 	ns = ns < a.stride ? ns : a.stride;
-	for (uint32_t i = threadIdx.x; i < ns; i += EST_THREADS) {
-		const int64_t p = (int64_t)a.sel[(size_t)r * a.stride + i] - a.sel_base -
-				  (int64_t)r * a.sel_row_stride - p0;
-		if (p >= 0 && p < KVT_EST_PPB)
-			atomicOr(&taken[p / 32], 1u << (p % 32));
-	}
+
 	/* the queries, scaled to log2 units */
 	float qf[GM][8];
 	const T *q = static_cast<const T *>(a.q) + (size_t)r * G * D + lane * 8;
@@ -82,49 +73,68 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 		for (int j = 0; j < 8; j++)
 			qf[g][j] = g < gn ? qf[g][j] * qs : 0.0f;
 	}
-	__syncthreads();
-
 	const size_t rec = (size_t)(4 + R) * D;
 	const size_t base = a.row_base ? (size_t)a.row_base[r] : (size_t)r * a.sum_stride;
 	const T *sums = static_cast<const T *>(a.summaries) + (2 + R) * D + lane * 8;
-	kvt_raw8<T> kr[U], vr[U];
-	bool use[U];
-#pragma unroll
-	for (int u = 0; u < U; u++) {
-		const uint32_t pp = grp + u * NG, p = p0 + pp;
-		use[u] = p < n && !((taken[pp / 32] >> (pp % 32)) & 1);
-		if (use[u]) {
-			const T *s = sums + (base + p) * rec;
-			kr[u].load(s);
-			vr[u].load(s + D);
-		} else {
-			kr[u].zero();
-			vr[u].zero();
-		}
-	}
+	const float tok = (float)a.g.page_tokens;
 	est_state<GM> st;
 	st.init();
-	const float tok = (float)a.g.page_tokens;
+	/* this block's spans of KVT_EST_PPB pages: chunk, chunk + chunks, ... */
+	__shared__ uint32_t taken[KVT_EST_PPB / 32]; /* the span's pages the table has */
+	for (uint32_t p0 = chunk * KVT_EST_PPB; p0 < n; p0 += chunks * KVT_EST_PPB) {
+		/* the span's pages loaded first, taken or not: their loads are in flight while
+		 * the bitmap is made */
+		kvt_raw8<T> kr[U], vr[U];
+		bool use[U];
 #pragma unroll
-	for (int u = 0; u < U; u++) {
-		float k[8], v[8];
-		kr[u].to_float(k);
-		vr[u].to_float(v);
+		for (int u = 0; u < U; u++) {
+			const uint32_t p = p0 + grp + u * NG;
+			if (p < n) {
+				const T *s = sums + (base + p) * rec;
+				kr[u].load(s);
+				vr[u].load(s + D);
+			} else {
+				kr[u].zero();
+				vr[u].zero();
+			}
+		}
+		__syncthreads(); /* the last span's bitmap is read */
+		if (threadIdx.x < KVT_EST_PPB / 32)
+			taken[threadIdx.x] = 0;
+		__syncthreads();
+		for (uint32_t i = threadIdx.x; i < ns; i += EST_THREADS) {
+			const int64_t p = (int64_t)a.sel[(size_t)r * a.stride + i] - a.sel_base -
+					  (int64_t)r * a.sel_row_stride - p0;
+			if (p >= 0 && p < KVT_EST_PPB)
+				atomicOr(&taken[p / 32], 1u << (p % 32));
+		}
+		__syncthreads();
 #pragma unroll
-		for (int g = 0; g < GM; g++) {
-			float z = 0;
+		for (int u = 0; u < U; u++) {
+			const uint32_t pp = grp + u * NG;
+			use[u] = p0 + pp < n && !((taken[pp / 32] >> (pp % 32)) & 1);
+		}
 #pragma unroll
-			for (int j = 0; j < 8; j++)
-				z += qf[g][j] * k[j];
-			z = kvt_group_sum<LPT>(z); /* every lane of the warp takes part */
-			if (use[u] && g < gn) {
-				const float mm = fmaxf(st.m[g], z), c = exp2f(st.m[g] - mm),
-					    w = tok * exp2f(z - mm);
-				st.l[g] = st.l[g] * c + w;
+		for (int u = 0; u < U; u++) {
+			float k[8], v[8];
+			kr[u].to_float(k);
+			vr[u].to_float(v);
+#pragma unroll
+			for (int g = 0; g < GM; g++) {
+				float z = 0;
 #pragma unroll
 				for (int j = 0; j < 8; j++)
-					st.acc[g][j] = st.acc[g][j] * c + w * v[j];
-				st.m[g] = mm;
+					z += qf[g][j] * k[j];
+				z = kvt_group_sum<LPT>(z); /* every lane of the warp takes part */
+				if (use[u] && g < gn) {
+					const float mm = fmaxf(st.m[g], z), c = exp2f(st.m[g] - mm),
+						    w = tok * exp2f(z - mm);
+					st.l[g] = st.l[g] * c + w;
+#pragma unroll
+					for (int j = 0; j < 8; j++)
+						st.acc[g][j] = st.acc[g][j] * c + w * v[j];
+					st.m[g] = mm;
+				}
 			}
 		}
 	}
@@ -145,7 +155,6 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 	/* the warps merged in shared memory, into this block's partial */
 	__shared__ float sm_m[EST_WARPS][GM], sm_l[EST_WARPS][GM];
 	__shared__ __align__(16) float sm_acc[EST_WARPS][GM][D];
-	const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
 	if (wl < LPT) {
 #pragma unroll
 		for (int g = 0; g < GM; g++) {
@@ -196,26 +205,50 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 	if (!last)
 		return;
 	__threadfence();
-	const float *w0 = a.work + ((size_t)r * chunks * G + g0) * (D + 2);
+	/* every chunk's max and sum into shared memory at once, then weights, then the
+	 * outputs: loads in flight together, not one chunk after another */
+	__shared__ float sm_w[KVT_EST_MAX_CHUNKS][GM];
+	__shared__ float sm_s[GM], sm_mx[GM];
 	const size_t cs = (size_t)G * (D + 2); /* from one chunk's partial to the next */
+	const float *w0 = a.work + ((size_t)r * chunks * G + g0) * (D + 2);
+	for (uint32_t i = threadIdx.x; i < chunks * gn; i += EST_THREADS) {
+		const uint32_t c = i / gn, g = i % gn;
+		sm_w[c][g] = __ldcg(w0 + c * cs + (size_t)g * (D + 2));
+	}
+	__syncthreads();
+	for (int g = warp; g < gn; g += EST_WARPS) { /* warp: the max, weights, sum of head g */
+		float M = -INFINITY, S = 0;
+		for (uint32_t c = wl; c < chunks; c += 32)
+			M = fmaxf(M, sm_w[c][g]);
+#pragma unroll
+		for (int o = 16; o; o >>= 1)
+			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+		for (uint32_t c = wl; c < chunks; c += 32) {
+			const float x = M > -INFINITY ? exp2f(sm_w[c][g] - M) : 0.0f;
+			S += x * __ldcg(w0 + c * cs + (size_t)g * (D + 2) + 1);
+			sm_w[c][g] = x;
+		}
+#pragma unroll
+		for (int o = 16; o; o >>= 1)
+			S += __shfl_xor_sync(0xffffffffu, S, o);
+		if (wl == 0) {
+			sm_mx[g] = M;
+			sm_s[g] = S;
+		}
+	}
+	__syncthreads();
 	for (int o = threadIdx.x; o < gn * D; o += EST_THREADS) {
 		const int g = o / D, d = o % D;
-		const float *pg = w0 + (size_t)g * (D + 2);
-		float M = -INFINITY, S = 0, A = 0;
+		const float *pg = w0 + (size_t)g * (D + 2) + 2 + d;
+		float A = 0;
+#pragma unroll 8
 		for (uint32_t c = 0; c < chunks; c++)
-			M = fmaxf(M, __ldcg(pg + c * cs));
-		if (M > -INFINITY) {
-			for (uint32_t c = 0; c < chunks; c++) {
-				const float x = exp2f(__ldcg(pg + c * cs) - M);
-				S += __ldcg(pg + c * cs + 1) * x;
-				A += __ldcg(pg + c * cs + 2 + d) * x;
-			}
-		}
+			A += sm_w[c][g] * __ldcg(pg + c * cs);
 		float *e = a.est + ((size_t)r * G + g0 + g) * (D + 2);
 		e[2 + d] = A;
 		if (d == 0) {
-			e[0] = M > -INFINITY ? M * KVT_LN2 : -INFINITY;
-			e[1] = S;
+			e[0] = sm_mx[g] > -INFINITY ? sm_mx[g] * KVT_LN2 : -INFINITY;
+			e[1] = sm_s[g];
 		}
 	}
 }

@@ -104,7 +104,7 @@ static struct opts O = {
 	.gpu_frac = 0.10,
 	.host_frac = 0.50,
 	.methods = (1u << M_N) - 1,
-	.estimate = 1u << M_KVTIER,
+	.estimate = (1u << M_SPARSE) | (1u << M_KVTIER),
 	.device = "auto",
 	.seed = 1,
 };
@@ -1673,10 +1673,10 @@ static void usage(FILE *f)
 		"  --steps N --warmup N   timed decode steps, and untimed ones before (32, 8)\n"
 		"  --methods LIST      dense,reload,sparse,kvtier (all); mass, error and needle\n"
 		"                      columns need dense or reload in the run (the reference)\n"
-		"  --estimate LIST     sparse,kvtier or none (kvtier): these add an estimate of the\n"
-		"                      pages they leave out, from their summaries' mean key and\n"
-		"                      value (kvt_estimate, KVTIER_SEL_ESTIMATE); the mass column\n"
-		"                      stays the attended pages' own\n"
+		"  --estimate LIST     sparse,kvtier (default) or none: these add an estimate of\n"
+		"                      the pages they leave out, from their summaries' mean key\n"
+		"                      and value (kvt_estimate, KVTIER_SEL_ESTIMATE: kvtier's fast\n"
+		"                      path only); the mass column stays the attended pages' own\n"
 		"  --device cpu|cuda|auto, --cpu   where attention runs and kvtierd keeps its pool\n"
 		"  --small             a small shape for a quick run: model small, contexts 2K,4K,\n"
 		"                      batch 1,2, budget 512, window 128, 4 timed steps\n"

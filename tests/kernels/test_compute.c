@@ -954,6 +954,7 @@ static void test_estimate(void **state)
 		{256, 32, 5, 0, KVT_F16, 5, 77, 40, 1, 1},     /* two head chunks of 4 */
 		{128, 16, 12, 1, KVT_F32, 5, 200, 9, 0, 0},    /* two head chunks of 8 */
 		{64, 64, 8, 0, KVT_BF16, 7, 5, 64, 1, 0},
+		{64, 16, 2, 0, KVT_BF16, 3, 9000, 20, 0, 1},  /* more spans than chunks */
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
 		est_case(&cases[i]);

@@ -35,7 +35,7 @@ try:
     plots = os.path.join(tmp, "plots")
     dstats = os.path.join(tmp, "daemon-stats.txt")
     args = [bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--csv", csv_path,
-            "--daemon-stats", dstats, "--sync-select"]
+            "--daemon-stats", dstats, "--sync-select", "--estimate", "none"]
     if shutil.which("gnuplot"):
         args += ["--plot", plots]
     env = dict(os.environ)
@@ -109,8 +109,9 @@ try:
         check(0 < h <= 1.0, f"{tag}: selected pages leased when the table was made {h:.3f}")
         check(0 < m <= ms + 1e-6, f"{tag}: mass {m:.4f} against the selection's {ms:.4f}")
 
-    # the pages a selection leaves out, estimated from their summaries (kvt_estimate): the
-    # same KV and selection (the mass column, the attended pages', stays), a smaller error
+    # the pages a selection leaves out, estimated from their summaries (kvt_estimate; the
+    # first run had none): the same KV and selection (the mass column, the attended
+    # pages', stays), a smaller error
     est_csv = os.path.join(tmp, "est.csv")
     p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--csv", est_csv,
                         "--methods", "dense,sparse", "--estimate", "sparse"],
