@@ -1131,15 +1131,7 @@ int kvt_cuda_attend(const kvt_attend_args *a, kvt_cuda_ws *ws, cudaStream_t s)
 	const uint32_t hchunks = (G + gm - 1) / gm;
 	if (hchunks > 65535)
 		return -EINVAL;
-	return kvt_dispatch_dtype(a->g.dtype, [&](auto t) {
-		using T = decltype(t);
-		switch (D) {
-		case 64:
-			return attend_d<T, 64>(a, hchunks, ws, s);
-		case 128:
-			return attend_d<T, 128>(a, hchunks, ws, s);
-		default:
-			return attend_d<T, 256>(a, hchunks, ws, s);
-		}
+	return kvt_dispatch_dtype_dim(a->g.dtype, D, [&](auto t, auto d) {
+		return attend_d<decltype(t), decltype(d)::value>(a, hchunks, ws, s);
 	});
 }

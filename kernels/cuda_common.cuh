@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kernels/compute.h"
 
 #define KVT_LOG2E 1.4426950408889634f
@@ -138,6 +140,24 @@ template <typename F> static int kvt_dispatch_dtype(uint32_t dtype, F &&f)
 	default:
 		return -EINVAL;
 	}
+}
+
+/* Calls f(T(), std::integral_constant<int, D>()) for the element type of dtype and a head
+ * dim D of 64, 128 or 256 (-EINVAL for others). */
+template <typename F> static int kvt_dispatch_dtype_dim(uint32_t dtype, uint32_t head_dim, F &&f)
+{
+	return kvt_dispatch_dtype(dtype, [&](auto t) {
+		switch (head_dim) {
+		case 64:
+			return f(t, std::integral_constant<int, 64>());
+		case 128:
+			return f(t, std::integral_constant<int, 128>());
+		case 256:
+			return f(t, std::integral_constant<int, 256>());
+		default:
+			return -EINVAL;
+		}
+	});
 }
 
 int kvt_cuda_errno(cudaError_t e, const char *what);

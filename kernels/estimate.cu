@@ -272,17 +272,7 @@ int kvt_cuda_estimate(const kvt_estimate_args *a, cudaStream_t s)
 {
 	if (a->rows > 65535)
 		return -EINVAL;
-	return kvt_dispatch_dtype(a->g.dtype, [&](auto t) {
-		using T = decltype(t);
-		switch (a->g.head_dim) {
-		case 64:
-			return est_launch<T, 64>(a, s);
-		case 128:
-			return est_launch<T, 128>(a, s);
-		case 256:
-			return est_launch<T, 256>(a, s);
-		default:
-			return -EINVAL;
-		}
+	return kvt_dispatch_dtype_dim(a->g.dtype, a->g.head_dim, [&](auto t, auto d) {
+		return est_launch<decltype(t), decltype(d)::value>(a, s);
 	});
 }

@@ -236,17 +236,7 @@ int kvt_cuda_score(const kvt_score_args *a, cudaStream_t s)
 {
 	if (a->rows > 65535)
 		return -EINVAL;
-	return kvt_dispatch_dtype(a->g.dtype, [&](auto t) {
-		using T = decltype(t);
-		switch (a->g.head_dim) {
-		case 64:
-			return score_gm<T, 64>(a, s);
-		case 128:
-			return score_gm<T, 128>(a, s);
-		case 256:
-			return score_gm<T, 256>(a, s);
-		default:
-			return -EINVAL;
-		}
+	return kvt_dispatch_dtype_dim(a->g.dtype, a->g.head_dim, [&](auto t, auto d) {
+		return score_gm<decltype(t), decltype(d)::value>(a, s);
 	});
 }
