@@ -122,8 +122,14 @@ struct kvtier_table {
 	float *d_scores;
 	size_t sel_bytes, page_bytes, score_bytes;
 	/* KVTIER_SEL_ESTIMATE: the estimate of the pages left out (kvt_estimate), its
-	 * work area and counters (zero between calls), and the largest row it spans */
-	bool estimate;
+	 * work area and counters (zero between calls), and the largest row it spans. The
+	 * select starts one over every page on the backend's own stream, beside the
+	 * selection (est_all, for est_scale; done at est_done); the attend waits for it
+	 * and takes the table's pages out. */
+	bool estimate, est_all, est_pending, est_taken;
+	float est_scale;
+	void *est_stream; /* where the table's pages were taken out (est_taken) */
+	struct kvt_fence *est_done;
 	uint32_t smax;
 	float *d_est, *d_est_work;
 	uint32_t *d_est_sync;
@@ -984,7 +990,8 @@ struct kvtier_table *kvtier_table_create(struct kvtier_client *c, uint32_t max_s
 	size_t rows = (size_t)max_seqs * c->layout.kv_heads;
 	if (kvt_compute_host_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->n_pages) < 0 ||
 	    kvt_compute_alloc(c->cc, rows * 3 * sizeof(int32_t), (void **)&t->d_n_pages) < 0 ||
-	    c->dev->ops->fence_create(c->dev, NULL, NULL, &t->up) < 0) {
+	    c->dev->ops->fence_create(c->dev, NULL, NULL, &t->up) < 0 ||
+	    c->dev->ops->fence_create(c->dev, NULL, NULL, &t->est_done) < 0) {
 		kvtier_table_destroy(t);
 		return NULL;
 	}
@@ -1007,6 +1014,11 @@ void kvtier_table_destroy(struct kvtier_table *t)
 		if (t->up_pending)
 			dev->ops->fence_wait(dev, t->up);
 		dev->ops->fence_destroy(dev, t->up);
+	}
+	if (t->est_done) {
+		if (t->est_pending)
+			dev->ops->fence_wait(dev, t->est_done);
+		dev->ops->fence_destroy(dev, t->est_done);
 	}
 	if (t->fast && !t->fast_seen)
 		kvt_compute_sync(t->c->cc, t->stream);
@@ -1274,6 +1286,36 @@ static int64_t fb_alloc(struct kvtier_client *c, uint64_t size, uint32_t *taken)
 	return (int64_t)(c->fb_off + (skip ? 0 : at));
 }
 
+/*
+ * KVTIER_SEL_ESTIMATE: the estimate over every full page, on the backend's own stream
+ * once the staging copy (t->up) has run, so that it runs beside the selection; the
+ * attend takes the table's pages out of it (estimate_queue). On the stream itself
+ * where that is the backend's (or cpu: at once).
+ */
+static int estimate_all(struct kvtier_client *c, struct kvtier_table *t, const void *q,
+			uint32_t rows, uint32_t smax, float scale, void *stream)
+{
+	const size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
+	void *side = kvt_compute_stream(c->cc);
+	struct kvt_estimate_args e = {
+		.g = c->geom, .rows = rows, .max_pages = smax, .scale = scale, .q = q,
+		.summaries = c->fast.ptr, .row_base = t->d_fin + mr, .n_full = t->d_fin,
+		.est = t->d_est, .work = t->d_est_work, .sync = t->d_est_sync};
+	int ret;
+	t->est_all = t->est_taken = false;
+	if (side == stream || !side)
+		ret = kvt_estimate(c->cc, &e, stream);
+	else if ((ret = c->dev->ops->fence_stream_wait(c->dev, t->up, side)) == 0 &&
+		 (ret = kvt_estimate(c->cc, &e, side)) == 0 &&
+		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0)
+		t->est_pending = true;
+	if (ret == 0) {
+		t->est_all = true;
+		t->est_scale = scale;
+	}
+	return ret;
+}
+
 int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
 			uint32_t layer, const void *q, const struct kvtier_select_params *p,
 			struct kvtier_table *t, void *stream)
@@ -1420,8 +1462,12 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		rs.host_gap = (p->host_gap > 0 ? p->host_gap : KVTIER_HOST_GAP) /
 			      se.logit_scale; /* nats to q.k */
 	}
-	if ((ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
+	/* the last select's estimate beside it may still read the device's copy */
+	if (t->est_pending && stream != kvt_compute_stream(c->cc))
+		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, stream);
+	if (ret < 0 || (ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
 	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||
+	    (est && (ret = estimate_all(c, t, q, (uint32_t)rows, smax, se.logit_scale, stream)) < 0) ||
 	    (ret = kvt_score(c->cc, &sc, stream)) < 0 || (ret = kvt_select(c->cc, &se, stream)) < 0 ||
 	    (ret = kvt_resolve(c->cc, &rs, stream)) < 0) {
 		kvt_compute_sync(c->cc, stream); /* nothing queued may still read the staging */
@@ -1469,7 +1515,7 @@ static int fence_record(struct kvtier_client *c, void *stream)
  * KVTIER_SEL_ESTIMATE: the pages a fast table leaves out, estimated from the summaries
  * on stream before the attention, which merges t->d_est (a->est).
  */
-static int estimate_queue(struct kvtier_client *c, const struct kvtier_table *t, const void *q,
+static int estimate_queue(struct kvtier_client *c, struct kvtier_table *t, const void *q,
 			  float scale, struct kvt_attend_args *a, void *stream)
 {
 	if (!t->fast || !t->estimate)
@@ -1480,7 +1526,29 @@ static int estimate_queue(struct kvtier_client *c, const struct kvtier_table *t,
 		.summaries = c->fast.ptr, .row_base = t->d_fin + mr, .n_full = t->d_fin,
 		.stride = t->stride, .sel = t->d_pages, .n_sel = t->d_n_pages, .est = t->d_est,
 		.work = t->d_est_work, .sync = t->d_est_sync};
-	int ret = kvt_estimate(c->cc, &e, stream);
+	int ret = 0;
+	/* NULL: the backend's own stream, which the device names by its handle */
+	void *ds = stream ? stream : kvt_compute_stream(c->cc);
+	/* the estimate over every page the select started: the table's pages taken out
+	 * (distinct, ascending) once; another scale than the select's needs a whole one */
+	if (t->est_all && t->est_scale == scale) {
+		if (t->est_taken) { /* a second attend: behind the first's (its fence) */
+			if (stream != t->est_stream && c->fence)
+				ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, ds);
+			if (ret == 0)
+				a->est = t->d_est;
+			return ret;
+		}
+		e.subtract = 1;
+		if (t->est_pending)
+			ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds);
+	}
+	if (ret == 0)
+		ret = kvt_estimate(c->cc, &e, stream);
+	if (ret == 0 && e.subtract) {
+		t->est_taken = true;
+		t->est_stream = stream;
+	}
 	if (ret == 0)
 		a->est = t->d_est;
 	return ret;
@@ -1529,7 +1597,8 @@ int kvtier_attend(struct kvtier_client *c, const struct kvtier_table *t, const v
 	struct kvt_attend_args a;
 	attend_args(c, t, qd, od, ld, scale, &a);
 	const uint64_t t0 = mono_ns();
-	if ((ret = estimate_queue(c, t, qd, scale, &a, NULL)) < 0 ||
+	/* the table's own: the estimate's pages are taken out of it once */
+	if ((ret = estimate_queue(c, (struct kvtier_table *)t, qd, scale, &a, NULL)) < 0 ||
 	    (ret = kvt_attend(c->cc, &a, NULL)) < 0 || (ret = kvt_compute_sync(c->cc, NULL)) < 0)
 		goto out;
 	uint64_t us = (mono_ns() - t0) / 1000;

@@ -34,7 +34,7 @@ size_t kvt_summary_record_bytes(const struct kvt_geom *g)
 
 size_t kvt_estimate_work_bytes(const struct kvt_geom *g, uint32_t rows, uint32_t max_pages)
 {
-	return (size_t)rows * kvt_est_chunks(max_pages) * g->group * (g->head_dim + 2) * sizeof(float);
+	return (size_t)rows * kvt_est_chunks(max_pages) * g->group * (g->head_dim + 4) * sizeof(float);
 }
 
 int kvt_geom_check(const struct kvt_geom *g)
@@ -238,8 +238,10 @@ int kvt_estimate(struct kvt_compute *c, const struct kvt_estimate_args *a, void 
 		return -EINVAL;
 	if (!a->rows)
 		return 0;
-	if (!a->q || !a->summaries || !a->n_full || !a->est || !a->work || !a->sync ||
-	    (a->stride && (!a->sel || !a->n_sel)) || (!a->row_base && a->sum_stride < a->max_pages))
+	if (!a->q || !a->summaries || !a->n_full || !a->est || (a->stride && (!a->sel || !a->n_sel)) ||
+	    (!a->row_base && a->sum_stride < a->max_pages))
+		return -EINVAL;
+	if (a->subtract ? !a->stride : !a->work || !a->sync || ((uintptr_t)a->work & 15))
 		return -EINVAL;
 	return c->ops->estimate(c, a, stream);
 }

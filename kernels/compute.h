@@ -192,8 +192,15 @@ struct kvt_attend_args {
  * A page's exp(mean logit) is at most its tokens' mean exp (Jensen): the estimate leans
  * low, never high. Records as kvt_score's without sum_index (row r's from row_base[r],
  * or r * sum_stride). work: kvt_estimate_work_bytes(g, rows, max_pages) bytes of the
- * backend's memory, max_pages >= every n_full[r]; sync: rows * group words of it, zero,
- * that the call leaves zero. Both for one call at a time.
+ * backend's memory, 16-byte aligned, max_pages >= every n_full[r]; sync: rows * group
+ * words of it, zero, that the call leaves zero. Both for one call at a time.
+ *
+ * With subtract set, est is input and output instead: an estimate over a set of pages
+ * that includes the row's entries (which must then be distinct), such as a call with
+ * stride 0 (every full page) made before the table was known, e.g. beside the
+ * selection on another stream; the entries' terms (pages < n_full[r]) are taken out of
+ * it, in its own m. What is left at or below 1e-6 of the sum before (rounding) counts as
+ * nothing left out (m = -inf). One block a row; work, sync and max_pages are not used.
  */
 struct kvt_estimate_args {
 	struct kvt_geom g;
@@ -210,9 +217,11 @@ struct kvt_estimate_args {
 	int64_t sel_base;
 	const int32_t *sel;       /* [rows][stride] */
 	const int32_t *n_sel;     /* [rows] */
-	float *est;               /* [rows][group][D + 2] out */
+	float *est;               /* [rows][group][D + 2] out (in and out: subtract) */
 	float *work;
 	uint32_t *sync;
+	uint32_t subtract;
+	uint32_t pad_;
 };
 
 /*

@@ -116,8 +116,54 @@ static int cpu_summarize(struct kvt_compute *c, const struct kvt_summarize_args 
 	return 0;
 }
 
+/* kvt_estimate with subtract: the entries' terms out of est, in its m */
+static int cpu_estimate_sub(struct kvt_compute *base, const struct kvt_estimate_args *a)
+{
+	struct cpu_compute *c = (struct cpu_compute *)base;
+	const uint32_t D = a->g.head_dim, G = a->g.group, T = a->g.page_tokens, R = a->g.reps,
+		       dt = a->g.dtype;
+	const size_t rec = kvt_summary_record_bytes(&a->g);
+	float *q = scratch(c, (size_t)G * D);
+	if (!q)
+		return -ENOMEM;
+	for (uint32_t r = 0; r < a->rows; r++) {
+		const uint32_t n = (uint32_t)a->n_full[r], ns = (uint32_t)a->n_sel[r];
+		const size_t base_rec = a->row_base ? (size_t)a->row_base[r] : (size_t)r * a->sum_stride;
+		for (size_t i = 0; i < (size_t)G * D; i++)
+			q[i] = kvt_load_elem(a->q, (size_t)r * G * D + i, dt);
+		for (uint32_t g = 0; g < G; g++) {
+			float *e = a->est + ((size_t)r * G + g) * (D + 2);
+			const float m = e[0], l0 = e[1];
+			if (m == -INFINITY)
+				continue;
+			for (uint32_t i = 0; i < ns && i < a->stride; i++) {
+				const int64_t p = (int64_t)a->sel[(size_t)r * a->stride + i] - a->sel_base -
+						  (int64_t)r * a->sel_row_stride;
+				if (p < 0 || p >= n)
+					continue;
+				const uint8_t *s = (const uint8_t *)a->summaries + (base_rec + p) * rec;
+				float dot = 0;
+				for (uint32_t d = 0; d < D; d++)
+					dot += q[(size_t)g * D + d] *
+					       kvt_load_elem(s, (size_t)(2 + R) * D + d, dt);
+				const float w = (float)T * expf(dot * a->scale - m);
+				e[1] -= w;
+				for (uint32_t d = 0; d < D; d++)
+					e[2 + d] -= w * kvt_load_elem(s, (size_t)(3 + R) * D + d, dt);
+			}
+			if (!(e[1] > 1e-6f * l0)) { /* nothing left but rounding */
+				memset(e, 0, (D + 2) * sizeof(float));
+				e[0] = -INFINITY;
+			}
+		}
+	}
+	return 0;
+}
+
 static int cpu_estimate(struct kvt_compute *base, const struct kvt_estimate_args *a, void *stream)
 {
+	if (a->subtract)
+		return cpu_estimate_sub(base, a);
 	struct cpu_compute *c = (struct cpu_compute *)base;
 	const uint32_t D = a->g.head_dim, G = a->g.group, T = a->g.page_tokens, R = a->g.reps,
 		       dt = a->g.dtype;

@@ -57,7 +57,7 @@ int kvt_check_score(const struct kvt_score_args *a);
 int kvt_check_select(const struct kvt_select_args *a);
 int kvt_check_attend(const struct kvt_attend_args *a);
 
-/* kvt_estimate's work area: [rows][chunks][group][D + 2] floats of block partials; a
+/* kvt_estimate's work area: [rows][chunks][group][D + 4] floats of block partials; a
  * chunk is every chunks-th span of KVT_EST_PPB pages of a row. */
 #define KVT_EST_PPB 64u
 #define KVT_EST_MAX_CHUNKS 64u

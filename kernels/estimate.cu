@@ -168,10 +168,13 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 		}
 	}
 	__syncthreads();
-	float *work = a.work + (((size_t)r * chunks + chunk) * G + g0) * (D + 2);
-	for (int o = threadIdx.x; o < gn * D; o += EST_THREADS) {
-		const int g = o / D, d = o % D;
-		float M = -INFINITY, S = 0, A = 0;
+	/* the block's partial, four dims a thread: [M][S][-][-][A 0 .. D-1] a head */
+	constexpr int PS = D + 4;
+	float *work = a.work + (((size_t)r * chunks + chunk) * G + g0) * PS;
+	for (int o = threadIdx.x; o < gn * D / 4; o += EST_THREADS) {
+		const int g = o / (D / 4), d = (o % (D / 4)) * 4;
+		float M = -INFINITY, S = 0;
+		float4 A = make_float4(0, 0, 0, 0);
 #pragma unroll
 		for (int w = 0; w < EST_WARPS; w++)
 			M = fmaxf(M, sm_m[w][g]);
@@ -179,16 +182,15 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 #pragma unroll
 			for (int w = 0; w < EST_WARPS; w++) {
 				const float x = exp2f(sm_m[w][g] - M);
+				const float4 v = *reinterpret_cast<const float4 *>(&sm_acc[w][g][d]);
 				S += sm_l[w][g] * x;
-				A += sm_acc[w][g][d] * x;
+				A.x += v.x * x, A.y += v.y * x, A.z += v.z * x, A.w += v.w * x;
 			}
 		}
-		float *part = work + (size_t)g * (D + 2);
-		part[2 + d] = A;
-		if (d == 0) {
-			part[0] = M;
-			part[1] = S;
-		}
+		float *part = work + (size_t)g * PS;
+		*reinterpret_cast<float4 *>(part + 4 + d) = A;
+		if (d == 0)
+			*reinterpret_cast<float2 *>(part) = make_float2(M, S);
 	}
 
 	/* the last block of this row's head chunk merges every chunk's partial */
@@ -209,11 +211,11 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 	 * outputs: loads in flight together, not one chunk after another */
 	__shared__ float sm_w[KVT_EST_MAX_CHUNKS][GM];
 	__shared__ float sm_s[GM], sm_mx[GM];
-	const size_t cs = (size_t)G * (D + 2); /* from one chunk's partial to the next */
-	const float *w0 = a.work + ((size_t)r * chunks * G + g0) * (D + 2);
+	const size_t cs = (size_t)G * PS; /* from one chunk's partial to the next */
+	const float *w0 = a.work + ((size_t)r * chunks * G + g0) * PS;
 	for (uint32_t i = threadIdx.x; i < chunks * gn; i += EST_THREADS) {
 		const uint32_t c = i / gn, g = i % gn;
-		sm_w[c][g] = __ldcg(w0 + c * cs + (size_t)g * (D + 2));
+		sm_w[c][g] = __ldcg(w0 + c * cs + (size_t)g * PS);
 	}
 	__syncthreads();
 	for (int g = warp; g < gn; g += EST_WARPS) { /* warp: the max, weights, sum of head g */
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
 		for (uint32_t c = wl; c < chunks; c += 32) {
 			const float x = M > -INFINITY ? exp2f(sm_w[c][g] - M) : 0.0f;
-			S += x * __ldcg(w0 + c * cs + (size_t)g * (D + 2) + 1);
+			S += x * __ldcg(w0 + c * cs + (size_t)g * PS + 1);
 			sm_w[c][g] = x;
 		}
 #pragma unroll
@@ -237,18 +239,144 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 		}
 	}
 	__syncthreads();
-	for (int o = threadIdx.x; o < gn * D; o += EST_THREADS) {
-		const int g = o / D, d = o % D;
-		const float *pg = w0 + (size_t)g * (D + 2) + 2 + d;
-		float A = 0;
-#pragma unroll 8
-		for (uint32_t c = 0; c < chunks; c++)
-			A += sm_w[c][g] * __ldcg(pg + c * cs);
+	/* four dims a thread, every chunk's loads issued before they are summed */
+	for (int o = threadIdx.x; o < gn * D / 4; o += EST_THREADS) {
+		const int g = o / (D / 4), d = (o % (D / 4)) * 4;
+		const float4 *pg = reinterpret_cast<const float4 *>(w0 + (size_t)g * PS + 4 + d);
+		float4 A = make_float4(0, 0, 0, 0);
+#pragma unroll 16
+		for (uint32_t c = 0; c < chunks; c++) {
+			const float4 v = __ldcg(pg + c * (cs / 4));
+			const float x = sm_w[c][g];
+			A.x += v.x * x, A.y += v.y * x, A.z += v.z * x, A.w += v.w * x;
+		}
 		float *e = a.est + ((size_t)r * G + g0 + g) * (D + 2);
-		e[2 + d] = A;
+		e[2 + d] = A.x, e[3 + d] = A.y, e[4 + d] = A.z, e[5 + d] = A.w;
 		if (d == 0) {
 			e[0] = sm_mx[g] > -INFINITY ? sm_mx[g] * KVT_LN2 : -INFINITY;
 			e[1] = sm_s[g];
+		}
+	}
+}
+
+/*
+ * subtract: the table entries' terms out of an estimate over every page, in its own m.
+ * A block per (row, chunk of GM heads); the lane groups take the entries in turn.
+ */
+template <typename T, int D, int GM>
+__global__ void __launch_bounds__(EST_THREADS) estimate_sub_kernel(kvt_estimate_args a)
+{
+	constexpr int LPT = D / 8, NG = EST_THREADS / LPT;
+	const uint32_t r = blockIdx.x;
+	const int G = a.g.group, R = a.g.reps, g0 = blockIdx.z * GM;
+	const int gn = G - g0 < GM ? G - g0 : GM;
+	const uint32_t lane = threadIdx.x % LPT, grp = threadIdx.x / LPT;
+	const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+	const uint32_t n = a.n_full[r];
+	uint32_t ns = (uint32_t)a.n_sel[r];
+	ns = ns < a.stride ? ns : a.stride;
+	float qf[GM][8], m[GM];
+	const T *q = static_cast<const T *>(a.q) + (size_t)r * G * D + lane * 8;
+	const float qs = a.scale * KVT_LOG2E;
+	float *est = a.est + ((size_t)r * G + g0) * (D + 2);
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		if (g < gn)
+			kvt_load8(q + (size_t)(g0 + g) * D, qf[g]);
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			qf[g][j] = g < gn ? qf[g][j] * qs : 0.0f;
+		m[g] = g < gn ? est[(size_t)g * (D + 2)] * KVT_LOG2E : -INFINITY;
+	}
+	const size_t rec = (size_t)(4 + R) * D;
+	const size_t base = a.row_base ? (size_t)a.row_base[r] : (size_t)r * a.sum_stride;
+	const T *sums = static_cast<const T *>(a.summaries) + (2 + R) * D + lane * 8;
+	const float tok = (float)a.g.page_tokens;
+	float l[GM], acc[GM][8];
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		l[g] = 0;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			acc[g][j] = 0;
+	}
+	for (uint32_t i0 = 0; i0 < ns; i0 += NG) { /* the same turns for every lane group */
+		const uint32_t i = i0 + grp;
+		int64_t p = -1;
+		if (i < ns)
+			p = (int64_t)a.sel[(size_t)r * a.stride + i] - a.sel_base -
+			    (int64_t)r * a.sel_row_stride;
+		const bool use = p >= 0 && p < n;
+		kvt_raw8<T> kr, vr;
+		if (use) {
+			const T *s = sums + (base + (size_t)p) * rec;
+			kr.load(s);
+			vr.load(s + D);
+		} else {
+			kr.zero();
+			vr.zero();
+		}
+		float k[8], v[8];
+		kr.to_float(k);
+		vr.to_float(v);
+#pragma unroll
+		for (int g = 0; g < GM; g++) {
+			float z = 0;
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				z += qf[g][j] * k[j];
+			z = kvt_group_sum<LPT>(z);
+			if (use && g < gn && m[g] > -INFINITY) {
+				const float w = tok * exp2f(z - m[g]);
+				l[g] += w;
+#pragma unroll
+				for (int j = 0; j < 8; j++)
+					acc[g][j] += w * v[j];
+			}
+		}
+	}
+	/* sums over the lane groups: a warp's by shuffles, the block's in shared memory */
+#pragma unroll
+	for (int o = LPT; o < 32; o <<= 1)
+#pragma unroll
+		for (int g = 0; g < GM; g++) {
+			l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+		}
+	__shared__ float sm_l[EST_WARPS][GM];
+	__shared__ __align__(16) float sm_acc[EST_WARPS][GM][D];
+	if (wl < LPT) {
+#pragma unroll
+		for (int g = 0; g < GM; g++) {
+			if (wl == 0)
+				sm_l[warp][g] = l[g];
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				sm_acc[warp][g][lane * 8 + j] = acc[g][j];
+		}
+	}
+	__shared__ float sm_l0[GM];
+	if (threadIdx.x < gn) /* the sums before, read before any is written */
+		sm_l0[threadIdx.x] = est[(size_t)threadIdx.x * (D + 2) + 1];
+	__syncthreads();
+	for (int o = threadIdx.x; o < gn * D; o += EST_THREADS) {
+		const int g = o / D, d = o % D;
+		float *e = est + (size_t)g * (D + 2);
+		float L = 0, A = 0;
+#pragma unroll
+		for (int w = 0; w < EST_WARPS; w++) {
+			L += sm_l[w][g];
+			A += sm_acc[w][g][d];
+		}
+		const float l0 = sm_l0[g], left = l0 - L;
+		const bool none = !(left > 1e-6f * l0);
+		e[2 + d] = none ? 0.0f : e[2 + d] - A;
+		if (d == 0) {
+			e[1] = none ? 0.0f : left;
+			if (none)
+				e[0] = -INFINITY;
 		}
 	}
 }
@@ -268,11 +396,28 @@ static int est_launch(const kvt_estimate_args *a, cudaStream_t s)
 	return kvt_cuda_errno(cudaGetLastError(), "estimate");
 }
 
+template <typename T, int D>
+static int est_sub_launch(const kvt_estimate_args *a, cudaStream_t s)
+{
+	const uint32_t G = a->g.group;
+	if (G <= 4) {
+		estimate_sub_kernel<T, D, 4><<<dim3(a->rows, 1, 1), EST_THREADS, 0, s>>>(*a);
+	} else {
+		constexpr int GM = D <= 128 ? 8 : 4;
+		estimate_sub_kernel<T, D, GM>
+			<<<dim3(a->rows, 1, (G + GM - 1) / GM), EST_THREADS, 0, s>>>(*a);
+	}
+	return kvt_cuda_errno(cudaGetLastError(), "estimate");
+}
+
 int kvt_cuda_estimate(const kvt_estimate_args *a, cudaStream_t s)
 {
-	if (a->rows > 65535)
+	if (a->rows > 65535 && !a->subtract)
+		return -EINVAL;
+	if (a->rows > INT32_MAX)
 		return -EINVAL;
 	return kvt_dispatch_dtype_dim(a->g.dtype, a->g.head_dim, [&](auto t, auto d) {
-		return est_launch<decltype(t), decltype(d)::value>(a, s);
+		return a->subtract ? est_sub_launch<decltype(t), decltype(d)::value>(a, s)
+				   : est_launch<decltype(t), decltype(d)::value>(a, s);
 	});
 }

@@ -2,7 +2,8 @@
 /*
  * kvtier-bench-select: the time of one layer's selection kernels, alone and together,
  * at a batch-1 Llama-3.1-8B layer (8 rows, 4 query heads each, D 128, bf16, page 64):
- * Quest scores, top-k, and the estimate of the pages left out (kvt_estimate), at 512,
+ * Quest scores, top-k, and the estimate of the pages left out (kvt_estimate; also over
+ * rows of no page, the same launch: its fixed cost), at 512,
  * 2048 and 8192 pages a row (32K, 128K, 512K tokens). "queued": N calls back to back,
  * one synchronisation (the device's time once launches keep up); "waited": each call
  * synchronised (what one costs with its launch and the wait).
@@ -27,7 +28,7 @@ static double now(void)
 
 struct bufs {
 	void *sums, *q;
-	int32_t *nf, *sel, *ns, *out, *nout;
+	int32_t *nf, *sel, *ns, *out, *nout, *zero;
 	float *est, *work, *scores;
 	uint32_t *sync;
 };
@@ -42,14 +43,20 @@ static void *dev(struct kvt_compute *c, size_t n)
 	return p;
 }
 
-enum { E_SCORE, E_SELECT, E_EST, E_ALL2, E_ALL3, E_N };
+enum { E_SCORE, E_SELECT, E_EST, E_EST0, E_ALL2, E_ALL3, E_N };
 static const char *const ename[E_N] = {"score", "select (top-k)", "estimate",
-				       "score + select", "score + select + estimate"};
+				       "estimate, rows empty", "score + select",
+				       "score + select + estimate"};
 
 static int run(struct kvt_compute *c, int which, struct kvt_score_args *s,
-	       struct kvt_select_args *se, struct kvt_estimate_args *e)
+	       struct kvt_select_args *se, struct kvt_estimate_args *e, const int32_t *zero)
 {
 	int ret = 0;
+	if (which == E_EST0) { /* the same launch over rows of no page: its fixed cost */
+		struct kvt_estimate_args e0 = *e;
+		e0.n_full = zero;
+		return kvt_estimate(c, &e0, NULL);
+	}
 	if (which == E_SCORE || which == E_ALL2 || which == E_ALL3)
 		ret = kvt_score(c, s, NULL);
 	if (!ret && (which == E_SELECT || which == E_ALL2 || which == E_ALL3))
@@ -111,11 +118,13 @@ int main(int argc, char **argv)
 		b.scores = dev(c, (size_t)rows * P * 4);
 		b.out = dev(c, (size_t)rows * budget * 4);
 		b.nout = dev(c, rows * 4);
+		b.zero = dev(c, rows * 4);
 		if (kvt_compute_upload(c, b.sums, h, sb) < 0 || kvt_compute_upload(c, b.nf, hn, sizeof(hn)) < 0 ||
 		    kvt_compute_upload(c, b.ns, hns, sizeof(hns)) < 0 ||
 		    kvt_compute_upload(c, b.sel, hs, sizeof(hs)) < 0 ||
 		    kvt_compute_memset(c, b.q, 0x3c, (size_t)rows * G * D * 2) < 0 ||
-		    kvt_compute_memset(c, b.sync, 0, (size_t)rows * G * 4) < 0)
+		    kvt_compute_memset(c, b.sync, 0, (size_t)rows * G * 4) < 0 ||
+		    kvt_compute_memset(c, b.zero, 0, rows * 4) < 0)
 			return 1;
 		free(h);
 		struct kvt_score_args s = {.g = g, .method = KVT_SCORE_QUEST, .agg = KVT_GQA_MAX,
@@ -131,7 +140,7 @@ int main(int argc, char **argv)
 			.summaries = b.sums, .n_full = b.nf, .stride = budget, .sel = b.sel,
 			.n_sel = b.ns, .est = b.est, .work = b.work, .sync = b.sync};
 		for (int w = 0; w < 20; w++)
-			if ((ret = run(c, E_ALL3, &s, &se, &e)) < 0) {
+			if ((ret = run(c, E_ALL3, &s, &se, &e, b.zero)) < 0) {
 				fprintf(stderr, "kvtier-bench-select: %s\n", strerror(-ret));
 				return 1;
 			}
@@ -139,11 +148,11 @@ int main(int argc, char **argv)
 		for (int k = 0; k < E_N; k++) {
 			double t0 = now();
 			for (int i = 0; i < n; i++)
-				run(c, k, &s, &se, &e);
+				run(c, k, &s, &se, &e, b.zero);
 			kvt_compute_sync(c, NULL);
 			double t1 = now();
 			for (int i = 0; i < n; i++) {
-				run(c, k, &s, &se, &e);
+				run(c, k, &s, &se, &e, b.zero);
 				kvt_compute_sync(c, NULL);
 			}
 			double t2 = now();
@@ -161,6 +170,7 @@ int main(int argc, char **argv)
 		kvt_compute_free(c, b.scores);
 		kvt_compute_free(c, b.out);
 		kvt_compute_free(c, b.nout);
+		kvt_compute_free(c, b.zero);
 	}
 	kvt_compute_close(c);
 	return 0;

@@ -774,6 +774,11 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 	void *pool = NULL, *sums = NULL, *host = NULL;
 	float *scores = NULL, *est = NULL, *est_work = NULL;
 	uint32_t *est_sync = NULL;
+	/* the estimate over every page runs on a stream of its own beside the selection
+	 * (as libkvtier's), the selected pages taken out once it is known */
+	struct kvt_compute *side_cc = NULL;
+	struct kvt_fence *f_up = NULL, *f_est = NULL;
+	void *main_s = kvt_compute_stream(g->cc), *side_s = NULL;
 	int32_t *sel = NULL, *ids = NULL;
 	double *times = calloc(r->S, sizeof(double));
 	const size_t rec = kvt_summary_record_bytes(&(struct kvt_geom){
@@ -826,6 +831,11 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 				ret = !est || !est_work || !est_sync ? -ENOMEM
 				      : kvt_compute_memset(g->cc, est_sync, 0,
 							   (size_t)r->rows * r->G * sizeof(uint32_t));
+				if (!ret && main_s &&
+				    kvt_compute_open(kvt_compute_name(g->cc), &side_cc) == 0 &&
+				    g->dev->ops->fence_create(g->dev, NULL, NULL, &f_up) == 0 &&
+				    g->dev->ops->fence_create(g->dev, NULL, NULL, &f_est) == 0)
+					side_s = kvt_compute_stream(side_cc);
 			}
 			uint32_t n = 0; /* pages full by the last step */
 			for (size_t i = 0; !ret && i < cells; i++)
@@ -880,14 +890,27 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 					struct kvt_estimate_args ea = {
 						.g = a.g, .rows = r->rows, .max_pages = r->P,
 						.scale = (float)r->scale, .sum_stride = r->P, .q = a.q,
-						.summaries = sc.summaries, .n_full = m.npg, .stride = r->K,
+						.summaries = sc.summaries, .n_full = m.npg,
 						.sel_row_stride = r->P, .sel_base = (int64_t)l * r->rows * r->P,
 						.sel = so, .n_sel = sn, .est = est, .work = est_work,
 						.sync = est_sync};
+					struct kvt_estimate_args es = ea; /* the selected pages out */
+					es.stride = r->K;
+					es.subtract = 1;
+					const struct kvt_device_ops *dv = g->dev->ops;
 					double u0 = tsync ? now() : 0;
+					if (est && side_s && /* every page, beside the selection */
+					    ((ret = dv->fence_record(g->dev, f_up, main_s)) < 0 ||
+					     (ret = dv->fence_stream_wait(g->dev, f_up, side_s)) < 0 ||
+					     (ret = kvt_estimate(g->cc, &ea, side_s)) < 0 ||
+					     (ret = dv->fence_record(g->dev, f_est, side_s)) < 0))
+						break;
+					if (est && !side_s && (ret = kvt_estimate(g->cc, &ea, NULL)) < 0)
+						break;
 					if ((ret = kvt_score(g->cc, &sc, NULL)) < 0 ||
 					    (ret = kvt_select(g->cc, &se, NULL)) < 0 ||
-					    (est && (ret = kvt_estimate(g->cc, &ea, NULL)) < 0))
+					    (est && side_s && (ret = dv->fence_stream_wait(g->dev, f_est, main_s)) < 0) ||
+					    (est && (ret = kvt_estimate(g->cc, &es, NULL)) < 0))
 						break;
 					a.est = est;
 					if (tsync && (ret = kvt_compute_sync(g->cc, NULL)) == 0 && s >= O.warmup)
@@ -948,6 +971,13 @@ out:
 	kvt_compute_free(g->cc, est);
 	kvt_compute_free(g->cc, est_work);
 	kvt_compute_free(g->cc, est_sync);
+	if (side_cc)
+		kvt_compute_sync(side_cc, NULL);
+	if (f_up)
+		g->dev->ops->fence_destroy(g->dev, f_up);
+	if (f_est)
+		g->dev->ops->fence_destroy(g->dev, f_est);
+	kvt_compute_close(side_cc);
 	kvt_compute_free(g->cc, pool);
 	meta_free(g, &m);
 }

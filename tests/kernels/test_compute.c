@@ -926,6 +926,61 @@ static void est_case(const struct est_case *ec)
 					fail_msg("row %u head %u d %u: %g vs %g", r, h, d, e[2 + d] * c, o[d]);
 		}
 	}
+	/* the same from an estimate over every page (stride 0), the entries (made distinct)
+	 * taken out afterwards (subtract): what a stream beside the selection does */
+	{
+		int32_t *sd = malloc((size_t)rows * ec->stride * 4), *nsd = malloc(rows * 4);
+		for (uint32_t r = 0; r < rows; r++) {
+			uint32_t k = 0;
+			for (uint32_t i = 0; i < (uint32_t)ns[r]; i++) {
+				const int32_t x = sel[(size_t)r * ec->stride + i];
+				uint32_t j = 0;
+				while (j < k && sd[(size_t)r * ec->stride + j] != x)
+					j++;
+				if (j == k)
+					sd[(size_t)r * ec->stride + k++] = x;
+			}
+			nsd[r] = (int32_t)k;
+		}
+		float *est2 = malloc(sizeof(float) * rows * G * ge);
+		struct kvt_estimate_args all = a;
+		all.stride = 0;
+		assert_int_equal(kvt_compute_memset(C, a.est, 0xff, sizeof(float) * rows * G * ge), 0);
+		assert_int_equal(kvt_estimate(C, &all, NULL), 0);
+		struct kvt_estimate_args sub = a;
+		sub.subtract = 1;
+		sub.work = NULL;
+		sub.sync = NULL;
+		sub.sel = dev_dup(C, sd, (size_t)rows * ec->stride * 4);
+		sub.n_sel = dev_dup(C, nsd, rows * 4);
+		assert_int_equal(kvt_estimate(C, &sub, NULL), 0);
+		assert_int_equal(kvt_compute_sync(C, NULL), 0);
+		assert_int_equal(kvt_compute_download(C, est2, a.est, sizeof(float) * rows * G * ge), 0);
+		for (uint32_t i = 0; i < rows * G; i++) {
+			const float *x = est + i * ge, *y = est2 + i * ge;
+			if (x[0] == -INFINITY) {
+				if (!(y[0] == -INFINITY && y[1] == 0))
+					fail_msg("subtract: row %u head %u: nothing left out, m %g l %g", i / G,
+						 i % G, y[0], y[1]);
+				continue;
+			}
+			const double c = exp((double)y[0] - x[0]); /* y's sums in x's m */
+			double omax = 0;
+			for (uint32_t d = 0; d < D; d++)
+				omax = fmax(omax, fabs(x[2 + d]));
+			if (!(fabs(y[1] * c - x[1]) <= 1e-3 * x[1]))
+				fail_msg("subtract: row %u head %u: l %g vs %g", i / G, i % G, y[1] * c, x[1]);
+			for (uint32_t d = 0; d < D; d++)
+				if (!(fabs(y[2 + d] * c - x[2 + d]) <= 2e-3 * (fabs(x[2 + d]) + omax)))
+					fail_msg("subtract: row %u head %u d %u: %g vs %g", i / G, i % G, d,
+						 y[2 + d] * c, x[2 + d]);
+		}
+		kvt_compute_free(C, (void *)sub.sel);
+		kvt_compute_free(C, (void *)sub.n_sel);
+		free(sd);
+		free(nsd);
+		free(est2);
+	}
 	kvt_compute_free(C, (void *)a.q);
 	kvt_compute_free(C, (void *)a.summaries);
 	kvt_compute_free(C, (void *)a.row_base);
