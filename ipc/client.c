@@ -59,6 +59,9 @@ struct kvtier_client {
 	void *host;
 	void *host_dev;  /* the host arena as the backend's kernels address it, or NULL */
 	struct kvt_compute *cc;
+	/* KVTIER_SEL_ESTIMATE's stream beside the caller's (a compute object of its own: no
+	 * synchronous call of the library waits behind it); NULL until needed, or on cpu */
+	struct kvt_compute *est_cc;
 	bool gpu; /* the backend's memory is not host memory: host q/out are staged */
 	/* the pages still filling: a host copy and the backend's, slot (live, layer, head) */
 	uint32_t max_live;
@@ -123,11 +126,12 @@ struct kvtier_table {
 	size_t sel_bytes, page_bytes, score_bytes;
 	/* KVTIER_SEL_ESTIMATE: the estimate of the pages left out (kvt_estimate), its
 	 * work area and counters (zero between calls), and the largest row it spans. The
-	 * select starts one over every page on the backend's own stream, beside the
+	 * select starts one over every page on the client's estimate stream, beside the
 	 * selection (est_all, for est_scale; done at est_done); the attend waits for it
 	 * and takes the table's pages out. */
 	bool estimate, est_all, est_pending, est_taken;
 	float est_scale;
+	void *est_side; /* the stream est_done was recorded on */
 	void *est_stream; /* where the table's pages were taken out (est_taken) */
 	struct kvt_fence *est_done;
 	uint32_t smax;
@@ -544,6 +548,7 @@ void kvtier_detach(struct kvtier_client *c)
 		c->dev->ops->fence_destroy(c->dev, c->fence);
 	if (c->copy_fence)
 		c->dev->ops->fence_destroy(c->dev, c->copy_fence);
+	kvt_compute_close(c->est_cc); /* waits for its stream */
 	if (c->cc) {
 		kvt_compute_host_free(c->cc, c->stage);
 		kvt_compute_free(c->cc, c->tail_dev);
@@ -1287,16 +1292,19 @@ static int64_t fb_alloc(struct kvtier_client *c, uint64_t size, uint32_t *taken)
 }
 
 /*
- * KVTIER_SEL_ESTIMATE: the estimate over every full page, on the backend's own stream
- * once the staging copy (t->up) has run, so that it runs beside the selection; the
- * attend takes the table's pages out of it (estimate_queue). On the stream itself
- * where that is the backend's (or cpu: at once).
+ * KVTIER_SEL_ESTIMATE: the estimate over every full page, on the client's estimate
+ * stream once the staging copy (t->up) has run, so that it runs beside the selection;
+ * the attend takes the table's pages out of it (estimate_queue). On the caller's stream
+ * where there is no other (cpu: at once).
  */
 static int estimate_all(struct kvtier_client *c, struct kvtier_table *t, const void *q,
 			uint32_t rows, uint32_t smax, float scale, void *stream)
 {
 	const size_t mr = (size_t)t->max_seqs * c->layout.kv_heads;
-	void *side = kvt_compute_stream(c->cc);
+	if (!c->est_cc && !strcmp(kvt_compute_name(c->cc), "cuda") &&
+	    kvt_compute_open("cuda", &c->est_cc) < 0)
+		c->est_cc = NULL; /* then on the caller's stream */
+	void *side = c->est_cc ? kvt_compute_stream(c->est_cc) : NULL;
 	struct kvt_estimate_args e = {
 		.g = c->geom, .rows = rows, .max_pages = smax, .scale = scale, .q = q,
 		.summaries = c->fast.ptr, .row_base = t->d_fin + mr, .n_full = t->d_fin,
@@ -1307,8 +1315,10 @@ static int estimate_all(struct kvtier_client *c, struct kvtier_table *t, const v
 		ret = kvt_estimate(c->cc, &e, stream);
 	else if ((ret = c->dev->ops->fence_stream_wait(c->dev, t->up, side)) == 0 &&
 		 (ret = kvt_estimate(c->cc, &e, side)) == 0 &&
-		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0)
+		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0) {
 		t->est_pending = true;
+		t->est_side = side;
+	}
 	if (ret == 0) {
 		t->est_all = true;
 		t->est_scale = scale;
@@ -1463,7 +1473,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 			      se.logit_scale; /* nats to q.k */
 	}
 	/* the last select's estimate beside it may still read the device's copy */
-	if (t->est_pending && stream != kvt_compute_stream(c->cc))
+	if (t->est_pending && stream != t->est_side)
 		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, stream);
 	if (ret < 0 || (ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
 	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||
