@@ -159,9 +159,12 @@ enum kvtier_select_flags {
 	 * kvtier_attend_async) adds an estimate of the pages the table leaves out (not
 	 * selected, or selected and not leased yet) from their summaries: each counts as
 	 * page_tokens tokens of its mean key and mean value (kvt_estimate). At a budget of a
-	 * few percent of a long context this cuts the output's error several times over, for
-	 * one more kernel a layer that reads two head_dim vectors a page. The lse stays the
-	 * attended tokens' own. No effect on a table made through the daemon. */
+	 * few percent of a long context this cuts the output's error several times over.
+	 * The select starts the estimate over every page on a stream of the library's own
+	 * (cuda), beside the selection, reading two head_dim vectors a page; the attend
+	 * waits for it there and takes the table's pages out, in q's scale of
+	 * 1/sqrt(head_dim) (another scale: the attend makes the whole estimate itself). The
+	 * lse stays the attended tokens' own. No effect on a table made through the daemon. */
 	KVTIER_SEL_ESTIMATE = 1u << 1,
 };
 
