@@ -1541,18 +1541,21 @@ static int estimate_queue(struct kvtier_client *c, struct kvtier_table *t, const
 	void *ds = stream ? stream : kvt_compute_stream(c->cc);
 	/* the estimate over every page the select started: the table's pages taken out
 	 * (distinct, ascending) once; another scale than the select's needs a whole one */
-	if (t->est_all && t->est_scale == scale) {
-		if (t->est_taken) { /* a second attend: behind the first's (its fence) */
-			if (stream != t->est_stream && c->fence)
-				ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, ds);
-			if (ret == 0)
-				a->est = t->d_est;
-			return ret;
-		}
-		e.subtract = 1;
-		if (t->est_pending)
-			ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds);
+	const bool sub = t->est_all && t->est_scale == scale;
+	if (sub && t->est_taken) { /* a second attend: behind the first's (its fence) */
+		if (stream != t->est_stream && c->fence)
+			ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, ds);
+		if (ret == 0)
+			a->est = t->d_est;
+		return ret;
 	}
+	/* either way behind the select's estimate (its buffers are the same), and a whole
+	 * one behind an attend of this table on another stream */
+	if (t->est_pending)
+		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds);
+	if (ret == 0 && !sub && t->queued && t->done_stream != stream && c->fence)
+		ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, ds);
+	e.subtract = sub;
 	if (ret == 0)
 		ret = kvt_estimate(c->cc, &e, stream);
 	if (ret == 0 && e.subtract) {
