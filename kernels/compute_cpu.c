@@ -116,6 +116,17 @@ static int cpu_summarize(struct kvt_compute *c, const struct kvt_summarize_args 
 	return 0;
 }
 
+/* scale * q.kmean of the record s for one query head qg (floats) */
+static float est_logit(const struct kvt_estimate_args *a, const float *qg, const uint8_t *s)
+{
+	const uint32_t D = a->g.head_dim;
+	const size_t at = (size_t)(2 + a->g.reps) * D;
+	float dot = 0;
+	for (uint32_t d = 0; d < D; d++)
+		dot += qg[d] * kvt_load_elem(s, at + d, a->g.dtype);
+	return dot * a->scale;
+}
+
 /* kvt_estimate with subtract: the entries' terms out of est, in its m */
 static int cpu_estimate_sub(struct kvt_compute *base, const struct kvt_estimate_args *a)
 {
@@ -142,11 +153,7 @@ static int cpu_estimate_sub(struct kvt_compute *base, const struct kvt_estimate_
 				if (p < 0 || p >= n)
 					continue;
 				const uint8_t *s = (const uint8_t *)a->summaries + (base_rec + p) * rec;
-				float dot = 0;
-				for (uint32_t d = 0; d < D; d++)
-					dot += q[(size_t)g * D + d] *
-					       kvt_load_elem(s, (size_t)(2 + R) * D + d, dt);
-				const float w = (float)T * expf(dot * a->scale - m);
+				const float w = (float)T * expf(est_logit(a, q + (size_t)g * D, s) - m);
 				e[1] -= w;
 				for (uint32_t d = 0; d < D; d++)
 					e[2 + d] -= w * kvt_load_elem(s, (size_t)(3 + R) * D + d, dt);
@@ -195,12 +202,8 @@ static int cpu_estimate(struct kvt_compute *base, const struct kvt_estimate_args
 				if (!left[p])
 					continue;
 				const uint8_t *s = (const uint8_t *)a->summaries + (base_rec + p) * rec;
-				float dot = 0;
-				for (uint32_t d = 0; d < D; d++)
-					dot += q[(size_t)g * D + d] *
-					       kvt_load_elem(s, (size_t)(2 + R) * D + d, dt);
-				z[(size_t)g * most + p] = dot * a->scale;
-				m = fmaxf(m, dot * a->scale);
+				z[(size_t)g * most + p] = est_logit(a, q + (size_t)g * D, s);
+				m = fmaxf(m, z[(size_t)g * most + p]);
 			}
 			float *e = a->est + ((size_t)r * G + g) * (D + 2);
 			memset(e, 0, (D + 2) * sizeof(float));
