@@ -131,7 +131,6 @@ struct kvtier_table {
 	 * and takes the table's pages out. */
 	bool estimate, est_all, est_pending, est_taken;
 	float est_scale;
-	void *est_side; /* the stream est_done was recorded on */
 	void *est_stream; /* where the table's pages were taken out (est_taken) */
 	struct kvt_fence *est_done;
 	uint32_t smax;
@@ -1315,10 +1314,8 @@ static int estimate_all(struct kvtier_client *c, struct kvtier_table *t, const v
 		ret = kvt_estimate(c->cc, &e, stream);
 	else if ((ret = c->dev->ops->fence_stream_wait(c->dev, t->up, side)) == 0 &&
 		 (ret = kvt_estimate(c->cc, &e, side)) == 0 &&
-		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0) {
+		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0)
 		t->est_pending = true;
-		t->est_side = side;
-	}
 	if (ret == 0) {
 		t->est_all = true;
 		t->est_scale = scale;
@@ -1473,7 +1470,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 			      se.logit_scale; /* nats to q.k */
 	}
 	/* the last select's estimate beside it may still read the device's copy */
-	if (t->est_pending && stream != t->est_side)
+	if (t->est_pending && stream != kvt_compute_stream(c->est_cc))
 		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, stream);
 	if (ret < 0 || (ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
 	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||

@@ -234,17 +234,13 @@ __device__ __forceinline__ void att_splits_merge(const att_launch &L, uint32_t r
 		float M = -INFINITY, S = 0;
 		for (uint32_t s = wl; s < my_splits; s += 32)
 			M = fmaxf(M, w[s * GM + g]);
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+		M = kvt_group_max<32>(M);
 		for (uint32_t s = wl; s < my_splits; s += 32) {
 			float x = M > -INFINITY ? exp2f(w[s * GM + g] - M) : 0.0f;
 			w[s * GM + g] = x;
 			S += x;
 		}
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			S += __shfl_xor_sync(0xffffffffu, S, o);
+		S = kvt_group_sum<32>(S);
 		if (wl == 0) {
 			sm_m[g] = M;
 			sm_l[g] = S;

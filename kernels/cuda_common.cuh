@@ -127,6 +127,15 @@ template <int LPT> __device__ __forceinline__ float kvt_group_sum(float v)
 	return v;
 }
 
+/* Max over groups of LPT consecutive lanes (xor shuffles; the whole warp takes part). */
+template <int LPT> __device__ __forceinline__ float kvt_group_max(float v)
+{
+#pragma unroll
+	for (int o = LPT / 2; o; o >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+
 /* Calls f with the element type of dtype as a template argument. */
 template <typename F> static int kvt_dispatch_dtype(uint32_t dtype, F &&f)
 {

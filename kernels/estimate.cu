@@ -47,6 +47,22 @@ template <int GM> struct est_state {
 	}
 };
 
+/* z[g]: one page's logit (log2 units) for each of the GM heads, from this lane's 8 dims of
+ * its mean key k; summed over the page's LPT lanes, so every lane of the warp takes part. */
+template <int LPT, int GM>
+__device__ __forceinline__ void est_logits(const float (&qf)[GM][8], const float (&k)[8],
+					   float (&z)[GM])
+{
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		float x = 0;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			x += qf[g][j] * k[j];
+		z[g] = kvt_group_sum<LPT>(x);
+	}
+}
+
 /* This lane's 8 dims of the row's query heads g0 .. g0 + gn - 1, scaled to log2 units
  * (0 past gn). */
 template <typename T, int D, int GM>
@@ -127,23 +143,15 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 			float k[8], v[8];
 			kr[u].to_float(k);
 			vr[u].to_float(v);
+			float z[GM];
+			est_logits<LPT, GM>(qf, k, z);
 #pragma unroll
-			for (int g = 0; g < GM; g++) {
-				float z = 0;
+			for (int j = 0; j < 8; j++)
+				v[j] *= tok; /* the page's T tokens of one value */
 #pragma unroll
-				for (int j = 0; j < 8; j++)
-					z += qf[g][j] * k[j];
-				z = kvt_group_sum<LPT>(z); /* every lane of the warp takes part */
-				if (use[u] && g < gn) {
-					const float mm = fmaxf(st.m[g], z), c = exp2f(st.m[g] - mm),
-						    w = tok * exp2f(z - mm);
-					st.l[g] = st.l[g] * c + w;
-#pragma unroll
-					for (int j = 0; j < 8; j++)
-						st.acc[g][j] = st.acc[g][j] * c + w * v[j];
-					st.m[g] = mm;
-				}
-			}
+			for (int g = 0; g < GM; g++)
+				if (use[u] && g < gn)
+					st.merge(g, z[g], tok, v);
 		}
 	}
 	/* the lane groups of a warp merged: lane i of group 0 ends with the warp's state */
@@ -230,17 +238,13 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 		float M = -INFINITY, S = 0;
 		for (uint32_t c = wl; c < chunks; c += 32)
 			M = fmaxf(M, sm_w[c][g]);
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+		M = kvt_group_max<32>(M);
 		for (uint32_t c = wl; c < chunks; c += 32) {
 			const float x = M > -INFINITY ? exp2f(sm_w[c][g] - M) : 0.0f;
 			S += x * __ldcg(w0 + c * cs + (size_t)g * PS + 1);
 			sm_w[c][g] = x;
 		}
-#pragma unroll
-		for (int o = 16; o; o >>= 1)
-			S += __shfl_xor_sync(0xffffffffu, S, o);
+		S = kvt_group_sum<32>(S);
 		if (wl == 0) {
 			sm_mx[g] = M;
 			sm_s[g] = S;
@@ -320,15 +324,12 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_sub_kernel(kvt_estimate_
 		float k[8], v[8];
 		kr.to_float(k);
 		vr.to_float(v);
+		float z[GM];
+		est_logits<LPT, GM>(qf, k, z);
 #pragma unroll
 		for (int g = 0; g < GM; g++) {
-			float z = 0;
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				z += qf[g][j] * k[j];
-			z = kvt_group_sum<LPT>(z);
 			if (use && g < gn && m[g] > -INFINITY) {
-				const float w = tok * exp2f(z - m[g]);
+				const float w = tok * exp2f(z[g] - m[g]);
 				l[g] += w;
 #pragma unroll
 				for (int j = 0; j < 8; j++)

@@ -52,8 +52,7 @@ __device__ int32_t resolve_row(const kvt_resolve_args &a, uint32_t r, uint32_t l
 			if (p >= (int32_t)a.sink_pages && p < win)
 				best = fmaxf(best, sc[p]);
 		}
-		for (int o = 16; o; o >>= 1)
-			best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+		best = kvt_group_max<32>(best);
 		floor = best - a.host_gap;
 	}
 	int32_t k = 0, nh = 0, nw = 0;
