@@ -99,27 +99,6 @@ __device__ __forceinline__ void att_chunk(const kvt_raw8<T> (&kr)[CH], const kvt
 	}
 }
 
-/* gn query heads from q (this lane's 8 dims of the first), pre-scaled for exp2;
- * zeros past gn. */
-template <typename T, int D, int GM>
-__device__ __forceinline__ void att_load_q(const T *q, int gn, float scale, float (&qf)[GM][8])
-{
-	const float qscale = scale * KVT_LOG2E;
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		if (g < gn) {
-			kvt_load8(q + (size_t)g * D, qf[g]);
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				qf[g][j] *= qscale;
-		} else {
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				qf[g][j] = 0;
-		}
-	}
-}
-
 /*
  * kvt_estimate's output for head g of row r (the pages the table leaves out) merged
  * into a finished state: M in log2 units, S and A scaled by exp2(-M), dim d.
@@ -301,7 +280,7 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 	const int lane = threadIdx.x % LPT, tg = threadIdx.x / LPT;
 
 	float qf[GM][8];
-	att_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8, gn,
+	kvt_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8, gn,
 			     a.scale, qf);
 	float m[GM], l[GM], acc[GM][8];
 #pragma unroll

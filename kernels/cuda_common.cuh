@@ -118,6 +118,27 @@ __device__ __forceinline__ void kvt_store1(float *p, float v)
 	*p = v;
 }
 
+/* gn query heads from q (this lane's 8 dims of the first), pre-scaled for exp2;
+ * zeros past gn. */
+template <typename T, int D, int GM>
+__device__ __forceinline__ void kvt_load_q(const T *q, int gn, float scale, float (&qf)[GM][8])
+{
+	const float qscale = scale * KVT_LOG2E;
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		if (g < gn) {
+			kvt_load8(q + (size_t)g * D, qf[g]);
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				qf[g][j] *= qscale;
+		} else {
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				qf[g][j] = 0;
+		}
+	}
+}
+
 /* Sum over groups of LPT consecutive lanes (xor shuffles; the whole warp takes part). */
 template <int LPT> __device__ __forceinline__ float kvt_group_sum(float v)
 {

@@ -63,24 +63,6 @@ __device__ __forceinline__ void est_logits(const float (&qf)[GM][8], const float
 	}
 }
 
-/* This lane's 8 dims of the row's query heads g0 .. g0 + gn - 1, scaled to log2 units
- * (0 past gn). */
-template <typename T, int D, int GM>
-__device__ __forceinline__ void est_load_q(const kvt_estimate_args &a, uint32_t r, int g0, int gn,
-					   uint32_t lane, float (&qf)[GM][8])
-{
-	const T *q = static_cast<const T *>(a.q) + (size_t)r * a.g.group * D + lane * 8;
-	const float qs = a.scale * KVT_LOG2E;
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		if (g < gn)
-			kvt_load8(q + (size_t)(g0 + g) * D, qf[g]);
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			qf[g][j] = g < gn ? qf[g][j] * qs : 0.0f;
-	}
-}
-
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args a, uint32_t chunks)
 {
@@ -96,7 +78,8 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 	ns = ns < a.stride ? ns : a.stride;
 
 	float qf[GM][8];
-	est_load_q<T, D, GM>(a, r, g0, gn, lane, qf);
+	kvt_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8,
+			     gn, a.scale, qf);
 	const size_t rec = (size_t)(4 + R) * D;
 	const size_t base = a.row_base ? (size_t)a.row_base[r] : (size_t)r * a.sum_stride;
 	const T *sums = static_cast<const T *>(a.summaries) + (2 + R) * D + lane * 8;
@@ -288,7 +271,8 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_sub_kernel(kvt_estimate_
 	uint32_t ns = (uint32_t)a.n_sel[r];
 	ns = ns < a.stride ? ns : a.stride;
 	float qf[GM][8], m[GM];
-	est_load_q<T, D, GM>(a, r, g0, gn, lane, qf);
+	kvt_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8,
+			     gn, a.scale, qf);
 	float *est = a.est + ((size_t)r * G + g0) * (D + 2);
 #pragma unroll
 	for (int g = 0; g < GM; g++)
