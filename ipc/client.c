@@ -133,6 +133,7 @@ struct kvtier_table {
 	float est_scale;
 	void *est_stream; /* where the table's pages were taken out (est_taken) */
 	struct kvt_fence *est_done;
+	void *est_joined; /* the stream that last waited for est_done (NULL: none yet) */
 	uint32_t smax;
 	float *d_est, *d_est_work;
 	uint32_t *d_est_sync;
@@ -1314,8 +1315,10 @@ static int estimate_all(struct kvtier_client *c, struct kvtier_table *t, const v
 		ret = kvt_estimate(c->cc, &e, stream);
 	else if ((ret = c->dev->ops->fence_stream_wait(c->dev, t->up, side)) == 0 &&
 		 (ret = kvt_estimate(c->cc, &e, side)) == 0 &&
-		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0)
+		 (ret = c->dev->ops->fence_record(c->dev, t->est_done, side)) == 0) {
 		t->est_pending = true;
+		t->est_joined = NULL;
+	}
 	if (ret == 0) {
 		t->est_all = true;
 		t->est_scale = scale;
@@ -1360,7 +1363,9 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	if (!ret && t->queued && t->done_stream != stream) /* an attend queued on it reads it */
 		ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
 	t->queued = false;
-	if (!ret && t->up_pending) { /* the last select's staging is read by its copy */
+	/* a select through the daemon before: its copies may still read the host side (a
+	 * fast one's staging was read when it was queued) */
+	if (!ret && t->up_pending && !t->fast) {
 		ret = c->dev->ops->fence_wait(c->dev, t->up);
 		t->up_pending = false;
 	}
@@ -1469,14 +1474,19 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 		rs.host_gap = (p->host_gap > 0 ? p->host_gap : KVTIER_HOST_GAP) /
 			      se.logit_scale; /* nats to q.k */
 	}
-	/* the last select's estimate beside it may still read the device's copy */
-	if (t->est_pending && stream != kvt_compute_stream(c->est_cc))
-		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, stream);
-	if (ret < 0 || (ret = kvt_compute_copy_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
+	/* the last select's estimate beside it may still read the device's copy, unless
+	 * this stream waited for it already (the attend of that select, as a rule) */
+	void *ds = stream ? stream : kvt_compute_stream(c->cc);
+	if (t->est_pending && stream != kvt_compute_stream(c->est_cc) && t->est_joined != ds &&
+	    (ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds)) == 0)
+		t->est_joined = ds;
+	/* the staging in a kernel's parameters: a copy here cost ~10 us a layer on the H100
+	 * (the copy engine's turnaround either side of it, tools/trace_steps.py) */
+	if (ret < 0 || (ret = kvt_compute_put_async(c->cc, t->d_fin, t->fin, in, stream)) < 0 ||
 	    (ret = c->dev->ops->fence_record(c->dev, t->up, stream)) < 0 ||
 	    (est && (ret = estimate_all(c, t, q, (uint32_t)rows, smax, se.logit_scale, stream)) < 0) ||
-	    (ret = kvt_score(c->cc, &sc, stream)) < 0 || (ret = kvt_select(c->cc, &se, stream)) < 0 ||
-	    (ret = kvt_resolve(c->cc, &rs, stream)) < 0) {
+	    (ret = kvt_score(c->cc, &sc, stream)) < 0 ||
+	    (ret = kvt_select_resolve(c->cc, &se, &rs, stream)) < 0) {
 		kvt_compute_sync(c->cc, stream); /* nothing queued may still read the staging */
 		if (entry) { /* the daemon waits for the report: an empty one (nothing selected) */
 			memset(entry + 16, 0, 3 * rows * sizeof(int32_t));
@@ -1548,8 +1558,9 @@ static int estimate_queue(struct kvtier_client *c, struct kvtier_table *t, const
 	}
 	/* either way behind the select's estimate (its buffers are the same), and a whole
 	 * one behind an attend of this table on another stream */
-	if (t->est_pending)
-		ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds);
+	if (t->est_pending && t->est_joined != ds &&
+	    (ret = c->dev->ops->fence_stream_wait(c->dev, t->est_done, ds)) == 0)
+		t->est_joined = ds;
 	if (ret == 0 && !sub && t->queued && t->done_stream != stream && c->fence)
 		ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, ds);
 	e.subtract = sub;

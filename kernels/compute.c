@@ -111,6 +111,14 @@ int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, si
 	return bytes ? c->ops->copy_async(c, dst, src, bytes, stream) : 0;
 }
 
+int kvt_compute_put_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			  void *stream)
+{
+	if ((bytes | (uintptr_t)dst | (uintptr_t)src) % 4 || (bytes && (!dst || !src)))
+		return -EINVAL;
+	return bytes ? c->ops->put_async(c, dst, src, bytes, stream) : 0;
+}
+
 void *kvt_compute_stream(struct kvt_compute *c)
 {
 	return c->ops->stream ? c->ops->stream(c) : NULL;
@@ -210,13 +218,36 @@ int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *str
 	return ret < 0 ? ret : a->rows ? c->ops->attend(c, a, stream) : 0;
 }
 
-int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream)
+static int check_resolve(const struct kvt_resolve_args *a)
 {
 	if (!a || (a->rows && (!a->stride || !a->sel || !a->n_sel || !a->map || !a->row_base ||
 			       !a->table || !a->n_table || (a->report && !a->ready) || (a->ack && !a->report) ||
 			       (a->scores && (!a->n_full || !a->score_stride)))))
 		return -EINVAL;
-	return a->rows ? c->ops->resolve(c, a, stream) : 0;
+	return 0;
+}
+
+int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream)
+{
+	int ret = check_resolve(a);
+	return ret < 0 ? ret : a->rows ? c->ops->resolve(c, a, stream) : 0;
+}
+
+int kvt_select_resolve(struct kvt_compute *c, const struct kvt_select_args *s,
+		       const struct kvt_resolve_args *r, void *stream)
+{
+	int ret = kvt_check_select(s);
+	if (ret == 0)
+		ret = check_resolve(r);
+	if (ret < 0 || !s->rows)
+		return ret;
+	if (r->rows != s->rows || r->stride != s->out_stride || r->sel != s->out ||
+	    r->n_sel != s->n_out || s->slot_map)
+		return -EINVAL;
+	if (c->ops->select_resolve)
+		return c->ops->select_resolve(c, s, r, stream);
+	ret = c->ops->select(c, s, stream);
+	return ret < 0 ? ret : c->ops->resolve(c, r, stream);
 }
 
 int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream)

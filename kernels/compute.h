@@ -280,15 +280,16 @@ struct kvt_resolve_args {
 /*
  * New tokens into the pages that are filling: ntok tokens of K and of V, each
  * [ntok][heads][D] (device memory, or host memory the device maps), go to rows
- * pos0 .. pos0 + ntok - 1 of the pages in slots slot0 .. slot0 + heads - 1 of pool
- * (pos0 + ntok <= page_tokens): what an engine's cache-write kernel does.
+ * pos0 .. pos0 + ntok - 1 of the pages in slots slot0 + h * slot_stride of pool, h
+ * < heads (slot_stride 0: 1, the heads' pages side by side; pos0 + ntok <=
+ * page_tokens): what an engine's cache-write kernel does.
  */
 struct kvt_put_rows_args {
 	struct kvt_geom g;
 	uint32_t heads;
 	uint32_t ntok;
 	uint32_t pos0;
-	uint32_t pad_;
+	uint32_t slot_stride;
 	const void *k, *v;
 	void *pool;
 	uint64_t slot_bytes;
@@ -331,6 +332,18 @@ int kvt_compute_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
  */
 int kvt_compute_copy_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
 			   void *stream);
+/*
+ * A few bytes from host memory into the backend's, queued on stream (NULL: the
+ * backend's own) like kvt_compute_copy_async, but src is read before the call returns
+ * (reusable at once) and no copy engine takes part: on cuda the bytes ride in the
+ * parameters of a kernel (KVT_PUT_CHUNK bytes a launch), which costs a launch, where a
+ * small copy between kernels costs the copy engine's turnaround on either side of it
+ * (~10 us a copy on the H100 between kernels of one stream). bytes, dst and src: a
+ * multiple of 4.
+ */
+#define KVT_PUT_CHUNK 4000u
+int kvt_compute_put_async(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			  void *stream);
 /* The backend's own stream, the one NULL names: a cudaStream_t on cuda, NULL on cpu
  * (to record a fence behind work queued there). */
 void *kvt_compute_stream(struct kvt_compute *c);
@@ -350,6 +363,14 @@ int kvt_score(struct kvt_compute *c, const struct kvt_score_args *a, void *strea
 int kvt_select(struct kvt_compute *c, const struct kvt_select_args *a, void *stream);
 int kvt_attend(struct kvt_compute *c, const struct kvt_attend_args *a, void *stream);
 int kvt_resolve(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
+/*
+ * kvt_select, then kvt_resolve of what it selected (r->sel and r->n_sel are s->out and
+ * s->n_out, r->rows s->rows, r->stride s->out_stride; page indices: no s->slot_map), in
+ * one launch on cuda where r->sync is given or there is one row (the launch and the
+ * gap between two kernels are most of a small resolve's time).
+ */
+int kvt_select_resolve(struct kvt_compute *c, const struct kvt_select_args *s,
+		       const struct kvt_resolve_args *r, void *stream);
 int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
 int kvt_estimate(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream);
 /*

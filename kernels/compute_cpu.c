@@ -453,7 +453,8 @@ static int cpu_put_rows(struct kvt_compute *base, const struct kvt_put_rows_args
 	const size_t row = (size_t)a->g.head_dim * kvt_dtype_size(a->g.dtype), T = a->g.page_tokens;
 	for (uint32_t t = 0; t < a->ntok; t++)
 		for (uint32_t h = 0; h < a->heads; h++) {
-			uint8_t *page = (uint8_t *)a->pool + (a->slot0 + h) * a->slot_bytes;
+			const uint64_t slot = a->slot0 + (uint64_t)h * (a->slot_stride ? a->slot_stride : 1);
+			uint8_t *page = (uint8_t *)a->pool + slot * a->slot_bytes;
 			size_t src = ((size_t)t * a->heads + h) * row, pos = a->pos0 + t;
 			memcpy(page + pos * row, (const uint8_t *)a->k + src, row);
 			memcpy(page + (T + pos) * row, (const uint8_t *)a->v + src, row);
@@ -576,4 +577,6 @@ const struct kvt_compute_ops kvt_compute_cpu_ops = {
 	.put_rows = cpu_put_rows,
 	.scatter_i32 = cpu_scatter_i32,
 	.estimate = cpu_estimate,
+	.select_resolve = NULL, /* the two calls */
+	.put_async = cpu_copy_async,
 };

@@ -197,6 +197,19 @@ static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pair
 	return ret < 0 ? ret : sret;
 }
 
+static int cuda_select_resolve(kvt_compute *base, const kvt_select_args *s,
+			       const kvt_resolve_args *r, void *stream)
+{
+	return kvt_cuda_select_resolve(s, r, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
+static int cuda_put_async(kvt_compute *base, void *dst, const void *src, size_t bytes,
+			  void *stream)
+{
+	return kvt_cuda_put_words(static_cast<uint32_t *>(dst), static_cast<const uint32_t *>(src),
+				  bytes / 4, pick(reinterpret_cast<cuda_compute *>(base), stream));
+}
+
 static int cuda_sync(kvt_compute *base, void *stream)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
@@ -226,4 +239,6 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_put_rows,
 	cuda_scatter_i32,
 	cuda_estimate,
+	cuda_select_resolve,
+	cuda_put_async,
 };

@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define KVT_COMPUTE_OPS_VERSION 4
+#define KVT_COMPUTE_OPS_VERSION 5
 
 struct kvt_compute_ops {
 	const char *name;
@@ -39,6 +39,12 @@ struct kvt_compute_ops {
 	int (*put_rows)(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
 	int (*scatter_i32)(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
 	int (*estimate)(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream);
+	/* kvt_select_resolve in one call, or NULL: the two calls */
+	int (*select_resolve)(struct kvt_compute *c, const struct kvt_select_args *s,
+			      const struct kvt_resolve_args *r, void *stream);
+	/* kvt_compute_put_async: src read before it returns */
+	int (*put_async)(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
+			 void *stream);
 };
 
 /* Every backend's object starts with this. */

@@ -209,6 +209,9 @@ int kvt_cuda_attend(const struct kvt_attend_args *a, struct kvt_cuda_ws *ws, cud
 int kvt_cuda_resolve(const struct kvt_resolve_args *a, cudaStream_t s);
 int kvt_cuda_put_rows(const struct kvt_put_rows_args *a, cudaStream_t s);
 int kvt_cuda_scatter(int32_t *dst, const int32_t *pairs_dev, uint32_t n, cudaStream_t s);
+int kvt_cuda_select_resolve(const struct kvt_select_args *a, const struct kvt_resolve_args *ra,
+			    cudaStream_t s);
+int kvt_cuda_put_words(uint32_t *dst, const uint32_t *src, size_t n, cudaStream_t s);
 int kvt_cuda_estimate(const struct kvt_estimate_args *a, cudaStream_t s);
 
 #endif

@@ -13,6 +13,7 @@
 
 #include "kernels/compute_impl.h"
 #include "kernels/cuda_common.cuh"
+#include "kernels/resolve.cuh"
 
 #define SEL_THREADS 1024
 #define SEL_WARPS (SEL_THREADS / 32)
@@ -192,10 +193,10 @@ __device__ void find_digit_mass(float need, sel_shared &sh)
 	__syncthreads();
 }
 
-__global__ void __launch_bounds__(SEL_THREADS) select_kernel(kvt_select_args a, bool cached)
+/* Row blockIdx.x's selection, by the whole block. */
+__device__ __forceinline__ void select_row(const kvt_select_args &a, bool cached, uint32_t *cache,
+					   sel_shared &sh)
 {
-	extern __shared__ uint32_t cache[];
-	__shared__ sel_shared sh;
 	const uint32_t r = blockIdx.x, tid = threadIdx.x;
 	uint32_t n = a.n_pages[r];
 	n = n < a.stride ? n : a.stride;
@@ -352,11 +353,37 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(kvt_select_args a, 
 		a.n_out[r] = K ? total : 0;
 }
 
-int kvt_cuda_select(const kvt_select_args *a, cudaStream_t s)
+/*
+ * A block per row. With RESOLVE (kvt_select_resolve), the block's first warp then makes
+ * the row's table from what the block selected, as resolve_kernel's warps do, and the
+ * blocks complete the call together (resolve_complete): one launch instead of two.
+ */
+template <bool RESOLVE>
+__global__ void __launch_bounds__(SEL_THREADS) select_kernel(kvt_select_args a, bool cached,
+							     kvt_resolve_args ra)
+{
+	extern __shared__ uint32_t cache[];
+	__shared__ sel_shared sh;
+	select_row(a, cached, cache, sh);
+	if (!RESOLVE)
+		return;
+	__shared__ uint32_t missing;
+	__shared__ bool last;
+	__syncthreads(); /* the row's selection, written by the whole block, is visible */
+	if (threadIdx.x < 32) {
+		const int32_t nw = resolve_row(ra, blockIdx.x, threadIdx.x, false);
+		if (threadIdx.x == 0)
+			missing = (uint32_t)nw;
+	}
+	resolve_complete(ra, &missing, &last);
+}
+
+template <bool RESOLVE>
+static int select_launch(const kvt_select_args *a, const kvt_resolve_args *ra, cudaStream_t s)
 {
 	static bool attr_set;
 	if (!attr_set) {
-		cudaError_t e = cudaFuncSetAttribute(select_kernel,
+		cudaError_t e = cudaFuncSetAttribute(select_kernel<RESOLVE>,
 						     cudaFuncAttributeMaxDynamicSharedMemorySize,
 						     SEL_CACHE_MAX * sizeof(uint32_t));
 		if (e != cudaSuccess)
@@ -365,6 +392,21 @@ int kvt_cuda_select(const kvt_select_args *a, cudaStream_t s)
 	}
 	bool cached = a->stride <= SEL_CACHE_MAX;
 	size_t smem = cached ? a->stride * sizeof(uint32_t) : 0;
-	select_kernel<<<a->rows, SEL_THREADS, smem, s>>>(*a, cached);
+	select_kernel<RESOLVE><<<a->rows, SEL_THREADS, smem, s>>>(*a, cached, ra ? *ra : kvt_resolve_args{});
 	return kvt_cuda_errno(cudaGetLastError(), "select");
+}
+
+int kvt_cuda_select(const kvt_select_args *a, cudaStream_t s)
+{
+	return select_launch<false>(a, NULL, s);
+}
+
+/* One launch when the blocks can count themselves (ra->sync) or there is one row. */
+int kvt_cuda_select_resolve(const kvt_select_args *a, const kvt_resolve_args *ra, cudaStream_t s)
+{
+	if (!ra->sync && a->rows > 1) {
+		int ret = select_launch<false>(a, NULL, s);
+		return ret < 0 ? ret : kvt_cuda_resolve(ra, s);
+	}
+	return select_launch<true>(a, ra, s);
 }

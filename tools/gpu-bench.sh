@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine: build, then kvtier-bench's comparison (tools/BENCHMARKS.md, issue
 # #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
-#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|disk|all]
+#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|disk|all|trace]
 # main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch: batch 8 at 16K and batch 32
 # at 8K (16 and 32 GiB of KV; 128K at batch 1 is 16 GiB); disk: kvtier alone at 256K with a host
 # tier of 20% of the KV (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
-# (or ./gpu-out).
+# (or ./gpu-out). trace: sparse and kvtier at 128K with every device op recorded
+# (tools/cupti_trace.c, CUPTI's activity records), tools/trace_steps.py's summary of
+# where a step's device time goes, and the records in trace.tar.gz.
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -44,6 +46,25 @@ case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
 case $what in batch | batch8 | all) run batch8 --context 16K --batch 8 ;; esac
 case $what in batch | batch32 | all) run batch32 --context 8K --batch 32 ;; esac
 case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
+if [ "$what" = trace ]; then
+	inc=$(dirname "$(find /usr/local/cuda/ -name cupti.h 2>/dev/null | head -1)")
+	lib=$(dirname "$(find /usr/local/cuda/ -name 'libcupti.so' 2>/dev/null | head -1)")
+	newest() { grep -o "} $1[0-9]*;" "$inc/cupti_activity.h" | tr -d '}; ' | sort -V | tail -1; }
+	so=build-gpu/libkvt_cupti_trace.so
+	if ! gcc -O2 -shared -fPIC -I"$inc" -DKREC="$(newest CUpti_ActivityKernel)" \
+		-DMREC="$(newest CUpti_ActivityMemcpy)" -DSREC="$(newest CUpti_ActivityMemset)" \
+		tools/cupti_trace.c -o $so -L"$lib" -lcupti -Wl,-rpath,"$lib" >"$out/trace-build.log" 2>&1; then
+		echo "no CUPTI tracer (CUPTI in '$inc', '$lib'):"
+		tail -20 "$out/trace-build.log"
+	else
+		mkdir -p "$out/trace"
+		KVT_TRACE_DIR=$out/trace LD_PRELOAD=$PWD/$so run trace --methods sparse,kvtier --context 128K \
+			--batch 1 --steps 24 ${TRACE_ARGS:-}
+		python3 tools/trace_steps.py "$out/trace" >"$out/trace-summary.txt" 2>&1
+		find "$out/trace" -size 0 -delete
+		tar -czf "$out/trace.tar.gz" -C "$out" trace && rm -rf "$out/trace"
+	fi
+fi
 echo "== machine (MPS $mps)"; cat "$out/machine.txt"
-for f in main batch8 batch32 disk; do [ -f "$out/$f.txt" ] && cat "$out/$f.txt"; done
+for f in main batch8 batch32 disk trace trace-summary; do [ -f "$out/$f.txt" ] && cat "$out/$f.txt"; done
 exit 0

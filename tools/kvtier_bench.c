@@ -537,6 +537,30 @@ static void fill_q_item(void *a, uint64_t it)
 	gen_close(&x);
 }
 
+/* The steps' tokens, one cache write a layer: [S][L] x (K [rows][D], V [rows][D]). */
+struct fill_step {
+	const struct run *r;
+	uint8_t *dst;
+};
+
+static void fill_step_item(void *a, uint64_t it)
+{
+	const struct fill_step *f = a;
+	const struct run *r = f->r;
+	const uint32_t l = (uint32_t)(it / r->rows), row = (uint32_t)(it % r->rows);
+	struct gen x;
+	gen_open(r, &x, l, row / r->H, row % r->H);
+	for (uint32_t s = 0; s < r->S; s++) {
+		gen_kv(r, &x.g, r->N + s, x.k, x.v);
+		const size_t o = ((size_t)s * r->L + l) * 2 * r->rows * r->D + (size_t)row * r->D;
+		for (uint32_t d = 0; d < r->D; d++) {
+			put(f->dst, o + d, x.k[d]);
+			put(f->dst, o + (size_t)r->rows * r->D + d, x.v[d]);
+		}
+	}
+	gen_close(&x);
+}
+
 /* ---- results ---- */
 
 struct result {
@@ -660,6 +684,8 @@ struct meta {
 	int32_t *table;   /* [L][rows][P]: slot (l * rows + r) * P + p */
 	int32_t *npg, *tlen, *tail; /* [rows], [rows], [L][rows] */
 	void *q;          /* [S][L][rows][G][D] */
+	void *tok;        /* the steps' tokens, fill_step_item's layout */
+	int32_t *sum_ids; /* [L][rows]: the slots of the pages a step fills */
 	void *out;        /* [L][rows][G][D] */
 	float *lse;       /* [L][rows][G] */
 	void *h_out;      /* host copies */
@@ -671,6 +697,8 @@ static void meta_free(struct gpu *g, struct meta *m)
 	kvt_compute_free(g->cc, m->table);
 	kvt_compute_free(g->cc, m->npg);
 	kvt_compute_free(g->cc, m->q);
+	kvt_compute_free(g->cc, m->tok);
+	kvt_compute_free(g->cc, m->sum_ids);
 	kvt_compute_free(g->cc, m->out);
 	kvt_compute_free(g->cc, m->lse);
 	free(m->h_out);
@@ -684,20 +712,28 @@ static int meta_init(struct gpu *g, struct run *r, struct meta *m, uint32_t laye
 	const size_t qb = (size_t)r->S * r->L * r->rows * r->G * r->D * r->esz;
 	const size_t ob = (size_t)r->L * r->rows * r->G * r->D * r->esz;
 	const size_t lb = (size_t)r->L * r->rows * r->G * sizeof(float);
+	const size_t tb = (size_t)r->S * r->L * 2 * r->rows * r->D * r->esz;
 	memset(m, 0, sizeof(*m));
 	m->table = dalloc(g, cells * sizeof(int32_t));
 	m->npg = dalloc(g, ((size_t)2 + r->L) * r->rows * sizeof(int32_t));
 	m->q = dalloc(g, qb);
+	m->tok = dalloc(g, tb);
+	m->sum_ids = dalloc(g, (size_t)r->L * r->rows * sizeof(int32_t));
 	m->out = dalloc(g, ob);
 	m->lse = dalloc(g, lb);
 	m->h_out = malloc(ob);
 	m->h_lse = malloc(lb);
 	int32_t *t = malloc(cells * sizeof(int32_t));
-	if (!m->table || !m->npg || !m->q || !m->out || !m->lse || !m->h_out || !m->h_lse || !t) {
+	uint8_t *tok = malloc(tb);
+	if (!m->table || !m->npg || !m->q || !m->tok || !m->sum_ids || !m->out || !m->lse ||
+	    !m->h_out || !m->h_lse || !t || !tok) {
 		free(t);
+		free(tok);
 		meta_free(g, m);
 		return -ENOMEM;
 	}
+	struct fill_step fs = {r, tok};
+	parallel_for((uint64_t)r->L * r->rows, fill_step_item, &fs);
 	m->tlen = m->npg + r->rows;
 	m->tail = m->tlen + r->rows;
 	for (size_t i = 0; i < cells; i++)
@@ -706,6 +742,9 @@ static int meta_init(struct gpu *g, struct run *r, struct meta *m, uint32_t laye
 	free(t);
 	if (ret == 0)
 		ret = kvt_compute_upload(g->cc, m->q, r->q, qb);
+	if (ret == 0)
+		ret = kvt_compute_upload(g->cc, m->tok, tok, tb);
+	free(tok);
 	if (ret < 0)
 		meta_free(g, m);
 	return ret;
@@ -727,7 +766,42 @@ static int meta_step(struct gpu *g, struct run *r, struct meta *m, uint32_t s, u
 					    : -1;
 	}
 	int ret = kvt_compute_upload(g->cc, m->npg, h, ((size_t)2 + layers) * r->rows * sizeof(int32_t));
+	if (ret == 0 && ntok % r->T == 0) { /* the step fills a page: its summary is due */
+		for (size_t i = 0; i < (size_t)layers * r->rows; i++)
+			h[i] = (int32_t)(i * r->P + ntok / r->T - 1);
+		ret = kvt_compute_upload(g->cc, m->sum_ids, h, (size_t)layers * r->rows * sizeof(int32_t));
+	}
 	free(h);
+	return ret;
+}
+
+/*
+ * The cache write of step s's token into layer l's pages (the pool's table tl, an
+ * engine's [rows][pages] layout): what every method's step does before its attention,
+ * kvtier's through kvtier_append_async. The pages already hold it (the same bytes are
+ * written again); sums, when the step fills a page, gets the page's summary as well
+ * (Quest's pages are scored once full).
+ */
+static int write_token(struct gpu *g, struct run *r, struct meta *m, void *pool, uint32_t l,
+		       uint32_t tl, uint32_t s, void *sums)
+{
+	const uint32_t pos = r->N + s, page = pos / r->T;
+	const size_t half = (size_t)r->rows * r->D * r->esz;
+	const uint8_t *k = (const uint8_t *)m->tok + ((size_t)s * r->L + l) * 2 * half;
+	const struct kvt_geom geo = {.head_dim = r->D, .page_tokens = r->T, .group = r->G,
+				     .dtype = O.dtype};
+	struct kvt_put_rows_args a = {
+		.g = geo, .heads = r->rows, .ntok = 1, .pos0 = pos % r->T, .slot_stride = r->P,
+		.k = k, .v = k + half, .pool = pool, .slot_bytes = r->slot_bytes,
+		.slot0 = (uint64_t)tl * r->rows * r->P + page};
+	int ret = kvt_put_rows(g->cc, &a, NULL);
+	if (ret == 0 && sums && (pos + 1) % r->T == 0) {
+		const int32_t *ids = m->sum_ids + (size_t)tl * r->rows;
+		struct kvt_summarize_args sa = {.g = geo, .pool = pool, .slot_bytes = r->slot_bytes,
+						.slots = ids, .records = ids, .summaries = sums,
+						.n = r->rows};
+		ret = kvt_summarize(g->cc, &sa, NULL);
+	}
 	return ret;
 }
 
@@ -872,6 +946,8 @@ static void run_resident(struct gpu *g, struct run *r, struct result *res_dense,
 			for (uint32_t l = 0; l < r->L && !ret; l++) {
 				struct kvt_attend_args a;
 				attend_args(r, &m, pool, l, l, s, &a);
+				if ((ret = write_token(g, r, &m, pool, l, l, s, k ? sums : NULL)) < 0)
+					break;
 				if (k) {
 					int32_t *so = sel + (size_t)l * r->rows * r->K;
 					int32_t *sn = sel + (size_t)r->L * r->rows * r->K + (size_t)l * r->rows;
@@ -1032,7 +1108,8 @@ static void run_reload(struct gpu *g, struct run *r, struct result *res)
 			 * must be done with the buffer first */
 			if ((ret = kvt_compute_sync(g->cc, NULL)) < 0 ||
 			    (ret = g->dev->ops->memcpy(g->dev, buf, host + l * r->layer_bytes,
-						       r->layer_bytes, KVT_H2D)) < 0)
+						       r->layer_bytes, KVT_H2D)) < 0 ||
+			    (ret = write_token(g, r, &m, buf, l, 0, s, NULL)) < 0)
 				break;
 			ret = kvt_attend(g->cc, &a, NULL);
 		}

@@ -1119,6 +1119,42 @@ static void dget(void *h, const void *d, size_t bytes)
 	assert_int_equal(kvt_compute_download(C, h, d, bytes), 0);
 }
 
+/*
+ * put_async: words from host memory that may be reused as soon as the call returns,
+ * in every size class and across launches (KVT_PUT_CHUNK), at an offset, in stream
+ * order with the copies around it.
+ */
+static void test_put_async(void **state)
+{
+	const uint32_t sizes[] = {1, 64, 65, 256, 257, KVT_PUT_CHUNK / 4, KVT_PUT_CHUNK / 4 + 1, 2600};
+	const uint32_t max = 2600, base = 3;
+	uint32_t src[2600], *got = malloc((max + 2 * base) * 4), *want = malloc((max + 2 * base) * 4);
+	void *dev;
+	assert_non_null(got);
+	assert_non_null(want);
+	assert_int_equal(kvt_compute_alloc(C, (max + 2 * base) * 4, &dev), 0);
+	for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+		const uint32_t n = sizes[k];
+		for (uint32_t i = 0; i < max + 2 * base; i++)
+			want[i] = 0xa5a5a5a5u;
+		assert_int_equal(kvt_compute_upload(C, dev, want, (max + 2 * base) * 4), 0);
+		for (uint32_t i = 0; i < n; i++)
+			src[i] = want[base + i] = (uint32_t)(k * 100003u + i * 2654435761u);
+		assert_int_equal(kvt_compute_put_async(C, (uint32_t *)dev + base, src, n * 4, NULL), 0);
+		for (uint32_t i = 0; i < n; i++) /* the staging again at once: already read */
+			src[i] = ~src[i];
+		dget(got, dev, (max + 2 * base) * 4);
+		assert_memory_equal(got, want, (max + 2 * base) * 4);
+	}
+	assert_int_equal(kvt_compute_put_async(C, dev, src, 0, NULL), 0); /* nothing */
+	assert_int_equal(kvt_compute_put_async(C, dev, src, 6, NULL), -EINVAL);
+	assert_int_equal(kvt_compute_put_async(C, (uint8_t *)dev + 2, src, 8, NULL), -EINVAL);
+	assert_int_equal(kvt_compute_put_async(C, NULL, src, 8, NULL), -EINVAL);
+	kvt_compute_free(C, dev);
+	free(got);
+	free(want);
+}
+
 static void test_resolve(void **state)
 {
 	(void)state;
@@ -1221,6 +1257,21 @@ static void test_resolve(void **state)
 			memcpy(page + (4 + 2 + t) * 8, kv[1][t][h], 32); /* V rows after T of K */
 		}
 	assert_memory_equal(out, pool, 6 * slot_bytes);
+	/* the heads' pages 3 slots apart (an engine's [heads][pages] layout): 1 and 4 */
+	pr.slot0 = 1;
+	pr.slot_stride = 3;
+	pr.pos0 = 0;
+	pr.ntok = 1;
+	assert_int_equal(kvt_put_rows(C, &pr, NULL), 0);
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	dget(out, d_pool, 6 * slot_bytes);
+	for (int h = 0; h < 2; h++) {
+		float *page = pool + (1 + 3 * h) * slot_bytes / 4;
+		memcpy(page, kv[0][0][h], 32);
+		memcpy(page + 4 * 8, kv[1][0][h], 32);
+	}
+	assert_memory_equal(out, pool, 6 * slot_bytes);
+	pr.ntok = 2;
 	pr.pos0 = 3; /* past the page */
 	assert_int_equal(kvt_put_rows(C, &pr, NULL), -EINVAL);
 	free(pool);
@@ -1230,6 +1281,108 @@ static void test_resolve(void **state)
 	kvt_compute_free(C, d_v);
 	kvt_compute_host_free(C, rep);
 	void *ds[] = {d_sel, d_nsel, d_full, d_base, d_map, d_sc, d_tab, d_pages, d_nt};
+	for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
+		kvt_compute_free(C, ds[i]);
+}
+
+/*
+ * kvt_select_resolve against kvt_select then kvt_resolve: the same tables, pages,
+ * counts and report, over enough rows for several blocks to count themselves (the
+ * words left zero), with one row and no words, and with several rows and none (two
+ * calls on cuda); arguments that do not describe one selection and its table refused.
+ */
+static void test_select_resolve(void **state)
+{
+	(void)state;
+	enum { R = 13, P = 90, S = 12 };
+	float sc[R * P];
+	int32_t n_pages[R], tail[R], base[R], map[R * P];
+	for (int r = 0; r < R; r++) {
+		n_pages[r] = P - 7 * (r % 4); /* some rows shorter */
+		tail[r] = r % 3 ? 17 : 0;
+		base[r] = r * P;
+		for (int p = 0; p < P; p++) {
+			sc[r * P + p] = (float)((p * 37 + r * 11) % 101) * 0.25f;
+			int kind = (int)((p * 5 + r) % 3);
+			map[r * P + p] = kind == 0 ? -1 : kind == 1 ? 1000 + r * P + p
+								   : (1000 + r * P + p) | KVT_SLOT_HOST;
+		}
+	}
+	float *d_sc = dev_dup(C, sc, sizeof(sc));
+	int32_t *d_np = dev_dup(C, n_pages, sizeof(n_pages)), *d_tail = dev_dup(C, tail, sizeof(tail));
+	int32_t *d_base = dev_dup(C, base, sizeof(base)), *d_map = dev_dup(C, map, sizeof(map));
+	uint32_t zero2[2] = {0, 0}, *d_sync = dev_dup(C, zero2, sizeof(zero2));
+	const size_t rep_bytes = 64 + (3 * R + R * S) * 4;
+	int32_t *rep[2];
+	int32_t tab[2][R * S], pages[2][R * S], nt[2][R], sel[2][R * S], nsel[2][R];
+	for (int rows = 1; rows <= R; rows += R - 1)
+		for (int with_sync = 0; with_sync < 2; with_sync++) {
+			for (int v = 0; v < 2; v++) { /* 0: two calls, 1: one */
+				int32_t *d_sel = dz(R * S * 4), *d_nsel = dz(R * 4), *d_tab = dz(R * S * 4);
+				int32_t *d_pages = dz(R * S * 4), *d_nt = dz(R * 4);
+				assert_int_equal(kvt_compute_host_alloc(C, rep_bytes, (void **)&rep[v]), 0);
+				memset(rep[v], 0, rep_bytes);
+				struct kvt_select_args se = {
+					.mode = KVT_SELECT_TOPK, .rows = (uint32_t)rows, .stride = P,
+					.out_stride = S, .budget_pages = S, .page_tokens = 64,
+					.sink_tokens = 64, .window_tokens = 128, .logit_scale = 1.0f,
+					.scores = d_sc, .n_pages = d_np, .tail_len = d_tail,
+					.out = d_sel, .n_out = d_nsel};
+				struct kvt_resolve_args ra = {
+					.rows = (uint32_t)rows, .stride = S, .sel = d_sel, .n_sel = d_nsel,
+					.map = d_map, .row_base = d_base, .table = d_tab, .pages = d_pages,
+					.n_table = d_nt, .report = rep[v] + 16, .ready = (uint32_t *)rep[v],
+					.token = 5, .scores = d_sc, .score_stride = P, .n_full = d_np,
+					.sink_pages = 1, .window_pages = 2, .host_gap = 6.0f,
+					.sync = with_sync ? d_sync : NULL};
+				if (v) {
+					assert_int_equal(kvt_select_resolve(C, &se, &ra, NULL), 0);
+				} else {
+					assert_int_equal(kvt_select(C, &se, NULL), 0);
+					assert_int_equal(kvt_resolve(C, &ra, NULL), 0);
+				}
+				assert_int_equal(kvt_compute_sync(C, NULL), 0);
+				dget(sel[v], d_sel, sizeof(sel[v]));
+				dget(nsel[v], d_nsel, sizeof(nsel[v]));
+				dget(tab[v], d_tab, sizeof(tab[v]));
+				dget(pages[v], d_pages, sizeof(pages[v]));
+				dget(nt[v], d_nt, sizeof(nt[v]));
+				dget(zero2, d_sync, sizeof(zero2));
+				assert_int_equal(zero2[0], 0);
+				assert_int_equal(zero2[1], 0);
+				assert_int_equal(__atomic_load_n((uint32_t *)rep[v], __ATOMIC_ACQUIRE), 5u);
+				if (v == 1) { /* refused: not the selection's own arrays, a slot map */
+					ra.sel = d_tab;
+					assert_int_equal(kvt_select_resolve(C, &se, &ra, NULL), -EINVAL);
+					ra.sel = d_sel;
+					ra.stride = S - 1;
+					assert_int_equal(kvt_select_resolve(C, &se, &ra, NULL), -EINVAL);
+					ra.stride = S;
+					se.slot_map = d_map;
+					assert_int_equal(kvt_select_resolve(C, &se, &ra, NULL), -EINVAL);
+				}
+				int32_t *ds[] = {d_sel, d_nsel, d_tab, d_pages, d_nt};
+				for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
+					kvt_compute_free(C, ds[i]);
+			}
+			for (int r = 0; r < rows; r++) {
+				assert_true(nsel[0][r] > 0 && nsel[0][r] <= S);
+				assert_true(nt[0][r] >= 0 && nt[0][r] <= nsel[0][r]);
+				assert_memory_equal(sel[0] + r * S, sel[1] + r * S, (size_t)nsel[0][r] * 4);
+				assert_memory_equal(tab[0] + r * S, tab[1] + r * S, (size_t)nt[0][r] * 4);
+				assert_memory_equal(pages[0] + r * S, pages[1] + r * S, (size_t)nt[0][r] * 4);
+			}
+			assert_memory_equal(nsel[0], nsel[1], (size_t)rows * 4);
+			assert_memory_equal(nt[0], nt[1], (size_t)rows * 4);
+			/* the report: header, counts, every selected entry with its flags */
+			assert_memory_equal(rep[0], rep[1], 64 + 3 * (size_t)rows * 4);
+			for (int r = 0; r < rows; r++)
+				assert_memory_equal(rep[0] + 16 + 3 * rows + r * S, rep[1] + 16 + 3 * rows + r * S,
+						    (size_t)nsel[0][r] * 4);
+			kvt_compute_host_free(C, rep[0]);
+			kvt_compute_host_free(C, rep[1]);
+		}
+	void *ds[] = {d_sc, d_np, d_tail, d_base, d_map, d_sync};
 	for (size_t i = 0; i < sizeof(ds) / sizeof(ds[0]); i++)
 		kvt_compute_free(C, ds[i]);
 }
@@ -1416,7 +1569,8 @@ int main(void)
 		cmocka_unit_test(test_quest_bound), cmocka_unit_test(test_select_topk),
 		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
 		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
-		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_resolve),
+		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_put_async), cmocka_unit_test(test_resolve),
+		cmocka_unit_test(test_select_resolve),
 		cmocka_unit_test(test_resolve_wait), cmocka_unit_test(test_estimate),
 	};
 	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
