@@ -514,15 +514,16 @@ static void fill_tokens(const struct run *r, uint32_t l, uint32_t b, uint32_t t0
 		parallel_for(items, fill_tok_item, &f);
 }
 
-/* Every query: [S][L][rows][G][D]. */
-struct fill_q {
+/* A parallel fill of the run's queries or its steps' tokens into dst. */
+struct fill_dst {
 	const struct run *r;
-	uint8_t *q;
+	uint8_t *dst;
 };
 
+/* Every query: [S][L][rows][G][D]. */
 static void fill_q_item(void *a, uint64_t it)
 {
-	const struct fill_q *f = a;
+	const struct fill_dst *f = a;
 	const struct run *r = f->r;
 	const uint32_t l = (uint32_t)(it / r->rows), row = (uint32_t)(it % r->rows);
 	struct gen x;
@@ -532,20 +533,15 @@ static void fill_q_item(void *a, uint64_t it)
 			gen_q(r, &x.g, s, gi, x.k);
 			size_t o = ((((size_t)s * r->L + l) * r->rows + row) * r->G + gi) * r->D;
 			for (uint32_t d = 0; d < r->D; d++)
-				put(f->q, o + d, x.k[d]);
+				put(f->dst, o + d, x.k[d]);
 		}
 	gen_close(&x);
 }
 
 /* The steps' tokens, one cache write a layer: [S][L] x (K [rows][D], V [rows][D]). */
-struct fill_step {
-	const struct run *r;
-	uint8_t *dst;
-};
-
 static void fill_step_item(void *a, uint64_t it)
 {
-	const struct fill_step *f = a;
+	const struct fill_dst *f = a;
 	const struct run *r = f->r;
 	const uint32_t l = (uint32_t)(it / r->rows), row = (uint32_t)(it % r->rows);
 	struct gen x;
@@ -732,7 +728,7 @@ static int meta_init(struct gpu *g, struct run *r, struct meta *m, uint32_t laye
 		meta_free(g, m);
 		return -ENOMEM;
 	}
-	struct fill_step fs = {r, tok};
+	struct fill_dst fs = {r, tok};
 	parallel_for((uint64_t)r->L * r->rows, fill_step_item, &fs);
 	m->tlen = m->npg + r->rows;
 	m->tail = m->tlen + r->rows;
@@ -2074,7 +2070,7 @@ int main(int argc, char **argv)
 				fprintf(stderr, "kvtier-bench: out of memory\n");
 				return 1;
 			}
-			struct fill_q fq = {&r, r.q};
+			struct fill_dst fq = {&r, r.q};
 			parallel_for((uint64_t)r.L * r.rows, fill_q_item, &fq);
 			if (O.methods & ((1u << M_DENSE) | (1u << M_SPARSE)))
 				run_resident(&g, &r, &w->res[M_DENSE], &w->res[M_SPARSE]);
