@@ -55,17 +55,12 @@ __device__ __forceinline__ void att_chunk(const kvt_raw8<T> (&kr)[CH], const kvt
 	float sc[CH][GM];
 #pragma unroll
 	for (int c = 0; c < CH; c++) {
-		float kf[8];
+		float kf[8], z[GM];
 		kr[c].to_float(kf);
+		kvt_head_logits<LPT, GM>(qf, kf, z);
 #pragma unroll
-		for (int g = 0; g < GM; g++) {
-			float x = 0;
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				x += qf[g][j] * kf[j];
-			x = kvt_group_sum<LPT>(x);
-			sc[c][g] = ok(c) ? x : -INFINITY;
-		}
+		for (int g = 0; g < GM; g++)
+			sc[c][g] = ok(c) ? z[g] : -INFINITY;
 	}
 	float mx[GM];
 #pragma unroll
@@ -283,14 +278,7 @@ __global__ void __launch_bounds__(ATT_THREADS, GM >= 8 ? 2 : 4) attend_kernel(at
 	kvt_load_q<T, D, GM>(static_cast<const T *>(a.q) + ((size_t)r * G + g0) * D + lane * 8, gn,
 			     a.scale, qf);
 	float m[GM], l[GM], acc[GM][8];
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		m[g] = -INFINITY;
-		l[g] = 0;
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			acc[g][j] = 0;
-	}
+	kvt_softmax_init<GM>(m, l, acc);
 	const size_t vofs = (size_t)T_ * D;
 	for (uint32_t e = e0; e < e1; e++) {
 		int32_t slot = e < n ? a.table[(size_t)r * a.stride + e] : tslot;

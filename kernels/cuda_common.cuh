@@ -148,6 +148,36 @@ template <int LPT> __device__ __forceinline__ float kvt_group_sum(float v)
 	return v;
 }
 
+/* z[g] = q_g . k for each of GM heads: this lane's 8 dims of k against qf, summed over
+ * the LPT lanes that hold the vector (every lane of the warp takes part). */
+template <int LPT, int GM>
+__device__ __forceinline__ void kvt_head_logits(const float (&qf)[GM][8], const float (&k)[8],
+						float (&z)[GM])
+{
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		float x = 0;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			x += qf[g][j] * k[j];
+		z[g] = kvt_group_sum<LPT>(x);
+	}
+}
+
+/* An empty online-softmax state of GM heads over a lane's 8 dims. */
+template <int GM>
+__device__ __forceinline__ void kvt_softmax_init(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8])
+{
+#pragma unroll
+	for (int g = 0; g < GM; g++) {
+		m[g] = -INFINITY;
+		l[g] = 0;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			acc[g][j] = 0;
+	}
+}
+
 /* Max over groups of LPT consecutive lanes (xor shuffles; the whole warp takes part). */
 template <int LPT> __device__ __forceinline__ float kvt_group_max(float v)
 {

@@ -23,14 +23,7 @@ template <int GM> struct est_state {
 	float m[GM], l[GM], acc[GM][8];
 	__device__ __forceinline__ void init()
 	{
-#pragma unroll
-		for (int g = 0; g < GM; g++) {
-			m[g] = -INFINITY;
-			l[g] = 0;
-#pragma unroll
-			for (int j = 0; j < 8; j++)
-				acc[g][j] = 0;
-		}
+		kvt_softmax_init<GM>(m, l, acc);
 	}
 	/* adds another state's head g: (om, ol, oacc) */
 	__device__ __forceinline__ void merge(int g, float om, float ol, const float (&oacc)[8])
@@ -46,22 +39,6 @@ template <int GM> struct est_state {
 		m[g] = mm;
 	}
 };
-
-/* z[g]: one page's logit (log2 units) for each of the GM heads, from this lane's 8 dims of
- * its mean key k; summed over the page's LPT lanes, so every lane of the warp takes part. */
-template <int LPT, int GM>
-__device__ __forceinline__ void est_logits(const float (&qf)[GM][8], const float (&k)[8],
-					   float (&z)[GM])
-{
-#pragma unroll
-	for (int g = 0; g < GM; g++) {
-		float x = 0;
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			x += qf[g][j] * k[j];
-		z[g] = kvt_group_sum<LPT>(x);
-	}
-}
 
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args a, uint32_t chunks)
@@ -127,7 +104,7 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_kernel(kvt_estimate_args
 			kr[u].to_float(k);
 			vr[u].to_float(v);
 			float z[GM];
-			est_logits<LPT, GM>(qf, k, z);
+			kvt_head_logits<LPT, GM>(qf, k, z); /* log2 units */
 #pragma unroll
 			for (int j = 0; j < 8; j++)
 				v[j] *= tok; /* the page's T tokens of one value */
@@ -309,7 +286,7 @@ __global__ void __launch_bounds__(EST_THREADS) estimate_sub_kernel(kvt_estimate_
 		kr.to_float(k);
 		vr.to_float(v);
 		float z[GM];
-		est_logits<LPT, GM>(qf, k, z);
+		kvt_head_logits<LPT, GM>(qf, k, z); /* log2 units */
 #pragma unroll
 		for (int g = 0; g < GM; g++) {
 			if (use && g < gn && m[g] > -INFINITY) {

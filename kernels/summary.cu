@@ -182,16 +182,12 @@ __global__ void __launch_bounds__(256) score_kernel(kvt_score_args a)
 			}
 #pragma unroll
 			for (int u = 0; u < U; u++) {
-				float v[8];
+				float v[8], z[GM];
 				rv[u].to_float(v);
+				kvt_head_logits<LPT, GM>(qf, v, z);
 #pragma unroll
-				for (int g = 0; g < GM; g++) {
-					float t = 0;
-#pragma unroll
-					for (int k = 0; k < 8; k++)
-						t += qf[g][k] * v[k];
-					best[u][g] = fmaxf(best[u][g], kvt_group_sum<LPT>(t));
-				}
+				for (int g = 0; g < GM; g++)
+					best[u][g] = fmaxf(best[u][g], z[g]);
 			}
 		}
 #pragma unroll
