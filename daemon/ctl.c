@@ -733,6 +733,8 @@ static void cmd_stats(struct req *r)
 	kvt_json_u64(j, "recovered_bad", st.recovered_bad);
 	kvt_json_u64(j, "backpressure", st.backpressure);
 	kvt_json_u64(j, "reads_hurried", st.reads_hurried);
+	kvt_json_hist(j, "hurried_read_latency", st.hurried_lat, KVT_HIST_BUCKETS, "us");
+	kvt_json_hist(j, "hurried_read_disk_time", st.hurried_disk, KVT_HIST_BUCKETS, "us");
 	kvt_json_u64(j, "meta_bytes", st.meta_bytes);
 	kvt_json_hist(j, "page_lifetime", st.lifetime, KVT_HIST_BUCKETS, "ms");
 	kvt_json_hist(j, "page_reuse_gap", st.reuse_gap, KVT_HIST_BUCKETS, "ms");

@@ -211,6 +211,14 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		kvt_buf_printf(b, "%s %llu\n", sf[f].name,
 			       (unsigned long long)*(const uint64_t *)((const char *)&st + sf[f].off));
 	}
+	head(b, "kvtier_hurried_read_duration_seconds", "histogram",
+	     "NVMe reads a client waited for, from the hurry to done.");
+	hist(b, "kvtier_hurried_read_duration_seconds", "", st.hurried_lat, KVT_HIST_BUCKETS, 1e-6,
+	     (double)st.hurried_lat_sum_us * 1e-6);
+	head(b, "kvtier_hurried_read_disk_seconds", "histogram",
+	     "NVMe reads a client waited for: their time on the disk (handed to it to done).");
+	hist(b, "kvtier_hurried_read_disk_seconds", "", st.hurried_disk, KVT_HIST_BUCKETS, 1e-6,
+	     (double)st.hurried_disk_sum_us * 1e-6);
 	head(b, "kvtier_page_lifetime_seconds", "histogram", "Pages from stored to dropped.");
 	hist(b, "kvtier_page_lifetime_seconds", "", st.lifetime, KVT_HIST_BUCKETS, 1e-3,
 	     (double)st.lifetime_sum_ms * 1e-3);

@@ -59,6 +59,7 @@ struct page {
 	uint8_t queued; /* B(TIER_GPU): its copy there is on the device (slot[] its slot) */
 	uint8_t wb_tries;
 	bool dropped;
+	bool hurry; /* its read from NVMe, once it starts, goes ahead (kvt_store_hurry) */
 	struct waiter *waiters;
 	struct move *rd; /* its read from NVMe into host RAM, while under way */
 };
@@ -70,6 +71,7 @@ struct move {
 	enum tier_id src, dst;
 	tier_slot_t slot; /* the slot written: dst's (or the nvme slot) */
 	uint64_t t0_ns;
+	uint64_t hurry_ns; /* a read hurried (kvt_store_hurry): when; else 0 */
 };
 
 struct ready {
@@ -435,9 +437,17 @@ static void move_done(struct tier_io *io)
 	if (pg->rd == m)
 		pg->rd = NULL;
 	int dir = m->dst == TIER_HOST ? TIER_READ : TIER_WRITE;
-	uint64_t us = (now_ns() - m->t0_ns) / 1000;
+	const uint64_t now = now_ns(), us = (now - m->t0_ns) / 1000;
 	s->st.lat[via][dir][kvt_hist_bucket(us)]++;
 	s->st.lat_sum_us[via][dir] += us;
+	if (m->hurry_ns) {
+		const uint64_t hu = (now - m->hurry_ns) / 1000;
+		const uint64_t du = io->issue_ns && io->issue_ns < now ? (now - io->issue_ns) / 1000 : 0;
+		s->st.hurried_lat[kvt_hist_bucket(hu)]++;
+		s->st.hurried_lat_sum_us += hu;
+		s->st.hurried_disk[kvt_hist_bucket(du)]++;
+		s->st.hurried_disk_sum_us += du;
+	}
 	pg->busy &= (uint8_t)~B(m->dst);
 	if (pg->queued & B(m->dst)) {
 		pg->queued &= (uint8_t)~B(m->dst);
@@ -550,8 +560,15 @@ static int start_move(struct kvt_store *s, struct page *pg, enum tier_id src,
 	pg->busy |= B(dst);
 	pg->io_refs++;
 	pg->readers[src]++;
-	if (src == TIER_NVME && dst == TIER_HOST)
+	if (src == TIER_NVME && dst == TIER_HOST) {
 		pg->rd = m;
+		if (pg->hurry) { /* hurried while it waited for room */
+			io->urgent = true;
+			m->hurry_ns = m->t0_ns;
+		}
+	}
+	if (dst == TIER_HOST)
+		pg->hurry = false;
 	s->moves_inflight++;
 	if (dst == TIER_NVME)
 		s->wb_inflight++;
@@ -980,8 +997,22 @@ int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_
 int kvt_store_hurry(struct kvt_store *s, const struct page_key *k)
 {
 	struct page *pg = page_find(s, k);
-	if (!pg || !pg->rd)
+	if (!pg)
 		return -ENOENT;
+	if (!pg->rd) {
+		/* waiting for room in a tier before its read can start: first to get it,
+		 * and its read urgent then */
+		if (!kvt_list_linked(&pg->stall_link) || (pg->valid & B(TIER_HOST)) ||
+		    !(pg->valid & B(TIER_NVME)))
+			return -ENOENT;
+		if (!pg->hurry) {
+			pg->hurry = true;
+			kvt_list_del(&pg->stall_link);
+			kvt_list_add(&s->stalled, &pg->stall_link);
+			s->st.reads_hurried++;
+		}
+		return 0;
+	}
 	struct tier_io *io = &pg->rd->io;
 	if (io->urgent)
 		return 0;
@@ -990,6 +1021,7 @@ int kvt_store_hurry(struct kvt_store *s, const struct page_key *k)
 		t->ops->hurry(t, io);
 	else /* still in the store's queue: submitted urgent */
 		io->urgent = true;
+	pg->rd->hurry_ns = now_ns();
 	s->st.reads_hurried++;
 	return 0;
 }

@@ -102,6 +102,10 @@ struct kvt_store_stats {
 	uint64_t recovered_pages, recovered_bad;
 	uint64_t backpressure;  /* operations refused with -EAGAIN: tier full of busy pages */
 	uint64_t reads_hurried; /* NVMe reads moved ahead of the others (kvt_store_hurry) */
+	/* those reads, from the hurry to done, and their last try's time on the disk
+	 * (handed to it to done): log2 us */
+	uint64_t hurried_lat[KVT_HIST_BUCKETS], hurried_disk[KVT_HIST_BUCKETS];
+	uint64_t hurried_lat_sum_us, hurried_disk_sum_us;
 	uint64_t meta_bytes;
 	uint64_t evict_reason[TIER_MAX][KVT_EVICT_MAX];
 	/* copies performed by each tier (TIER_READ: out of it, TIER_WRITE: into it),
@@ -186,7 +190,9 @@ int kvt_store_prefetch(struct kvt_store *s, const struct page_key *k, enum tier_
 /*
  * The page's read from NVMe into host RAM (started by a promote or prefetch), if it is
  * still waiting for the disk, goes before the reads and writes that are not hurried:
- * someone waits for this page now. 0, or -ENOENT (no such read under way).
+ * someone waits for this page now. A page still waiting for room in host RAM before
+ * its read can start is the first to get it, and its read is hurried then. 0, or
+ * -ENOENT (no such read under way or waiting).
  */
 int kvt_store_hurry(struct kvt_store *s, const struct page_key *k);
 

@@ -62,6 +62,7 @@ struct tier_io {
 	struct kvt_op op;
 	struct tier *tier;
 	uint32_t xfer;
+	uint64_t issue_ns; /* nvme: when handed to the disk (CLOCK_MONOTONIC), for stats */
 	uint8_t rd; /* nvme: how a read goes (tier_nvme.c) */
 	bool bg;    /* nvme: started as not urgent (counted against bg_depth) */
 	struct kvt_list qlink;

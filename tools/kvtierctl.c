@@ -500,6 +500,12 @@ static void show_stats(const json_t *s, FILE *f)
 		num(st, "sequences"), num(st, "writebacks"), num(st, "read_errors"),
 		num(st, "write_errors"), num(st, "pages_lost"), num(st, "enospc_refused"),
 		num(st, "backpressure"), num(st, "reads_hurried"));
+	if (num(st, "reads_hurried") > 0)
+		fprintf(f, "hurried reads: hurry to done p50 %s p99 %s; on the disk p50 %s p99 %s\n",
+			fmt_us(b[0], 32, hist_p(st, "hurried_read_latency", "p50")),
+			fmt_us(b[1], 32, hist_p(st, "hurried_read_latency", "p99")),
+			fmt_us(b[2], 32, hist_p(st, "hurried_read_disk_time", "p50")),
+			fmt_us(b[3], 32, hist_p(st, "hurried_read_disk_time", "p99")));
 	fprintf(f, "pages: lifetime p50 %s p99 %s; reuse gap p50 %s p99 %s\n",
 		fmt_us(b[0], 32, 1e3 * hist_p(st, "page_lifetime", "p50")),
 		fmt_us(b[1], 32, 1e3 * hist_p(st, "page_lifetime", "p99")),

@@ -521,6 +521,66 @@ static void hurried_reads(void **state)
 	struct kvt_store_stats st;
 	kvt_store_stats(s, &st);
 	assert_int_equal(st.reads_hurried, 2);
+	uint64_t lat = 0, disk = 0;
+	for (int b = 0; b < KVT_HIST_BUCKETS; b++)
+		lat += st.hurried_lat[b], disk += st.hurried_disk[b];
+	assert_int_equal(lat, 2); /* their latency, from the hurry */
+	assert_int_equal(disk, 2);
+	for (int i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
+		read_verify(s, &k, f->buf);
+	}
+}
+
+/*
+ * A page whose read waits for room in host RAM (every slot pinned) is hurried too: the
+ * first to get room, its read ahead of the others once it starts.
+ */
+static void hurried_while_stalled(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	const int n = 8;
+	on_disk(f, n);
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	const uint32_t slots = (uint32_t)(st.tier[TIER_HOST].slots - st.tier[TIER_HOST].used);
+	struct t_wait w = {0};
+	for (uint32_t i = 0; i < slots; i++) { /* host RAM full of pinned pages */
+		struct page_key k = t_key(0, 71, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, &w), 0);
+		assert_int_equal(t_drain(s, &w), 0);
+		assert_int_equal(kvt_store_pin(s, &k), 0);
+	}
+	struct order o = {0};
+	struct order_cb cb[8];
+	promote_all(s, &o, cb, n);
+	for (int r = 0; r < 4; r++)
+		assert_true(kvt_store_run(s, 0) >= 0);
+	assert_int_equal(o.n, 0); /* no room: every read waits */
+	struct page_key k6 = t_key(0, 70, 0, 0, 6);
+	assert_int_equal(kvt_store_hurry(s, &k6), 0);
+	assert_int_equal(kvt_store_hurry(s, &k6), 0); /* counted once */
+	for (uint32_t i = 0; i < 2; i++) { /* room for two */
+		struct page_key k = t_key(0, 71, 0, 0, i);
+		assert_int_equal(kvt_store_unpin(s, &k), 0);
+	}
+	while (o.n < 2)
+		assert_true(kvt_store_run(s, 100) >= 0);
+	assert_int_equal(o.at[6], 0);
+	for (uint32_t i = 2; i < slots; i++) {
+		struct page_key k = t_key(0, 71, 0, 0, i);
+		assert_int_equal(kvt_store_unpin(s, &k), 0);
+	}
+	while (o.n < n)
+		assert_true(kvt_store_run(s, 100) >= 0);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.reads_hurried, 1);
+	uint64_t lat = 0;
+	for (int b = 0; b < KVT_HIST_BUCKETS; b++)
+		lat += st.hurried_lat[b];
+	assert_int_equal(lat, 1);
 	for (int i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 70, 0, 0, (uint32_t)i);
 		read_verify(s, &k, f->buf);
@@ -617,6 +677,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(disk_full, setup_tiny_disk, teardown),
 		cmocka_unit_test_setup_teardown(hurried_reads, setup_qd1, teardown),
+		cmocka_unit_test_setup_teardown(hurried_while_stalled, setup_qd1, teardown),
 		cmocka_unit_test_setup_teardown(background_depth, setup_bg1, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
