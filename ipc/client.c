@@ -36,6 +36,7 @@ struct live_seq {
 	uint32_t *ntok;  /* [layers] tokens appended */
 	uint32_t *sent;  /* [layers] of which the daemon has (kvtier_append_async keeps the
 			  * page still filling here until it is full) */
+	uint32_t mark;   /* kvtier_append_batch_async: the call that saw it last */
 };
 
 struct kvtier_client {
@@ -67,6 +68,9 @@ struct kvtier_client {
 	uint32_t max_live;
 	struct live_seq *live;
 	int32_t *live_of;   /* [max_seqs] live index of a sequence id, or -1 */
+	uint32_t batch_mark;   /* kvtier_append_batch_async's calls */
+	uint32_t *batch_pos;   /* [max_live] its rows and slots (kvt_put_rows' nseq) */
+	uint64_t *batch_slot;
 	uint8_t *tail_host;
 	uint8_t *stage; /* pinned: one page per KV head, what an append sends to tail_dev */
 	bool data_pinned; /* the data area is registered with the device */
@@ -361,7 +365,9 @@ static int alloc_tails(struct kvtier_client *c)
 	c->tail_host = calloc(1, bytes);
 	c->live = calloc(c->max_live, sizeof(*c->live));
 	c->live_of = malloc(c->w.max_seqs * sizeof(int32_t));
-	if (!c->tail_host || !c->live || !c->live_of ||
+	c->batch_pos = malloc(c->max_live * sizeof(*c->batch_pos));
+	c->batch_slot = malloc(c->max_live * sizeof(*c->batch_slot));
+	if (!c->tail_host || !c->live || !c->live_of || !c->batch_pos || !c->batch_slot ||
 	    kvt_compute_host_alloc(c->cc, (size_t)c->layout.kv_heads * c->w.slot_bytes,
 				   (void **)&c->stage) < 0)
 		return -ENOMEM;
@@ -580,6 +586,8 @@ void kvtier_detach(struct kvtier_client *c)
 		free(c->live[i].ntok);
 	free(c->live);
 	free(c->live_of);
+	free(c->batch_pos);
+	free(c->batch_slot);
 	free(c->tail_host);
 	pthread_mutex_destroy(&c->lock);
 	free(c);
@@ -928,6 +936,36 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 	return ret < 0 ? ret : 0;
 }
 
+/* Before an append on stream (under the lock): the pages still filling follow the
+ * client's stream, and a queued attend that reads the layer's tails goes first. */
+static int append_begin(struct kvtier_client *c, uint32_t layer, void *stream)
+{
+	int ret = 0;
+	if (c->append_stream != stream) {
+		/* the pages kept so far were written on the other stream */
+		for (uint32_t i = 0; i < c->max_live && ret == 0; i++)
+			if (c->live[i].used)
+				ret = flush_seq(c, &c->live[i]);
+		c->append_stream = stream;
+	}
+	if (ret == 0 && c->layer_queued[layer]) { /* an attend on another stream reads the tail */
+		if (c->layer_stream[layer] != stream)
+			ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
+		c->layer_queued[layer] = false;
+	}
+	return ret;
+}
+
+static void append_end(struct kvtier_client *c, void *stream, uint64_t t0)
+{
+	if (!c->timing)
+		return;
+	if (c->timing_sync)
+		kvt_compute_sync(c->cc, stream);
+	c->fast_n[0]++;
+	c->fast_ns[0] += mono_ns() - t0;
+}
+
 int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
 			const void *v, uint32_t ntok, void *stream)
 {
@@ -942,19 +980,7 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	pthread_mutex_lock(&c->lock);
 	struct live_seq *l = live_get(c, seq);
-	int ret = l ? 0 : -ENOENT;
-	if (ret == 0 && c->append_stream != stream) {
-		/* the pages kept so far were written on the other stream */
-		for (uint32_t i = 0; i < c->max_live && ret == 0; i++)
-			if (c->live[i].used)
-				ret = flush_seq(c, &c->live[i]);
-		c->append_stream = stream;
-	}
-	if (ret == 0 && c->layer_queued[layer]) { /* an attend on another stream reads the tail */
-		if (c->layer_stream[layer] != stream)
-			ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
-		c->layer_queued[layer] = false;
-	}
+	int ret = l ? append_begin(c, layer, stream) : -ENOENT;
 	const uint32_t li = l ? (uint32_t)c->live_of[seq] : 0;
 	for (uint32_t done = 0; done < ntok && ret == 0;) {
 		const uint32_t pos = l->ntok[layer] % T;
@@ -971,12 +997,65 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 		if (l->ntok[layer] % T == 0) /* full: the daemon seals it and summarizes it */
 			ret = flush_layer(c, l, layer);
 	}
-	if (c->timing) {
-		if (c->timing_sync)
-			kvt_compute_sync(c->cc, stream);
-		c->fast_n[0]++;
-		c->fast_ns[0] += mono_ns() - t0;
+	append_end(c, stream, t0);
+	pthread_mutex_unlock(&c->lock);
+	return ret;
+}
+
+int kvtier_append_batch_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
+			      uint32_t layer, const void *k, const void *v, void *stream)
+{
+	if (!c || (nseq && (!seqs || !k || !v)) || layer >= c->layout.layers)
+		return -EINVAL;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t tok = c->row * H;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
+	pthread_mutex_lock(&c->lock);
+	/* every sequence live and named once, or nothing appended */
+	int ret = 0;
+	const uint32_t mark = ++c->batch_mark;
+	for (uint32_t i = 0; i < nseq && ret == 0; i++) {
+		struct live_seq *l = live_get(c, seqs[i]);
+		if (!l)
+			ret = -ENOENT;
+		else if (l->mark == mark)
+			ret = -EINVAL;
+		else
+			l->mark = mark;
 	}
+	if (ret < 0 || !nseq) {
+		pthread_mutex_unlock(&c->lock);
+		return ret;
+	}
+	if (!c->fast.ptr) { /* no fast path: through the daemon at once */
+		pthread_mutex_unlock(&c->lock);
+		ret = kvt_compute_sync(c->cc, stream);
+		for (uint32_t i = 0; i < nseq && ret == 0; i++)
+			ret = kvtier_append(c, seqs[i], layer, (const uint8_t *)k + i * tok,
+					   (const uint8_t *)v + i * tok, 1, KVT_MEM_DEVICE);
+		return ret;
+	}
+	ret = append_begin(c, layer, stream);
+	for (uint32_t i = 0; i < nseq && ret == 0; i++) {
+		const struct live_seq *l = live_get(c, seqs[i]);
+		c->batch_pos[i] = l->ntok[layer] % T;
+		c->batch_slot[i] = tail_slot(c, (uint32_t)c->live_of[seqs[i]], layer, 0);
+	}
+	struct kvt_put_rows_args a = {.g = c->geom, .heads = H, .ntok = 1, .k = k, .v = v,
+				      .pool = c->tail_dev, .slot_bytes = c->w.slot_bytes,
+				      .nseq = nseq, .seq_pos = c->batch_pos, .seq_slot0 = c->batch_slot};
+	if (ret == 0 && (ret = kvt_put_rows(c->cc, &a, stream)) == 0) {
+		/* queued: each sequence has its token; a page it fills goes to the daemon (one
+		 * that cannot loses that page's tokens, as kvtier_append_async; the others go on) */
+		for (uint32_t i = 0; i < nseq; i++) {
+			struct live_seq *l = live_get(c, seqs[i]);
+			if (++l->ntok[layer] % T == 0) {
+				int r = flush_layer(c, l, layer);
+				ret = ret < 0 ? ret : r;
+			}
+		}
+	}
+	append_end(c, stream, t0);
 	pthread_mutex_unlock(&c->lock);
 	return ret;
 }

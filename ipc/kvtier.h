@@ -269,6 +269,19 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
 			const void *v, uint32_t ntok, void *stream);
 
 /*
+ * A batch's decode step in one call: one token to one layer of each of nseq sequences,
+ * k and v [nseq][kv_heads][head_dim] in device memory (row i: seqs[i]'s), queued on
+ * stream as kvtier_append_async would queue each (one kernel for them all on the fast
+ * path, as an engine's cache write with its slot mapping). Every sequence must be
+ * known and named once: else -ENOENT or -EINVAL and nothing is appended. A page that a
+ * token fills goes to the daemon; one that cannot (the daemon gone) loses that page's
+ * tokens as kvtier_append_async would, the other sequences keep theirs, and the error
+ * is returned. Without the fast path it is kvtier_append for each. 0 or -errno.
+ */
+int kvtier_append_batch_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
+			      uint32_t layer, const void *k, const void *v, void *stream);
+
+/*
  * For an engine that reads the pages of a table with kernels of its own: work queued
  * on stream after this call runs after the table's pages are in their slots. On the
  * cuda backend kvtier_select may return while the daemon's copies of pages into the

@@ -257,9 +257,16 @@ int kvt_put_rows(struct kvt_compute *c, const struct kvt_put_rows_args *a, void 
 	if (!a->ntok)
 		return 0;
 	if (!a->heads || !a->k || !a->v || !a->pool ||
-	    (uint64_t)a->pos0 + a->ntok > a->g.page_tokens ||
+	    (!a->nseq && (uint64_t)a->pos0 + a->ntok > a->g.page_tokens) ||
 	    a->slot_bytes < 2ull * a->g.page_tokens * a->g.head_dim * kvt_dtype_size(a->g.dtype))
 		return -EINVAL;
+	if (a->nseq) {
+		if (!a->seq_pos || !a->seq_slot0)
+			return -EINVAL;
+		for (uint32_t i = 0; i < a->nseq; i++)
+			if ((uint64_t)a->seq_pos[i] + a->ntok > a->g.page_tokens)
+				return -EINVAL;
+	}
 	return c->ops->put_rows(c, a, stream);
 }
 

@@ -283,6 +283,11 @@ struct kvt_resolve_args {
  * pos0 .. pos0 + ntok - 1 of the pages in slots slot0 + h * slot_stride of pool, h
  * < heads (slot_stride 0: 1, the heads' pages side by side; pos0 + ntok <=
  * page_tokens): what an engine's cache-write kernel does.
+ *
+ * With nseq > 0, the tokens of nseq sequences in one call (a batch's decode step): K
+ * and V are [nseq][ntok][heads][D], and sequence i's go to rows seq_pos[i] .. seq_pos[i]
+ * + ntok - 1 of the pages in slots seq_slot0[i] + h * slot_stride (pos0 and slot0
+ * unused; seq_pos and seq_slot0 in host memory, read before the call returns).
  */
 struct kvt_put_rows_args {
 	struct kvt_geom g;
@@ -294,6 +299,9 @@ struct kvt_put_rows_args {
 	void *pool;
 	uint64_t slot_bytes;
 	uint64_t slot0;
+	uint32_t nseq;
+	const uint32_t *seq_pos;
+	const uint64_t *seq_slot0;
 };
 
 /* A page-table entry with this bit is a slot of the host pool (attend's host_pool). */

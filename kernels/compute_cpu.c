@@ -451,14 +451,18 @@ static int cpu_put_rows(struct kvt_compute *base, const struct kvt_put_rows_args
 	(void)base;
 	(void)stream;
 	const size_t row = (size_t)a->g.head_dim * kvt_dtype_size(a->g.dtype), T = a->g.page_tokens;
-	for (uint32_t t = 0; t < a->ntok; t++)
-		for (uint32_t h = 0; h < a->heads; h++) {
-			const uint64_t slot = a->slot0 + (uint64_t)h * (a->slot_stride ? a->slot_stride : 1);
-			uint8_t *page = (uint8_t *)a->pool + slot * a->slot_bytes;
-			size_t src = ((size_t)t * a->heads + h) * row, pos = a->pos0 + t;
-			memcpy(page + pos * row, (const uint8_t *)a->k + src, row);
-			memcpy(page + (T + pos) * row, (const uint8_t *)a->v + src, row);
-		}
+	const uint64_t stride = a->slot_stride ? a->slot_stride : 1;
+	for (uint32_t i = 0; i < (a->nseq ? a->nseq : 1); i++) {
+		const uint64_t slot0 = a->nseq ? a->seq_slot0[i] : a->slot0;
+		const size_t pos0 = a->nseq ? a->seq_pos[i] : a->pos0;
+		for (uint32_t t = 0; t < a->ntok; t++)
+			for (uint32_t h = 0; h < a->heads; h++) {
+				uint8_t *page = (uint8_t *)a->pool + (slot0 + h * stride) * a->slot_bytes;
+				size_t src = (((size_t)i * a->ntok + t) * a->heads + h) * row, pos = pos0 + t;
+				memcpy(page + pos * row, (const uint8_t *)a->k + src, row);
+				memcpy(page + (T + pos) * row, (const uint8_t *)a->v + src, row);
+			}
+	}
 	return 0;
 }
 

@@ -31,22 +31,47 @@ int kvt_cuda_resolve(const kvt_resolve_args *a, cudaStream_t s)
 	return kvt_cuda_errno(cudaGetLastError(), "resolve");
 }
 
-/* 16-byte pieces: a block per (token, head), a thread per piece of K and of V. */
-__global__ void put_rows_kernel(kvt_put_rows_args a, uint32_t pieces)
+/* The sequences of one launch: where each one's tokens go, in the launch's parameters
+ * (size classes, so that one sequence does not carry 3 KB of them). */
+template <uint32_t N> struct put_seqs {
+	uint32_t pos[N];
+	uint64_t slot0[N];
+};
+
+/* 16-byte pieces: a block per (sequence, token, head), a thread per piece of K and of V. */
+template <uint32_t N>
+__global__ void put_rows_kernel(const kvt_put_rows_args a, uint32_t pieces, const put_seqs<N> sq)
 {
-	const uint32_t t = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+	const uint32_t per = a.ntok * a.heads;
+	const uint32_t i = blockIdx.x / per, t = blockIdx.x % per / a.heads, h = blockIdx.x % a.heads;
 	const size_t row = (size_t)pieces * 16, T = a.g.page_tokens;
-	const size_t src = ((size_t)t * a.heads + h) * row;
-	const uint64_t slot = a.slot0 + (uint64_t)h * (a.slot_stride ? a.slot_stride : 1);
+	const size_t src = (((size_t)i * a.ntok + t) * a.heads + h) * row;
+	const uint64_t slot = sq.slot0[i] + (uint64_t)h * (a.slot_stride ? a.slot_stride : 1);
 	uint8_t *page = static_cast<uint8_t *>(a.pool) + slot * a.slot_bytes;
-	const size_t pos = a.pos0 + t;
-	for (uint32_t i = threadIdx.x; i < 2 * pieces; i += blockDim.x) {
-		const bool v = i >= pieces;
-		const uint32_t j = v ? i - pieces : i;
+	const size_t pos = sq.pos[i] + t;
+	for (uint32_t x = threadIdx.x; x < 2 * pieces; x += blockDim.x) {
+		const bool v = x >= pieces;
+		const uint32_t j = v ? x - pieces : x;
 		const uint8_t *from = static_cast<const uint8_t *>(v ? a.v : a.k) + src + (size_t)j * 16;
 		uint8_t *to = page + ((v ? T : 0) + pos) * row + (size_t)j * 16;
 		*reinterpret_cast<uint4 *>(to) = *reinterpret_cast<const uint4 *>(from);
 	}
+}
+
+template <uint32_t N>
+static void put_rows_launch(const kvt_put_rows_args &a, uint32_t pieces, uint32_t i0, uint32_t n,
+			    cudaStream_t s)
+{
+	put_seqs<N> sq;
+	for (uint32_t i = 0; i < n; i++) {
+		sq.pos[i] = a.nseq ? a.seq_pos[i0 + i] : a.pos0;
+		sq.slot0[i] = a.nseq ? a.seq_slot0[i0 + i] : a.slot0;
+	}
+	kvt_put_rows_args b = a;
+	const size_t skip = (size_t)i0 * a.ntok * a.heads * pieces * 16;
+	b.k = static_cast<const uint8_t *>(a.k) + skip;
+	b.v = static_cast<const uint8_t *>(a.v) + skip;
+	put_rows_kernel<N><<<n * a.ntok * a.heads, pieces * 2 < 256 ? pieces * 2 : 256, 0, s>>>(b, pieces, sq);
 }
 
 int kvt_cuda_put_rows(const kvt_put_rows_args *a, cudaStream_t s)
@@ -55,7 +80,17 @@ int kvt_cuda_put_rows(const kvt_put_rows_args *a, cudaStream_t s)
 	const uint32_t pieces = (uint32_t)(row / 16);
 	if (row % 16 || ((uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->pool | a->slot_bytes) % 16)
 		return -EINVAL;
-	put_rows_kernel<<<a->ntok * a->heads, pieces * 2 < 256 ? pieces * 2 : 256, 0, s>>>(*a, pieces);
+	const uint32_t nseq = a->nseq ? a->nseq : 1;
+	for (uint32_t i0 = 0; i0 < nseq;) {
+		const uint32_t n = nseq - i0 < 256 ? nseq - i0 : 256;
+		if (n == 1)
+			put_rows_launch<1>(*a, pieces, i0, n, s);
+		else if (n <= 16)
+			put_rows_launch<16>(*a, pieces, i0, n, s);
+		else
+			put_rows_launch<256>(*a, pieces, i0, n, s);
+		i0 += n;
+	}
 	return kvt_cuda_errno(cudaGetLastError(), "put_rows");
 }
 

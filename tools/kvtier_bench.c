@@ -1408,12 +1408,22 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	for (uint32_t l = 0; tabs && l < r->L; l++)
 		if (!(tabs[l] = kvtier_table_create(c, r->B)))
 			ret = -ENOMEM;
+	/* on the device as a batch's step writes them: [L][S][K, V][B][H][D] */
 	dnk = fast ? dalloc(g, (size_t)r->L * r->B * 2 * stepb) : NULL;
-	if (fast && (!tabs || ret || !dnk ||
-		     kvt_compute_upload(g->cc, dnk, nk, (size_t)r->L * r->B * 2 * stepb) < 0)) {
+	uint8_t *bk = fast ? malloc((size_t)r->L * r->B * 2 * stepb) : NULL;
+	for (uint32_t l = 0; bk && l < r->L; l++)
+		for (uint32_t b = 0; b < r->B; b++)
+			for (uint32_t s = 0; s < r->S; s++)
+				for (int kv = 0; kv < 2; kv++)
+					memcpy(bk + ((((size_t)l * r->S + s) * 2 + kv) * r->B + b) * tokb,
+					       nk + (((size_t)l * r->B + b) * 2 + kv) * stepb + s * tokb, tokb);
+	if (fast && (!tabs || ret || !dnk || !bk ||
+		     kvt_compute_upload(g->cc, dnk, bk, (size_t)r->L * r->B * 2 * stepb) < 0)) {
+		free(bk);
 		snprintf(res->why, sizeof(res->why), "out of memory (fast-path tables)");
 		goto out;
 	}
+	free(bk);
 	void *stream = kvt_compute_stream(g->cc);
 	q = dalloc(g, (size_t)r->S * r->L * qper * r->esz);
 	out = dalloc(g, (size_t)r->L * qper * r->esz);
@@ -1460,10 +1470,13 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 			 * path: queued on one stream, waited for once a step) */
 			struct kvtier_table *tl = fast ? tabs[l] : tab;
 			double u0 = now();
-			for (uint32_t b = 0; b < r->B && !ret; b++) {
+			if (fast) { /* the batch's tokens in one call, as an engine's cache write */
+				const uint8_t *k = dnk + (((size_t)l * r->S + s) * 2) * r->B * tokb;
+				ret = kvtier_append_batch_async(c, seqs, r->B, l, k, k + r->B * tokb, stream);
+			}
+			for (uint32_t b = 0; b < r->B && !fast && !ret; b++) {
 				size_t at = ((size_t)l * r->B + b) * 2 * stepb + s * tokb;
-				ret = fast ? kvtier_append_async(c, seqs[b], l, dnk + at, dnk + at + stepb, 1, stream)
-					   : kvtier_append(c, seqs[b], l, nk + at, nk + at + stepb, 1, KVT_MEM_HOST);
+				ret = kvtier_append(c, seqs[b], l, nk + at, nk + at + stepb, 1, KVT_MEM_HOST);
 			}
 			const uint8_t *ql = (const uint8_t *)q + ((size_t)s * r->L + l) * qper * r->esz;
 			double u1 = now();

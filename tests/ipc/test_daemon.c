@@ -918,6 +918,69 @@ static void test_copy_order(void **state)
  * (not while fast.promote is off). No waits here (wait_us < 0): test_fast_wait.
  */
 /*
+ * kvtier_append_batch_async: a batch's token per layer in one call, the sequences in a
+ * new order each step, at other positions in their pages (one fills a page at every
+ * step of T), on the fast path and without it (kvtier_append for each). Afterwards a
+ * step through the daemon finds the pages it selects (the window: the pages the batch
+ * wrote) byte for byte and the tail in the output, and the daemon counts every token. A sequence named twice or not live: refused,
+ * nothing appended (else the pages after it would be off by a token).
+ */
+static void test_append_batch(void **state)
+{
+	(void)state;
+	for (int fast = 1; fast >= 0; fast--) {
+		struct kvtier_client *c = fast ? attach_fast(4, 16 * T, 0) : attach(NULL);
+		struct seqdesc s[3] = {{.salt = 61u + 3u * (uint32_t)fast}, {.salt = 62u + 3u * (uint32_t)fast},
+				       {.salt = 63u + 3u * (uint32_t)fast}};
+		const uint32_t pre[3] = {5 * T - 5, 4 * T - 1, 4 * T};
+		for (int i = 0; i < 3; i++) {
+			assert_int_equal(kvtier_seq_create(c, &s[i].id), 0);
+			append_tokens(c, &s[i], pre[i]);
+		}
+		const size_t row = (size_t)HEADS * D;
+		float *k = malloc(3 * row * 4), *v = malloc(3 * row * 4);
+		uint32_t ids[3] = {s[0].id, s[1].id, s[0].id};
+		assert_int_equal(kvtier_append_batch_async(c, ids, 3, 0, k, v, NULL), -EINVAL);
+		ids[2] = 1u << 30;
+		assert_int_equal(kvtier_append_batch_async(c, ids, 3, 0, k, v, NULL), -ENOENT);
+		assert_int_equal(kvtier_append_batch_async(c, ids, 2, LAYERS, k, v, NULL), -EINVAL);
+		assert_int_equal(kvtier_append_batch_async(c, ids, 0, 0, NULL, NULL, NULL), 0);
+		for (uint32_t st = 0; st < T + 3; st++) {
+			for (uint32_t l = 0; l < LAYERS; l++) {
+				for (uint32_t i = 0; i < 3; i++) {
+					struct seqdesc *b = &s[(i + st) % 3];
+					ids[i] = b->id;
+					for (uint32_t h = 0; h < HEADS; h++)
+						for (uint32_t d = 0; d < D; d++) {
+							k[i * row + h * D + d] = kv_of(b, l, h, b->ntok, d, 0);
+							v[i * row + h * D + d] = kv_of(b, l, h, b->ntok, d, 1);
+						}
+				}
+				assert_int_equal(kvtier_append_batch_async(c, ids, 3, l, k, v, NULL), 0);
+			}
+			for (int i = 0; i < 3; i++)
+				s[i].ntok++;
+		}
+		struct kvtier_table *tab = kvtier_table_create(c, 3);
+		assert_non_null(tab);
+		/* one more token each, then the sinks, the window (the pages the batch wrote to)
+		 * and the pages the query picks, and the tail */
+		check(step(c, s, 3, 0, 16, tab) > 0);
+		for (int i = 0; i < 3; i++)
+			for (uint32_t l = 0; l < LAYERS; l++) {
+				uint32_t n = 0;
+				assert_int_equal(kvtier_seq_tokens(c, s[i].id, l, &n), 0);
+				check_eq(n, s[i].ntok);
+			}
+		kvtier_table_destroy(tab);
+		free(k);
+		free(v);
+		kvtier_detach(c);
+	}
+	daemon_alive();
+}
+
+/*
  * The fast path's waits: pages that matter (here every one, host_gap < 0) and are not
  * leased yet hold the call (the cpu device's resolve) until the daemon has leased them:
  * from the first step of each new query on, the fast table is the daemon's selection
@@ -1204,6 +1267,7 @@ int main(void)
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_fast, reset_globals),
 		cmocka_unit_test_setup(test_fast_wait, reset_globals),
+		cmocka_unit_test_setup(test_append_batch, reset_globals),
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */

@@ -1286,6 +1286,72 @@ static void test_resolve(void **state)
 }
 
 /*
+ * put_rows for a batch (nseq): each sequence's token into its own row of its own pages,
+ * as one call per sequence would, for 1, 5 and 300 sequences (past one launch's 256),
+ * bf16 and D 128 as the model's; a row past the page refused, nothing written.
+ */
+static void test_put_rows_batch(void **state)
+{
+	(void)state;
+	struct kvt_geom g = {.head_dim = 128, .page_tokens = 16, .group = 1, .reps = 1, .dtype = KVT_BF16};
+	enum { H = 2, N = 300 };
+	const size_t row = 128 * 2, slot_bytes = 2 * 16 * row, nslots = 2 * N * H + 3;
+	const size_t tok = (size_t)N * H * row;
+	uint8_t *kv = malloc(2 * tok), *want = calloc(nslots, slot_bytes), *got = malloc(nslots * slot_bytes);
+	uint32_t pos[N];
+	uint64_t slot0[N];
+	for (size_t i = 0; i < 2 * tok; i++)
+		kv[i] = (uint8_t)(i * 7 + i / 251);
+	for (uint32_t i = 0; i < N; i++) {
+		pos[i] = (i * 5) % 16;
+		slot0[i] = 3 + (uint64_t)((i * 37) % N) * H * 2; /* scattered, heads 2 apart */
+	}
+	void *d_pool = dev_dup(C, want, nslots * slot_bytes);
+	void *d_k = dev_dup(C, kv, tok), *d_v = dev_dup(C, kv + tok, tok);
+	const uint32_t counts[] = {1, 5, N};
+	for (int c = 0; c < 3; c++) {
+		const uint32_t n = counts[c];
+		struct kvt_put_rows_args pr = {.g = g, .heads = H, .ntok = 1, .slot_stride = 2,
+					       .k = d_k, .v = d_v, .pool = d_pool,
+					       .slot_bytes = slot_bytes, .nseq = n, .seq_pos = pos,
+					       .seq_slot0 = slot0};
+		assert_int_equal(kvt_put_rows(C, &pr, NULL), 0);
+		for (uint32_t i = 0; i < n; i++)
+			for (uint32_t h = 0; h < H; h++) {
+				uint8_t *page = want + (slot0[i] + 2 * h) * slot_bytes;
+				const size_t src = ((size_t)i * H + h) * row;
+				memcpy(page + pos[i] * row, kv + src, row);
+				memcpy(page + (16 + pos[i]) * row, kv + tok + src, row);
+			}
+		assert_int_equal(kvt_compute_sync(C, NULL), 0);
+		dget(got, d_pool, nslots * slot_bytes);
+		assert_memory_equal(got, want, nslots * slot_bytes);
+		for (uint32_t i = 0; i < N; i++) /* the next call: other rows */
+			pos[i] = (pos[i] + 3) % 16;
+	}
+	pos[7] = 16; /* past the page: refused, nothing written */
+	struct kvt_put_rows_args bad = {.g = g, .heads = H, .ntok = 1, .slot_stride = 2,
+					.k = d_k, .v = d_v, .pool = d_pool, .slot_bytes = slot_bytes,
+					.nseq = 9, .seq_pos = pos, .seq_slot0 = slot0};
+	assert_int_equal(kvt_put_rows(C, &bad, NULL), -EINVAL);
+	pos[7] = 15;
+	bad.ntok = 2; /* 15 + 2 */
+	assert_int_equal(kvt_put_rows(C, &bad, NULL), -EINVAL);
+	bad.ntok = 1;
+	bad.seq_pos = NULL;
+	assert_int_equal(kvt_put_rows(C, &bad, NULL), -EINVAL);
+	assert_int_equal(kvt_compute_sync(C, NULL), 0);
+	dget(got, d_pool, nslots * slot_bytes);
+	assert_memory_equal(got, want, nslots * slot_bytes);
+	free(kv);
+	free(want);
+	free(got);
+	kvt_compute_free(C, d_pool);
+	kvt_compute_free(C, d_k);
+	kvt_compute_free(C, d_v);
+}
+
+/*
  * kvt_select_resolve against kvt_select then kvt_resolve: the same tables, pages,
  * counts and report, over enough rows for several blocks to count themselves (the
  * words left zero), with one row and no words, and with several rows and none (two
@@ -1570,7 +1636,7 @@ int main(void)
 		cmocka_unit_test(test_select_topp), cmocka_unit_test(test_attend),
 		cmocka_unit_test(test_policy),      cmocka_unit_test(test_bad_args),
 		cmocka_unit_test(test_copy_async),  cmocka_unit_test(test_put_async), cmocka_unit_test(test_resolve),
-		cmocka_unit_test(test_select_resolve),
+		cmocka_unit_test(test_select_resolve), cmocka_unit_test(test_put_rows_batch),
 		cmocka_unit_test(test_resolve_wait), cmocka_unit_test(test_estimate),
 	};
 	ret = cmocka_run_group_tests_name(BACKEND, tests, NULL, NULL);
