@@ -1439,6 +1439,11 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	uint32_t stride = p->budget_pages;
 	uint32_t forced = (p->sink_tokens + T - 1) / T + p->window_tokens / T + 1;
 	stride = stride < forced ? forced : stride ? stride : 1;
+	/* no row has more full pages than the fast path covers (the daemon's bound on a
+	 * report): a budget past them selects them all */
+	if (stride > c->w.fast_pages)
+		stride = c->w.fast_pages ? c->w.fast_pages : 1;
+	const uint32_t budget = p->budget_pages < stride ? p->budget_pages : stride;
 	if (!ret && t->queued && t->done_stream != stream) /* an attend queued on it reads it */
 		ret = c->dev->ops->fence_stream_wait(c->dev, c->fence, stream);
 	t->queued = false;
@@ -1529,7 +1534,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 				    .scores = t->d_scores, .row_base = t->d_fin + mr};
 	struct kvt_select_args se = {
 		.mode = p->top_p_mode ? KVT_SELECT_TOPP : KVT_SELECT_TOPK, .rows = (uint32_t)rows,
-		.stride = smax, .out_stride = stride, .budget_pages = p->budget_pages,
+		.stride = smax, .out_stride = stride, .budget_pages = budget,
 		.page_tokens = T, .sink_tokens = p->sink_tokens, .window_tokens = p->window_tokens,
 		.top_p = p->top_p, .logit_scale = 1.0f / sqrtf((float)c->layout.head_dim),
 		.scores = t->d_scores, .n_pages = t->d_fin, .tail_len = t->d_fin + 2 * mr,

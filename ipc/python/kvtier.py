@@ -11,6 +11,11 @@ daemon runs on a GPU); K/V of new tokens are [ntok, kv_heads, head_dim], queries
     t = c.select([s], layer, q, budget_pages=32)
     out = c.attend(t, q)
 
+The fast path (attach with max_context; tensors on the daemon's device): per layer
+append_batch_async(seqs, layer, k, v) with k, v [nseq, kv_heads, head_dim],
+select_async(seqs, layer, q, ...) and attend_async(table, q), all on one stream, no
+round trip to the daemon.
+
 Errors raise OSError with the errno the library returned.
 """
 import ctypes
@@ -102,6 +107,10 @@ def _load(path=None):
         "kvtier_seq_sync": (I, [P, U32, ctypes.POINTER(U32)]),
         "kvtier_seq_remove": (I, [P, ctypes.c_char_p]),
         "kvtier_append": (I, [P, U32, U32, P, P, U32, ctypes.c_uint]),
+        "kvtier_append_async": (I, [P, U32, U32, P, P, U32, P]),
+        "kvtier_append_batch_async": (I, [P, ctypes.POINTER(U32), U32, U32, P, P, P]),
+        "kvtier_select_async": (I, [P, ctypes.POINTER(U32), U32, U32, P,
+                                    ctypes.POINTER(_SelParams), P, P]),
         "kvtier_table_create": (P, [P, U32]),
         "kvtier_table_destroy": (None, [P]),
         "kvtier_table_view": (None, [P, ctypes.POINTER(_View)]),
@@ -191,13 +200,16 @@ class Table:
 class Client:
     def __init__(self, layers, kv_heads, group, head_dim, dtype="bf16", page_tokens=64,
                  dense_layers=2, reps=4, socket=None, tenant=None, data_bytes=0,
-                 max_live_seqs=0, host_reads=True, lib=None):
+                 max_live_seqs=0, host_reads=True, max_context=0, lib=None):
+        """max_context: tokens per sequence the fast path (select_async) covers, for
+        the first max_live_seqs sequence ids; 0: none."""
         self._lib = _load(lib)
         self.layers, self.kv_heads, self.group, self.head_dim = layers, kv_heads, group, head_dim
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else int(dtype)
         lay = _Layout(layers, kv_heads, group, head_dim, self.dtype, page_tokens, dense_layers, reps)
         opts = _Opts(socket.encode() if socket else None, tenant.encode() if tenant else None,
-                     data_bytes, 0, max_live_seqs, 0 if host_reads else ATTACH_NO_HOST_READS)
+                     data_bytes, 0, max_live_seqs, 0 if host_reads else ATTACH_NO_HOST_READS,
+                     max_context)
         h = ctypes.c_void_p()
         _check(self._lib.kvtier_attach(ctypes.byref(lay), ctypes.byref(opts), ctypes.byref(h)),
                "kvtier_attach")
@@ -270,6 +282,57 @@ class Client:
         kp, km, kk = _ptr(k)
         vp, vm, vk = _ptr(v)
         _check(self._lib.kvtier_append(self._h, seq, layer, kp, vp, ntok, km), "append")
+
+    def _dev_ptr(self, x, what):
+        """(address, keepalive) of a tensor the device reads in place: contiguous, and a
+        CUDA tensor when the backend is cuda (a host address would fault the kernel)."""
+        if hasattr(x, "is_contiguous") and not x.is_contiguous():
+            raise ValueError(f"{what}: tensors must be contiguous")
+        p, m, keep = _ptr(x)
+        if self.backend != "cpu" and not m:
+            raise ValueError(f"{what}: tensors must be in device memory (backend {self.backend})")
+        return p, keep
+
+    def append_async(self, seq, layer, k, v, stream=None):
+        """k, v: [ntok, kv_heads, head_dim] in device memory, queued on stream (the
+        fast path: the page still filling stays with the client until full)."""
+        kp, kk = self._dev_ptr(k, "append_async")
+        vp, vk = self._dev_ptr(v, "append_async")
+        _check(self._lib.kvtier_append_async(self._h, seq, layer, kp, vp, k.shape[0],
+                                             _stream_ptr(stream, k)), "append_async")
+
+    def append_batch_async(self, seqs, layer, k, v, stream=None):
+        """One token of each of seqs to layer in one call: k, v [len(seqs), kv_heads,
+        head_dim] in device memory (row i is seqs[i]'s), queued on stream."""
+        n = len(seqs)
+        if k.shape[0] != n or v.shape[0] != n:
+            raise ValueError("append_batch_async: k and v need one row per sequence")
+        kp, kk = self._dev_ptr(k, "append_batch_async")
+        vp, vk = self._dev_ptr(v, "append_batch_async")
+        ids = (ctypes.c_uint32 * n)(*seqs)
+        _check(self._lib.kvtier_append_batch_async(self._h, ids, n, layer, kp, vp,
+                                                   _stream_ptr(stream, k)), "append_batch_async")
+
+    def select_async(self, seqs, layer, q, budget_pages, sink_tokens=64, window_tokens=256,
+                     top_p=None, estimate=False, host_gap=0.0, wait_us=0, table=None,
+                     stream=None):
+        """The fast path's select: made on stream by this process's device from the
+        daemon's summaries and map (q in device memory), no round trip; pages not leased
+        yet are left out (the daemon leases them for the next steps), those that may
+        matter wait up to wait_us (0: the library's default, < 0: never). estimate: the
+        attention adds an estimate of the pages left out. Returns the Table (as
+        select()); attend_async on the same stream reads it."""
+        n = len(seqs)
+        t = table if table is not None else self._tables.get(n)
+        if t is None:
+            t = self._tables[n] = Table(self, n)
+        ids = (ctypes.c_uint32 * n)(*seqs)
+        qp, qk = self._dev_ptr(q, "select_async")
+        p = _SelParams(budget_pages, sink_tokens, window_tokens, 1 if top_p is not None else 0,
+                       top_p or 0.0, SEL_ESTIMATE if estimate else 0, host_gap, wait_us)
+        _check(self._lib.kvtier_select_async(self._h, ids, n, layer, qp, ctypes.byref(p), t._t,
+                                             _stream_ptr(stream, q)), "select_async")
+        return t
 
     def table(self, max_seqs=1):
         """A table of its own for select(table=...): one per layer keeps the layers of a

@@ -27,6 +27,13 @@ $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 
 	--context 2000 --steps 9 --budget 64 --max-error 0.01
 $py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
 	--context 4000 --steps 9 --budget 16 --max-error 0.2
+# a batch of 3 on the fast path (append_batch_async, select_async, attend_async): every
+# page covered and waited for (host gap < 0), then not (with the estimate of the pages
+# left out)
+$py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
+	--context 2000 --steps 9 --budget 64 --batch 3 --fast --host-gap -1 --max-error 0.01
+$py "$src/tools/decode_loop.py" --layers 2 --kv-heads 2 --group 2 --head-dim 64 \
+	--context 4000 --steps 9 --budget 16 --batch 3 --fast --estimate --max-error 0.2
 # a named sequence from Python: made, filled, synced, closed, found again with its tokens
 $py - "$src/ipc/python" <<'PY'
 import sys

@@ -972,6 +972,20 @@ static void test_append_batch(void **state)
 				assert_int_equal(kvtier_seq_tokens(c, s[i].id, l, &n), 0);
 				check_eq(n, s[i].ntok);
 			}
+		if (fast) { /* a budget past the pages the fast path covers (16): all of them,
+			     * and the report within the daemon's bounds (the client stays) */
+			float *q = calloc((size_t)3 * HEADS * GROUP * D, 4);
+			struct kvtier_select_params sp = {.budget_pages = 64, .sink_tokens = T,
+							  .window_tokens = T, .host_gap = -1};
+			uint32_t all[3] = {s[0].id, s[1].id, s[2].id};
+			assert_int_equal(kvtier_select_async(c, all, 3, 1, q, &sp, tab, NULL), 0);
+			struct kvtier_table_view tv;
+			kvtier_table_view(tab, &tv);
+			for (uint32_t r = 0; r < tv.rows; r++)
+				check_eq(tv.n_pages[r], (int)(s[r / HEADS].ntok / T));
+			assert_int_equal(kvtier_nop(c), 0);
+			free(q);
+		}
 		kvtier_table_destroy(tab);
 		free(k);
 		free(v);
