@@ -2,9 +2,15 @@
 # On the GPU machine: build, then kvtier-bench's comparison (tools/BENCHMARKS.md, issue
 # #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
 #   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|disk|all|trace]
-# main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch: batch 8 at 16K and batch 32
-# at 8K (16 and 32 GiB of KV; 128K at batch 1 is 16 GiB); disk: kvtier alone at 256K with a host
-# tier of 20% of the KV (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
+# main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch8: batch 8 at 32K (32 GiB of KV;
+# the 2048-token selection, 6.25% of the pages, fits the 10% pool), every method with the
+# host tier at 50% of the KV, then kvtier with all of it in host RAM (--host-budget 1.3:
+# the slots' page headers and the store's 90% watermark);
+# batch32: batch 32 at 16K, the same two ways (64 GiB of KV: at batch 32 no context both
+# fits dense in HBM and has a selection below the pool, 12.5% of the pages here); both
+# append the daemon's `kvtierctl stats` (hurried reads' latency, waits) to
+# $OUT/<name>-daemon.txt. disk: kvtier alone at 256K with a host tier of 20% of the KV
+# (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
 # (or ./gpu-out). trace: sparse and kvtier at 128K with every device op recorded
 # (tools/cupti_trace.c, CUPTI's activity records), tools/trace_steps.py's summary of
 # where a step's device time goes, and the records in trace.tar.gz.
@@ -43,8 +49,12 @@ run() { # name, args...
 	cat "$out/$name.err" | grep -v "^$" | tail -5
 }
 case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
-case $what in batch | batch8 | all) run batch8 --context 16K --batch 8 ;; esac
-case $what in batch | batch32 | all) run batch32 --context 8K --batch 32 ;; esac
+for b in 8:32K 32:16K; do
+	case $what in batch | batch${b%%:*} | all) ;; *) continue ;; esac
+	run batch${b%%:*} --context ${b#*:} --batch ${b%%:*} --daemon-stats "$out/batch${b%%:*}-daemon.txt"
+	run batch${b%%:*}-ram --methods kvtier --context ${b#*:} --batch ${b%%:*} --host-budget 1.3 \
+		--daemon-stats "$out/batch${b%%:*}-ram-daemon.txt"
+done
 case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
 if [ "$what" = trace ]; then
 	inc=$(dirname "$(find /usr/local/cuda/ -name cupti.h 2>/dev/null | head -1)")
@@ -66,5 +76,7 @@ if [ "$what" = trace ]; then
 	fi
 fi
 echo "== machine (MPS $mps)"; cat "$out/machine.txt"
-for f in main batch8 batch32 disk trace trace-summary; do [ -f "$out/$f.txt" ] && cat "$out/$f.txt"; done
+for f in main batch8 batch8-ram batch32 batch32-ram disk trace trace-summary; do
+	[ -f "$out/$f.txt" ] && cat "$out/$f.txt"
+done
 exit 0

@@ -1184,6 +1184,7 @@ static void rm_rf(const char *path)
 struct daemon {
 	pid_t pid;
 	char dir[PATH_MAX - 64], sock[PATH_MAX], log[PATH_MAX];
+	uint64_t host_bytes; /* its host tier's arena */
 };
 
 static int daemon_start(struct daemon *dm, const struct run *r, const char *device)
@@ -1208,6 +1209,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		gpu = pin;
 	if (host < pin)
 		host = pin;
+	dm->host_bytes = host;
 	char a[10][PATH_MAX + 64];
 	snprintf(a[0], sizeof(a[0]), "ipc.socket=%s", dm->sock);
 	snprintf(a[1], sizeof(a[1]), "store.state_dir=%s", dm->dir);
@@ -1538,6 +1540,22 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		 sel / steps, (double)(st1.missed - st0.missed) / steps, (double)(st1.host - st0.host) / steps,
 		 (double)(st1.fetched - st0.fetched + st1.late - st0.late) / steps,
 		 (double)(st1.disk - st0.disk) / steps);
+	/* what --host-budget bought: slots of a page and its header, kept below 90% full by
+	 * the store's background eviction (down to 80%) */
+	struct kvtier_memory mem;
+	kvtier_memory(c, &mem);
+	if (mem.host_slot_bytes) {
+		const double hp = (double)(dm.host_bytes / mem.host_slot_bytes);
+		const double all = (double)r->B * r->L * r->H * r->P;
+		const size_t len = strlen(res->extra);
+		if (0.9 * hp >= all)
+			snprintf(res->extra + len, sizeof(res->extra) - len,
+				 "; host tier %.0f pages: all %.0f of the KV's fit", hp, all);
+		else
+			snprintf(res->extra + len, sizeof(res->extra) - len,
+				 "; host tier %.0f pages: %.0f-%.0f%% of the KV's %.0f", hp,
+				 80 * hp / all, 90 * hp / all, all);
+	}
 	if (O.daemon_stats) { /* the daemon's own view of the run, through kvtierctl */
 		char cmd[5 * PATH_MAX + 160], c2[16];
 		fmt_tokens(c2, sizeof(c2), r->N);
@@ -1784,7 +1802,11 @@ static void usage(FILE *f)
 		"  --sink TOKENS --window TOKENS   always kept (64, 256)\n"
 		"  --page TOKENS       tokens per page (64)\n"
 		"  --gpu-budget FRAC   kvtier's GPU pool as a share of the KV (0.10)\n"
-		"  --host-budget FRAC  kvtier's host tier as a share of the KV (0.50)\n"
+		"  --host-budget FRAC  kvtier's host tier (its arena) as a share of the KV's bytes\n"
+		"                      (0.50; up to 4): a page's slot has a header, and the store\n"
+		"                      keeps the tier below 90%% full (evicting to 80%%), so it holds\n"
+		"                      less of the KV (the summary line says how much; 1.3 holds\n"
+		"                      all of it at 32 KiB pages)\n"
 		"  --dense-layers N    first layers that attend over every page (0)\n"
 		"  --steps N --warmup N   timed decode steps, and untimed ones before (32, 8)\n"
 		"  --methods LIST      dense,reload,sparse,kvtier (all); mass, error and needle\n"
@@ -1897,9 +1919,9 @@ int main(int argc, char **argv)
 		case O_GPUF:
 		case O_HOSTF: {
 			double f = strtod(optarg, &end);
-			if (*end || !(f > 0 && f <= 1)) {
-				fprintf(stderr, "kvtier-bench: %s takes a share in (0, 1]\n",
-					ch == O_GPUF ? "--gpu-budget" : "--host-budget");
+			if (*end || !(f > 0 && f <= (ch == O_GPUF ? 1 : 4))) {
+				fprintf(stderr, "kvtier-bench: %s takes a share in (0, %d]\n",
+					ch == O_GPUF ? "--gpu-budget" : "--host-budget", ch == O_GPUF ? 1 : 4);
 				return 2;
 			}
 			*(ch == O_GPUF ? &O.gpu_frac : &O.host_frac) = f;
