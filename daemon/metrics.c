@@ -211,21 +211,28 @@ void kvd_metrics_render(struct kvd *d, struct kvt_buf *b)
 		kvt_buf_printf(b, "%s %llu\n", sf[f].name,
 			       (unsigned long long)*(const uint64_t *)((const char *)&st + sf[f].off));
 	}
-	head(b, "kvtier_hurried_read_duration_seconds", "histogram",
-	     "NVMe reads a client waited for, from the hurry to done.");
-	hist(b, "kvtier_hurried_read_duration_seconds", "", st.hurried_lat, KVT_HIST_BUCKETS, 1e-6,
-	     (double)st.hurried_lat_sum_us * 1e-6);
-	head(b, "kvtier_hurried_read_disk_seconds", "histogram",
-	     "NVMe reads a client waited for: their time on the disk (handed to it to done).");
-	hist(b, "kvtier_hurried_read_disk_seconds", "", st.hurried_disk, KVT_HIST_BUCKETS, 1e-6,
-	     (double)st.hurried_disk_sum_us * 1e-6);
-	head(b, "kvtier_page_lifetime_seconds", "histogram", "Pages from stored to dropped.");
-	hist(b, "kvtier_page_lifetime_seconds", "", st.lifetime, KVT_HIST_BUCKETS, 1e-3,
-	     (double)st.lifetime_sum_ms * 1e-3);
-	head(b, "kvtier_page_reuse_gap_seconds", "histogram",
-	     "Time between two selections of the same page.");
-	hist(b, "kvtier_page_reuse_gap_seconds", "", st.reuse_gap, KVT_HIST_BUCKETS, 1e-3,
-	     (double)st.reuse_gap_sum_ms * 1e-3);
+	const struct {
+		const char *name, *help;
+		const uint64_t *h;
+		uint64_t sum;
+		double unit; /* seconds of a bucket's unit */
+	} sh[] = {
+		{"kvtier_hurried_read_duration_seconds",
+		 "NVMe reads a client waited for, from the hurry to done.", st.hurried_lat,
+		 st.hurried_lat_sum_us, 1e-6},
+		{"kvtier_hurried_read_disk_seconds",
+		 "NVMe reads a client waited for: their time on the disk (handed to it to done).",
+		 st.hurried_disk, st.hurried_disk_sum_us, 1e-6},
+		{"kvtier_page_lifetime_seconds", "Pages from stored to dropped.", st.lifetime,
+		 st.lifetime_sum_ms, 1e-3},
+		{"kvtier_page_reuse_gap_seconds", "Time between two selections of the same page.",
+		 st.reuse_gap, st.reuse_gap_sum_ms, 1e-3},
+	};
+	for (size_t i = 0; i < sizeof(sh) / sizeof(sh[0]); i++) {
+		head(b, sh[i].name, "histogram", sh[i].help);
+		hist(b, sh[i].name, "", sh[i].h, KVT_HIST_BUCKETS, sh[i].unit,
+		     (double)sh[i].sum * sh[i].unit);
+	}
 
 	/* named sequences */
 	head(b, "kvtier_named_sequences", "gauge", "Named sequences (kept across restarts).");

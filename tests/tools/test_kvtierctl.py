@@ -279,6 +279,12 @@ try:
                                       dict(k)["op"] == "write" and dict(k)["le"] != "+Inf"),
                                      key=lambda k: float(dict(k)["le"]))]]
     check(vals == sorted(vals), "prometheus: buckets cumulative")
+    hurried = samples["kvtier_hurried_read_duration_seconds_count"][()]
+    check(hurried == samples["kvtier_hurried_read_disk_seconds_count"][()]
+          == sj["store"]["hurried_read_latency"]["count"]
+          <= samples["kvtier_store_reads_hurried_total"][()]
+          and (("le", "+Inf"),) in samples["kvtier_page_reuse_gap_seconds_bucket"],
+          "prometheus: hurried reads' and pages' histograms, as stats --json")
     sel = samples["kvtier_select_pages_total"]
     check(sum(v for k, v in sel.items() if ("client", str(cid)) in k) == sj["prefetch"]["selected"],
           "prometheus: selected pages = stats --json")
