@@ -80,8 +80,9 @@ static const struct opt opts[] = {
 	{"tenant.disk_quota_bytes", OPT_SIZE, F(disk_quota_bytes), 0, 64 * TiB, true,
 	 "NVMe bytes each tenant may hold (0: no quota)"},
 	{"tenant.max_tenants", OPT_U32, F(max_tenants), 1, 255, false, "tenants at once"},
-	{"tenant.summary_bytes", OPT_SIZE, F(summary_bytes), 64 * KiB, 1 * TiB, false,
-	 "page summaries a client may hold"},
+	{"tenant.summary_bytes", OPT_SIZE, F(summary_bytes), 0, 1 * TiB, false,
+	 "device memory for the page summaries a client may hold (0: enough for every page "
+	 "the store's disk holds; the pool grows as pages come)"},
 	{"prefetch.enable", OPT_BOOL, F(prefetch), 0, 1, true,
 	 "after each selection, fetch the pages the next step is likely to need"},
 	{"prefetch.gpu_margin_pct", OPT_U32, F(gpu_margin_pct), 0, 1000, true,
@@ -171,7 +172,7 @@ void kvt_config_defaults(struct kvt_config *c)
 		disk = (uint64_t)vfs.f_bavail * vfs.f_frsize;
 	c->nvme_bytes = clamp_u64(disk / 4, 256 * MiB, 256 * GiB);
 	c->max_tenants = 16;
-	c->summary_bytes = 256 * MiB;
+	c->summary_bytes = 0;
 	c->log_level = (uint32_t)kvt_log_get_level();
 	c->promote_timeout_ms = 10000;
 }

@@ -81,7 +81,10 @@ static int rec_alloc(struct kvd_client *c, uint32_t n, int32_t *out)
 	struct kvd *d = c->d;
 	uint64_t avail = c->sum_nfree + (uint64_t)(c->sum_cap - c->sum_used);
 	if (avail < n) {
-		uint64_t limit = d->cfg.summary_bytes / c->rec_bytes;
+		/* 0: a record for every page the disk holds (a page anywhere is on the disk
+		 * or on its way there) */
+		uint64_t limit = d->cfg.summary_bytes ? d->cfg.summary_bytes / c->rec_bytes
+						      : d->cfg.nvme_bytes / d->cfg.page_bytes + 1024;
 		uint64_t ncap = c->sum_cap ? (uint64_t)c->sum_cap * 2 : 1024;
 		if (ncap < (uint64_t)c->sum_used + n)
 			ncap = (uint64_t)c->sum_used + n;
@@ -90,8 +93,9 @@ static int rec_alloc(struct kvd_client *c, uint32_t n, int32_t *out)
 		if (ncap > INT32_MAX)
 			ncap = INT32_MAX;
 		if (ncap < (uint64_t)c->sum_used + n - c->sum_nfree) {
-			kvt_warn("engine", "client %u: summary pool full (%u records, %llu bytes)",
-				 c->id, c->sum_cap, (unsigned long long)d->cfg.summary_bytes);
+			kvt_warn("engine", "client %u: summary pool full (%u records of %zu bytes; "
+				 "tenant.summary_bytes %llu)", c->id, c->sum_cap, c->rec_bytes,
+				 (unsigned long long)d->cfg.summary_bytes);
 			return -ENOSPC;
 		}
 		void *np;
