@@ -214,12 +214,13 @@ class Client:
         _check(self._lib.kvtier_attach(ctypes.byref(lay), ctypes.byref(opts), ctypes.byref(h)),
                "kvtier_attach")
         self._h = h
+        self._backend = self._lib.kvtier_backend(h).decode()  # fixed for the client's life
         self._tables = {}
         self._own = []
 
     @property
     def backend(self):
-        return self._lib.kvtier_backend(self._h).decode()
+        return self._backend
 
     def close(self):
         if getattr(self, "_h", None):
@@ -289,8 +290,8 @@ class Client:
         if hasattr(x, "is_contiguous") and not x.is_contiguous():
             raise ValueError(f"{what}: tensors must be contiguous")
         p, m, keep = _ptr(x)
-        if self.backend != "cpu" and not m:
-            raise ValueError(f"{what}: tensors must be in device memory (backend {self.backend})")
+        if self._backend != "cpu" and not m:
+            raise ValueError(f"{what}: tensors must be in device memory (backend {self._backend})")
         return p, keep
 
     def append_async(self, seq, layer, k, v, stream=None):
