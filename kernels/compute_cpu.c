@@ -81,36 +81,64 @@ static int cpu_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
 	return 0;
 }
 
-static int cpu_summarize(struct kvt_compute *c, const struct kvt_summarize_args *a, void *stream)
+/* n elements of p (dtype) as floats */
+static void load_row(float *out, const void *p, size_t at, uint32_t n, uint32_t dtype)
 {
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = kvt_load_elem(p, at + i, dtype);
+}
+
+/*
+ * A page's summary, token row after token row: the per-channel loops run over
+ * contiguous floats (vectorized; fminf/fmaxf would be libm calls here), and each sum
+ * adds its tokens in the same order as a channel-by-channel pass would. A NaN element
+ * is skipped by the bounds, as fminf/fmaxf skip it.
+ */
+static int cpu_summarize(struct kvt_compute *base, const struct kvt_summarize_args *a, void *stream)
+{
+	(void)stream;
+	struct cpu_compute *c = (struct cpu_compute *)base;
 	const uint32_t D = a->g.head_dim, T = a->g.page_tokens, R = a->g.reps, dt = a->g.dtype;
+	const uint32_t per_rep = R ? T / R : 0;
 	const size_t rec = kvt_summary_record_bytes(&a->g);
+	/* lo, hi, the key and value sums, each representative's sum, a row */
+	float *lo = scratch(c, (size_t)(5 + R) * D);
+	if (!lo)
+		return -ENOMEM;
+	float *hi = lo + D, *ks = hi + D, *vs = ks + D, *rs = vs + D, *row = rs + (size_t)R * D;
 	for (uint32_t i = 0; i < a->n; i++) {
 		const uint8_t *k = (const uint8_t *)a->pool + (uint64_t)a->slots[i] * a->slot_bytes;
 		uint8_t *out = (uint8_t *)a->summaries + (uint64_t)a->records[i] * rec;
 		for (uint32_t d = 0; d < D; d++) {
-			float lo = INFINITY, hi = -INFINITY;
-			for (uint32_t t = 0; t < T; t++) {
-				float v = kvt_load_elem(k, (size_t)t * D + d, dt);
-				lo = fminf(lo, v);
-				hi = fmaxf(hi, v);
+			lo[d] = INFINITY;
+			hi[d] = -INFINITY;
+		}
+		memset(ks, 0, (size_t)(2 + R) * D * sizeof(float));
+		for (uint32_t t = 0; t < T; t++) {
+			load_row(row, k, (size_t)t * D, D, dt);
+			for (uint32_t d = 0; d < D; d++) {
+				const float v = row[d];
+				lo[d] = v < lo[d] ? v : lo[d];
+				hi[d] = v > hi[d] ? v : hi[d];
+				ks[d] += v;
 			}
-			kvt_store_elem(out, d, dt, lo);
-			kvt_store_elem(out, D + d, dt, hi);
-			for (uint32_t r = 0; r < R; r++) {
-				uint32_t n = T / R;
-				float sum = 0;
-				for (uint32_t t = r * n; t < (r + 1) * n; t++)
-					sum += kvt_load_elem(k, (size_t)t * D + d, dt);
-				kvt_store_elem(out, (size_t)(2 + r) * D + d, dt, sum / (float)n);
+			if (per_rep && t / per_rep < R) {
+				float *r = rs + (size_t)(t / per_rep) * D;
+				for (uint32_t d = 0; d < D; d++)
+					r[d] += row[d];
 			}
-			float ks = 0, vs = 0;
-			for (uint32_t t = 0; t < T; t++) {
-				ks += kvt_load_elem(k, (size_t)t * D + d, dt);
-				vs += kvt_load_elem(k, (size_t)(T + t) * D + d, dt);
-			}
-			kvt_store_elem(out, (size_t)(2 + R) * D + d, dt, ks / (float)T);
-			kvt_store_elem(out, (size_t)(3 + R) * D + d, dt, vs / (float)T);
+			load_row(row, k, (size_t)(T + t) * D, D, dt);
+			for (uint32_t d = 0; d < D; d++)
+				vs[d] += row[d];
+		}
+		for (uint32_t d = 0; d < D; d++) {
+			kvt_store_elem(out, d, dt, lo[d]);
+			kvt_store_elem(out, D + d, dt, hi[d]);
+			for (uint32_t r = 0; r < R; r++)
+				kvt_store_elem(out, (size_t)(2 + r) * D + d, dt,
+					       rs[(size_t)r * D + d] / (float)per_rep);
+			kvt_store_elem(out, (size_t)(2 + R) * D + d, dt, ks[d] / (float)T);
+			kvt_store_elem(out, (size_t)(3 + R) * D + d, dt, vs[d] / (float)T);
 		}
 	}
 	return 0;
