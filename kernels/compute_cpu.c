@@ -84,8 +84,48 @@ static int cpu_memset(struct kvt_compute *c, void *dst, int byte, size_t bytes)
 /* n elements of p (dtype) as floats */
 static void load_row(float *out, const void *p, size_t at, uint32_t n, uint32_t dtype)
 {
-	for (uint32_t i = 0; i < n; i++)
-		out[i] = kvt_load_elem(p, at + i, dtype);
+	const uint16_t *h = (const uint16_t *)p + at;
+	switch (dtype) { /* the loops apart: each one vectorizes */
+	case 0:
+		for (uint32_t i = 0; i < n; i++)
+			out[i] = kvt_f16_to_f32(h[i]);
+		break;
+	case 1:
+		for (uint32_t i = 0; i < n; i++)
+			out[i] = kvt_bf16_to_f32(h[i]);
+		break;
+	default:
+		memcpy(out, (const float *)p + at, n * sizeof(float));
+	}
+}
+
+/* lo, hi and sum over one row of D floats. Blocks of 8 with restrict: gcc's -O2
+ * vectorizes only loops it needs no scalar tail or alias check for. */
+static void bounds_add_row(uint32_t D, const float *restrict x, float *restrict lo,
+			   float *restrict hi, float *restrict sum)
+{
+	uint32_t d = 0;
+	for (; d + 8 <= D; d += 8)
+		for (uint32_t j = d; j < d + 8; j++) {
+			lo[j] = x[j] < lo[j] ? x[j] : lo[j];
+			hi[j] = x[j] > hi[j] ? x[j] : hi[j];
+			sum[j] += x[j];
+		}
+	for (; d < D; d++) {
+		lo[d] = x[d] < lo[d] ? x[d] : lo[d];
+		hi[d] = x[d] > hi[d] ? x[d] : hi[d];
+		sum[d] += x[d];
+	}
+}
+
+static void add_row(uint32_t D, const float *restrict x, float *restrict sum)
+{
+	uint32_t d = 0;
+	for (; d + 8 <= D; d += 8)
+		for (uint32_t j = d; j < d + 8; j++)
+			sum[j] += x[j];
+	for (; d < D; d++)
+		sum[d] += x[d];
 }
 
 /*
@@ -116,20 +156,11 @@ static int cpu_summarize(struct kvt_compute *base, const struct kvt_summarize_ar
 		memset(ks, 0, (size_t)(2 + R) * D * sizeof(float));
 		for (uint32_t t = 0; t < T; t++) {
 			load_row(row, k, (size_t)t * D, D, dt);
-			for (uint32_t d = 0; d < D; d++) {
-				const float v = row[d];
-				lo[d] = v < lo[d] ? v : lo[d];
-				hi[d] = v > hi[d] ? v : hi[d];
-				ks[d] += v;
-			}
-			if (per_rep && t / per_rep < R) {
-				float *r = rs + (size_t)(t / per_rep) * D;
-				for (uint32_t d = 0; d < D; d++)
-					r[d] += row[d];
-			}
+			bounds_add_row(D, row, lo, hi, ks);
+			if (per_rep && t / per_rep < R)
+				add_row(D, row, rs + (size_t)(t / per_rep) * D);
 			load_row(row, k, (size_t)(T + t) * D, D, dt);
-			for (uint32_t d = 0; d < D; d++)
-				vs[d] += row[d];
+			add_row(D, row, vs);
 		}
 		for (uint32_t d = 0; d < D; d++) {
 			kvt_store_elem(out, d, dt, lo[d]);
