@@ -191,7 +191,10 @@ struct kvd_client {
 	struct kvt_dev_mem fast;
 	uint32_t fast_pages, fast_seqs;
 	uint64_t fast_map_off, fb_done, seq_gen;
-	struct kvt_sqe *fb;
+	struct kvd_fb {
+		struct kvt_sqe e;
+		bool waits_done; /* its waited pages leased ahead (fb_waits_ahead) */
+	} *fb;
 	uint32_t nfb, fbcap;
 	int32_t *pairs;
 	uint32_t npairs, paircap;
@@ -226,6 +229,7 @@ struct kvd_client {
 	uint32_t nacks, ackcap;
 	uint64_t fb_seen; /* ring bytes of the reports processed */
 	uint64_t fast_waits, fast_waited, fast_wait_ns; /* reports, pages, report to ack */
+	uint64_t fast_waits_ahead; /* of the reports, leased ahead of reports before them */
 	uint64_t fast_wait_lat[KVT_HIST_BUCKETS];       /* report to ack, log2 us */
 	uint64_t fast_wait_reads, fast_wait_read_ns;    /* their NVMe reads: lease to in */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];

@@ -644,6 +644,7 @@ void kvd_server_tick(struct kvd *d)
 		if (c->kicked) {
 			c->kicked = false;
 			ring_drain(c);
+			kvd_fast_tick(c); /* the reports just in */
 		}
 		if (!c->dead)
 			efd_arm(c);

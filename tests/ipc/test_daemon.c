@@ -1088,6 +1088,74 @@ static void test_fast_wait(void **state)
 }
 
 /*
+ * The pages a report waits for are leased ahead of the reports before it: the client's
+ * stream stands still until the ack, while the reports before are only the daemon's lag.
+ * With the daemon stopped, layer 0's report (no waits) and then layer 1's (waits, which
+ * time out) queue; continued, the daemon serves layer 1's waits first (counted), and the
+ * next step of layer 1 has every page of the daemon's own selection.
+ */
+static void test_fast_waits_ahead(void **state)
+{
+	(void)state;
+	struct kvtier_client *c = attach_fast(2, PREFILL + 64, 0);
+	struct seqdesc s = {.salt = 57};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PREFILL);
+	assert_int_equal(kvtier_seq_sync(c, s.id, NULL), 0);
+	struct kvtier_table *t0 = kvtier_table_create(c, 1), *t1 = kvtier_table_create(c, 1),
+			   *slow = kvtier_table_create(c, 1);
+	assert_non_null(t0);
+	assert_non_null(t1);
+	assert_non_null(slow);
+	float *q = malloc((size_t)HEADS * GROUP * D * 4);
+	struct kvtier_select_params nowait = {.budget_pages = 8, .sink_tokens = T,
+					      .window_tokens = T, .host_gap = -1, .wait_us = -1};
+	struct kvtier_select_params waits = nowait;
+	waits.wait_us = 20000;
+	char js[8192] = "";
+	assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+	const char *a = strstr(js, "\"fast_waits_ahead\":");
+	assert_non_null(a);
+	const unsigned long long before = strtoull(a + 19, NULL, 10);
+	assert_int_equal(kill(daemon_pid, SIGSTOP), 0);
+	int wst;
+	assert_int_equal(waitpid(daemon_pid, &wst, WUNTRACED), daemon_pid);
+	assert_true(WIFSTOPPED(wst));
+	query(97, 0, 0, q);
+	const int r0 = kvtier_select_async(c, &s.id, 1, 0, q, &nowait, t0, NULL);
+	query(97, 0, 1, q);
+	const int r1 = kvtier_select_async(c, &s.id, 1, 1, q, &waits, t1, NULL);
+	assert_int_equal(kill(daemon_pid, SIGCONT), 0);
+	assert_int_equal(r0, 0);
+	assert_int_equal(r1, 0);
+	struct kvtier_prefetch_stats st;
+	assert_int_equal(kvtier_stats(c, UINT32_MAX, &st), 0); /* the reports processed */
+	assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+	assert_non_null(a = strstr(js, "\"fast_waits_ahead\":"));
+	const unsigned long long after = strtoull(a + 19, NULL, 10);
+	print_message("waits leased ahead of the reports before them: %llu\n", after - before);
+	check_eq(after, before + 1);
+	/* the next step of layer 1 has what the wait asked for */
+	assert_int_equal(kvtier_select_async(c, &s.id, 1, 1, q, &waits, t1, NULL), 0);
+	assert_int_equal(kvtier_select(c, &s.id, 1, 1, q, KVT_MEM_HOST, &nowait, slow), 0);
+	struct kvtier_table_view fv, sv;
+	kvtier_table_view(t1, &fv);
+	kvtier_table_view(slow, &sv);
+	for (uint32_t r = 0; r < fv.rows; r++) {
+		check_eq(fv.n_pages[r], sv.n_pages[r]);
+		for (int j = 0; j < fv.n_pages[r]; j++)
+			check_eq(fv.pages[r * fv.stride + j], sv.pages[r * sv.stride + j]);
+	}
+	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	kvtier_table_destroy(t0);
+	kvtier_table_destroy(t1);
+	kvtier_table_destroy(slow);
+	kvtier_detach(c);
+	free(q);
+	daemon_alive();
+}
+
+/*
  * The fast path's reports take no completion: with the daemon stopped they fill the
  * request ring (the rest are dropped, not queued). A request that waits for its answer
  * then waits for room too, rather than overrun the ring (which the daemon answers by
@@ -1281,6 +1349,7 @@ int main(void)
 		cmocka_unit_test_setup(test_reads_held, reset_globals),
 		cmocka_unit_test_setup(test_fast, reset_globals),
 		cmocka_unit_test_setup(test_fast_wait, reset_globals),
+		cmocka_unit_test_setup(test_fast_waits_ahead, reset_globals),
 		cmocka_unit_test_setup(test_append_batch, reset_globals),
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
