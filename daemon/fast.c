@@ -696,14 +696,15 @@ static bool fb_waits(const struct kvd_client *c, const struct kvt_sqe *e)
 }
 
 /*
- * The pages that ready reports further on wait for, leased (and acked) ahead of the
- * reports before them, in order: the client's stream stands still until the ack, and
- * the reports before its own are the daemon's lag, not the wait's (at batch 8 on the
- * H100, ~0.26 ms of fb_process a report and up to 31 reports behind: waits of 4-8 ms).
+ * The pages that the ready reports from `from` on wait for, leased (and acked) ahead of
+ * the rest of the reports before them, in order (so are the acks): the client's stream
+ * stands still until the ack, and the reports before its own are the daemon's lag, not
+ * the wait's (at batch 8 on the H100, ~0.26 ms of fb_process a report and up to 31
+ * reports behind: waits of 4-8 ms).
  */
 static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 {
-	for (uint32_t j = from + 1; j < c->nfb && fb_ready(c, &c->fb[j].e); j++) {
+	for (uint32_t j = from; j < c->nfb && fb_ready(c, &c->fb[j].e); j++) {
 		struct kvd_fb *f = &c->fb[j];
 		if (f->waits_done || !fb_waits(c, &f->e))
 			continue;
@@ -712,7 +713,7 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 		if (!ids)
 			return; /* in order, with its report */
 		f->waits_done = true;
-		c->fast_waits_ahead++;
+		c->fast_waits_ahead += j > from;
 		fb_wait_pass(c, &f->e, ids, rep, kvd_now_ns());
 		kvt_free(ids);
 	}
