@@ -110,13 +110,6 @@ struct kvt_store {
 	struct kvt_store_stats st;
 };
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 const char *kvt_evict_reason_name(enum kvt_evict_reason r)
 {
 	static const char *const names[KVT_EVICT_MAX] = {"watermark", "room", "request", "stale"};
@@ -437,7 +430,7 @@ static void move_done(struct tier_io *io)
 	if (pg->rd == m)
 		pg->rd = NULL;
 	int dir = m->dst == TIER_HOST ? TIER_READ : TIER_WRITE;
-	const uint64_t now = now_ns(), us = (now - m->t0_ns) / 1000;
+	const uint64_t now = tier_now_ns(), us = (now - m->t0_ns) / 1000;
 	s->st.lat[via][dir][kvt_hist_bucket(us)]++;
 	s->st.lat_sum_us[via][dir] += us;
 	if (m->hurry_ns) {
@@ -535,7 +528,7 @@ static int start_move(struct kvt_store *s, struct page *pg, enum tier_id src,
 	m->src = src;
 	m->dst = dst;
 	m->slot = slot;
-	m->t0_ns = now_ns();
+	m->t0_ns = tier_now_ns();
 	struct tier_io *io = &m->io;
 	io->len = pg->len;
 	io->done = move_done;
@@ -1021,7 +1014,7 @@ int kvt_store_hurry(struct kvt_store *s, const struct page_key *k)
 		t->ops->hurry(t, io);
 	else /* still in the store's queue: submitted urgent */
 		io->urgent = true;
-	pg->rd->hurry_ns = now_ns();
+	pg->rd->hurry_ns = tier_now_ns();
 	s->st.reads_hurried++;
 	return 0;
 }
@@ -1274,7 +1267,7 @@ static void cron(struct kvt_store *s)
 int kvt_store_run(struct kvt_store *s, int timeout_ms)
 {
 	int handled = 0;
-	s->now_ms = now_ns() / 1000000;
+	s->now_ms = tier_now_ns() / 1000000;
 	cron(s);
 	flush_queues(s);
 	if (kvt_list_empty(&s->ready)) {
@@ -1387,7 +1380,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	if (!s)
 		return -ENOMEM;
 	s->p = *p;
-	s->now_ms = now_ns() / 1000000;
+	s->now_ms = tier_now_ns() / 1000000;
 	if (!s->p.page_bytes)
 		s->p.page_bytes = 32768;
 	if (!s->p.queue_depth)

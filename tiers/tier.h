@@ -11,10 +11,19 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "daemon/list.h"
 #include "daemon/loop.h"
 #include "page_format.h"
+
+/* CLOCK_MONOTONIC in ns: the store's and the tiers' timings */
+static inline uint64_t tier_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 struct kvt_device;
 

@@ -460,9 +460,7 @@ static void start_io(struct nvme_tier *n, struct tier_io *io)
 		io->meta.csum = page_hdr_stamp(hdr, (uint16_t)n->hdr_size, &io->meta, io->slot);
 	io->op.fn = io_complete;
 	io->xfer = bytes;
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	io->issue_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	io->issue_ns = tier_now_ns();
 	n->inflight++;
 	struct io_uring_sqe *sqe = kvt_loop_sqe(n->base.p.loop, &io->op);
 	prep_rw(n, sqe, write, hdr, bytes, off, bi);
