@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -152,11 +153,38 @@ static int nvme_format(struct nvme_tier *n, uint64_t capacity, uint64_t devsize)
 	if (!nslots)
 		return -ENOSPC;
 	if (!n->blockdev) {
-		/* Reserve the blocks now: a full disk shows at open, not mid-write. */
-		int r = fallocate(n->fd, 0, 0, (off_t)(DATA_OFF + nslots * n->slot_size));
-		if (r < 0 && errno != EOPNOTSUPP)
+		/*
+		 * Reserve the blocks now: a full disk shows at open, not mid-write. But ask
+		 * the filesystem first: ext4's fallocate takes every free block before it
+		 * fails, and what it took stays allocated (a disk left full, the daemon's
+		 * own log unwritable).
+		 */
+		const uint64_t want = DATA_OFF + nslots * n->slot_size;
+		struct stat st;
+		struct statvfs vs;
+		if (fstat(n->fd, &st) < 0)
 			return -errno;
-		if (r < 0 && ftruncate(n->fd, (off_t)(DATA_OFF + nslots * n->slot_size)) < 0)
+		if (fstatvfs(n->fd, &vs) == 0) {
+			const uint64_t have = (uint64_t)vs.f_bavail * vs.f_frsize +
+					      (uint64_t)st.st_blocks * 512;
+			if (want > have) {
+				kvt_err("nvme", "%s: %.2f GiB asked (%llu slots of %u bytes), %.2f GiB "
+						"free on its filesystem",
+					p->path, (double)want / (1 << 30), (unsigned long long)nslots,
+					n->slot_size, (double)have / (1 << 30));
+				return -ENOSPC;
+			}
+		}
+		int r = fallocate(n->fd, 0, 0, (off_t)want);
+		if (r < 0 && errno != EOPNOTSUPP) {
+			r = -errno;
+			/* give back what a failed fallocate took beyond the file's old end */
+			if (ftruncate(n->fd, st.st_size) < 0)
+				kvt_warn("nvme", "%s: truncate back to %lld bytes: %s", p->path,
+					 (long long)st.st_size, strerror(errno));
+			return r;
+		}
+		if (r < 0 && ftruncate(n->fd, (off_t)want) < 0)
 			return -errno;
 	}
 	struct timespec ts;

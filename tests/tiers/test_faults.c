@@ -12,6 +12,8 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -295,6 +297,41 @@ static void second_opener(void **state)
 	assert_true(t_check(f->buf, PB, &k));
 }
 
+/*
+ * A store larger than its filesystem's free space: a clear -ENOSPC at open, and the
+ * file takes no more of the disk than before (ext4's fallocate would take every free
+ * block before failing, and keep them).
+ */
+static void larger_than_disk(void **state)
+{
+	struct fx *f = *state;
+	struct statvfs vs;
+	assert_int_equal(statvfs(f->dir, &vs), 0);
+	const uint64_t free_b = (uint64_t)vs.f_bavail * vs.f_frsize;
+	char *path = strdup(t_path(f->dir, "big"));
+	struct kvt_store_params p = f->p;
+	p.nvme_path = path;
+	p.nvme_ops = NULL;
+	p.faults = NULL;
+	p.nvme_bytes = free_b + (64ull << 30);
+	struct kvt_store *s2 = NULL;
+	assert_int_equal(kvt_store_open(&p, &s2), -ENOSPC);
+	assert_null(s2);
+	struct stat st;
+	if (stat(path, &st) == 0)
+		assert_true((uint64_t)st.st_blocks * 512 < (1u << 20));
+	/* the free space the filesystem had is still there (give or take others' use) */
+	assert_int_equal(statvfs(f->dir, &vs), 0);
+	assert_true((uint64_t)vs.f_bavail * vs.f_frsize + (256u << 20) > free_b);
+	unlink(path);
+	free(path);
+	/* the store that fits still works */
+	on_disk_only(f, 9, 2);
+	struct page_key k = t_key(0, 9, 0, 0, 1);
+	assert_int_equal(read_page(f, &k), 0);
+	assert_true(t_check(f->buf, PB, &k));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -305,6 +342,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(flipped_header_byte, setup, teardown),
 		cmocka_unit_test_setup_teardown(stale_at_reused_slot, setup, teardown),
 		cmocka_unit_test_setup_teardown(second_opener, setup, teardown),
+		cmocka_unit_test_setup_teardown(larger_than_disk, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
