@@ -7,9 +7,10 @@
 # kvtier's host tier holding all of the KV (--host-budget 1.3: the slots' page headers
 # and the store's 90% watermark; the GPU pool stays 10%: the issue's budget), then dense
 # and kvtier with the host tier at 50% (-disk: ~60% of the pages new to a step's
-# selection only on NVMe); batch32: batch 32 at 16K, the same two ways (64 GiB of KV: at
-# batch 32 no context both fits dense in HBM and has a selection below the pool, 12.5%
-# of the pages here); both append the daemon's `kvtierctl stats` (hurried reads' latency,
+# selection only on NVMe); batch32: batch 32 at 12K, the same two ways (48 GiB of KV,
+# 56 GiB of NVMe slots: the machine's 64 GiB disk holds no more, 16K's would need 74; at
+# batch 32 no context fits dense in HBM and has a selection below the pool, 16.7% of the
+# pages here); both append the daemon's `kvtierctl stats` (hurried reads' latency,
 # waits) to $OUT/<name>-daemon.txt. disk: kvtier alone at 256K with a host tier of 20% of the KV
 # (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
 # (or ./gpu-out). trace: sparse and kvtier at 128K with every device op recorded
@@ -50,7 +51,7 @@ run() { # name, args...
 	cat "$out/$name.err" | grep -v "^$" | tail -5
 }
 case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
-for b in 8:32K 32:16K; do
+for b in 8:32K 32:12K; do
 	case $what in batch | batch${b%%:*} | all) ;; *) continue ;; esac
 	run batch${b%%:*} --context ${b#*:} --batch ${b%%:*} --host-budget 1.3 \
 		--daemon-stats "$out/batch${b%%:*}-daemon.txt"

@@ -44,6 +44,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -589,7 +590,7 @@ static void fill_step_item(void *a, uint64_t it)
 
 struct result {
 	bool ran;
-	char why[128];
+	char why[256];
 	double p50, p99, mean;
 	double pcie, nvme; /* bytes per step */
 	double hit;        /* < 0: not applicable */
@@ -1215,14 +1216,18 @@ struct daemon {
 	uint64_t host_bytes; /* its host tier's arena */
 };
 
-static int daemon_start(struct daemon *dm, const struct run *r, const char *device)
+/* Starts kvtierd for r; on failure, why says what the user can do about it. */
+static int daemon_start(struct daemon *dm, const struct run *r, const char *device, char *why,
+			size_t whylen)
 {
 	const char *base = O.dir ? O.dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
 	if (strlen(base) > sizeof(dm->dir) - 64)
 		return -ENAMETOOLONG;
 	snprintf(dm->dir, sizeof(dm->dir), "%s/kvtier-bench-XXXXXX", base);
-	if (!mkdtemp(dm->dir))
+	if (!mkdtemp(dm->dir)) {
+		snprintf(why, whylen, "kvtierd's directory in %s: %s", base, strerror(errno));
 		return -errno;
+	}
 	snprintf(dm->sock, sizeof(dm->sock), "%s/kvtierd.sock", dm->dir);
 	snprintf(dm->log, sizeof(dm->log), "%s/kvtierd.log", dm->dir);
 	const uint64_t kv = (uint64_t)r->B * r->L * r->H * ((uint64_t)r->N + r->S + r->T) * r->page_bytes / r->T;
@@ -1244,15 +1249,28 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	snprintf(a[2], sizeof(a[2]), "store.device=%s", device);
 	snprintf(a[3], sizeof(a[3]), "tenant.gpu_bytes=%llu", (unsigned long long)gpu);
 	snprintf(a[4], sizeof(a[4]), "tenant.host_bytes=%llu", (unsigned long long)host);
-	snprintf(a[5], sizeof(a[5]), "store.nvme_bytes=%llu",
-		 (unsigned long long)(kv + kv / 4 + (256ull << 20)));
+	/*
+	 * The NVMe tier holds every page (a slot each: the page, rounded to 4 KiB, and a
+	 * 4 KiB header); it must fit the disk under dir, or the run cannot be made here.
+	 */
+	const uint64_t store_page = (r->page_bytes + 4095) & ~4095ull;
+	const uint64_t nvme = kv + kv / 64 + (256ull << 20);
+	const uint64_t disk = nvme / store_page * (store_page + 4096) + (1ull << 20);
+	struct statvfs vs;
+	if (statvfs(dm->dir, &vs) == 0 && disk > (uint64_t)vs.f_bavail * vs.f_frsize) {
+		snprintf(why, whylen, "its NVMe tier needs %.1f GiB in %s, %.1f GiB free there "
+				      "(--dir: a larger disk)",
+			 (double)disk / (1 << 30), base,
+			 (double)vs.f_bavail * vs.f_frsize / (1 << 30));
+		return -ENOSPC;
+	}
+	snprintf(a[5], sizeof(a[5]), "store.nvme_bytes=%llu", (unsigned long long)nvme);
 	snprintf(a[6], sizeof(a[6]), "tenant.summary_bytes=%llu",
 		 (unsigned long long)(pages * rec + pages * rec / 4 + (64ull << 20)));
 	snprintf(a[7], sizeof(a[7]), "ipc.max_batch=%u", r->B < 256 ? 256 : r->B);
 	snprintf(a[8], sizeof(a[8]), "ipc.max_seqs=%u", r->B < 1024 ? 1024 : r->B);
 	/* the store's page is this model's (a larger one would waste the pool) */
-	snprintf(a[9], sizeof(a[9]), "store.page_bytes=%llu",
-		 (unsigned long long)((r->page_bytes + 4095) & ~4095ull));
+	snprintf(a[9], sizeof(a[9]), "store.page_bytes=%llu", (unsigned long long)store_page);
 	char bin[PATH_MAX];
 	const char *exe = find_kvtierd(bin, sizeof(bin));
 	const char *argv[2 * (10 + 4 + 32) + 2]; /* ours, the fixed ones, the user's */
@@ -1270,8 +1288,10 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		argv[na++] = "-o", argv[na++] = O.dopt[i];
 	argv[na] = NULL;
 	pid_t pid = fork();
-	if (pid < 0)
+	if (pid < 0) {
+		snprintf(why, whylen, "kvtierd did not start: fork: %s", strerror(errno));
 		return -errno;
+	}
 	if (pid == 0) {
 		FILE *f = freopen(dm->log, "w", stderr);
 		(void)f;
@@ -1288,10 +1308,17 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 		int status;
 		if (waitpid(pid, &status, WNOHANG) == pid) {
 			dm->pid = 0;
+			if (WIFSIGNALED(status))
+				snprintf(why, whylen, "kvtierd died at start (signal %d): its log on stderr",
+					 WTERMSIG(status));
+			else
+				snprintf(why, whylen, "kvtierd exited at start (status %d): its log on stderr",
+					 WEXITSTATUS(status));
 			return -ECHILD;
 		}
 		usleep(100000);
 	}
+	snprintf(why, whylen, "kvtierd did not listen within 120 s: its log on stderr");
 	return -ETIMEDOUT;
 }
 
@@ -1366,8 +1393,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 			fill_tokens(r, l, b, r->N, r->S, k, k + stepb);
 		}
 	if (!O.socket) {
-		if ((ret = daemon_start(&dm, r, cuda ? "cuda" : "cpu")) < 0) {
-			snprintf(res->why, sizeof(res->why), "kvtierd did not start: %s", strerror(-ret));
+		if ((ret = daemon_start(&dm, r, cuda ? "cuda" : "cpu", res->why, sizeof(res->why))) < 0) {
 			failed = true;
 			goto out;
 		}
