@@ -471,6 +471,17 @@ static void cmd_clients(struct req *r)
 						: 0);
 		kvt_json_f64(j, "fast_feedback_us_mean",
 			     o->fast_feedbacks ? (double)o->fast_fb_ns / 1e3 / o->fast_feedbacks : 0);
+		/* a report's share of the fast path's time, by part */
+		static const char *const part[KVD_FAST_NS_MAX] = {
+			[KVD_FAST_WAITS] = "waits", [KVD_FAST_SELECTIONS] = "selections",
+			[KVD_FAST_SWEEPS] = "sweeps", [KVD_FAST_MAP] = "map_writes",
+			[KVD_FAST_ACKS] = "acks", [KVD_FAST_RELEASES] = "releases"};
+		kvt_json_obj(j, "fast_report_us_mean");
+		for (int i = 0; i < KVD_FAST_NS_MAX; i++)
+			kvt_json_f64(j, part[i], o->fast_feedbacks ? (double)o->fast_ns[i] / 1e3 /
+									     (double)o->fast_feedbacks
+								   : 0);
+		kvt_json_end(j);
 		kvt_json_u64(j, "fast_leases_promoted", o->fast_copied);
 		kvt_json_u64(j, "fast_leases_promoting", o->fast_promoting);
 		kvt_json_f64(j, "fast_promote_us_mean",

@@ -704,6 +704,7 @@ static bool fb_waits(const struct kvd_client *c, const struct kvt_sqe *e)
  */
 static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 {
+	uint64_t t0 = 0;
 	for (uint32_t j = from; j < c->nfb && fb_ready(c, &c->fb[j].e); j++) {
 		struct kvd_fb *f = &c->fb[j];
 		if (f->waits_done || !fb_waits(c, &f->e))
@@ -714,9 +715,13 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 			return; /* in order, with its report */
 		f->waits_done = true;
 		c->fast_waits_ahead += j > from;
-		fb_wait_pass(c, &f->e, ids, rep, kvd_now_ns());
+		const uint64_t t = kvd_now_ns();
+		t0 = t0 ? t0 : t;
+		fb_wait_pass(c, &f->e, ids, rep, t);
 		kvt_free(ids);
 	}
+	if (t0)
+		c->fast_ns[KVD_FAST_WAITS] += kvd_now_ns() - t0;
 }
 
 /* What the report says, copied out of shared memory once and bounded. */
@@ -730,8 +735,13 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 	uint32_t *ids = fb_copy(c, e, &rep);
 	if (!ids)
 		return; /* a selection not heard of: only fewer leases */
-	if (!f->waits_done && fb_waits(c, e))
-		fb_wait_pass(c, e, ids, rep, kvd_now_ns());
+	uint64_t t = kvd_now_ns(), t1;
+	if (!f->waits_done && fb_waits(c, e)) {
+		fb_wait_pass(c, e, ids, rep, t);
+		t1 = kvd_now_ns();
+		c->fast_ns[KVD_FAST_WAITS] += t1 - t;
+		t = t1;
+	}
 	for (uint32_t b = 0; b < nseq; b++) {
 		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
 		struct kvd_layer *L = fb_layer(c, q, layer);
@@ -770,6 +780,9 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
 			c->fast_selected += (uint64_t)n;
 		}
+		t1 = kvd_now_ns();
+		c->fast_ns[KVD_FAST_SELECTIONS] += t1 - t;
+		t = t1;
 		/* leases not selected for `keep` steps go back (those not selected now, when the
 		 * GPU pool had no room for a lease); failed ones leave the list */
 		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;
@@ -787,6 +800,9 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			else
 				j++;
 		}
+		t1 = kvd_now_ns();
+		c->fast_ns[KVD_FAST_SWEEPS] += t1 - t;
+		t = t1;
 	}
 	kvt_free(ids);
 }
@@ -841,8 +857,19 @@ void kvd_fast_tick(struct kvd_client *c)
 		memmove(c->fb, c->fb + i, (c->nfb - i) * sizeof(*c->fb));
 		c->nfb -= i;
 	}
+	/* timed where there is work (a tick with none stays two loads) */
+	const bool busy = c->npairs || c->nrevoking || c->nacks || c->nrevoked;
+	uint64_t t = busy ? kvd_now_ns() : 0, t1 = t;
 	map_flush(c, false);
+	if (busy) {
+		t1 = kvd_now_ns();
+		c->fast_ns[KVD_FAST_MAP] += t1 - t;
+	}
 	acks_tick(c);
+	if (busy) {
+		t = kvd_now_ns();
+		c->fast_ns[KVD_FAST_ACKS] += t - t1;
+	}
 	/* ring bytes go back in order: none of a report whose ack is still to come */
 	const uint64_t done = c->nacks ? c->acks[0].hold : c->fb_seen;
 	if (done != c->fb_done) {
@@ -850,6 +877,8 @@ void kvd_fast_tick(struct kvd_client *c)
 		kvt_store_release(&c->hdr->fb_done, c->fb_done);
 	}
 	revoked_release(c, false);
+	if (busy)
+		c->fast_ns[KVD_FAST_RELEASES] += kvd_now_ns() - t;
 	c->fast_pressure = false;
 }
 

@@ -136,6 +136,17 @@ struct kvd_zombie {
 	uint64_t sseq;
 };
 
+/* The fast path's work, timed by part (fast.c) */
+enum kvd_fast_ns {
+	KVD_FAST_WAITS,      /* the pages a client waits for: leased, acked (fb_wait_pass) */
+	KVD_FAST_SELECTIONS, /* a report's selections: leases started, host ones promoted */
+	KVD_FAST_SWEEPS,     /* leases not selected for lease_steps taken back */
+	KVD_FAST_MAP,        /* the map writes into the client's GPU map (a device round trip) */
+	KVD_FAST_ACKS,       /* acks whose pages came in */
+	KVD_FAST_RELEASES,   /* taken-back slots whose reads are done (the read fence) */
+	KVD_FAST_NS_MAX
+};
+
 struct kvd_client {
 	struct kvd *d;
 	struct kvt_list link;
@@ -208,6 +219,8 @@ struct kvd_client {
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
 	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
 	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
+	/* where the fast path's time goes, summed (kvtierctl --json clients: a report's mean) */
+	uint64_t fast_ns[KVD_FAST_NS_MAX];
 	uint64_t fast_copied, fast_pressured; /* host leases moved to the GPU; sweeps at keep 1 */
 	uint32_t fast_lag_max;		    /* most feedbacks waiting at once */
 	uint32_t fast_promoting;	    /* host leases on their way to the GPU */

@@ -1234,10 +1234,14 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	const uint64_t pages = (uint64_t)r->B * r->L * r->H * r->P;
 	const size_t rec = kvt_summary_record_bytes(&(struct kvt_geom){
 		.head_dim = r->D, .page_tokens = r->T, .group = r->G, .dtype = O.dtype});
+	/* the tiers hold pages of the store's size (the model's, rounded up to 4 KiB) */
+	const uint64_t store_page = (r->page_bytes + 4095) & ~4095ull;
+	const uint64_t kv_slots = kv / r->page_bytes * store_page;
 	/* each tier holds at least what the selections pin: a layer's pages stay pinned
 	 * until that layer's next select, so every layer's, and one more */
-	const uint64_t pin = ((uint64_t)r->L + 1) * r->rows * (r->K + 1) * r->page_bytes;
-	uint64_t gpu = (uint64_t)(O.gpu_frac * (double)kv), host = (uint64_t)(O.host_frac * (double)kv);
+	const uint64_t pin = ((uint64_t)r->L + 1) * r->rows * (r->K + 1) * store_page;
+	uint64_t gpu = (uint64_t)(O.gpu_frac * (double)kv_slots),
+		 host = (uint64_t)(O.host_frac * (double)kv_slots);
 	if (gpu < pin)
 		gpu = pin;
 	if (host < pin)
@@ -1253,8 +1257,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	 * The NVMe tier holds every page (a slot each: the page, rounded to 4 KiB, and a
 	 * 4 KiB header); it must fit the disk under dir, or the run cannot be made here.
 	 */
-	const uint64_t store_page = (r->page_bytes + 4095) & ~4095ull;
-	const uint64_t nvme = kv + kv / 64 + (256ull << 20);
+	const uint64_t nvme = kv_slots + kv_slots / 64 + (256ull << 20);
 	const uint64_t disk = nvme / store_page * (store_page + 4096) + (1ull << 20);
 	struct statvfs vs;
 	if (statvfs(dm->dir, &vs) == 0 && disk > (uint64_t)vs.f_bavail * vs.f_frsize) {

@@ -1135,6 +1135,14 @@ static void test_fast_waits_ahead(void **state)
 	const unsigned long long after = strtoull(a + 19, NULL, 10);
 	print_message("waits leased ahead of the reports before them: %llu\n", after - before);
 	check_eq(after, before + 1);
+	/* and the time that took is told by part: the waits, the selections */
+	assert_non_null(a = strstr(js, "\"fast_report_us_mean\":{\"waits\":"));
+	char *e;
+	const double w_us = strtod(a + 31, &e);
+	assert_true(!strncmp(e, ",\"selections\":", 14));
+	const double s_us = strtod(e + 14, NULL);
+	print_message("a report: waits %.1f us, selections %.1f us\n", w_us, s_us);
+	assert_true(w_us > 0 && s_us > 0);
 	/* the next step of layer 1 has what the wait asked for */
 	assert_int_equal(kvtier_select_async(c, &s.id, 1, 1, q, &waits, t1, NULL), 0);
 	assert_int_equal(kvtier_select(c, &s.id, 1, 1, q, KVT_MEM_HOST, &nowait, slow), 0);
