@@ -1221,8 +1221,10 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 			size_t whylen)
 {
 	const char *base = O.dir ? O.dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
-	if (strlen(base) > sizeof(dm->dir) - 64)
+	if (strlen(base) > sizeof(dm->dir) - 64) {
+		snprintf(why, whylen, "--dir: a path too long");
 		return -ENAMETOOLONG;
+	}
 	snprintf(dm->dir, sizeof(dm->dir), "%s/kvtier-bench-XXXXXX", base);
 	if (!mkdtemp(dm->dir)) {
 		snprintf(why, whylen, "kvtierd's directory in %s: %s", base, strerror(errno));
