@@ -690,6 +690,14 @@ static uint32_t *fb_copy(const struct kvd_client *c, const struct kvt_sqe *e, in
 	return ids;
 }
 
+/* The time since t counted to part; now. */
+static uint64_t fast_lap(struct kvd_client *c, enum kvd_fast_ns part, uint64_t t)
+{
+	const uint64_t now = kvd_now_ns();
+	c->fast_ns[part] += now - t;
+	return now;
+}
+
 static bool fb_waits(const struct kvd_client *c, const struct kvt_sqe *e)
 {
 	return __atomic_load_n((const uint32_t *)(c->data + e->off[1] + 4), __ATOMIC_RELAXED);
@@ -721,7 +729,7 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 		kvt_free(ids);
 	}
 	if (t0)
-		c->fast_ns[KVD_FAST_WAITS] += kvd_now_ns() - t0;
+		fast_lap(c, KVD_FAST_WAITS, t0);
 }
 
 /* What the report says, copied out of shared memory once and bounded. */
@@ -735,12 +743,10 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 	uint32_t *ids = fb_copy(c, e, &rep);
 	if (!ids)
 		return; /* a selection not heard of: only fewer leases */
-	uint64_t t = kvd_now_ns(), t1;
+	uint64_t t = kvd_now_ns();
 	if (!f->waits_done && fb_waits(c, e)) {
 		fb_wait_pass(c, e, ids, rep, t);
-		t1 = kvd_now_ns();
-		c->fast_ns[KVD_FAST_WAITS] += t1 - t;
-		t = t1;
+		t = fast_lap(c, KVD_FAST_WAITS, t);
 	}
 	for (uint32_t b = 0; b < nseq; b++) {
 		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
@@ -780,9 +786,7 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
 			c->fast_selected += (uint64_t)n;
 		}
-		t1 = kvd_now_ns();
-		c->fast_ns[KVD_FAST_SELECTIONS] += t1 - t;
-		t = t1;
+		t = fast_lap(c, KVD_FAST_SELECTIONS, t);
 		/* leases not selected for `keep` steps go back (those not selected now, when the
 		 * GPU pool had no room for a lease); failed ones leave the list */
 		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;
@@ -800,9 +804,7 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			else
 				j++;
 		}
-		t1 = kvd_now_ns();
-		c->fast_ns[KVD_FAST_SWEEPS] += t1 - t;
-		t = t1;
+		t = fast_lap(c, KVD_FAST_SWEEPS, t);
 	}
 	kvt_free(ids);
 }
@@ -859,17 +861,13 @@ void kvd_fast_tick(struct kvd_client *c)
 	}
 	/* timed where there is work (a tick with none stays two loads) */
 	const bool busy = c->npairs || c->nrevoking || c->nacks || c->nrevoked;
-	uint64_t t = busy ? kvd_now_ns() : 0, t1 = t;
+	uint64_t t = busy ? kvd_now_ns() : 0;
 	map_flush(c, false);
-	if (busy) {
-		t1 = kvd_now_ns();
-		c->fast_ns[KVD_FAST_MAP] += t1 - t;
-	}
+	if (busy)
+		t = fast_lap(c, KVD_FAST_MAP, t);
 	acks_tick(c);
-	if (busy) {
-		t = kvd_now_ns();
-		c->fast_ns[KVD_FAST_ACKS] += t - t1;
-	}
+	if (busy)
+		t = fast_lap(c, KVD_FAST_ACKS, t);
 	/* ring bytes go back in order: none of a report whose ack is still to come */
 	const uint64_t done = c->nacks ? c->acks[0].hold : c->fb_seen;
 	if (done != c->fb_done) {
@@ -878,7 +876,7 @@ void kvd_fast_tick(struct kvd_client *c)
 	}
 	revoked_release(c, false);
 	if (busy)
-		c->fast_ns[KVD_FAST_RELEASES] += kvd_now_ns() - t;
+		fast_lap(c, KVD_FAST_RELEASES, t);
 	c->fast_pressure = false;
 }
 

@@ -408,7 +408,11 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *sqe);
 /* Retries pending work (promotions refused for lack of room, timeouts). */
 void kvd_engine_tick(struct kvd *d);
 void kvd_engine_stop(struct kvd *d);
-uint64_t kvd_now_ns(void);
+/* CLOCK_MONOTONIC in ns: the tiers' clock (tiers/tier.h) */
+static inline uint64_t kvd_now_ns(void)
+{
+	return tier_now_ns();
+}
 /* to += from, counter by counter */
 void kvd_pf_add(struct kvtier_prefetch_stats *to, const struct kvtier_prefetch_stats *from);
 struct kvd_seq *kvd_seq_get(struct kvd_client *c, uint32_t id);
