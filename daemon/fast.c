@@ -42,6 +42,11 @@
  * this many steps ahead of its layer's count until its own report says so: the sweeps of
  * the reports before it (which compare steps signed) keep it. */
 #define LEASE_AHEAD 1024u
+/* A lookup in the store is two cache misses (its bucket, its page) once it holds millions
+ * of pages: loops over many warm the bucket WARM_BUCKET lookups ahead and the page
+ * WARM_PAGE ahead (kvt_store_warm), so that their misses overlap (tools/bench_store.c). */
+#define WARM_BUCKET 8u
+#define WARM_PAGE   4u
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
 {
@@ -99,6 +104,12 @@ static void revoked_release(struct kvd_client *c, bool all)
 		struct kvd_revoked *r = &c->revoked[c->rv_head];
 		if (!done && (int32_t)(seq - r->snap) < 2)
 			break;
+		if (WARM_BUCKET < c->nrevoked) /* the lookups ahead (WARM_BUCKET) */
+			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_BUCKET) %
+							     c->revokedcap].k, false);
+		if (WARM_PAGE < c->nrevoked)
+			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_PAGE) %
+							     c->revokedcap].k, true);
 		kvt_store_unpin(d->store, &r->k);
 		c->rv_head = (c->rv_head + 1) % c->revokedcap;
 		c->nrevoked--;
@@ -732,6 +743,24 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 		fast_lap(c, KVD_FAST_WAITS, t0);
 }
 
+/* The store's lookup for selection entry i, if one is to come (a lease to start, a host
+ * lease's copy up), warmed: its bucket, or its page (WARM_BUCKET). */
+static void fast_warm(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+		      const int32_t *sel, int32_t n, int32_t i, bool page)
+{
+	if (i >= n)
+		return;
+	const struct kvd_layer *L = &q->layer[layer];
+	const int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
+	if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
+		return;
+	const int32_t ls = L->lease[(size_t)h * L->cap + (uint32_t)p];
+	if (ls != LEASE_NONE && (ls < 0 || !(ls & KVT_SLOT_HOST) || (ls & LEASE_PROMOTING)))
+		return;
+	struct page_key k = kvd_page_key(c, q, layer, h, (uint32_t)p);
+	kvt_store_warm(c->d->store, &k, page);
+}
+
 /* What the report says, copied out of shared memory once and bounded. */
 static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 {
@@ -764,6 +793,8 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			int32_t waited = 0;
 			for (int32_t i = 0; i < n; i++) {
+				fast_warm(c, q, layer, h, sel, n, i + (int32_t)WARM_BUCKET, false);
+				fast_warm(c, q, layer, h, sel, n, i + (int32_t)WARM_PAGE, true);
 				const bool matters = sel[i] & KVT_PAGE_MATTERS;
 				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
 				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);

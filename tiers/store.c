@@ -37,20 +37,10 @@ struct seq {
 };
 
 struct page {
+	/* what a lookup and a lease touch first: the first two cache lines */
 	struct page *hnext;
 	struct page_key key;
-	struct seq *seq;
-	struct kvt_list seq_link;
-	struct kvt_list lru[2]; /* TIER_GPU, TIER_HOST */
-	struct kvt_list wb_link;
-	struct kvt_list stall_link;
 	tier_slot_t slot[TIER_MAX];
-	uint64_t epoch;
-	uint64_t csum; /* of the disk copy: its reads need not read the header */
-	uint64_t last_access;
-	uint64_t born_ms, touch_ms; /* monotonic: when put, when last touched (0: never) */
-	float score;
-	uint32_t len;
 	uint16_t pins;
 	uint16_t io_refs;       /* moves in flight for this page */
 	uint8_t readers[TIER_MAX]; /* moves in flight reading the copy in each tier */
@@ -60,6 +50,17 @@ struct page {
 	uint8_t wb_tries;
 	bool dropped;
 	bool hurry; /* its read from NVMe, once it starts, goes ahead (kvt_store_hurry) */
+	uint32_t len;
+	float score;
+	struct kvt_list lru[2]; /* TIER_GPU, TIER_HOST */
+	uint64_t last_access;
+	struct seq *seq;
+	struct kvt_list seq_link;
+	struct kvt_list wb_link;
+	struct kvt_list stall_link;
+	uint64_t epoch;
+	uint64_t csum; /* of the disk copy: its reads need not read the header */
+	uint64_t born_ms, touch_ms; /* monotonic: when put, when last touched (0: never) */
 	struct waiter *waiters;
 	struct move *rd; /* its read from NVMe into host RAM, while under way */
 };
@@ -1172,6 +1173,22 @@ static void page_info(const struct page *pg, struct kvt_page_info *out)
 	out->score = pg->score;
 	for (int t = 0; t < TIER_MAX; t++)
 		out->slot[t] = pg->slot[t];
+}
+
+void kvt_store_warm(struct kvt_store *s, const struct page_key *k, bool page)
+{
+	struct page *const *b = &s->pbuckets[page_key_hash(k) & s->pmask];
+	if (!page) {
+		__builtin_prefetch(b);
+		return;
+	}
+	const struct page *pg = *b;
+	if (pg) { /* the first of its bucket (mostly the one): its first 128 bytes, on 2 or 3
+		   * cache lines (the allocator aligns it to 32) */
+		__builtin_prefetch(pg, 1);
+		__builtin_prefetch((const char *)pg + 64, 1);
+		__builtin_prefetch((const char *)pg + 127, 1);
+	}
 }
 
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,

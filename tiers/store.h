@@ -226,6 +226,15 @@ int kvt_store_unpin(struct kvt_store *s, const struct page_key *k);
 /* Records an access and the page's latest selection score (eviction keeps high ones). */
 int kvt_store_touch(struct kvt_store *s, const struct page_key *k, float score);
 
+/*
+ * A hint, nothing else: k's hash bucket (page false) or, once that is cached, its page
+ * into the CPU's cache, for a lookup of k a few lookups later. A lookup in a store of
+ * millions of pages is two cache misses (the bucket, the page); a loop over many keys
+ * that warms the bucket of the key 8 ahead and the page of the key 4 ahead has them
+ * under way together (tools/bench_store.c measures it).
+ */
+void kvt_store_warm(struct kvt_store *s, const struct page_key *k, bool page);
+
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
 			struct kvt_page_info *out);
 /*
