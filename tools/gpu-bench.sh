@@ -15,7 +15,10 @@
 # (70% of the KV only on NVMe). Logs, CSV and plots go to $OUT
 # (or ./gpu-out). trace: sparse and kvtier at 128K with every device op recorded
 # (tools/cupti_trace.c, CUPTI's activity records), tools/trace_steps.py's summary of
-# where a step's device time goes, and the records in trace.tar.gz.
+# where a step's device time goes, and the records in trace.tar.gz. store:
+# kvtier-bench-store, a lease's cost to the daemon's thread in a store of 1M pages, its
+# lookups plain and warmed (kvt_store_warm) side by side. NODISK=1: batchN without its
+# -disk run.
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -55,9 +58,16 @@ for b in 8:32K 32:12K; do
 	case $what in batch | batch${b%%:*} | all) ;; *) continue ;; esac
 	run batch${b%%:*} --context ${b#*:} --batch ${b%%:*} --host-budget 1.3 \
 		--daemon-stats "$out/batch${b%%:*}-daemon.txt"
+	[ -n "${NODISK:-}" ] && continue
 	run batch${b%%:*}-disk --methods dense,kvtier --context ${b#*:} --batch ${b%%:*} \
 		--daemon-stats "$out/batch${b%%:*}-disk-daemon.txt"
 done
+case $what in store | all)
+	echo "== kvtier-bench-store -d cuda -n 1048576"
+	./build-gpu/tools/kvtier-bench-store -d cuda -n 1048576 -D build-gpu >"$out/store.txt" 2>&1
+	echo "rc $?"
+	;;
+esac
 case $what in disk | all) run disk --methods kvtier --context 256K --batch 1 --host-budget 0.2 ;; esac
 if [ "$what" = trace ]; then
 	inc=$(dirname "$(find /usr/local/cuda/ -name cupti.h 2>/dev/null | head -1)")
@@ -79,7 +89,7 @@ if [ "$what" = trace ]; then
 	fi
 fi
 echo "== machine (MPS $mps)"; cat "$out/machine.txt"
-for f in main batch8 batch8-disk batch32 batch32-disk disk trace trace-summary; do
+for f in store main batch8 batch8-disk batch32 batch32-disk disk trace trace-summary; do
 	[ -f "$out/$f.txt" ] && cat "$out/$f.txt"
 done
 exit 0
