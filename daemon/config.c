@@ -107,6 +107,9 @@ static const struct opt opts[] = {
 	{"fast.promote", OPT_BOOL, F(fast_promote), 0, 1, true,
 	 "copy pages leased in host RAM to the GPU pool (off: the client reads them in place "
 	 "from host RAM, leaving the pool to others)"},
+	{"fast.warm", OPT_BOOL, F(fast_warm), 0, 1, true,
+	 "the fast path's store lookups warmed into the CPU's cache a few ahead of their "
+	 "turn (off: each on its own; for measuring it)"},
 	{"fast.disk_reads", OPT_U32, F(fast_disk_reads), 0, 65536, true,
 	 "a page a fast-path client selected but whose score says it may not matter is read "
 	 "from NVMe only while fewer than this many of the client's lease reads are under way "
@@ -158,6 +161,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->fast_bytes_max = 4 * GiB;
 	c->lease_steps = 8;
 	c->fast_promote = true;
+	c->fast_warm = true;
 	c->fast_disk_reads = 256;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a

@@ -104,10 +104,10 @@ static void revoked_release(struct kvd_client *c, bool all)
 		struct kvd_revoked *r = &c->revoked[c->rv_head];
 		if (!done && (int32_t)(seq - r->snap) < 2)
 			break;
-		if (WARM_BUCKET < c->nrevoked) /* the lookups ahead (WARM_BUCKET) */
+		if (WARM_BUCKET < c->nrevoked && d->cfg.fast_warm) /* lookups ahead: WARM_BUCKET */
 			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_BUCKET) %
 							     c->revokedcap].k, false);
-		if (WARM_PAGE < c->nrevoked)
+		if (WARM_PAGE < c->nrevoked && d->cfg.fast_warm)
 			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_PAGE) %
 							     c->revokedcap].k, true);
 		kvt_store_unpin(d->store, &r->k);
@@ -748,7 +748,7 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 static void fast_warm(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
 		      const int32_t *sel, int32_t n, int32_t i, bool page)
 {
-	if (i >= n)
+	if (i >= n || !c->d->cfg.fast_warm)
 		return;
 	const struct kvd_layer *L = &q->layer[layer];
 	const int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
