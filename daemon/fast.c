@@ -220,7 +220,6 @@ void kvd_fast_detach(struct kvd_client *c)
 	kvt_free(c->revoking);
 	kvt_free(c->revoked);
 	kvt_free(c->pairs);
-	kvt_free(c->warm);
 	kvt_free(c->fb);
 	for (uint32_t i = 0; i < c->nacks; i++)
 		kvt_free(c->acks[i].pg);
@@ -744,64 +743,22 @@ static void fb_waits_ahead(struct kvd_client *c, uint32_t from)
 		fast_lap(c, KVD_FAST_WAITS, t0);
 }
 
-/* A selection entry that makes a store lookup: a lease to start, or a host lease's copy
- * up. */
-static bool wants_lookup(int32_t ls)
+/* The store's lookup for selection entry i, if one is to come (a lease to start, a host
+ * lease's copy up), warmed: its bucket, or its page (WARM_BUCKET). */
+static void fast_warm(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
+		      const int32_t *sel, int32_t n, int32_t i, bool page)
 {
-	return ls == LEASE_NONE || (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING));
-}
-
-/* The lookups the report's selections will make (fb_process's loop, the same checks),
- * listed, and the first ones warmed; fast_warm_next() warms the rest as their turns
- * come near. Lookups are a few in a row's tens of entries: the list, not the entries,
- * sets how far ahead. */
-static void fast_warm_list(struct kvd_client *c, const uint32_t *ids, const int32_t *rep,
-			   uint32_t nseq, uint32_t layer, uint32_t stride)
-{
-	const uint32_t H = c->layout.kv_heads, rows = nseq * H;
-	c->nwarm = c->warm_at = 0;
-	if (!c->d->cfg.fast_warm)
+	if (i >= n || !c->d->cfg.fast_warm)
 		return;
-	for (uint32_t b = 0; b < nseq; b++) {
-		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
-		struct kvd_layer *L = fb_layer(c, q, layer);
-		for (uint32_t h = 0; L && h < H; h++) {
-			const uint32_t row = b * H + h;
-			int32_t n = rep[row];
-			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
-			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
-			for (int32_t i = 0; i < n; i++) {
-				const int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
-				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages ||
-				    !wants_lookup(L->lease[(size_t)h * L->cap + (uint32_t)p]))
-					continue;
-				if (c->nwarm == c->warmcap) {
-					const uint32_t nc = c->warmcap ? 2 * c->warmcap : 256;
-					struct page_key *w = kvt_realloc(c->warm, nc * sizeof(*w));
-					if (!w)
-						return; /* fewer warmed: no harm */
-					c->warm = w;
-					c->warmcap = nc;
-				}
-				c->warm[c->nwarm++] = kvd_page_key(c, q, layer, h, (uint32_t)p);
-			}
-		}
-	}
-	for (uint32_t j = 0; j < WARM_BUCKET && j < c->nwarm; j++)
-		kvt_store_warm(c->d->store, &c->warm[j], false);
-	for (uint32_t j = 0; j < WARM_PAGE && j < c->nwarm; j++)
-		kvt_store_warm(c->d->store, &c->warm[j], true);
-}
-
-/* A lookup's turn: the bucket of the one WARM_BUCKET after it and the page of the one
- * WARM_PAGE after, warmed. */
-static void fast_warm_next(struct kvd_client *c)
-{
-	const uint32_t j = c->warm_at++;
-	if (j + WARM_BUCKET < c->nwarm)
-		kvt_store_warm(c->d->store, &c->warm[j + WARM_BUCKET], false);
-	if (j + WARM_PAGE < c->nwarm)
-		kvt_store_warm(c->d->store, &c->warm[j + WARM_PAGE], true);
+	const struct kvd_layer *L = &q->layer[layer];
+	const int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
+	if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
+		return;
+	const int32_t ls = L->lease[(size_t)h * L->cap + (uint32_t)p];
+	if (ls != LEASE_NONE && (ls < 0 || !(ls & KVT_SLOT_HOST) || (ls & LEASE_PROMOTING)))
+		return;
+	struct page_key k = kvd_page_key(c, q, layer, h, (uint32_t)p);
+	kvt_store_warm(c->d->store, &k, page);
 }
 
 /* What the report says, copied out of shared memory once and bounded. */
@@ -820,7 +777,6 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 		fb_wait_pass(c, e, ids, rep, t);
 		t = fast_lap(c, KVD_FAST_WAITS, t);
 	}
-	fast_warm_list(c, ids, rep, nseq, layer, stride);
 	for (uint32_t b = 0; b < nseq; b++) {
 		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
 		struct kvd_layer *L = fb_layer(c, q, layer);
@@ -837,6 +793,8 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
 			int32_t waited = 0;
 			for (int32_t i = 0; i < n; i++) {
+				fast_warm(c, q, layer, h, sel, n, i + (int32_t)WARM_BUCKET, false);
+				fast_warm(c, q, layer, h, sel, n, i + (int32_t)WARM_PAGE, true);
 				const bool matters = sel[i] & KVT_PAGE_MATTERS;
 				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
 				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
@@ -846,8 +804,6 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 				c->fast_fresh += L->lease_at[at] + 1 != step;
 				L->lease_at[at] = step;
 				const int32_t ls = L->lease[at];
-				if (wants_lookup(ls))
-					fast_warm_next(c);
 				if (ls == LEASE_NONE)
 					lease_start(c, q, layer, h, (uint32_t)p, matters, false);
 				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))

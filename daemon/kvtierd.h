@@ -216,10 +216,6 @@ struct kvd_client {
 		uint32_t snap; /* fence_seq once the map said -1 */
 	} *revoked;
 	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
-	/* the store lookups a report's selections will make, in order: warmed a few ahead
-	 * of their turn (fast.warm) */
-	struct page_key *warm;
-	uint32_t nwarm, warmcap, warm_at;
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
 	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
 	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
