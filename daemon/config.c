@@ -108,8 +108,8 @@ static const struct opt opts[] = {
 	 "copy pages leased in host RAM to the GPU pool (off: the client reads them in place "
 	 "from host RAM, leaving the pool to others)"},
 	{"fast.warm", OPT_BOOL, F(fast_warm), 0, 1, true,
-	 "the fast path's store lookups warmed into the CPU's cache a few ahead of their "
-	 "turn (off: each on its own; for measuring it)"},
+	 "the store lookups of the fast path's lease releases warmed into the CPU's cache a "
+	 "few ahead of their turn (off: each on its own; for measuring it)"},
 	{"fast.disk_reads", OPT_U32, F(fast_disk_reads), 0, 65536, true,
 	 "a page a fast-path client selected but whose score says it may not matter is read "
 	 "from NVMe only while fewer than this many of the client's lease reads are under way "

@@ -11,7 +11,8 @@
  *                      [-g GPU_FRAC] [-D DIR]
  *
  * Side by side in one run: each lookup on its own (plain), and with the lookups a few
- * keys ahead warmed into the CPU's cache (kvt_store_warm, as the fast path does). Prints
+ * keys ahead warmed into the CPU's cache (kvt_store_warm; the fast path does so for its
+ * releases: its starts' pages, unlike these random ones, are mostly in cache). Prints
  * the time a lease costs the thread by part (start, landing, release, and the store's
  * own polling: CPU time, not the waits for the copies), in ns, and a step's wall time;
  * the last line: `warmed_vs_plain: X` (the parts together, warmed over plain).
@@ -114,8 +115,8 @@ static void release_all(struct bench *b)
 	}
 }
 
-/* The bucket of the key 8 after j in list and the page of the one 4 after, warmed: as
- * the fast path does (kvt_store_warm). */
+/* The bucket of the key 8 after j in list and the page of the one 4 after, warmed
+ * (kvt_store_warm). */
 static void warm_ahead(struct bench *b, const uint32_t *list, uint32_t j)
 {
 	if (j + 8 < b->fresh) {
