@@ -243,6 +243,44 @@ static void pins_hold(void **state)
 	assert_int_equal(kvt_store_page_info(s, &k, NULL), -ENOENT);
 }
 
+/* kvt_store_warm is a hint: for keys there, absent, and of a dropped sequence (their
+ * buckets emptied), with either stage, nothing the store says or holds changes. */
+static void warm_is_a_hint(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct t_wait w = {0};
+	for (uint32_t i = 0; i < 32; i++) {
+		struct page_key k = t_key(0, 60 + i % 2, i % 4, i % 8, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, &w), 0);
+	}
+	assert_int_equal(t_drain(s, &w), 0);
+	assert_int_equal(kvt_store_drop_seq(s, 0, 61), 0);
+	struct kvt_store_stats st0, st1;
+	kvt_store_stats(s, &st0);
+	for (uint32_t i = 0; i < 64; i++) { /* present (even i < 32), dropped (odd), absent */
+		struct page_key k = t_key(0, 60 + i % 2, i % 4, i % 8, i);
+		kvt_store_warm(s, &k, false);
+		kvt_store_warm(s, &k, true);
+	}
+	kvt_store_stats(s, &st1);
+	assert_int_equal(st1.pages, st0.pages);
+	assert_int_equal(st1.pages, 16);
+	assert_int_equal(st1.evictions[TIER_HOST], st0.evictions[TIER_HOST]);
+	for (uint32_t i = 0; i < 64; i++) {
+		struct page_key k = t_key(0, 60 + i % 2, i % 4, i % 8, i);
+		struct kvt_page_info pi;
+		if (i < 32 && i % 2 == 0) {
+			assert_int_equal(kvt_store_page_info(s, &k, &pi), 0);
+			assert_int_equal(pi.pins, 0);
+			read_verify(s, &k, f->buf);
+		} else {
+			assert_int_equal(kvt_store_page_info(s, &k, &pi), -ENOENT);
+		}
+	}
+}
+
 /* The cpu device's worker lands each copy batch this late (KVT_CPU_COPY_DELAY_US). */
 static int setup_slow_copies(void **state)
 {
@@ -673,6 +711,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(pins_hold, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(queued_copies, setup_slow_copies, teardown),
 		cmocka_unit_test_setup_teardown(drop_frees, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(warm_is_a_hint, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(filling_pages, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(disk_full, setup_tiny_disk, teardown),
