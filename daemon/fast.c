@@ -106,12 +106,13 @@ static void revoked_release(struct kvd_client *c, bool all)
 		struct kvd_revoked *r = &c->revoked[c->rv_head];
 		if (!done && (int32_t)(seq - r->snap) < 2)
 			break;
-		if (WARM_BUCKET < c->nrevoked && d->cfg.fast_warm) /* lookups ahead: WARM_BUCKET */
-			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_BUCKET) %
-							     c->revokedcap].k, false);
-		if (WARM_PAGE < c->nrevoked && d->cfg.fast_warm)
-			kvt_store_warm(d->store, &c->revoked[(c->rv_head + WARM_PAGE) %
-							     c->revokedcap].k, true);
+		if (d->cfg.fast_warm) { /* the lookups ahead: WARM_BUCKET */
+			const uint32_t n = c->nrevoked, cap = c->revokedcap, at = c->rv_head;
+			if (WARM_BUCKET < n)
+				kvt_store_warm(d->store, &c->revoked[(at + WARM_BUCKET) % cap].k, false);
+			if (WARM_PAGE < n)
+				kvt_store_warm(d->store, &c->revoked[(at + WARM_PAGE) % cap].k, true);
+		}
 		kvt_store_unpin(d->store, &r->k);
 		c->rv_head = (c->rv_head + 1) % c->revokedcap;
 		c->nrevoked--;

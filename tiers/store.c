@@ -416,6 +416,15 @@ static void drop_copy(struct kvt_store *s, struct page *pg, enum tier_id t,
 	s->st.evict_reason[t][why]++;
 }
 
+/* A page's first 128 bytes (what a lookup and a lease touch), on 2 or 3 cache lines (the
+ * allocator aligns it to 32), into the CPU's cache. */
+static void page_prefetch(const struct page *pg)
+{
+	__builtin_prefetch(pg, 1);
+	__builtin_prefetch((const char *)pg + 64, 1);
+	__builtin_prefetch((const char *)pg + 127, 1);
+}
+
 /*
  * Drops one copy from tier t, coldest first; a page that scored above the running
  * mean since its last chance gets one more pass (its score decays to the mean).
@@ -440,12 +449,8 @@ static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason
 			continue;
 		}
 		drop_copy(s, pg, t, why);
-		if (pos != &s->lru[t]) { /* the next one to go, cold: on its way meanwhile */
-			const struct page *nx = kvt_container_of(pos, struct page, lru[t]);
-			__builtin_prefetch(nx, 1);
-			__builtin_prefetch((const char *)nx + 64, 1);
-			__builtin_prefetch((const char *)nx + 127, 1);
-		}
+		if (pos != &s->lru[t]) /* the next one to go, cold: on its way meanwhile */
+			page_prefetch(kvt_container_of(pos, struct page, lru[t]));
 		return true;
 	}
 	/* Only recently high-scoring pages in reach: the coldest of them goes. */
@@ -1243,13 +1248,8 @@ void kvt_store_warm(struct kvt_store *s, const struct page_key *k, bool page)
 		__builtin_prefetch(b);
 		return;
 	}
-	const struct page *pg = *b;
-	if (pg) { /* the first of its bucket (mostly the one): its first 128 bytes, on 2 or 3
-		   * cache lines (the allocator aligns it to 32) */
-		__builtin_prefetch(pg, 1);
-		__builtin_prefetch((const char *)pg + 64, 1);
-		__builtin_prefetch((const char *)pg + 127, 1);
-	}
+	if (*b) /* the first of its bucket: mostly the one */
+		page_prefetch(*b);
 }
 
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
