@@ -436,6 +436,10 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "bad_requests", o->bad_requests);
 		kvt_json_u64(j, "tokens_appended", o->tokens);
 		kvt_json_u64(j, "selects", o->selects);
+		/* pages sealed (put, summarized), and the batches their summaries were built
+		 * in: appends of whole pages in a row share one (engine.c kvd_seal_flush) */
+		kvt_json_u64(j, "pages_sealed", o->sealed);
+		kvt_json_u64(j, "seal_batches", o->seal_batches);
 		/* pins let go of while its kernels may still read their pages: kept now, and
 		 * ever (engine.c, the client's reads) */
 		kvt_json_bool(j, "read_fence", o->fence != NULL);

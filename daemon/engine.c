@@ -505,9 +505,17 @@ static void detach_dead(struct kvd *d, const struct kvd_client *self)
 			kvd_engine_detach(o);
 }
 
-/* Puts the page that just filled (or finishes a seal that failed before) and builds
- * its summaries. */
-static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
+/* At most this many seals in one batch (kvd_seal_flush). */
+#define SEAL_BATCH_MAX 64u
+
+/*
+ * Puts the next page of a layer (head h's bytes at src + h * stride; the heads put
+ * already by a seal that failed are not put again) and queues the building of its
+ * summaries in the client's batch. 0, or -errno: the heads put so far are kept
+ * (sealed_heads), the rest of the seal is made again by flush_pending.
+ */
+static int seal_put(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, const uint8_t *src,
+		    size_t stride)
 {
 	struct kvd *d = c->d;
 	struct kvd_layer *L = &q->layer[layer];
@@ -515,10 +523,22 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 	int ret = layer_reserve(c, L, idx + 1);
 	if (ret < 0)
 		return ret;
+	if (!c->seals) {
+		c->seals = kvt_malloc(SEAL_BATCH_MAX * sizeof(*c->seals));
+		c->seal_recs = kvt_malloc((size_t)SEAL_BATCH_MAX * H * sizeof(int32_t));
+		if (!c->seals || !c->seal_recs) {
+			kvt_free(c->seals);
+			kvt_free(c->seal_recs);
+			c->seals = NULL;
+			c->seal_recs = NULL;
+			return -ENOMEM;
+		}
+	}
 	for (uint32_t h = L->sealed_heads; h < H; h++) {
 		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)layer,
 				     .kv_head = (uint16_t)h, .seq = q->own->sseq, .index = idx};
-		ret = kvt_store_put(d->store, &k, L->fill + (size_t)h * pb, pb, 0, NULL, NULL);
+		const uint8_t *pg = src + h * stride;
+		ret = kvt_store_put(d->store, &k, pg, pb, 0, NULL, NULL);
 		/* The host tier full of pages not yet on disk: let write-back make room.
 		 * (The store runs other clients' completions meanwhile; none touches this one.) */
 		uint64_t t0 = kvd_now_ns();
@@ -526,7 +546,7 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 		       kvd_now_ns() - t0 < (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
 			kvt_store_run(d->store, 5);
 			detach_dead(d, c);
-			ret = kvt_store_put(d->store, &k, L->fill + (size_t)h * pb, pb, 0, NULL, NULL);
+			ret = kvt_store_put(d->store, &k, pg, pb, 0, NULL, NULL);
 		}
 		if (ret < 0) {
 			L->sealed_heads = h;
@@ -536,52 +556,128 @@ static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 		c->tenant->disk_pages++;
 	}
 	L->sealed_heads = H;
-	int32_t recs[256];
+	int32_t *recs = c->seal_recs + (size_t)c->nseals * H;
 	if ((ret = rec_alloc(c, H, recs)) < 0)
 		return ret;
-	void *pages = scratch(d, SCR_PAGES, (size_t)H * pb);
-	int32_t *slots = scratch(d, SCR_SLOTS, H * sizeof(int32_t));
-	int32_t *rdev = scratch(d, SCR_RECS, H * sizeof(int32_t));
-	int32_t seq_slots[256];
-	for (uint32_t h = 0; h < H; h++)
-		seq_slots[h] = (int32_t)h;
-	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
-				       .slots = slots, .records = rdev,
-				       .summaries = c->sum_pool, .n = H};
-	/* the fast path's copy, where the client's own kernels find it (wire.h) */
-	int32_t fpos[256];
-	struct kvt_summarize_args fa = a;
-	const bool fast = kvd_fast_pos(c, q, layer, 0, idx) >= 0;
-	fa.n = fast ? H : 0;
-	if (fast) {
-		for (uint32_t h = 0; h < H; h++)
-			fpos[h] = (int32_t)kvd_fast_pos(c, q, layer, h, idx);
-		fa.records = scratch(d, SCR_FAST, H * sizeof(int32_t));
-		fa.summaries = c->fast.ptr;
-	}
-	if (!pages || !slots || !rdev || (fast && !fa.records) ||
-	    kvt_compute_upload(d->cc, pages, L->fill, (size_t)H * pb) < 0 ||
-	    kvt_compute_upload(d->cc, slots, seq_slots, H * sizeof(int32_t)) < 0 ||
-	    kvt_compute_upload(d->cc, rdev, recs, H * sizeof(int32_t)) < 0 ||
-	    (fa.n && kvt_compute_upload(d->cc, (void *)fa.records, fpos, H * sizeof(int32_t)) < 0) ||
-	    (ret = kvt_summarize(d->cc, &a, NULL)) < 0 || (ret = kvt_summarize(d->cc, &fa, NULL)) < 0 ||
-	    (ret = kvt_compute_sync(d->cc, NULL)) < 0 ||
-	    (ret = origin_add_recs(q->own, recs, H)) < 0) {
-		rec_release(c, recs, H);
-		return ret < 0 ? ret : -ENOMEM;
-	}
-	for (uint32_t h = 0; h < H; h++)
-		L->rec[(size_t)h * L->cap + idx] = recs[h];
-	L->owner[idx] = q->own;
-	L->stored++;
-	L->sealed_heads = 0;
-	kvd_fast_sealed(c, q, layer, idx);
+	c->seals[c->nseals++] = (struct kvd_seal){.q = q, .layer = layer, .idx = idx,
+						  .src = src, .stride = stride};
+	L->seal_queued = true;
 	return 0;
+}
+
+/* A queued seal that did not finish: the layer as after a seal whose puts were made
+ * (flush_pending builds its summaries again, from the layer's fill buffer). */
+static void seal_undo(struct kvd_client *c, const struct kvd_seal *e, const int32_t *recs)
+{
+	struct kvd_layer *L = &e->q->layer[e->layer];
+	const uint32_t H = c->layout.kv_heads, pb = c->page_bytes;
+	rec_release(c, recs, H);
+	L->seal_queued = false;
+	if (e->src != L->fill) /* fill exists: do_append_pages made sure */
+		for (uint32_t h = 0; h < H; h++)
+			memcpy(L->fill + (size_t)h * pb, e->src + h * e->stride, pb);
+}
+
+int kvd_seal_flush(struct kvd_client *c)
+{
+	const uint32_t n = c->nseals;
+	if (!n)
+		return 0;
+	struct kvd *d = c->d;
+	const uint32_t H = c->layout.kv_heads, pb = c->page_bytes, m = n * H;
+	/* the pages, then int32 [m] slots, [m] records, [m] fast-path slots, [m] their
+	 * positions: the indices in one copy up */
+	uint8_t *pages = scratch(d, SCR_PAGES, (size_t)m * pb);
+	int32_t *dix = scratch(d, SCR_SLOTS, 4 * (size_t)m * sizeof(int32_t));
+	int32_t *hix = pinned(d, 2, 4 * (size_t)m * sizeof(int32_t));
+	int ret = pages && dix && hix ? 0 : -ENOMEM;
+	uint32_t nf = 0;
+	for (uint32_t i = 0; i < n && ret == 0; i++) {
+		const struct kvd_seal *e = &c->seals[i];
+		uint8_t *dst = pages + (size_t)i * H * pb;
+		if (e->stride == pb) {
+			ret = kvt_compute_copy_async(d->cc, dst, e->src, (size_t)H * pb, NULL);
+		} else {
+			for (uint32_t h = 0; h < H && ret == 0; h++)
+				ret = kvt_compute_copy_async(d->cc, dst + (size_t)h * pb,
+							     e->src + h * e->stride, pb, NULL);
+		}
+		for (uint32_t h = 0; h < H; h++) {
+			hix[i * H + h] = (int32_t)(i * H + h);
+			hix[m + i * H + h] = c->seal_recs[i * H + h];
+		}
+		/* the fast path's copy, where the client's own kernels find it (wire.h) */
+		if (kvd_fast_pos(c, e->q, e->layer, 0, e->idx) >= 0)
+			for (uint32_t h = 0; h < H; h++, nf++) {
+				hix[2 * m + nf] = (int32_t)(i * H + h);
+				hix[3 * m + nf] = (int32_t)kvd_fast_pos(c, e->q, e->layer, h, e->idx);
+			}
+	}
+	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
+				       .slots = dix, .records = dix + m,
+				       .summaries = c->sum_pool, .n = m};
+	struct kvt_summarize_args fa = a;
+	fa.slots = dix + 2 * m;
+	fa.records = dix + 3 * m;
+	fa.summaries = c->fast.ptr;
+	fa.n = nf;
+	if (ret == 0)
+		ret = kvt_compute_copy_async(d->cc, dix, hix, 4 * (size_t)m * sizeof(int32_t), NULL);
+	if (ret == 0)
+		ret = kvt_summarize(d->cc, &a, NULL);
+	if (ret == 0 && nf)
+		ret = kvt_summarize(d->cc, &fa, NULL);
+	/* waited for after an error too: the copies read sources let go of next */
+	int sret = kvt_compute_sync(d->cc, NULL);
+	if (ret == 0)
+		ret = sret;
+	int first = ret;
+	uint32_t done = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		struct kvd_seal *e = &c->seals[i];
+		struct kvd_layer *L = &e->q->layer[e->layer];
+		const int32_t *recs = c->seal_recs + (size_t)i * H;
+		e->res = ret < 0 ? ret : origin_add_recs(e->q->own, recs, H);
+		if (e->res < 0) {
+			seal_undo(c, e, recs);
+			first = first < 0 ? first : e->res;
+			continue;
+		}
+		for (uint32_t h = 0; h < H; h++)
+			L->rec[(size_t)h * L->cap + e->idx] = recs[h];
+		L->owner[e->idx] = e->q->own;
+		L->stored++;
+		L->sealed_heads = 0;
+		L->seal_queued = false;
+		done++;
+	}
+	c->seal_batches++;
+	c->sealed += done;
+	c->nseals = 0;
+	if (done)
+		kvd_fast_sealed(c, c->seals, n);
+	for (uint32_t i = 0; i < n; i++) {
+		const struct kvd_seal *e = &c->seals[i];
+		if (e->answer)
+			kvd_complete(c, e->ud, e->res < 0 ? e->res : 0, e->accepted, e->ntok);
+	}
+	return first;
+}
+
+/* Puts the page that just filled (or finishes a seal that failed before) and builds
+ * its summaries now (those of the seals queued before it first). */
+static int seal(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
+{
+	kvd_seal_flush(c);
+	int ret = seal_put(c, q, layer, q->layer[layer].fill, c->page_bytes);
+	return ret < 0 ? ret : kvd_seal_flush(c);
 }
 
 static int flush_pending(struct kvd_client *c, struct kvd_seq *q, uint32_t layer)
 {
 	struct kvd_layer *L = &q->layer[layer];
+	if (L->seal_queued)
+		kvd_seal_flush(c); /* one that fails is made again below */
 	while (L->stored < L->ntok / c->layout.page_tokens) {
 		int ret = seal(c, q, layer);
 		if (ret < 0)
@@ -596,6 +692,72 @@ static bool in_data(const struct kvd_client *c, uint64_t off, uint64_t len)
 	return off <= c->data_bytes && len <= c->data_bytes - off;
 }
 
+/* An append answered at once: after those whose seals are queued (in order). */
+static void answer(struct kvd_client *c, uint64_t ud, int res, uint64_t aux0, uint64_t aux1)
+{
+	kvd_seal_flush(c);
+	kvd_complete(c, ud, res, aux0, aux1);
+}
+
+/*
+ * APPEND of a whole page (wire.h KVT_APPEND_PAGES): put from the data area as it is,
+ * its summaries built with those of the appends after it (kvd_seal_flush answers it).
+ */
+static void do_append_pages(struct kvd_client *c, const struct kvt_sqe *r)
+{
+	struct kvd *d = c->d;
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens, pb = c->page_bytes;
+	const uint64_t stride = r->off[1];
+	if (r->flags != KVT_APPEND_PAGES || r->seq >= d->cfg.max_seqs ||
+	    r->layer >= c->layout.layers || r->ntok != T || stride < pb || stride > c->data_bytes ||
+	    !in_data(c, r->off[0], (uint64_t)(H - 1) * stride + pb)) {
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST,
+				"APPEND of a page out of bounds (flags %u seq %u layer %u ntok %u off %llu "
+				"stride %llu)", r->flags, r->seq, r->layer, r->ntok,
+				(unsigned long long)r->off[0], (unsigned long long)stride);
+		return;
+	}
+	struct kvd_seq *q = seq_get(c, r->seq);
+	if (!q) {
+		answer(c, r->user_data, -ENOENT, 0, 0);
+		return;
+	}
+	struct kvd_layer *L = &q->layer[r->layer];
+	if ((uint64_t)L->ntok + T > (uint64_t)INT32_MAX / 2) {
+		answer(c, r->user_data, -EFBIG, 0, 0);
+		return;
+	}
+	int ret = flush_pending(c, q, r->layer);
+	if (ret == 0 && L->ntok % T)
+		ret = -EINVAL; /* a page filling here: the client's count is not ours */
+	uint64_t quota = d->cfg.disk_quota_bytes / c->page_bytes;
+	if (ret == 0 && quota && c->tenant->disk_pages + H > quota)
+		ret = -EDQUOT;
+	/* the fill buffer, where a seal that fails keeps the page for its retry */
+	if (ret == 0 && !L->fill && !(L->fill = kvt_malloc((size_t)H * pb)))
+		ret = -ENOMEM;
+	if (ret < 0) {
+		answer(c, r->user_data, ret, 0, L->ntok);
+		return;
+	}
+	const uint8_t *src = c->data + r->off[0];
+	L->ntok += T;
+	c->tokens += T;
+	if ((ret = seal_put(c, q, r->layer, src, stride)) < 0) {
+		for (uint32_t h = 0; h < H; h++) /* its retry puts the other heads from here */
+			memcpy(L->fill + (size_t)h * pb, src + h * stride, pb);
+		answer(c, r->user_data, ret, T, L->ntok);
+		return;
+	}
+	struct kvd_seal *e = &c->seals[c->nseals - 1];
+	e->ud = r->user_data;
+	e->accepted = T;
+	e->ntok = L->ntok;
+	e->answer = true;
+	if (c->nseals == SEAL_BATCH_MAX)
+		kvd_seal_flush(c);
+}
+
 static void do_append(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
@@ -603,10 +765,14 @@ static void do_append(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t row = (size_t)c->layout.head_dim * esize(c);
 	const uint64_t bytes = (uint64_t)r->ntok * H * row;
-	if (r->seq >= d->cfg.max_seqs || r->layer >= c->layout.layers || !r->ntok ||
+	if (r->flags & KVT_APPEND_PAGES) {
+		do_append_pages(c, r);
+		return;
+	}
+	if (r->flags || r->seq >= d->cfg.max_seqs || r->layer >= c->layout.layers || !r->ntok ||
 	    bytes > c->data_bytes || !in_data(c, r->off[0], bytes) || !in_data(c, r->off[1], bytes)) {
-		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "APPEND out of bounds (seq %u layer %u ntok %u off %llu/%llu)",
-				r->seq, r->layer, r->ntok, (unsigned long long)r->off[0],
+		kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "APPEND out of bounds (flags %u seq %u layer %u ntok %u off %llu/%llu)",
+				r->flags, r->seq, r->layer, r->ntok, (unsigned long long)r->off[0],
 				(unsigned long long)r->off[1]);
 		return;
 	}
@@ -2026,6 +2192,9 @@ void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *r)
 				r->seq, r->layer);
 		return;
 	}
+	/* what the client asks next runs after the seals queued (and sees them) */
+	if (c->nseals && !(r->op == KVT_OP_APPEND && (r->flags & KVT_APPEND_PAGES)))
+		kvd_seal_flush(c);
 	switch (r->op) {
 	case KVT_OP_NOP:
 		kvd_complete(c, r->user_data, 0, 0, 0);
@@ -2102,6 +2271,11 @@ int kvd_engine_attach(struct kvd_client *c)
 
 void kvd_engine_detach(struct kvd_client *c)
 {
+	kvd_seal_flush(c); /* none queued outside a drain of the ring; made, not left */
+	kvt_free(c->seals);
+	kvt_free(c->seal_recs);
+	c->seals = NULL;
+	c->seal_recs = NULL;
 	kvd_pf_add(&c->d->pf_gone, &c->pf);
 	memset(&c->pf, 0, sizeof(c->pf));
 	if (c->busy) {
@@ -2196,7 +2370,7 @@ void kvd_engine_stop(struct kvd *d)
 		if (d->scr[i].p)
 			kvt_compute_free(d->cc, d->scr[i].p);
 	kvt_free(d->host_tmp);
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < 3; i++)
 		kvt_compute_host_free(d->cc, d->pin[i]);
 	struct kvd_zombie *z, *zt;
 	kvt_list_for_each_entry_safe(z, zt, &d->zombies, link)

@@ -510,32 +510,50 @@ static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t laye
 	PF_ADD(c, q, prefetch_gpu, 1);
 }
 
-void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t idx)
+void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n)
 {
 	struct kvd *d = c->d;
-	struct kvd_layer *L = &q->layer[layer];
 	const uint32_t H = c->layout.kv_heads;
-	/* a layer not decoding yet (a prefill) leases nothing: no step would read it soon */
-	if (kvd_fast_pos(c, q, layer, 0, idx) < 0 || c->dead || !L->fsteps)
+	if (c->dead)
 		return;
-	if (!L->lease && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
-		return;
-	/* the window selects it at the next step: leased now, in the map before the answer */
-	for (uint32_t h = 0; h < H; h++) {
-		L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
-		if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
-			lease_start(c, q, layer, h, idx, true, false);
-	}
-	const uint64_t t0 = kvd_now_ns();
-	for (uint32_t h = 0; h < H;) {
-		if (L->lease[(size_t)h * L->cap + idx] != LEASE_COMING) {
-			h++;
+	bool any = false;
+	for (uint32_t i = 0; i < n; i++) {
+		struct kvd_layer *L = &s[i].q->layer[s[i].layer];
+		const uint32_t idx = s[i].idx;
+		if (s[i].res < 0)
 			continue;
+		/* a layer not decoding yet (a prefill) leases nothing: no step would read it soon */
+		if (kvd_fast_pos(c, s[i].q, s[i].layer, 0, idx) < 0 || !L->fsteps)
+			continue;
+		if (!L->lease && kvd_fast_layer_grow(c, L, 0, L->cap) < 0)
+			continue;
+		/* the window selects it at the next step: leased now, in the map before the answer */
+		for (uint32_t h = 0; h < H; h++) {
+			L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
+			if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
+				lease_start(c, s[i].q, s[i].layer, h, idx, true, false);
 		}
-		if (kvd_now_ns() - t0 > (uint64_t)d->cfg.promote_timeout_ms * 1000000ull)
-			break; /* it comes later, into the map then */
-		kvt_store_run(d->store, 1);
+		any = true;
 	}
+	if (!any)
+		return;
+	/* every seal's copies under way at once: one wait for all of them */
+	const uint64_t t0 = kvd_now_ns();
+	for (uint32_t i = 0; i < n; i++) {
+		const struct kvd_layer *L = &s[i].q->layer[s[i].layer];
+		if (s[i].res < 0 || !L->lease || kvd_fast_pos(c, s[i].q, s[i].layer, 0, s[i].idx) < 0)
+			continue;
+		for (uint32_t h = 0; h < H;) {
+			if (L->lease[(size_t)h * L->cap + s[i].idx] != LEASE_COMING) {
+				h++;
+				continue;
+			}
+			if (kvd_now_ns() - t0 > (uint64_t)d->cfg.promote_timeout_ms * 1000000ull)
+				goto out; /* they come later, into the map then */
+			kvt_store_run(d->store, 1);
+		}
+	}
+out:
 	map_flush(c, false);
 }
 

@@ -87,6 +87,7 @@ struct kvd_layer {
 	int32_t *rec;     /* [kv_heads][cap] summary record of (head, page) */
 	uint8_t *fill;    /* [kv_heads][page_bytes] the page being filled */
 	uint32_t sealed_heads; /* of a pending seal: heads already put */
+	bool seal_queued;      /* its next page put, its summaries in the client's batch */
 	struct page_key *pinned; /* pins of the last selection */
 	uint32_t npinned, pincap;
 	/* the prefetcher's memory of this layer, [kv_heads][cap] like rec */
@@ -185,6 +186,22 @@ struct kvd_client {
 	bool attached, dead, kicked;
 	char why[160];
 	struct kvd_wait *busy; /* a request waiting for page moves */
+	/* pages put whose summaries are built together (engine.c kvd_seal_flush), and
+	 * the appends answered then; their records, [kv_heads] each */
+	struct kvd_seal {
+		struct kvd_seq *q;
+		uint32_t layer, idx;
+		const uint8_t *src; /* head h's page at src + h * stride */
+		size_t stride;
+		uint64_t ud; /* the append answered once sealed */
+		uint32_t accepted, ntok;
+		bool answer;
+		int res; /* once flushed: 0, or why it was not sealed */
+	} *seals;
+	int32_t *seal_recs;
+	uint32_t nseals;
+	uint64_t seal_batches, sealed; /* counters: flushes, seals made in them */
+	bool data_pinned; /* the data area is registered with the device (copies from it) */
 	/* its reads (engine.c): the fence it records behind them, the pins let go of
 	 * while they may still run, and whether they may (this request) */
 	struct kvt_fence *fence;
@@ -324,10 +341,10 @@ struct kvd {
 	struct kvd_scratch scr[SCR_MAX];
 	void *host_tmp;
 	size_t host_tmp_bytes;
-	void *pin[2]; /* pinned staging of a select's copies (engine.c) */
+	void *pin[3]; /* pinned staging of a select's copies, [2] a seal batch's (engine.c) */
 	/* where selects spend the daemon's time, ns in all (enum kvd_sel_phase) */
 	uint64_t sel_phase_ns[SEL_PHASES], sel_phase_n;
-	size_t pin_bytes[2];
+	size_t pin_bytes[3];
 	bool stopping;
 	/* counters */
 	uint64_t start_ns;
@@ -403,8 +420,13 @@ int kvd_metrics_address(struct kvd *d, char *buf, size_t len);
 /* engine.c */
 int kvd_engine_attach(struct kvd_client *c);
 void kvd_engine_detach(struct kvd_client *c);
-/* Runs one request (a copy out of the ring); completes it now or sets c->busy. */
+/* Runs one request (a copy out of the ring); completes it now, sets c->busy, or (an
+ * append of a whole page) queues its seal for kvd_seal_flush. */
 void kvd_engine_request(struct kvd_client *c, const struct kvt_sqe *sqe);
+/* The seals queued (c->nseals): their summaries built at once, their appends
+ * answered in order. 0, or the first error (the failed seals are retried by the
+ * layer's next append). Before anything else of the client runs. */
+int kvd_seal_flush(struct kvd_client *c);
 /* Retries pending work (promotions refused for lack of room, timeouts). */
 void kvd_engine_tick(struct kvd *d);
 void kvd_engine_stop(struct kvd *d);
@@ -442,8 +464,9 @@ int kvd_fast_layer_grow(struct kvd_client *c, struct kvd_layer *L, uint32_t old_
 			uint32_t new_cap);
 /* A sequence closing: its leases taken back (their slots wait for the client's reads). */
 void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q);
-/* A page of q just sealed: leased at once (the window selects it next). */
-void kvd_fast_sealed(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t idx);
+/* Pages just sealed (n seals): leased at once (the window selects them next), in the
+ * map before their appends are answered unless that takes promote_timeout_ms. */
+void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n);
 void kvd_fast_feedback(struct kvd_client *c, const struct kvt_sqe *r);
 /* Feedbacks now ready, map writes, leases whose reads have ended. */
 void kvd_fast_tick(struct kvd_client *c);

@@ -257,6 +257,9 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		return;
 	}
 	struct kvt_device *dev = kvt_store_device(d->store);
+	/* the seals of whole pages copy from the data area to the device: pinned, at the
+	 * copy engine's speed; without it (a failure is not fatal) through a staging copy */
+	c->data_pinned = dev->ops->host_register(dev, c->data, c->data_bytes) == 0;
 	struct kvt_welcome w = {
 		.size = sizeof(w),
 		.client_id = c->id,
@@ -440,6 +443,8 @@ void kvd_complete_flags(struct kvd_client *c, uint64_t user_data, int res, uint3
 	}
 }
 
+/* The requests in the ring, in order, until it is empty or one waits; the seals that
+ * appends of whole pages queued (engine.c) are made before it returns. */
 static void ring_drain(struct kvd_client *c)
 {
 	while (!c->dead && !c->busy) {
@@ -447,18 +452,19 @@ static void ring_drain(struct kvd_client *c)
 		if (tail - c->sq_head > c->sq_entries) {
 			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "request ring index corrupt (head %u tail %u, %u entries)",
 					c->sq_head, tail, c->sq_entries);
-			return;
+			break;
 		}
 		if (tail == c->sq_head)
-			return;
+			break;
 		uint32_t chead = kvt_load_acquire(&c->hdr->cq_head);
 		if (c->cq_tail - chead > c->cq_entries) {
 			kvd_client_kill(c, KVD_DISC_BAD_REQUEST, "completion ring index corrupt (head %u tail %u)", chead,
 					c->cq_tail);
-			return;
+			break;
 		}
-		if (c->cq_tail - chead == c->cq_entries)
-			return; /* the client has not read its completions: it waits for itself */
+		/* the appends whose answers wait for their seals hold their entries already */
+		if (c->cq_tail - chead + c->nseals >= c->cq_entries)
+			break; /* the client has not read its completions: it waits for itself */
 		/* The one copy out of shared memory; only the copy is used. */
 		struct kvt_sqe r;
 		memcpy(&r, &c->sqes[c->sq_head & (c->sq_entries - 1)], sizeof(r));
@@ -466,6 +472,7 @@ static void ring_drain(struct kvd_client *c)
 		c->requests++;
 		kvd_engine_request(c, &r);
 	}
+	kvd_seal_flush(c);
 }
 
 /* ---- event loop operations ---- */
@@ -587,6 +594,8 @@ static void client_free(struct kvd_client *c)
 		dev->ops->fence_destroy(dev, c->copy_fence);
 	if (c->attached)
 		c->tenant->clients--;
+	if (c->data_pinned)
+		dev->ops->host_unregister(dev, c->data);
 	if (c->ring)
 		munmap(c->ring, c->ring_bytes);
 	if (c->ring_fd >= 0)

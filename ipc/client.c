@@ -71,6 +71,7 @@ struct kvtier_client {
 	uint32_t batch_mark;   /* kvtier_append_batch_async's calls */
 	uint32_t *batch_pos;   /* [max_live] its rows and slots (kvt_put_rows' nseq) */
 	uint64_t *batch_slot;
+	struct live_seq **batch_full; /* [max_live] the sequences whose page it filled */
 	uint8_t *tail_host;
 	uint8_t *stage; /* pinned: one page per KV head, what an append sends to tail_dev */
 	bool data_pinned; /* the data area is registered with the device */
@@ -247,23 +248,43 @@ static int sq_room_wait(struct kvtier_client *c)
 	return 0;
 }
 
-/* One request, one completion; called with c->lock held. */
-static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
+/* The daemon told that requests are in the ring. 0, or -errno (the client is dead). */
+static int kick(struct kvtier_client *c)
+{
+	uint64_t one = 1;
+	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0) {
+		c->dead = true; /* requests are in the ring: the client cannot go on */
+		return -errno;
+	}
+	return 0;
+}
+
+/*
+ * A request into the ring (its user_data set), told to the daemon when tell: several
+ * submitted and then told once are read by the daemon in one go. Called with c->lock
+ * held; every request submitted is reaped (reap) in order before another call.
+ */
+static int submit(struct kvtier_client *c, struct kvt_sqe *r, bool tell)
 {
 	if (c->dead)
 		return -ECONNRESET;
-	int room = sq_room_wait(c);
-	if (room < 0)
-		return room;
+	if (c->sq_tail - kvt_load_acquire(&c->hdr->sq_head) >= c->w.sq_entries) {
+		int ret = kick(c); /* what is in the ring may be ours, not told yet */
+		if (ret < 0 || (ret = sq_room_wait(c)) < 0)
+			return ret;
+	}
 	r->user_data = ++c->next_ud;
 	memcpy(&c->sqes[c->sq_tail & (c->w.sq_entries - 1)], r, sizeof(*r));
 	/* The entry must be visible before the index that hands it over. */
 	kvt_store_release(&c->hdr->sq_tail, ++c->sq_tail);
-	uint64_t one = 1;
-	if (write(c->fds[KVT_FD_REQ], &one, sizeof(one)) < 0) {
-		c->dead = true; /* the request is in the ring: the client cannot go on */
-		return -errno;
-	}
+	return tell ? kick(c) : 0;
+}
+
+/* The completion of r, the oldest request submitted and not reaped. */
+static int reap(struct kvtier_client *c, const struct kvt_sqe *r, struct kvt_cqe *out)
+{
+	if (c->dead)
+		return -ECONNRESET;
 	int ret = wait_cqe(c);
 	if (ret < 0)
 		return ret;
@@ -274,6 +295,13 @@ static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
 		return -EPROTO;
 	}
 	return out->res;
+}
+
+/* One request, one completion; called with c->lock held. */
+static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
+{
+	int ret = submit(c, r, true);
+	return ret < 0 ? ret : reap(c, r, out);
 }
 
 /*
@@ -367,7 +395,9 @@ static int alloc_tails(struct kvtier_client *c)
 	c->live_of = malloc(c->w.max_seqs * sizeof(int32_t));
 	c->batch_pos = malloc(c->max_live * sizeof(*c->batch_pos));
 	c->batch_slot = malloc(c->max_live * sizeof(*c->batch_slot));
+	c->batch_full = malloc(c->max_live * sizeof(*c->batch_full));
 	if (!c->tail_host || !c->live || !c->live_of || !c->batch_pos || !c->batch_slot ||
+	    !c->batch_full ||
 	    kvt_compute_host_alloc(c->cc, (size_t)c->layout.kv_heads * c->w.slot_bytes,
 				   (void **)&c->stage) < 0)
 		return -ENOMEM;
@@ -588,6 +618,7 @@ void kvtier_detach(struct kvtier_client *c)
 	free(c->live_of);
 	free(c->batch_pos);
 	free(c->batch_slot);
+	free(c->batch_full);
 	free(c->tail_host);
 	pthread_mutex_destroy(&c->lock);
 	free(c);
@@ -841,11 +872,74 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
  * request that needs the daemon to have every token. On an error the tokens the daemon
  * did not take are dropped here too (the sequence ends where the daemon's does).
  */
+/*
+ * The pages that sequences filled in one layer, each all kept here (sent at the page's
+ * start), to the daemon as they are on the device (KVT_APPEND_PAGES): copied into the
+ * data area behind the appends on the stream, one wait, then their appends submitted
+ * together and reaped (the daemon seals them together). A sequence whose append fails
+ * loses that page's tokens, as in flush_layer; the others go on. 0 or the first error.
+ */
+static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq *const *ls,
+		       uint32_t n)
+{
+	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const size_t pg = (size_t)H * c->w.slot_bytes;
+	uint64_t g = c->req_bytes / pg;
+	if (g > c->w.sq_entries / 2)
+		g = c->w.sq_entries / 2;
+	if (g > c->w.cq_entries / 2)
+		g = c->w.cq_entries / 2;
+	if (!g)
+		return -EMSGSIZE;
+	struct kvt_sqe r[64];
+	if (g > 64)
+		g = 64;
+	int first = 0;
+	for (uint32_t i0 = 0; i0 < n; i0 += (uint32_t)g) {
+		const uint32_t m = n - i0 < g ? n - i0 : (uint32_t)g;
+		int ret = 0;
+		for (uint32_t j = 0; j < m && ret == 0; j++) {
+			const struct live_seq *l = ls[i0 + j];
+			const size_t s0 = tail_slot(c, (uint32_t)c->live_of[l->id], layer, 0) * c->w.slot_bytes;
+			ret = kvt_compute_copy_async(c->cc, c->data + j * pg, (uint8_t *)c->tail_dev + s0,
+						     pg, c->append_stream);
+		}
+		if (ret == 0)
+			ret = kvt_compute_sync(c->cc, c->append_stream);
+		uint32_t sub = 0;
+		for (uint32_t j = 0; j < m && ret == 0; j++) {
+			r[j] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES,
+						.seq = ls[i0 + j]->id, .layer = (uint16_t)layer,
+						.ntok = T, .off = {j * pg, c->w.slot_bytes}};
+			if ((ret = submit(c, &r[j], j + 1 == m)) == 0)
+				sub++;
+		}
+		if (sub < m && sub && !c->dead)
+			kick(c); /* those submitted are answered: they are reaped below */
+		for (uint32_t j = 0; j < m; j++) {
+			struct live_seq *l = ls[i0 + j];
+			struct kvt_cqe e = {0};
+			int rr = j < sub ? reap(c, &r[j], &e) : ret < 0 ? ret : -EIO;
+			uint32_t acc = rr == -ECONNRESET || rr == -EPROTO || j >= sub || e.aux[0] > T
+					       ? 0 : (uint32_t)e.aux[0];
+			if (rr >= 0 && acc < T)
+				rr = -EPROTO;
+			l->sent[layer] += acc;
+			l->ntok[layer] = l->sent[layer];
+			if (rr < 0 && first == 0)
+				first = rr;
+		}
+	}
+	return first;
+}
+
 static int flush_layer(struct kvtier_client *c, struct live_seq *l, uint32_t layer)
 {
 	const uint32_t n = l->ntok[layer] - l->sent[layer];
 	if (!n)
 		return 0;
+	if (n == c->layout.page_tokens && l->sent[layer] % n == 0)
+		return flush_pages(c, layer, &l, 1); /* a whole page: as it is on the device */
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t tok = c->row * H;
 	const uint64_t voff = ((uint64_t)n * tok + 63) & ~63ull;
@@ -1045,14 +1139,24 @@ int kvtier_append_batch_async(struct kvtier_client *c, const uint32_t *seqs, uin
 				      .pool = c->tail_dev, .slot_bytes = c->w.slot_bytes,
 				      .nseq = nseq, .seq_pos = c->batch_pos, .seq_slot0 = c->batch_slot};
 	if (ret == 0 && (ret = kvt_put_rows(c->cc, &a, stream)) == 0) {
-		/* queued: each sequence has its token; a page it fills goes to the daemon (one
-		 * that cannot loses that page's tokens, as kvtier_append_async; the others go on) */
+		/* queued: each sequence has its token; the pages filled go to the daemon
+		 * together (a sequence whose page cannot loses that page's tokens, as
+		 * kvtier_append_async; the others go on) */
+		uint32_t nfull = 0;
 		for (uint32_t i = 0; i < nseq; i++) {
 			struct live_seq *l = live_get(c, seqs[i]);
-			if (++l->ntok[layer] % T == 0) {
+			if (++l->ntok[layer] % T)
+				continue;
+			if (l->ntok[layer] - l->sent[layer] == T) {
+				c->batch_full[nfull++] = l;
+			} else {
 				int r = flush_layer(c, l, layer);
 				ret = ret < 0 ? ret : r;
 			}
+		}
+		if (nfull) {
+			int r = flush_pages(c, layer, c->batch_full, nfull);
+			ret = ret < 0 ? ret : r;
 		}
 	}
 	append_end(c, stream, t0);

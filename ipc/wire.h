@@ -232,7 +232,8 @@ enum kvt_op_code {
 	KVT_OP_SEQ_CREATE, /* -> res: the new sequence id */
 	KVT_OP_SEQ_CLOSE,  /* seq */
 	KVT_OP_SEQ_FORK,   /* seq: parent, ntok: prefix tokens -> res: the new id */
-	KVT_OP_APPEND,     /* seq, layer, ntok; off[0]: K, off[1]: V, each [ntok][kv_heads][D] */
+	KVT_OP_APPEND,     /* seq, layer, ntok; off[0]: K, off[1]: V, each [ntok][kv_heads][D];
+			    * with KVT_APPEND_PAGES (flags) a whole page instead (below) */
 	KVT_OP_SELECT,     /* layer, nseq; see struct kvt_sqe */
 	KVT_OP_SEQ_INFO,   /* seq -> res: tokens of layer `layer` */
 	KVT_OP_STATS,      /* seq (or KVT_SEQ_ALL: the client's) -> struct
@@ -275,6 +276,17 @@ enum kvt_select_flags {
 };
 
 /*
+ * APPEND of one whole page (flags): ntok is the page's tokens (page_tokens), the
+ * layer's tokens so far a multiple of them; off[0]: head 0's page in the pool's slot
+ * layout ([K: T rows][V: T rows]), head h's at off[0] + h * off[1] (off[1] >= the page's
+ * bytes). The daemon reads the data area until it answers: several such appends in a
+ * row are sealed (put, summarized) together, and answered in order once all are.
+ */
+enum kvt_append_flags {
+	KVT_APPEND_PAGES = 1u << 0,
+};
+
+/*
  * One request. SELECT: ntok carries the client's last attention time in microseconds
  * (0: none since the last select), for the stats; seqs u32[nseq] at off[0]; queries [nseq * kv_heads][group][D]
  * at off[1]; the answer at off[2]: int32 table[rows][out_stride] (pool slots), then
@@ -285,7 +297,7 @@ enum kvt_select_flags {
  */
 struct kvt_sqe {
 	uint8_t op;     /* enum kvt_op_code */
-	uint8_t flags;  /* enum kvt_select_flags */
+	uint8_t flags;  /* enum kvt_select_flags; APPEND: enum kvt_append_flags */
 	uint16_t layer;
 	uint32_t seq;   /* sequence id (or nseq for SELECT) */
 	uint64_t user_data;

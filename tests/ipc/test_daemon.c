@@ -830,13 +830,20 @@ static void test_malformed(void **state)
 		daemon_alive();
 	}
 	/* ring abuse by an attached client */
-	struct kvt_sqe cases[4] = {
+	struct kvt_sqe cases[] = {
 		{.op = KVT_OP_SELECT, .seq = 1, .layer = 0, .out_stride = 8, .off = {0, 64, 1ull << 40}},
 		{.op = KVT_OP_APPEND, .seq = 1u << 30, .layer = 0, .ntok = 1},
 		{.op = KVT_OP_APPEND, .seq = 0, .layer = 77, .ntok = 1},
+		{.op = KVT_OP_APPEND, .flags = 0x80, .seq = 0, .layer = 0, .ntok = 1},
+		/* whole pages: heads overlapping, past the data area, not a page of tokens */
+		{.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = 0, .ntok = T, .off = {0, 64}},
+		{.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = 0, .ntok = T,
+		 .off = {1ull << 40, 1ull << 20}},
+		{.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = 0, .ntok = 1,
+		 .off = {0, 1ull << 20}},
 		{.op = 200},
 	};
-	for (int i = 0; i < 4; i++) {
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
 		assert_true(raw_submit_hangs_up(&r, &cases[i], 1));
 		rel_raw_close(&r);
@@ -920,26 +927,28 @@ static void test_copy_order(void **state)
 /*
  * kvtier_append_batch_async: a batch's token per layer in one call, the sequences in a
  * new order each step, at other positions in their pages (one fills a page at every
- * step of T), on the fast path and without it (kvtier_append for each). Afterwards a
+ * step of T; two fill theirs at the same step, sent as they are on the device and sealed
+ * together, KVT_APPEND_PAGES), on the fast path and without it (kvtier_append for each). Afterwards a
  * step through the daemon finds the pages it selects (the window: the pages the batch
  * wrote) byte for byte and the tail in the output, and the daemon counts every token. A sequence named twice or not live: refused,
  * nothing appended (else the pages after it would be off by a token).
  */
+#define NB 4 /* sequences */
 static void test_append_batch(void **state)
 {
 	(void)state;
 	for (int fast = 1; fast >= 0; fast--) {
 		struct kvtier_client *c = fast ? attach_fast(4, 16 * T, 0) : attach(NULL);
-		struct seqdesc s[3] = {{.salt = 61u + 3u * (uint32_t)fast}, {.salt = 62u + 3u * (uint32_t)fast},
-				       {.salt = 63u + 3u * (uint32_t)fast}};
-		const uint32_t pre[3] = {5 * T - 5, 4 * T - 1, 4 * T};
-		for (int i = 0; i < 3; i++) {
+		struct seqdesc s[NB] = {{.salt = 61u + 4u * (uint32_t)fast}, {.salt = 62u + 4u * (uint32_t)fast},
+					{.salt = 63u + 4u * (uint32_t)fast}, {.salt = 64u + 4u * (uint32_t)fast}};
+		const uint32_t pre[NB] = {5 * T - 5, 4 * T - 1, 4 * T, 2 * T};
+		for (int i = 0; i < NB; i++) {
 			assert_int_equal(kvtier_seq_create(c, &s[i].id), 0);
 			append_tokens(c, &s[i], pre[i]);
 		}
 		const size_t row = (size_t)HEADS * D;
-		float *k = malloc(3 * row * 4), *v = malloc(3 * row * 4);
-		uint32_t ids[3] = {s[0].id, s[1].id, s[0].id};
+		float *k = malloc(NB * row * 4), *v = malloc(NB * row * 4);
+		uint32_t ids[NB] = {s[0].id, s[1].id, s[0].id};
 		assert_int_equal(kvtier_append_batch_async(c, ids, 3, 0, k, v, NULL), -EINVAL);
 		ids[2] = 1u << 30;
 		assert_int_equal(kvtier_append_batch_async(c, ids, 3, 0, k, v, NULL), -ENOENT);
@@ -947,8 +956,8 @@ static void test_append_batch(void **state)
 		assert_int_equal(kvtier_append_batch_async(c, ids, 0, 0, NULL, NULL, NULL), 0);
 		for (uint32_t st = 0; st < T + 3; st++) {
 			for (uint32_t l = 0; l < LAYERS; l++) {
-				for (uint32_t i = 0; i < 3; i++) {
-					struct seqdesc *b = &s[(i + st) % 3];
+				for (uint32_t i = 0; i < NB; i++) {
+					struct seqdesc *b = &s[(i + st) % NB];
 					ids[i] = b->id;
 					for (uint32_t h = 0; h < HEADS; h++)
 						for (uint32_t d = 0; d < D; d++) {
@@ -956,17 +965,17 @@ static void test_append_batch(void **state)
 							v[i * row + h * D + d] = kv_of(b, l, h, b->ntok, d, 1);
 						}
 				}
-				assert_int_equal(kvtier_append_batch_async(c, ids, 3, l, k, v, NULL), 0);
+				assert_int_equal(kvtier_append_batch_async(c, ids, NB, l, k, v, NULL), 0);
 			}
-			for (int i = 0; i < 3; i++)
+			for (int i = 0; i < NB; i++)
 				s[i].ntok++;
 		}
-		struct kvtier_table *tab = kvtier_table_create(c, 3);
+		struct kvtier_table *tab = kvtier_table_create(c, NB);
 		assert_non_null(tab);
 		/* one more token each, then the sinks, the window (the pages the batch wrote to)
 		 * and the pages the query picks, and the tail */
-		check(step(c, s, 3, 0, 16, tab) > 0);
-		for (int i = 0; i < 3; i++)
+		check(step(c, s, NB, 0, 16, tab) > 0);
+		for (int i = 0; i < NB; i++)
 			for (uint32_t l = 0; l < LAYERS; l++) {
 				uint32_t n = 0;
 				assert_int_equal(kvtier_seq_tokens(c, s[i].id, l, &n), 0);
@@ -974,17 +983,28 @@ static void test_append_batch(void **state)
 			}
 		if (fast) { /* a budget past the pages the fast path covers (16): all of them,
 			     * and the report within the daemon's bounds (the client stays) */
-			float *q = calloc((size_t)3 * HEADS * GROUP * D, 4);
+			float *q = calloc((size_t)NB * HEADS * GROUP * D, 4);
 			struct kvtier_select_params sp = {.budget_pages = 64, .sink_tokens = T,
 							  .window_tokens = T, .host_gap = -1};
-			uint32_t all[3] = {s[0].id, s[1].id, s[2].id};
-			assert_int_equal(kvtier_select_async(c, all, 3, 1, q, &sp, tab, NULL), 0);
+			uint32_t all[NB] = {s[0].id, s[1].id, s[2].id, s[3].id};
+			assert_int_equal(kvtier_select_async(c, all, NB, 1, q, &sp, tab, NULL), 0);
 			struct kvtier_table_view tv;
 			kvtier_table_view(tab, &tv);
 			for (uint32_t r = 0; r < tv.rows; r++)
 				check_eq(tv.n_pages[r], (int)(s[r / HEADS].ntok / T));
 			assert_int_equal(kvtier_nop(c), 0);
 			free(q);
+			/* the pages two sequences filled at one step, sealed in one batch (of
+			 * every layer's: one at least) */
+			char js[8192] = "";
+			assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+			const char *ps = strstr(js, "\"pages_sealed\":"), *sb = strstr(js, "\"seal_batches\":");
+			assert_non_null(ps);
+			assert_non_null(sb);
+			const unsigned long long sealed = strtoull(ps + 15, NULL, 10),
+						 batches = strtoull(sb + 15, NULL, 10);
+			print_message("pages sealed %llu in %llu batches\n", sealed, batches);
+			check(sealed > batches);
 		}
 		kvtier_table_destroy(tab);
 		free(k);
