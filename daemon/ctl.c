@@ -440,6 +440,8 @@ static void cmd_clients(struct req *r)
 		 * in: appends of whole pages in a row share one (engine.c kvd_seal_flush) */
 		kvt_json_u64(j, "pages_sealed", o->sealed);
 		kvt_json_u64(j, "seal_batches", o->seal_batches);
+		kvt_json_f64(j, "seal_batch_us_mean", o->seal_batches ? o->seal_ns / 1e3 / o->seal_batches : 0);
+		kvt_json_f64(j, "seal_lease_us_mean", o->seal_batches ? o->seal_lease_ns / 1e3 / o->seal_batches : 0);
 		/* pins let go of while its kernels may still read their pages: kept now, and
 		 * ever (engine.c, the client's reads) */
 		kvt_json_bool(j, "read_fence", o->fence != NULL);

@@ -584,6 +584,7 @@ int kvd_seal_flush(struct kvd_client *c)
 	if (!n)
 		return 0;
 	struct kvd *d = c->d;
+	const uint64_t t0 = kvd_now_ns();
 	const uint32_t H = c->layout.kv_heads, pb = c->page_bytes, m = n * H;
 	/* the pages, then int32 [m] slots, [m] records, [m] fast-path slots, [m] their
 	 * positions: the indices in one copy up */
@@ -654,13 +655,16 @@ int kvd_seal_flush(struct kvd_client *c)
 	c->seal_batches++;
 	c->sealed += done;
 	c->nseals = 0;
+	const uint64_t t1 = kvd_now_ns();
 	if (done)
 		kvd_fast_sealed(c, c->seals, n);
+	c->seal_lease_ns += kvd_now_ns() - t1;
 	for (uint32_t i = 0; i < n; i++) {
 		const struct kvd_seal *e = &c->seals[i];
 		if (e->answer)
 			kvd_complete(c, e->ud, e->res < 0 ? e->res : 0, e->accepted, e->ntok);
 	}
+	c->seal_ns += kvd_now_ns() - t0;
 	return first;
 }
 

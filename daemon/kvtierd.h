@@ -201,6 +201,7 @@ struct kvd_client {
 	int32_t *seal_recs;
 	uint32_t nseals;
 	uint64_t seal_batches, sealed; /* counters: flushes, seals made in them */
+	uint64_t seal_ns, seal_lease_ns; /* in kvd_seal_flush; of it leasing the pages */
 	bool data_pinned; /* the data area is registered with the device (copies from it) */
 	/* its reads (engine.c): the fence it records behind them, the pins let go of
 	 * while they may still run, and whether they may (this request) */

@@ -106,6 +106,9 @@ struct kvtier_client {
 	/* the fast path's calls, host time: append_async, select_async (staging, the
 	 * report posted, the kernels queued), attend_async */
 	uint64_t fast_n[3], fast_ns[5];
+	/* flush_pages: calls, pages, waiting for the stream (the copies behind what was
+	 * queued), for the daemon's answers */
+	uint64_t pf_n, pf_pages, pf_ns[2];
 };
 
 static uint64_t mono_ns(void)
@@ -573,6 +576,11 @@ void kvtier_detach(struct kvtier_client *c)
 			(c->fast_ns[1] + c->fast_ns[2] + c->fast_ns[3]) / 1e3 / n1, c->fast_ns[1] / 1e3 / n1,
 			c->fast_ns[2] / 1e3 / n1, c->fast_ns[3] / 1e3 / n1, c->fast_ns[4] / 1e3 / n2);
 	}
+	if (c->timing && c->pf_n)
+		fprintf(stderr, "libkvtier: %llu flushes of whole pages (%llu pages), per flush: the "
+				"stream waited for %.1f us, the daemon's answers %.1f us\n",
+			(unsigned long long)c->pf_n, (unsigned long long)c->pf_pages,
+			c->pf_ns[0] / 1e3 / c->pf_n, c->pf_ns[1] / 1e3 / c->pf_n);
 	bool queued = false;
 	for (uint32_t l = 0; c->layer_queued && l < c->layout.layers; l++)
 		queued |= c->layer_queued[l];
@@ -897,6 +905,7 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
 	int first = 0;
 	for (uint32_t i0 = 0; i0 < n; i0 += (uint32_t)g) {
 		const uint32_t m = n - i0 < g ? n - i0 : (uint32_t)g;
+		const uint64_t t0 = c->timing ? mono_ns() : 0;
 		int ret = 0;
 		for (uint32_t j = 0; j < m && ret == 0; j++) {
 			const struct live_seq *l = ls[i0 + j];
@@ -906,6 +915,7 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
 		}
 		if (ret == 0)
 			ret = kvt_compute_sync(c->cc, c->append_stream);
+		const uint64_t t1 = c->timing ? mono_ns() : 0;
 		uint32_t sub = 0;
 		for (uint32_t j = 0; j < m && ret == 0; j++) {
 			r[j] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES,
@@ -928,6 +938,12 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
 			l->ntok[layer] = l->sent[layer];
 			if (rr < 0 && first == 0)
 				first = rr;
+		}
+		if (c->timing) {
+			c->pf_n++;
+			c->pf_pages += m;
+			c->pf_ns[0] += t1 - t0;
+			c->pf_ns[1] += mono_ns() - t1;
 		}
 	}
 	return first;

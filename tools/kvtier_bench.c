@@ -1523,7 +1523,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	uint32_t nt = 0;
 	/* of the timed steps: in kvtier_append, kvtier_select; all layers queued (fast path);
 	 * those whose token fills a page (the daemon seals it: puts it, summarizes it) */
-	double t_app = 0, t_sel = 0, t_iss = 0, t_fill = 0;
+	double t_app = 0, t_sel = 0, t_iss = 0, t_fill = 0, t_fill_app = 0, t_fill_max = 0;
 	uint32_t n_fill = 0;
 	label(lb, sizeof(lb), r, M_KVTIER, "steps");
 	for (uint32_t s = 0; s < r->S && !ret; s++) {
@@ -1589,6 +1589,8 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		t_iss += ti - t0;
 		if ((r->N + s + 1) % r->T == 0) { /* every sequence's token fills its last page */
 			t_fill += t1 - t0;
+			t_fill_app += ta;
+			t_fill_max = t1 - t0 > t_fill_max ? t1 - t0 : t_fill_max;
 			n_fill++;
 		}
 		if ((ret = kvt_compute_download(g->cc, h_out, out, (size_t)r->L * qper * r->esz)) < 0 ||
@@ -1644,8 +1646,9 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	if (n_fill && n_fill < nt) {
 		const size_t len = strlen(res->extra);
 		snprintf(res->extra + len, sizeof(res->extra) - len,
-			 "; the %u steps whose token fills a page: mean %.3f ms, the others %.3f",
-			 n_fill, 1e3 * t_fill / n_fill, 1e3 * (sum - t_fill) / (nt - n_fill));
+			 "; the %u steps whose token fills a page: mean %.3f ms (max %.3f; appends %.3f), "
+			 "the others %.3f", n_fill, 1e3 * t_fill / n_fill, 1e3 * t_fill_max,
+			 1e3 * t_fill_app / n_fill, 1e3 * (sum - t_fill) / (nt - n_fill));
 	}
 	if (O.daemon_stats) { /* the daemon's own view of the run, through kvtierctl */
 		char cmd[5 * PATH_MAX + 160], c2[16];
