@@ -39,18 +39,6 @@ static void *scratch(struct kvd *d, enum kvd_scratch_id id, size_t bytes)
 	return s->p;
 }
 
-static void *host_tmp(struct kvd *d, size_t bytes)
-{
-	if (d->host_tmp_bytes >= bytes)
-		return d->host_tmp;
-	void *p = kvt_realloc(d->host_tmp, bytes);
-	if (!p)
-		return NULL;
-	d->host_tmp = p;
-	d->host_tmp_bytes = bytes;
-	return p;
-}
-
 /* Pinned host staging of the select's copies: [0] what goes up, [1] what comes back. */
 static void *pinned(struct kvd *d, int i, size_t bytes)
 {
@@ -100,14 +88,14 @@ static int rec_alloc(struct kvd_client *c, uint32_t n, int32_t *out)
 			return -ENOMEM;
 		}
 		c->sum_free = nf;
-		if (c->sum_used) {
-			size_t b = (size_t)c->sum_used * c->rec_bytes;
-			void *t = host_tmp(d, b);
-			if (!t || kvt_compute_download(d->cc, t, c->sum_pool, b) < 0 ||
-			    kvt_compute_upload(d->cc, np, t, b) < 0) {
-				kvt_compute_free(d->cc, np);
-				return -ENOMEM;
-			}
+		/* the records so far, device to device (through the host, a pool of 2^20 records
+		 * of 2 KiB held a decode step for a second, H100) */
+		if (c->sum_used &&
+		    (kvt_compute_copy_async(d->cc, np, c->sum_pool, (size_t)c->sum_used * c->rec_bytes,
+					    NULL) < 0 ||
+		     kvt_compute_sync(d->cc, NULL) < 0)) {
+			kvt_compute_free(d->cc, np);
+			return -ENOMEM;
 		}
 		if (c->sum_pool)
 			kvt_compute_free(d->cc, c->sum_pool);
@@ -2373,7 +2361,6 @@ void kvd_engine_stop(struct kvd *d)
 	for (int i = 0; i < SCR_MAX; i++)
 		if (d->scr[i].p)
 			kvt_compute_free(d->cc, d->scr[i].p);
-	kvt_free(d->host_tmp);
 	for (int i = 0; i < 3; i++)
 		kvt_compute_host_free(d->cc, d->pin[i]);
 	struct kvd_zombie *z, *zt;

@@ -340,8 +340,6 @@ struct kvd {
 		uint64_t opens, open_cut;  /* opens of a sequence with pages; pages found bad then */
 	} recovery;
 	struct kvd_scratch scr[SCR_MAX];
-	void *host_tmp;
-	size_t host_tmp_bytes;
 	void *pin[3]; /* pinned staging of a select's copies, [2] a seal batch's (engine.c) */
 	/* where selects spend the daemon's time, ns in all (enum kvd_sel_phase) */
 	uint64_t sel_phase_ns[SEL_PHASES], sel_phase_n;
