@@ -273,8 +273,9 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
  * k and v [nseq][kv_heads][head_dim] in device memory (row i: seqs[i]'s), queued on
  * stream as kvtier_append_async would queue each (one kernel for them all on the fast
  * path, as an engine's cache write with its slot mapping). Every sequence must be
- * known and named once: else -ENOENT or -EINVAL and nothing is appended. A page that a
- * token fills goes to the daemon; one that cannot (the daemon gone) loses that page's
+ * known and named once: else -ENOENT or -EINVAL and nothing is appended. The pages the
+ * tokens fill go to the daemon together, as they are on the device (one wait for the
+ * stream, one round trip: the daemon seals them in one batch); one that cannot (the daemon gone) loses that page's
  * tokens as kvtier_append_async would, the other sequences keep theirs, and the error
  * is returned. Without the fast path it is kvtier_append for each. 0 or -errno.
  */
