@@ -791,6 +791,33 @@ static bool raw_submit_hangs_up(struct rel_raw *r, const struct kvt_sqe *e, uint
 	return false;
 }
 
+/* n requests written into the ring and told once; their n completions, in order, into
+ * out (2 s at most): 0, or -ETIMEDOUT. */
+static int raw_calls(struct rel_raw *r, struct kvt_sqe *e, uint32_t n, struct kvt_cqe *out)
+{
+	struct kvt_ring_hdr *h = (struct kvt_ring_hdr *)r->ring;
+	struct kvt_sqe *sq = (struct kvt_sqe *)(r->ring + h->sqe_off);
+	struct kvt_cqe *cq = (struct kvt_cqe *)(r->ring + h->cqe_off);
+	static uint64_t ud;
+	for (uint32_t i = 0; i < n; i++) {
+		e[i].user_data = ++ud;
+		sq[(h->sq_tail + i) & (h->sq_entries - 1)] = e[i];
+	}
+	kvt_store_release(&h->sq_tail, h->sq_tail + n);
+	uint64_t one = 1;
+	if (write(r->fds[KVT_FD_REQ], &one, 8) != 8)
+		return -errno;
+	for (uint32_t i = 0; i < n; i++) {
+		const double t0 = now_s();
+		while (kvt_load_acquire(&h->cq_tail) == h->cq_head)
+			if (now_s() - t0 > 2.0)
+				return -ETIMEDOUT;
+		out[i] = cq[h->cq_head & (h->cq_entries - 1)];
+		kvt_store_release(&h->cq_head, h->cq_head + 1);
+	}
+	return 0;
+}
+
 static bool hung_up(int fd)
 {
 	char b[512];
@@ -864,6 +891,73 @@ static void test_malformed(void **state)
 	assert_int_equal(kvtier_seq_close(c, id), -ENOENT); /* a closed id: an error, no hang-up */
 	assert_int_equal(kvtier_nop(c), 0);
 	kvtier_detach(c);
+}
+
+/*
+ * Appends of whole pages (KVT_APPEND_PAGES) through the ring by hand: several in a row
+ * are answered in order, each with its page's tokens, and the daemon then holds the
+ * pages (SEQ_INFO: tokens and pages stored; their bytes: test_append_batch, whose full
+ * pages go this way). One onto a page still filling, or of a sequence that is not
+ * there: an error, and the client stays.
+ */
+static void test_append_pages(void **state)
+{
+	(void)state;
+	struct rel_raw r;
+	assert_int_equal(raw_attach(&r, KVT_WIRE_VERSION, D), 0);
+	uint8_t *data = r.ring + r.w.data_off;
+	struct kvt_sqe e[4];
+	struct kvt_cqe o[4];
+	/* two sequences: a page of tokens into each layer of the first, a partial one */
+	e[0] = (struct kvt_sqe){.op = KVT_OP_SEQ_CREATE};
+	e[1] = (struct kvt_sqe){.op = KVT_OP_SEQ_CREATE};
+	assert_int_equal(raw_calls(&r, e, 2, o), 0);
+	assert_true(o[0].res >= 0 && o[1].res >= 0);
+	const uint32_t a = (uint32_t)o[0].res, b = (uint32_t)o[1].res;
+	/* heads' pages at a stride past the page, as a tail pool's slots */
+	const uint64_t stride = PB + 4096, per = HEADS * stride;
+	for (uint32_t l = 0; l < LAYERS; l++)
+		for (uint32_t h = 0; h < HEADS; h++) {
+			float *pg = (float *)(data + l * per + h * stride);
+			for (uint32_t t = 0; t < T; t++)
+				for (uint32_t d = 0; d < D; d++) {
+					pg[t * D + d] = rel_kv(91, l, h, t, d, 0);
+					pg[(T + t) * D + d] = rel_kv(91, l, h, t, d, 1);
+				}
+		}
+	for (uint32_t l = 0; l < LAYERS; l++)
+		e[l] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = a,
+					.layer = (uint16_t)l, .ntok = T, .off = {l * per, stride}};
+	e[LAYERS] = (struct kvt_sqe){.op = KVT_OP_SEQ_INFO, .seq = a, .layer = 1};
+	assert_int_equal(raw_calls(&r, e, LAYERS + 1, o), 0);
+	for (uint32_t l = 0; l < LAYERS; l++) {
+		assert_int_equal(o[l].res, 0);
+		check_eq(o[l].user_data, e[l].user_data);
+		check_eq(o[l].aux[0], T);
+		check_eq(o[l].aux[1], T);
+	}
+	check_eq(o[LAYERS].res, T); /* tokens */
+	check_eq(o[LAYERS].aux[0], 1); /* pages stored */
+	/* onto b's page still filling (3 tokens in it): refused; a sequence not there */
+	float *kv = (float *)(data + 8 * per);
+	for (uint32_t i = 0; i < 3 * HEADS * D * 2; i++)
+		kv[i] = 1.0f;
+	e[0] = (struct kvt_sqe){.op = KVT_OP_APPEND, .seq = b, .layer = 0, .ntok = 3,
+				.off = {8 * per, 8 * per + 3 * HEADS * D * 4}};
+	e[1] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = b,
+				.layer = 0, .ntok = T, .off = {0, stride}};
+	e[2] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = 77,
+				.layer = 0, .ntok = T, .off = {0, stride}};
+	e[3] = (struct kvt_sqe){.op = KVT_OP_SEQ_INFO, .seq = b, .layer = 0};
+	assert_int_equal(raw_calls(&r, e, 4, o), 0);
+	assert_int_equal(o[0].res, 0);
+	check_eq(o[0].aux[0], 3);
+	assert_int_equal(o[1].res, -EINVAL);
+	assert_int_equal(o[2].res, -ENOENT);
+	check_eq(o[3].res, 3);
+	check_eq(o[3].aux[0], 0);
+	rel_raw_close(&r);
+	daemon_alive();
 }
 
 /*
@@ -1379,6 +1473,7 @@ int main(void)
 		cmocka_unit_test_setup(test_fast_wait, reset_globals),
 		cmocka_unit_test_setup(test_fast_waits_ahead, reset_globals),
 		cmocka_unit_test_setup(test_append_batch, reset_globals),
+		cmocka_unit_test_setup(test_append_pages, reset_globals),
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */
