@@ -875,12 +875,6 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
 }
 
 /*
- * The tokens kvtier_append_async kept of the page still filling of one layer go to the
- * daemon (from the device's copy of the page): when the page is full, and before any
- * request that needs the daemon to have every token. On an error the tokens the daemon
- * did not take are dropped here too (the sequence ends where the daemon's does).
- */
-/*
  * The pages that sequences filled in one layer, each all kept here (sent at the page's
  * start), to the daemon as they are on the device (KVT_APPEND_PAGES): copied into the
  * data area behind the appends on the stream, one wait, then their appends submitted
@@ -949,6 +943,12 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
 	return first;
 }
 
+/*
+ * The tokens kvtier_append_async kept of the page still filling of one layer go to the
+ * daemon (from the device's copy of the page): when the page is full, and before any
+ * request that needs the daemon to have every token. On an error the tokens the daemon
+ * did not take are dropped here too (the sequence ends where the daemon's does).
+ */
 static int flush_layer(struct kvtier_client *c, struct live_seq *l, uint32_t layer)
 {
 	const uint32_t n = l->ntok[layer] - l->sent[layer];
