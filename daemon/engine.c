@@ -511,17 +511,6 @@ static int seal_put(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, con
 	int ret = layer_reserve(c, L, idx + 1);
 	if (ret < 0)
 		return ret;
-	if (!c->seals) {
-		c->seals = kvt_malloc(SEAL_BATCH_MAX * sizeof(*c->seals));
-		c->seal_recs = kvt_malloc((size_t)SEAL_BATCH_MAX * H * sizeof(int32_t));
-		if (!c->seals || !c->seal_recs) {
-			kvt_free(c->seals);
-			kvt_free(c->seal_recs);
-			c->seals = NULL;
-			c->seal_recs = NULL;
-			return -ENOMEM;
-		}
-	}
 	for (uint32_t h = L->sealed_heads; h < H; h++) {
 		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)layer,
 				     .kv_head = (uint16_t)h, .seq = q->own->sseq, .index = idx};
@@ -553,17 +542,25 @@ static int seal_put(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, con
 	return 0;
 }
 
-/* A queued seal that did not finish: the layer as after a seal whose puts were made
- * (flush_pending builds its summaries again, from the layer's fill buffer). */
+/* A page of whole-page append (head h at src + h * stride) into the layer's fill
+ * buffer, which do_append_pages made sure of: a seal of it that failed is made again
+ * from there by flush_pending. */
+static void keep_in_fill(const struct kvd_client *c, struct kvd_layer *L, const uint8_t *src,
+			 size_t stride)
+{
+	const uint32_t pb = c->page_bytes;
+	if (src != L->fill)
+		for (uint32_t h = 0; h < c->layout.kv_heads; h++)
+			memcpy(L->fill + (size_t)h * pb, src + h * stride, pb);
+}
+
+/* A queued seal that did not finish: the layer as after a seal whose puts were made. */
 static void seal_undo(struct kvd_client *c, const struct kvd_seal *e, const int32_t *recs)
 {
 	struct kvd_layer *L = &e->q->layer[e->layer];
-	const uint32_t H = c->layout.kv_heads, pb = c->page_bytes;
-	rec_release(c, recs, H);
+	rec_release(c, recs, c->layout.kv_heads);
 	L->seal_queued = false;
-	if (e->src != L->fill) /* fill exists: do_append_pages made sure */
-		for (uint32_t h = 0; h < H; h++)
-			memcpy(L->fill + (size_t)h * pb, e->src + h * e->stride, pb);
+	keep_in_fill(c, L, e->src, e->stride);
 }
 
 int kvd_seal_flush(struct kvd_client *c)
@@ -736,8 +733,7 @@ static void do_append_pages(struct kvd_client *c, const struct kvt_sqe *r)
 	L->ntok += T;
 	c->tokens += T;
 	if ((ret = seal_put(c, q, r->layer, src, stride)) < 0) {
-		for (uint32_t h = 0; h < H; h++) /* its retry puts the other heads from here */
-			memcpy(L->fill + (size_t)h * pb, src + h * stride, pb);
+		keep_in_fill(c, L, src, stride); /* its retry puts the other heads from there */
 		answer(c, r->user_data, ret, T, L->ntok);
 		return;
 	}
@@ -2258,7 +2254,9 @@ int kvd_engine_attach(struct kvd_client *c)
 {
 	c->rec_bytes = kvt_summary_record_bytes(&c->geom);
 	c->seqs = kvt_calloc(c->d->cfg.max_seqs, sizeof(*c->seqs));
-	return c->seqs ? 0 : -ENOMEM;
+	c->seals = kvt_malloc(SEAL_BATCH_MAX * sizeof(*c->seals));
+	c->seal_recs = kvt_malloc((size_t)SEAL_BATCH_MAX * c->layout.kv_heads * sizeof(int32_t));
+	return c->seqs && c->seals && c->seal_recs ? 0 : -ENOMEM; /* detach frees them */
 }
 
 void kvd_engine_detach(struct kvd_client *c)

@@ -307,7 +307,6 @@ enum kvd_scratch_id {
 	SCR_PAGES,
 	SCR_SLOTS,
 	SCR_RECS,
-	SCR_FAST, /* a seal's fast-path record positions */
 	SCR_MAX
 };
 
