@@ -256,25 +256,16 @@ int kvd_fast_layer_grow(struct kvd_client *c, struct kvd_layer *L, uint32_t old_
 	if (!c->fast.ptr)
 		return 0;
 	const uint32_t H = c->layout.kv_heads;
-	int32_t *lease = kvt_malloc((size_t)H * new_cap * sizeof(int32_t));
-	uint32_t *at = kvt_calloc((size_t)H * new_cap, sizeof(uint32_t));
-	if (!lease || !at) {
-		kvt_free(lease);
-		kvt_free(at);
+	struct kvd_lease *lease = kvt_malloc((size_t)H * new_cap * sizeof(*lease));
+	if (!lease)
 		return -ENOMEM;
-	}
 	for (size_t i = 0; i < (size_t)H * new_cap; i++)
-		lease[i] = LEASE_NONE;
-	for (uint32_t h = 0; h < H && old_cap && L->lease; h++) {
+		lease[i] = (struct kvd_lease){LEASE_NONE, 0};
+	for (uint32_t h = 0; h < H && old_cap && L->lease; h++)
 		memcpy(lease + (size_t)h * new_cap, L->lease + (size_t)h * old_cap,
-		       old_cap * sizeof(int32_t));
-		memcpy(at + (size_t)h * new_cap, L->lease_at + (size_t)h * old_cap,
-		       old_cap * sizeof(uint32_t));
-	}
+		       old_cap * sizeof(*lease));
 	kvt_free(L->lease);
-	kvt_free(L->lease_at);
 	L->lease = lease;
-	L->lease_at = at;
 	return 0;
 }
 
@@ -286,7 +277,7 @@ void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q)
 		bool any = false;
 		for (uint32_t j = 0; j < L->nleased; j++) {
 			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
-			int32_t *ls = &L->lease[(size_t)h * L->cap + p];
+			int32_t *ls = &L->lease[(size_t)h * L->cap + p].slot;
 			struct page_key k = kvd_page_key(c, q, l, h, p);
 			if (*ls == LEASE_COMING) {
 				kvt_store_unpin(d->store, &k); /* never in the map */
@@ -300,10 +291,8 @@ void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q)
 		if (any)
 			map_flush(c, true);
 		kvt_free(L->lease);
-		kvt_free(L->lease_at);
 		kvt_free(L->leased);
 		L->lease = NULL;
-		L->lease_at = NULL;
 		L->leased = NULL;
 		L->leasecap = 0;
 	}
@@ -337,10 +326,10 @@ static void grant(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint3
 		/* not in the map: the client cannot see it, so it is no lease */
 		struct page_key k = kvd_page_key(c, q, layer, h, p);
 		kvt_store_unpin(c->d->store, &k);
-		L->lease[(size_t)h * L->cap + p] = LEASE_NONE;
+		L->lease[(size_t)h * L->cap + p].slot = LEASE_NONE;
 		return;
 	}
-	L->lease[(size_t)h * L->cap + p] = slot;
+	L->lease[(size_t)h * L->cap + p].slot = slot;
 	c->fast_grants++;
 }
 
@@ -348,7 +337,7 @@ static void grant(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint3
 static void promoted(struct kvd_client *c, struct kvd_seq *q, const struct lease_cb *a, int res)
 {
 	struct kvd_layer *L = &q->layer[a->layer];
-	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p];
+	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p].slot;
 	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
 	struct kvt_page_info pi;
 	if (*ls < 0 || !(*ls & KVT_SLOT_HOST))
@@ -389,7 +378,7 @@ static void lease_cb_fn(void *arg, int res)
 		return;
 	}
 	struct kvd_layer *L = &q->layer[a->layer];
-	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p];
+	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p].slot;
 	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
 	struct kvt_page_info pi;
 	if (*ls != LEASE_COMING) {
@@ -457,7 +446,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	const int32_t slot = lease_slot(&pi);
 	if (slot >= 0) {
 		grant(c, q, layer, h, p, slot);
-		if ((slot & KVT_SLOT_HOST) && L->lease[(size_t)h * L->cap + p] == slot)
+		if ((slot & KVT_SLOT_HOST) && L->lease[(size_t)h * L->cap + p].slot == slot)
 			lease_promote(c, q, layer, h, p); /* read in place until it is there */
 		return;
 	}
@@ -468,7 +457,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
 				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
 				       .waited = waited};
-		L->lease[(size_t)h * L->cap + p] = LEASE_COMING;
+		L->lease[(size_t)h * L->cap + p].slot = LEASE_COMING;
 		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
 		c->fast_reading += ret == 0;
 		if (ret == 0 && waited) /* ahead of the reads no one waits for */
@@ -477,7 +466,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	if (ret < 0) {
 		kvt_free(a);
 		kvt_store_unpin(d->store, &k);
-		L->lease[(size_t)h * L->cap + p] = LEASE_NONE;
+		L->lease[(size_t)h * L->cap + p].slot = LEASE_NONE;
 		L->nleased--;
 		PF_ADD(c, q, prefetch_refused, 1);
 		c->fast_refused++;
@@ -505,7 +494,7 @@ static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t laye
 		PF_ADD(c, q, prefetch_refused, 1);
 		return;
 	}
-	L->lease[(size_t)h * L->cap + p] |= LEASE_PROMOTING;
+	L->lease[(size_t)h * L->cap + p].slot |= LEASE_PROMOTING;
 	c->fast_promoting++;
 	PF_ADD(c, q, prefetch_gpu, 1);
 }
@@ -529,8 +518,8 @@ void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n)
 			continue;
 		/* the window selects it at the next step: leased now, in the map before the answer */
 		for (uint32_t h = 0; h < H; h++) {
-			L->lease_at[(size_t)h * L->cap + idx] = L->fsteps;
-			if (L->lease[(size_t)h * L->cap + idx] == LEASE_NONE)
+			L->lease[(size_t)h * L->cap + idx].at = L->fsteps;
+			if (L->lease[(size_t)h * L->cap + idx].slot == LEASE_NONE)
 				lease_start(c, s[i].q, s[i].layer, h, idx, true, false);
 		}
 		any = true;
@@ -544,7 +533,7 @@ void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n)
 		if (s[i].res < 0 || !L->lease || kvd_fast_pos(c, s[i].q, s[i].layer, 0, s[i].idx) < 0)
 			continue;
 		for (uint32_t h = 0; h < H;) {
-			if (L->lease[(size_t)h * L->cap + s[i].idx] != LEASE_COMING) {
+			if (L->lease[(size_t)h * L->cap + s[i].idx].slot != LEASE_COMING) {
 				h++;
 				continue;
 			}
@@ -564,9 +553,9 @@ static void lease_wait_start(struct kvd_client *c, struct kvd_seq *q, uint32_t l
 {
 	struct kvd_layer *L = &q->layer[layer];
 	const size_t at = (size_t)h * L->cap + p;
-	if (L->lease[at] == LEASE_NONE) {
+	if (L->lease[at].slot == LEASE_NONE) {
 		lease_start(c, q, layer, h, p, true, true);
-	} else if (L->lease[at] == LEASE_COMING) { /* a read started earlier */
+	} else if (L->lease[at].slot == LEASE_COMING) { /* a read started earlier */
 		struct page_key k = kvd_page_key(c, q, layer, h, p);
 		kvt_store_hurry(c->d->store, &k);
 	}
@@ -633,10 +622,11 @@ static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const ui
 					continue;
 				a.waited++;
 				const size_t at = (size_t)h * L->cap + (uint32_t)p;
-				if (L->lease[at] == LEASE_NONE) /* kept by sweeps of reports before this one */
-					L->lease_at[at] = L->fsteps + LEASE_AHEAD;
+				/* kept by sweeps of reports before this one */
+				if (L->lease[at].slot == LEASE_NONE)
+					L->lease[at].at = L->fsteps + LEASE_AHEAD;
 				lease_wait_start(c, q, layer, h, (uint32_t)p);
-				if (L->lease[at] != LEASE_COMING && L->lease[at] != LEASE_NONE)
+				if (L->lease[at].slot != LEASE_COMING && L->lease[at].slot != LEASE_NONE)
 					continue; /* in the map */
 				if (a.n == cap) {
 					const uint32_t nc = cap ? 2 * cap : 16;
@@ -688,7 +678,8 @@ static void acks_tick(struct kvd_client *c)
 			const struct kvd_ack_page *g = &a->pg[j];
 			struct kvd_seq *q = kvd_seq_get(c, g->seq);
 			struct kvd_layer *L = q && q->gen == g->gen ? &q->layer[g->layer] : NULL;
-			const int32_t *ls = L && L->lease ? &L->lease[(size_t)g->h * L->cap + g->p] : NULL;
+			const int32_t *ls =
+				L && L->lease ? &L->lease[(size_t)g->h * L->cap + g->p].slot : NULL;
 			if (ls && *ls == LEASE_NONE && g->p < L->stored)
 				lease_wait_start(c, q, g->layer, g->h, g->p);
 			if (ls && (*ls == LEASE_COMING || *ls == LEASE_NONE))
@@ -801,13 +792,13 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
-				size_t at = (size_t)h * L->cap + (uint32_t)p;
-				c->fast_fresh += L->lease_at[at] + 1 != step;
-				L->lease_at[at] = step;
-				const int32_t ls = L->lease[at];
-				if (ls == LEASE_NONE)
+				struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + (uint32_t)p];
+				c->fast_fresh += ls->at + 1 != step;
+				ls->at = step;
+				if (ls->slot == LEASE_NONE)
 					lease_start(c, q, layer, h, (uint32_t)p, matters, false);
-				else if (ls >= 0 && (ls & KVT_SLOT_HOST) && !(ls & LEASE_PROMOTING))
+				else if (ls->slot >= 0 && (ls->slot & KVT_SLOT_HOST) &&
+					 !(ls->slot & LEASE_PROMOTING))
 					lease_promote(c, q, layer, h, (uint32_t)p);
 			}
 			waited = waited > n - nh ? n - nh : waited;
@@ -825,13 +816,13 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f)
 		c->fast_pressured += c->fast_pressure;
 		for (uint32_t j = 0; j < L->nleased;) {
 			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
-			size_t at = (size_t)h * L->cap + p;
-			if (L->lease[at] >= 0 && (int32_t)(step - L->lease_at[at]) >= (int32_t)keep) {
+			struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + p];
+			if (ls->slot >= 0 && (int32_t)(step - ls->at) >= (int32_t)keep) {
 				struct page_key k = kvd_page_key(c, q, layer, h, p);
 				lease_revoke(c, kvd_fast_pos(c, q, layer, h, p), &k);
-				L->lease[at] = LEASE_NONE;
+				ls->slot = LEASE_NONE;
 			}
-			if (L->lease[at] == LEASE_NONE)
+			if (ls->slot == LEASE_NONE)
 				L->leased[j] = L->leased[--L->nleased];
 			else
 				j++;

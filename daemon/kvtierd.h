@@ -98,10 +98,13 @@ struct kvd_layer {
 	uint32_t *pf_step; /* the selection after which a prefetch of it started (0: none) */
 	uint32_t steps;    /* selections of this layer so far */
 	/* the fast path (fast.c), [kv_heads][cap] like rec: the slot leased to the client
-	 * (-1: none, -2: on its way), and the feedback that last selected the page; the
-	 * leases as (head << 24 | page); feedbacks of this layer so far */
-	int32_t *lease;
-	uint32_t *lease_at;
+	 * (-1: none, -2: on its way) and the feedback that last selected the page, side by
+	 * side (a report reads and writes both for each page it names); the leases as
+	 * (head << 24 | page); feedbacks of this layer so far */
+	struct kvd_lease {
+		int32_t slot;
+		uint32_t at;
+	} *lease;
 	uint32_t *leased;
 	uint32_t nleased, leasecap;
 	uint32_t fsteps;
