@@ -442,6 +442,11 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "seal_batches", o->seal_batches);
 		kvt_json_f64(j, "seal_batch_us_mean", o->seal_batches ? o->seal_ns / 1e3 / o->seal_batches : 0);
 		kvt_json_f64(j, "seal_lease_us_mean", o->seal_batches ? o->seal_lease_ns / 1e3 / o->seal_batches : 0);
+		/* appends of whole pages: the store's puts of one; from the ring to its answer */
+		kvt_json_u64(j, "page_appends", o->page_appends);
+		kvt_json_f64(j, "page_put_us_mean", o->page_appends ? o->page_put_ns / 1e3 / o->page_appends : 0);
+		kvt_json_f64(j, "page_answer_us_mean",
+			     o->page_appends ? o->page_answer_ns / 1e3 / o->page_appends : 0);
 		/* pins let go of while its kernels may still read their pages: kept now, and
 		 * ever (engine.c, the client's reads) */
 		kvt_json_bool(j, "read_fence", o->fence != NULL);

@@ -644,10 +644,14 @@ int kvd_seal_flush(struct kvd_client *c)
 	if (done)
 		kvd_fast_sealed(c, c->seals, n);
 	c->seal_lease_ns += kvd_now_ns() - t1;
+	const uint64_t t2 = kvd_now_ns();
 	for (uint32_t i = 0; i < n; i++) {
 		const struct kvd_seal *e = &c->seals[i];
-		if (e->answer)
-			kvd_complete(c, e->ud, e->res < 0 ? e->res : 0, e->accepted, e->ntok);
+		if (!e->answer)
+			continue;
+		kvd_complete(c, e->ud, e->res < 0 ? e->res : 0, e->accepted, e->ntok);
+		c->page_appends++;
+		c->page_answer_ns += t2 - e->t_in;
 	}
 	c->seal_ns += kvd_now_ns() - t0;
 	return first;
@@ -695,6 +699,7 @@ static void answer(struct kvd_client *c, uint64_t ud, int res, uint64_t aux0, ui
 static void do_append_pages(struct kvd_client *c, const struct kvt_sqe *r)
 {
 	struct kvd *d = c->d;
+	const uint64_t t_in = kvd_now_ns();
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens, pb = c->page_bytes;
 	const uint64_t stride = r->off[1];
 	if (r->flags != KVT_APPEND_PAGES || r->seq >= d->cfg.max_seqs ||
@@ -732,7 +737,10 @@ static void do_append_pages(struct kvd_client *c, const struct kvt_sqe *r)
 	const uint8_t *src = c->data + r->off[0];
 	L->ntok += T;
 	c->tokens += T;
-	if ((ret = seal_put(c, q, r->layer, src, stride)) < 0) {
+	const uint64_t t_put = kvd_now_ns();
+	if ((ret = seal_put(c, q, r->layer, src, stride)) == 0)
+		c->page_put_ns += kvd_now_ns() - t_put; /* of the appends answered once sealed */
+	if (ret < 0) {
 		keep_in_fill(c, L, src, stride); /* its retry puts the other heads from there */
 		answer(c, r->user_data, ret, T, L->ntok);
 		return;
@@ -742,6 +750,7 @@ static void do_append_pages(struct kvd_client *c, const struct kvt_sqe *r)
 	e->accepted = T;
 	e->ntok = L->ntok;
 	e->answer = true;
+	e->t_in = t_in;
 	if (c->nseals == SEAL_BATCH_MAX)
 		kvd_seal_flush(c);
 }

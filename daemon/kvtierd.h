@@ -200,11 +200,15 @@ struct kvd_client {
 		uint32_t accepted, ntok;
 		bool answer;
 		int res; /* once flushed: 0, or why it was not sealed */
+		uint64_t t_in; /* when its append was read out of the ring */
 	} *seals;
 	int32_t *seal_recs;
 	uint32_t nseals;
 	uint64_t seal_batches, sealed; /* counters: flushes, seals made in them */
 	uint64_t seal_ns, seal_lease_ns; /* in kvd_seal_flush; of it leasing the pages */
+	/* appends of whole pages (KVT_APPEND_PAGES): their puts (the store's copies of the
+	 * page, summed), and from each one read out of the ring to its answer */
+	uint64_t page_appends, page_put_ns, page_answer_ns;
 	bool data_pinned; /* the data area is registered with the device (copies from it) */
 	/* its reads (engine.c): the fence it records behind them, the pins let go of
 	 * while they may still run, and whether they may (this request) */

@@ -956,6 +956,14 @@ static void test_append_pages(void **state)
 	assert_int_equal(o[2].res, -ENOENT);
 	check_eq(o[3].res, 3);
 	check_eq(o[3].aux[0], 0);
+	/* counted: the appends answered once sealed (not the refused), and their time */
+	char js[8192] = "";
+	assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+	const char *at = strstr(js, "\"page_appends\":");
+	assert_non_null(at);
+	check_eq(strtoull(at + 15, NULL, 10), LAYERS);
+	assert_non_null(at = strstr(js, "\"page_answer_us_mean\":"));
+	assert_true(strtod(at + 22, NULL) > 0);
 	rel_raw_close(&r);
 	daemon_alive();
 }
