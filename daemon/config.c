@@ -70,6 +70,10 @@ static const struct opt opts[] = {
 	 "the rest of queue_depth is kept for reads a client waits for"},
 	{"store.disk_full", OPT_STR, F(disk_full), 0, 0, false,
 	 "refuse (appends fail with ENOSPC) or evict (drop the coldest sequences)"},
+	{"store.write_policy", OPT_STR, F(write_policy), 0, 0, false,
+	 "through (a page goes to disk when it is sealed) or back (when the host tier needs "
+	 "its room: the disk need hold only what host RAM does not; pages only in RAM are "
+	 "written at a clean exit, lost if the daemon dies)"},
 	{"store.durable", OPT_BOOL, F(durable), 0, 1, false, "write-backs with RWF_DSYNC"},
 	{"store.fault_inject", OPT_STR, F(fault_inject), 0, 0, false,
 	 "testing only: disk faults to inject, e.g. read_eio=0.01,write_hang=@5 (tiers/tier_fault.h)"},
@@ -149,6 +153,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->data_bytes_max = 256 * MiB;
 	snprintf(c->device, sizeof(c->device), "auto");
 	snprintf(c->disk_full, sizeof(c->disk_full), "refuse");
+	snprintf(c->write_policy, sizeof(c->write_policy), "through");
 	c->page_bytes = 32 * KiB;
 	c->queue_depth = 64;
 	snprintf(c->metrics_listen, sizeof(c->metrics_listen), "127.0.0.1:9477");

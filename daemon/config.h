@@ -38,6 +38,7 @@ struct kvt_config {
 	uint32_t queue_depth;
 	uint32_t background_depth;
 	char disk_full[16]; /* "refuse" | "evict" */
+	char write_policy[16]; /* "through" | "back" */
 	bool durable;
 	char fault_inject[256]; /* tier_fault.h's spec; "" off */
 	/* tenants: every tenant gets arenas of these sizes, and a disk quota */

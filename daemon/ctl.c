@@ -745,6 +745,8 @@ static void cmd_stats(struct req *r)
 	kvt_json_u64(j, "puts", st.puts);
 	kvt_json_u64(j, "appends", st.appends);
 	kvt_json_u64(j, "writebacks", st.writebacks);
+	kvt_json_str(j, "write_policy", d->cfg.write_policy);
+	kvt_json_u64(j, "writes_for_room", st.writes_for_room);
 	kvt_json_u64(j, "drops", st.drops);
 	kvt_json_u64(j, "pages_dropped", st.pages_dropped);
 	kvt_json_u64(j, "enospc_refused", st.enospc_refused);

@@ -61,6 +61,8 @@ int kvd_start(struct kvd *d)
 		.background_depth = d->cfg.background_depth,
 		.disk_full = strcmp(d->cfg.disk_full, "evict") ? KVT_DISKFULL_REFUSE
 							      : KVT_DISKFULL_EVICT_SEQ,
+		.write_policy = strcmp(d->cfg.write_policy, "back") ? KVT_WRITE_THROUGH
+								    : KVT_WRITE_BACK,
 		.durable = d->cfg.durable,
 		.faults = d->cfg.fault_inject,
 	};

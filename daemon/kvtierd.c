@@ -193,6 +193,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kvtierd: store.disk_full: refuse or evict\n");
 		return 2;
 	}
+	if (strcmp(d->cfg.write_policy, "through") && strcmp(d->cfg.write_policy, "back")) {
+		fprintf(stderr, "kvtierd: store.write_policy: through or back\n");
+		return 2;
+	}
 	kvt_log_set_level((enum kvt_log_level)d->cfg.log_level);
 
 	int ret = mkdirs(d->cfg.state_dir, 0700);

@@ -14,6 +14,7 @@
 #define QUEUE_FLUSH  512
 #define MAX_WB_TRIES 3
 #define EVICT_SCAN   64
+#define WB_SCAN      256 /* KVT_WRITE_BACK: host pages looked at per search for cold ones */
 
 struct waiter {
 	struct waiter *next;
@@ -161,6 +162,7 @@ struct kvt_store {
 	uint64_t epoch;
 	uint64_t clock;
 	uint64_t now_ms; /* monotonic, read once per run: page ages need no finer clock */
+	uint64_t wm_next_ms[2]; /* a watermark pass that fell short is tried again from then */
 	float score_ema;
 	struct kvt_store_stats st;
 };
@@ -397,8 +399,11 @@ static void lru_touch(struct kvt_store *s, struct page *pg, enum tier_id t)
 	kvt_list_add(&s->lru[t], &pg->lru[t]);
 }
 
-static bool evictable(const struct page *pg, enum tier_id t)
+static bool evictable(const struct kvt_store *s, const struct page *pg, enum tier_id t)
 {
+	/* write-back: a dirty page's host copy is its copy to write from, kept */
+	if (t == TIER_HOST && s->p.write_policy == KVT_WRITE_BACK && !(pg->valid & B(TIER_NVME)))
+		return false;
 	return (pg->valid & B(t)) && !pg->pins && !pg->readers[t] && !pg->dropped &&
 	       (pg->valid & ~B(t)) && !(pg->busy & B(t));
 }
@@ -440,7 +445,7 @@ static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason
 	for (int scanned = 0; pos != &s->lru[t] && scanned < EVICT_SCAN; scanned++) {
 		struct page *pg = kvt_container_of(pos, struct page, lru[t]);
 		pos = pos->prev;
-		if (!evictable(pg, t))
+		if (!evictable(s, pg, t))
 			continue;
 		if (pg->score > s->score_ema) {
 			pg->score = s->score_ema;
@@ -703,6 +708,45 @@ static void progress(struct kvt_store *s, struct page *pg)
 	}
 }
 
+#define TENANT_ANY UINT32_MAX
+
+/*
+ * KVT_WRITE_BACK: starts writing the host tier's coldest dirty pages (tenant's, or
+ * anyone's with TENANT_ANY) until `need` are on their way to disk, those already on it
+ * counted; once written they are clean copies that evict_one may take. Returns how
+ * many are on their way (0: none could start, the disk is full).
+ */
+static unsigned write_cold(struct kvt_store *s, uint32_t tenant, uint64_t need)
+{
+	const unsigned cap = 2 * s->p.writeback_max;
+	unsigned going = 0;
+	struct kvt_list *pos = s->lru[TIER_HOST].prev;
+	for (int n = 0; pos != &s->lru[TIER_HOST] && n < WB_SCAN && going < need && going < cap;
+	     n++) {
+		struct page *pg = kvt_container_of(pos, struct page, lru[TIER_HOST]);
+		pos = pos->prev;
+		if (pg->state != KVT_PAGE_DIRTY || pg->dropped ||
+		    (tenant != TENANT_ANY && pg->key.tenant != tenant))
+			continue;
+		if (pg->want & B(TIER_NVME)) {
+			going++;
+			continue;
+		}
+		if (pg->slot[TIER_NVME] == TIER_SLOT_NONE) {
+			if (slot_get(s, TIER_NVME, pg->key.tenant, &pg->slot[TIER_NVME]) < 0) {
+				pg->slot[TIER_NVME] = TIER_SLOT_NONE;
+				break;
+			}
+			pg->wb_tries = 0;
+		}
+		pg->want |= B(TIER_NVME);
+		s->st.writes_for_room++;
+		going++;
+		progress(s, pg);
+	}
+	return going;
+}
+
 /*
  * The copies into the GPU of a submit: once the device has them, their pages are
  * "queued" there (slot[] their destination): kvt_store_promote_queued's waiters go.
@@ -894,6 +938,30 @@ static bool evict_cold_seq(struct kvt_store *s, uint32_t tenant, uint64_t keep)
 	return true;
 }
 
+/*
+ * Write-back: may one more page be stored? Its capacity is the disk and the host tier
+ * below its low watermark: with the disk full, a page read back from it still finds a
+ * host slot to land in (dirty pages no longer make way).
+ */
+static bool wb_room(struct kvt_store *s)
+{
+	struct tier_usage nu, hu;
+	s->tier[TIER_NVME]->ops->usage(s->tier[TIER_NVME], &nu);
+	s->tier[TIER_HOST]->ops->usage(s->tier[TIER_HOST], &hu);
+	return s->npages < nu.slots + hu.slots * s->p.low_wm / 100;
+}
+
+/* The disk has no room for a page: the policy's answer, -EAGAIN or -ENOSPC. */
+static int disk_full(struct kvt_store *s, const struct page_key *k)
+{
+	if (s->p.disk_full == KVT_DISKFULL_EVICT_SEQ && evict_cold_seq(s, k->tenant, k->seq)) {
+		s->st.backpressure++;
+		return -EAGAIN; /* slots come free as their wipes land */
+	}
+	s->st.enospc_refused++;
+	return -ENOSPC;
+}
+
 /* ---- public operations ---- */
 
 int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src,
@@ -906,25 +974,23 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 		return -ENODEV;
 	if (page_find(s, k))
 		return -EEXIST;
-	tier_slot_t hslot, nslot;
+	const bool through = s->p.write_policy == KVT_WRITE_THROUGH;
+	if (!through && !wb_room(s))
+		return disk_full(s, k);
+	tier_slot_t hslot, nslot = TIER_SLOT_NONE;
 	int ret = slot_get(s, TIER_HOST, k->tenant, &hslot);
-	if (ret < 0) {
-		if (ret == -ENOSPC) {
-			s->st.backpressure++;
-			ret = -EAGAIN;
-		}
-		return ret;
+	if (ret == -ENOSPC) {
+		if (!through) /* write-back: room comes as cold pages reach the disk */
+			write_cold(s, k->tenant, 1);
+		s->st.backpressure++;
+		return -EAGAIN;
 	}
-	ret = slot_get(s, TIER_NVME, k->tenant, &nslot);
+	if (ret < 0)
+		return ret;
+	ret = through ? slot_get(s, TIER_NVME, k->tenant, &nslot) : 0;
 	if (ret == -ENOSPC) {
 		s->tier[TIER_HOST]->ops->free(s->tier[TIER_HOST], hslot);
-		if (s->p.disk_full == KVT_DISKFULL_EVICT_SEQ &&
-		    evict_cold_seq(s, k->tenant, k->seq)) {
-			s->st.backpressure++;
-			return -EAGAIN; /* slots come free as their wipes land */
-		}
-		s->st.enospc_refused++;
-		return -ENOSPC;
+		return disk_full(s, k);
 	}
 	if (ret < 0) {
 		s->tier[TIER_HOST]->ops->free(s->tier[TIER_HOST], hslot);
@@ -933,7 +999,8 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 	struct page *pg = page_new(s, k);
 	if (!pg) {
 		s->tier[TIER_HOST]->ops->free(s->tier[TIER_HOST], hslot);
-		s->tier[TIER_NVME]->ops->free(s->tier[TIER_NVME], nslot);
+		if (nslot != TIER_SLOT_NONE)
+			s->tier[TIER_NVME]->ops->free(s->tier[TIER_NVME], nslot);
 		return -ENOMEM;
 	}
 	pg->len = len;
@@ -949,7 +1016,8 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 		pg->state = KVT_PAGE_FILLING;
 	} else {
 		pg->state = KVT_PAGE_DIRTY;
-		pg->want |= B(TIER_NVME);
+		if (through)
+			pg->want |= B(TIER_NVME);
 	}
 	if (flags & KVT_PUT_GPU) {
 		pg->want |= B(TIER_GPU);
@@ -982,8 +1050,10 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 	pg->last_access = ++s->clock;
 	if (seal || pg->len == s->p.page_bytes) {
 		pg->state = KVT_PAGE_DIRTY;
-		pg->want |= B(TIER_NVME);
-		progress(s, pg);
+		if (s->p.write_policy == KVT_WRITE_THROUGH) {
+			pg->want |= B(TIER_NVME);
+			progress(s, pg);
+		}
 	}
 	return 0;
 }
@@ -1328,9 +1398,13 @@ static void cron(struct kvt_store *s)
 		if (kvt_list_linked(&pg->wb_link))
 			break;
 	}
-	/* Watermarks: background eviction of clean copies. */
+	/*
+	 * Watermarks: background eviction of clean copies; with the write-back policy the
+	 * host's coldest dirty pages are written to make more. A pass that falls short
+	 * (what is left is dirty, pinned or in use) waits a millisecond for the next.
+	 */
 	for (int t = 0; t < 2; t++) {
-		if (!s->tier[t])
+		if (!s->tier[t] || s->now_ms < s->wm_next_ms[t])
 			continue;
 		struct tier_usage u;
 		s->tier[t]->ops->usage(s->tier[t], &u);
@@ -1339,6 +1413,11 @@ static void cron(struct kvt_store *s)
 			continue;
 		while (u.used > low && evict_one(s, (enum tier_id)t, KVT_EVICT_WATERMARK))
 			u.used--;
+		if (u.used <= low)
+			continue;
+		if (t == TIER_HOST && s->p.write_policy == KVT_WRITE_BACK)
+			write_cold(s, TENANT_ANY, u.used - low);
+		s->wm_next_ms[t] = s->now_ms + 1;
 	}
 }
 

@@ -28,6 +28,19 @@ enum kvt_diskfull {
 	KVT_DISKFULL_EVICT_SEQ,  /* drop the coldest unpinned sequences, counted */
 };
 
+/* When a complete page goes to disk. */
+enum kvt_write_policy {
+	/* at once, when it is sealed: every page has its NVMe slot from its put on, and
+	 * the host tier only ever evicts clean copies (the default) */
+	KVT_WRITE_THROUGH = 0,
+	/* when the host tier needs its room: its coldest dirty pages are written once it
+	 * is above the high watermark and clean copies alone do not bring it down to the
+	 * low one. A store whose host tier holds all its pages writes nothing; pages only
+	 * in host RAM are lost if the process dies (kvt_store_flush writes them all). The
+	 * disk then need hold only what the host tier does not. */
+	KVT_WRITE_BACK,
+};
+
 struct kvt_store_params {
 	const char *device;    /* "auto" (default), "cuda", "cpu"; ignored if dev is set */
 	struct kvt_device *dev; /* an open device to use (not closed by the store) */
@@ -43,6 +56,7 @@ struct kvt_store_params {
 	unsigned high_wm;      /* percent: background eviction starts above; default 90 */
 	unsigned low_wm;       /* percent: and stops at; default 80 */
 	enum kvt_diskfull disk_full;
+	enum kvt_write_policy write_policy;
 	bool durable;          /* write-backs with RWF_DSYNC */
 	const struct tier_ops *nvme_ops; /* NULL: tier_nvme_ops, or tier_fault_ops with faults */
 	const char *faults;              /* fault injection into the NVMe tier (tier_fault.h) */
@@ -96,6 +110,7 @@ struct kvt_store_stats {
 	uint64_t puts, appends, promotions[TIER_MAX], writebacks, evictions[TIER_MAX];
 	uint64_t drops, pages_dropped;
 	uint64_t enospc_refused, diskfull_seq_evictions;
+	uint64_t writes_for_room; /* KVT_WRITE_BACK: write-backs started to free host slots */
 	uint64_t read_errors;   /* disk copies found bad: counted misses */
 	uint64_t write_errors;  /* write-backs that failed and were retried elsewhere */
 	uint64_t pages_lost;    /* pages whose every copy was bad */
@@ -140,7 +155,8 @@ enum kvt_put_flags {
 
 /*
  * Stores a new page: len bytes (at most page_bytes) copied from src into host RAM,
- * and onto the GPU with KVT_PUT_GPU; an NVMe slot is reserved for it at once. cb
+ * and onto the GPU with KVT_PUT_GPU; an NVMe slot is reserved for it at once
+ * (KVT_WRITE_THROUGH; KVT_WRITE_BACK: when it is written). cb
  * (may be NULL) runs when the page is where it was asked to be.
  * Errors: -EEXIST, -EINVAL, -ENOSPC (disk full, policy refuse), -EAGAIN (host tier or
  * disk busy: run the store and retry), -ENOENT (tenant has no arenas).

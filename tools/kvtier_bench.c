@@ -82,7 +82,7 @@ struct opts {
 	int32_t wait_us;
 	unsigned methods, estimate;
 	const char *device, *kvtierd, *socket, *dir, *csv, *plot, *daemon_stats;
-	bool progress, keep, substitute, sync_select;
+	bool progress, keep, substitute, sync_select, write_back;
 	uint32_t subst_gap;
 	const char *dopt[32];
 	uint32_t ndopt;
@@ -1258,8 +1258,15 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	/*
 	 * The NVMe tier holds every page (a slot each: the page, rounded to 4 KiB, and a
 	 * 4 KiB header); it must fit the disk under dir, or the run cannot be made here.
+	 * With --write-back it holds what the host tier does not: the store takes pages
+	 * while they fit the disk and the host tier below its low watermark (80%; a host
+	 * slot is the page and a 4 KiB header).
 	 */
-	const uint64_t nvme = kv_slots + kv_slots / 64 + (256ull << 20);
+	uint64_t nvme = kv_slots + kv_slots / 64 + (256ull << 20);
+	if (O.write_back) {
+		const uint64_t in_host = (uint64_t)(0.8 * (double)(host / (store_page + 4096))) * store_page;
+		nvme = nvme > in_host + (1ull << 30) ? nvme - in_host : 1ull << 30;
+	}
 	const uint64_t disk = nvme / store_page * (store_page + 4096) + (1ull << 20);
 	struct statvfs vs;
 	if (statvfs(dm->dir, &vs) == 0 && disk > (uint64_t)vs.f_bavail * vs.f_frsize) {
@@ -1278,7 +1285,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	snprintf(a[9], sizeof(a[9]), "store.page_bytes=%llu", (unsigned long long)store_page);
 	char bin[PATH_MAX];
 	const char *exe = find_kvtierd(bin, sizeof(bin));
-	const char *argv[2 * (10 + 4 + 32) + 2]; /* ours, the fixed ones, the user's */
+	const char *argv[2 * (10 + 5 + 32) + 2]; /* ours, the fixed ones, the user's */
 	int na = 0;
 	argv[na++] = exe;
 	for (int i = 0; i < 10; i++)
@@ -1286,6 +1293,8 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	argv[na++] = "-o", argv[na++] = "ipc.data_bytes_max=256M";
 	argv[na++] = "-o", argv[na++] = "daemon.promote_timeout_ms=120000";
 	argv[na++] = "-o", argv[na++] = "metrics.listen=off";
+	if (O.write_back)
+		argv[na++] = "-o", argv[na++] = "store.write_policy=back";
 	char gap[64];
 	snprintf(gap, sizeof(gap), "select.substitute_gap=%u", O.subst_gap);
 	argv[na++] = "-o", argv[na++] = gap;
@@ -1474,12 +1483,19 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 	 * beside a disk busy with gigabytes of writes.
 	 */
 	if (!O.socket) {
-		char cmd[2 * PATH_MAX + 64], ctl[PATH_MAX];
+		char cmd[2 * PATH_MAX + 512], ctl[PATH_MAX];
 		snprintf(ctl, sizeof(ctl), "%s/kvtierctl", self_dir);
-		snprintf(cmd, sizeof(cmd), "'%s' --socket '%s' flush >/dev/null", ctl, dm.sock);
+		if (!O.write_back)
+			snprintf(cmd, sizeof(cmd), "'%s' --socket '%s' flush >/dev/null", ctl, dm.sock);
+		else /* write-back: the pages written for room until the counts stand still */
+			snprintf(cmd, sizeof(cmd),
+				 "p=; for i in $(seq 3000); do n=$('%s' --socket '%s' --json stats | "
+				 "grep -o '\"write[s_a-z]*\": *[0-9]*' | tr -d ' \\n'); "
+				 "[ -n \"$n\" ] && [ \"$n\" = \"$p\" ] && exit 0; p=$n; sleep 0.2; "
+				 "done; exit 1", ctl, dm.sock);
 		double f0 = now();
 		if (access(ctl, X_OK) < 0 || system(cmd) != 0)
-			fprintf(stderr, "kvtier-bench: no write-back wait (%s flush failed or missing)\n", ctl);
+			fprintf(stderr, "kvtier-bench: no write-back wait (%s failed or missing)\n", ctl);
 		res->flush_s = now() - f0;
 	}
 	tab = kvtier_table_create(c, r->B);
@@ -1901,6 +1917,11 @@ static void usage(FILE *f)
 		"                      keeps the tier below 90%% full (evicting to 80%%), so it holds\n"
 		"                      less of the KV (the summary line says how much; 1.3 holds\n"
 		"                      all of it at 32 KiB pages)\n"
+		"  --write-back        kvtierd's store.write_policy=back: pages go to disk only when\n"
+		"                      the host tier needs their room, and its NVMe tier holds only\n"
+		"                      what the host tier does not (a KV larger than the disk fits\n"
+		"                      where host RAM holds most of it); no write-back after the\n"
+		"                      prefill to wait for\n"
 		"  --dense-layers N    first layers that attend over every page (0)\n"
 		"  --steps N --warmup N   timed decode steps, and untimed ones before (32, 8)\n"
 		"  --methods LIST      dense,reload,sparse,kvtier (all); mass, error and needle\n"
@@ -1943,7 +1964,7 @@ int main(int argc, char **argv)
 	       O_WINDOW, O_PAGE, O_GPUF, O_HOSTF, O_DENSE, O_STEPS, O_WARM, O_METHODS, O_DEVICE,
 	       O_CPU, O_SMALL, O_KVTIERD, O_SOCKET, O_DIR, O_KEEP, O_CSV, O_PLOT, O_THREADS,
 	       O_SEED, O_NOPROG, O_MODEL, O_HELP, O_DSTATS, O_DOPT, O_SUBST, O_SYNCSEL, O_HOSTGAP, O_WAITUS,
-	       O_EST };
+	       O_EST, O_WBACK };
 	static const struct option lo[] = {
 		{"model", 1, 0, O_MODEL}, {"layers", 1, 0, O_LAYERS}, {"kv-heads", 1, 0, O_HEADS},
 		{"group", 1, 0, O_GROUP}, {"head-dim", 1, 0, O_HDIM}, {"dtype", 1, 0, O_DTYPE},
@@ -1959,7 +1980,7 @@ int main(int argc, char **argv)
 		{"daemon-stats", 1, 0, O_DSTATS}, {"daemon-opt", 1, 0, O_DOPT},
 		{"substitute", 2, 0, O_SUBST}, {"sync-select", 0, 0, O_SYNCSEL},
 		{"host-gap", 1, 0, O_HOSTGAP}, {"wait-us", 1, 0, O_WAITUS},
-		{"estimate", 1, 0, O_EST}, {0, 0, 0, 0}};
+		{"estimate", 1, 0, O_EST}, {"write-back", 0, 0, O_WBACK}, {0, 0, 0, 0}};
 	O.progress = isatty(2);
 	/* --small first: explicit options after it still win */
 	for (int i = 1; i < argc; i++)
@@ -2102,6 +2123,7 @@ int main(int argc, char **argv)
 			O.dopt[O.ndopt++] = optarg;
 			continue;
 		case O_NOPROG: O.progress = false; continue;
+		case O_WBACK: O.write_back = true; continue;
 		case 'h':
 		case O_HELP: usage(stdout); return 0;
 		case '?': usage(stderr); return 2;

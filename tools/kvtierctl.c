@@ -493,11 +493,15 @@ static void show_stats(const json_t *s, FILE *f)
 	char b[4][32];
 	const json_t *st = json_object_get(s, "store"), *cl = json_object_get(s, "clients"),
 		     *pf = json_object_get(s, "prefetch");
+	const char *wp = json_string_value(json_object_get(st, "write_policy"));
+	char pol[64] = "write-through";
+	if (wp && !strcmp(wp, "back"))
+		snprintf(pol, sizeof(pol), "write-back: %.0f for room", num(st, "writes_for_room"));
 	fprintf(f, "store: %.0f pages (%.0f dirty, %.0f filling) in %.0f sequences; %.0f "
-		   "write-backs; errors: read %.0f write %.0f lost %.0f; enospc %.0f; "
+		   "write-backs (%s); errors: read %.0f write %.0f lost %.0f; enospc %.0f; "
 		   "backpressure %.0f; reads hurried %.0f\n",
 		num(st, "pages"), num(st, "pages_dirty"), num(st, "pages_filling"),
-		num(st, "sequences"), num(st, "writebacks"), num(st, "read_errors"),
+		num(st, "sequences"), num(st, "writebacks"), pol, num(st, "read_errors"),
 		num(st, "write_errors"), num(st, "pages_lost"), num(st, "enospc_refused"),
 		num(st, "backpressure"), num(st, "reads_hurried"));
 	if (num(st, "reads_hurried") > 0)

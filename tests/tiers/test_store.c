@@ -703,6 +703,124 @@ static void disk_full(void **state)
 	read_verify(s, &k, f->buf);
 }
 
+static int setup_write_back(void **state)
+{
+	if (setup(state, "wback", 64u << 20, 4u << 20, 0))
+		return -1;
+	struct fx *f = *state;
+	kvt_store_close(f->s);
+	f->p.write_policy = KVT_WRITE_BACK;
+	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
+	return 0;
+}
+
+/*
+ * Write-back: nothing goes to disk while the host tier has room; past its watermark
+ * the coldest pages are written and evicted, every page reads back whole, and a flush
+ * writes the rest (a restart finds them all).
+ */
+static void write_back(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	const uint32_t hslots = (uint32_t)st.tier[TIER_HOST].slots, few = hslots / 2,
+		       many = 3 * hslots;
+	for (uint32_t i = 0; i < few; i++) {
+		struct page_key k = t_key(0, 1, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	}
+	for (int i = 0; i < 20; i++)
+		kvt_store_run(s, 1);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages_dirty, few);
+	assert_int_equal(st.writebacks, 0);
+	assert_int_equal(st.writes_for_room, 0);
+	assert_int_equal(st.tier[TIER_NVME].used, 0); /* no slot taken */
+
+	for (uint32_t i = few; i < many; i++) {
+		struct page_key k = t_key(0, 1, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	}
+	while (kvt_store_busy(s))
+		kvt_store_run(s, 10);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages, many);
+	assert_true(st.writes_for_room >= many - hslots);
+	assert_int_equal(st.writebacks, st.writes_for_room);
+	assert_true(st.tier[TIER_HOST].used <= hslots);
+	/* what the host tier kept was not written: the disk holds only the rest */
+	assert_true(st.tier[TIER_NVME].used < many);
+	assert_int_equal(st.pages_dirty, many - st.tier[TIER_NVME].used);
+	/* the pages put last are the hottest: still only in host RAM */
+	struct kvt_page_info pi;
+	struct page_key last = t_key(0, 1, 0, 0, many - 1);
+	assert_int_equal(kvt_store_page_info(s, &last, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_DIRTY);
+	assert_int_equal(pi.valid, 1u << TIER_HOST);
+	for (uint32_t i = 0; i < many; i++) {
+		struct page_key k = t_key(0, 1, 0, 0, i);
+		read_verify(s, &k, f->buf);
+	}
+	assert_int_equal(kvt_store_flush(s), 0);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages_dirty, 0);
+	assert_int_equal(st.tier[TIER_NVME].used, many);
+	kvt_store_close(f->s);
+	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
+	kvt_store_stats(f->s, &st);
+	assert_int_equal(st.recovered_pages, many);
+	struct page_key k = t_key(0, 1, 0, 0, many / 2);
+	read_verify(f->s, &k, f->buf);
+}
+
+static int setup_write_back_tiny(void **state)
+{
+	if (setup(state, "wbtiny", 16 * PB, 1u << 20, 0))
+		return -1;
+	struct fx *f = *state;
+	kvt_store_close(f->s);
+	f->p.write_policy = KVT_WRITE_BACK;
+	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
+	return 0;
+}
+
+/* Write-back's capacity is the disk and host RAM below its low watermark (room kept
+ * for reads from disk); past it, puts are refused (ENOSPC, counted) and nothing taken
+ * in is lost: every page reads back. */
+static void write_back_full(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	const uint64_t cap = st.tier[TIER_HOST].slots * 80 / 100 + st.tier[TIER_NVME].slots;
+	uint32_t n = 0;
+	int ret;
+	for (;; n++) {
+		struct page_key k = t_key(0, 1, 0, 0, n);
+		t_fill(f->buf, PB, &k);
+		if ((ret = t_put(s, &k, f->buf, PB, 0, NULL)) != 0)
+			break;
+	}
+	assert_int_equal(ret, -ENOSPC);
+	assert_int_equal(n, cap);
+	/* the host tier above its watermark writes its coldest pages to the rest of the disk */
+	for (int i = 0; i < 50 || kvt_store_busy(s); i++)
+		kvt_store_run(s, 2);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.enospc_refused, 1);
+	assert_int_equal(st.pages, n);
+	assert_int_equal(st.tier[TIER_NVME].used, st.tier[TIER_NVME].slots);
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, 1, 0, 0, i);
+		read_verify(s, &k, f->buf);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -718,6 +836,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(hurried_reads, setup_qd1, teardown),
 		cmocka_unit_test_setup_teardown(hurried_while_stalled, setup_qd1, teardown),
 		cmocka_unit_test_setup_teardown(background_depth, setup_bg1, teardown),
+		cmocka_unit_test_setup_teardown(write_back, setup_write_back, teardown),
+		cmocka_unit_test_setup_teardown(write_back_full, setup_write_back_tiny, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

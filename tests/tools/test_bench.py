@@ -12,6 +12,7 @@ the plots and the option checks.
 """
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,24 @@ try:
         e0, e1 = float(by[k]["rel_err_mean"]), float(er[k]["rel_err_mean"])
         check(er[k]["mass_covered"] == by[k]["mass_covered"] and e1 < 0.7 * e0,
               f"{k[0]} tokens, batch {k[1]}: with the estimate error {e1:.1e} against {e0:.1e}")
+
+    # write-back (kvtierd's store.write_policy=back): the host tier holds 40-60% of the
+    # KV, so its coldest pages are written for room and read back when selected; the
+    # others never reach the disk. The answers stay the selection's.
+    wb_csv, wb_stats = os.path.join(tmp, "wb.csv"), os.path.join(tmp, "wb-daemon.txt")
+    p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--context", "4K",
+                        "--batch", "1", "--methods", "dense,sparse,kvtier", "--write-back",
+                        "--host-budget", "0.6", "--csv", wb_csv, "--daemon-stats", wb_stats],
+                       capture_output=True, text=True, timeout=300)
+    check(p.returncode == 0, f"--write-back: exit {p.returncode}")
+    st = [l for l in open(wb_stats) if l.startswith("store:")]
+    m = re.search(r"(\d+) pages \((\d+) dirty.*write-back: (\d+) for room", st[-1] if st else "")
+    check(m is not None and int(m.group(3)) > 0 and 0 < int(m.group(2)) < int(m.group(1)),
+          f"--write-back: pages written for room, others only in RAM ({st[-1].strip() if st else ''})")
+    wr = {r["method"]: r for r in csv.DictReader(open(wb_csv))}
+    e, e0 = float(wr["kvtier"]["rel_err_mean"]), float(by[("4K", "1", "sparse")]["rel_err_mean"])
+    check(wr["kvtier"]["status"] == "ok" and e < e0 and float(wr["kvtier"]["needle_recall"]) == 1.0,
+          f"--write-back: error {e:.1e} (the plain selection's {e0:.1e}), needles {wr['kvtier']['needle_recall']}")
 
     # substitution: kvtier may then attend to other pages than sparse; the run still holds
     p = subprocess.run([bench, "--cpu", "--small", "--no-progress", "--dir", tmp, "--context", "4K",
