@@ -144,7 +144,7 @@ try:
     check(m is not None and int(m.group(3)) > 0 and 0 < int(m.group(2)) < int(m.group(1)),
           f"--write-back: pages written for room, others only in RAM ({st[-1].strip() if st else ''})")
     wr = {r["method"]: r for r in csv.DictReader(open(wb_csv))}
-    e, e0 = float(wr["kvtier"]["rel_err_mean"]), float(by[("4K", "1", "sparse")]["rel_err_mean"])
+    e, e0 = float(wr["kvtier"]["rel_err_mean"]), float(by[("4096", "1", "sparse")]["rel_err_mean"])
     check(wr["kvtier"]["status"] == "ok" and e < e0 and float(wr["kvtier"]["needle_recall"]) == 1.0,
           f"--write-back: error {e:.1e} (the plain selection's {e0:.1e}), needles {wr['kvtier']['needle_recall']}")
 
