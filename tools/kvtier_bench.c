@@ -1651,7 +1651,11 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		const double hp = (double)(dm.host_bytes / mem.host_slot_bytes);
 		const double all = (double)r->B * r->L * r->H * r->P;
 		const size_t len = strlen(res->extra);
-		if (0.9 * hp >= all)
+		if (O.write_back) /* pages on no disk: up to the low watermark */
+			snprintf(res->extra + len, sizeof(res->extra) - len,
+				 "; host tier %.0f pages, write-back: %.0f%% of the KV's %.0f on no disk at most",
+				 hp, fmin(100, 80 * hp / all), all);
+		else if (0.9 * hp >= all)
 			snprintf(res->extra + len, sizeof(res->extra) - len,
 				 "; host tier %.0f pages: all %.0f of the KV's fit", hp, all);
 		else
