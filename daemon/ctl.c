@@ -473,6 +473,7 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_pages_fresh", o->fast_fresh);
 		kvt_json_u64(j, "fast_waits", o->fast_waits);
 		kvt_json_u64(j, "fast_waits_ahead", o->fast_waits_ahead);
+		kvt_json_u64(j, "fast_reports_superseded", o->fast_superseded);
 		kvt_json_u64(j, "fast_pages_waited", o->fast_waited);
 		kvt_json_f64(j, "fast_wait_us_mean",
 				o->fast_waits ? (double)o->fast_wait_ns / 1e3 / (double)o->fast_waits : 0);

@@ -268,6 +268,7 @@ struct kvd_client {
 	uint64_t fb_seen; /* ring bytes of the reports processed */
 	uint64_t fast_waits, fast_waited, fast_wait_ns; /* reports, pages, report to ack */
 	uint64_t fast_waits_ahead; /* of the reports, leased ahead of reports before them */
+	uint64_t fast_superseded;  /* reports counted only: a later one of their layer was in */
 	uint64_t fast_wait_lat[KVT_HIST_BUCKETS];       /* report to ack, log2 us */
 	uint64_t fast_wait_reads, fast_wait_read_ns;    /* their NVMe reads: lease to in */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];

@@ -1490,7 +1490,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 		else /* write-back: the pages written for room until the counts stand still */
 			snprintf(cmd, sizeof(cmd),
 				 "p=; for i in $(seq 3000); do n=$('%s' --socket '%s' --json stats | "
-				 "grep -o '\"write[s_a-z]*\": *[0-9]*' | tr -d ' \\n'); "
+				 "grep -o '\"write\\(backs\\|s_for_room\\)\": *[0-9]*' | tr -d ' \\n'); "
 				 "[ -n \"$n\" ] && [ \"$n\" = \"$p\" ] && exit 0; p=$n; sleep 0.2; "
 				 "done; exit 1", ctl, dm.sock);
 		double f0 = now();
