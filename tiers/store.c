@@ -15,6 +15,7 @@
 #define MAX_WB_TRIES 3
 #define EVICT_SCAN   64
 #define WB_SCAN      256 /* KVT_WRITE_BACK: host pages looked at per search for cold ones */
+#define WB_ROOM      8   /* and written at once when a host slot is wanted and none is free */
 
 struct waiter {
 	struct waiter *next;
@@ -163,6 +164,7 @@ struct kvt_store {
 	uint64_t clock;
 	uint64_t now_ms; /* monotonic, read once per run: page ages need no finer clock */
 	uint64_t wm_next_ms[2]; /* a watermark pass that fell short is tried again from then */
+	uint64_t wb_next_ms;    /* write-back: the next look for cold dirty pages */
 	float score_ema;
 	struct kvt_store_stats st;
 };
@@ -466,6 +468,8 @@ static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason
 	return false;
 }
 
+static unsigned write_cold(struct kvt_store *s, uint32_t tenant, uint64_t need);
+
 static int slot_get(struct kvt_store *s, enum tier_id t, uint32_t tenant, tier_slot_t *out)
 {
 	struct tier *tr = s->tier[t];
@@ -474,6 +478,9 @@ static int slot_get(struct kvt_store *s, enum tier_id t, uint32_t tenant, tier_s
 	int ret = tr->ops->alloc(tr, tenant, out);
 	while (ret == -ENOSPC && lru_tier(t) && evict_one(s, t, KVT_EVICT_ROOM))
 		ret = tr->ops->alloc(tr, tenant, out);
+	/* write-back: dirty pages at the cold end, beyond evict_one's reach, make way */
+	if (ret == -ENOSPC && t == TIER_HOST && s->p.write_policy == KVT_WRITE_BACK)
+		write_cold(s, tenant, WB_ROOM);
 	return ret;
 }
 
@@ -979,9 +986,7 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 		return disk_full(s, k);
 	tier_slot_t hslot, nslot = TIER_SLOT_NONE;
 	int ret = slot_get(s, TIER_HOST, k->tenant, &hslot);
-	if (ret == -ENOSPC) {
-		if (!through) /* write-back: room comes as cold pages reach the disk */
-			write_cold(s, k->tenant, 1);
+	if (ret == -ENOSPC) { /* write-back: room comes as cold pages reach the disk */
 		s->st.backpressure++;
 		return -EAGAIN;
 	}
@@ -1399,9 +1404,24 @@ static void cron(struct kvt_store *s)
 			break;
 	}
 	/*
-	 * Watermarks: background eviction of clean copies; with the write-back policy the
-	 * host's coldest dirty pages are written to make more. A pass that falls short
-	 * (what is left is dirty, pinned or in use) waits a millisecond for the next.
+	 * Write-back: the pages on no disk are kept below the host tier's low watermark, the
+	 * coldest written first, so that the rest of it is clean copies: a page read back
+	 * from disk then finds a slot at once (H200, batch 32: with the host tier all dirty
+	 * and pinned, such reads waited ~300 ms for a write to make room). Once a millisecond.
+	 */
+	if (s->p.write_policy == KVT_WRITE_BACK && s->now_ms >= s->wb_next_ms) {
+		struct tier_usage nu, hu;
+		s->tier[TIER_NVME]->ops->usage(s->tier[TIER_NVME], &nu);
+		s->tier[TIER_HOST]->ops->usage(s->tier[TIER_HOST], &hu);
+		const uint64_t dirty = s->npages > nu.used ? s->npages - nu.used : 0,
+			       low = hu.slots * s->p.low_wm / 100;
+		if (dirty > low)
+			write_cold(s, TENANT_ANY, dirty - low);
+		s->wb_next_ms = s->now_ms + 1;
+	}
+	/*
+	 * Watermarks: background eviction of clean copies. A pass that falls short (what is
+	 * left is dirty, pinned or in use) waits a millisecond for the next.
 	 */
 	for (int t = 0; t < 2; t++) {
 		if (!s->tier[t] || s->now_ms < s->wm_next_ms[t])
@@ -1413,11 +1433,8 @@ static void cron(struct kvt_store *s)
 			continue;
 		while (u.used > low && evict_one(s, (enum tier_id)t, KVT_EVICT_WATERMARK))
 			u.used--;
-		if (u.used <= low)
-			continue;
-		if (t == TIER_HOST && s->p.write_policy == KVT_WRITE_BACK)
-			write_cold(s, TENANT_ANY, u.used - low);
-		s->wm_next_ms[t] = s->now_ms + 1;
+		if (u.used > low)
+			s->wm_next_ms[t] = s->now_ms + 1;
 	}
 }
 

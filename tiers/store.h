@@ -33,9 +33,10 @@ enum kvt_write_policy {
 	/* at once, when it is sealed: every page has its NVMe slot from its put on, and
 	 * the host tier only ever evicts clean copies (the default) */
 	KVT_WRITE_THROUGH = 0,
-	/* when the host tier needs its room: its coldest dirty pages are written once it
-	 * is above the high watermark and clean copies alone do not bring it down to the
-	 * low one. A store whose host tier holds all its pages writes nothing; pages only
+	/* when the host tier needs its room: its coldest dirty pages are written once more
+	 * than its low watermark's share of it are on no disk (the rest is kept for clean
+	 * copies, which make way at once). A store whose host tier holds its pages writes
+	 * nothing; pages only
 	 * in host RAM are lost if the process dies (kvt_store_flush writes them all). The
 	 * disk then need hold only what the host tier does not. */
 	KVT_WRITE_BACK,
