@@ -447,6 +447,14 @@ static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason
 	for (int scanned = 0; pos != &s->lru[t] && scanned < EVICT_SCAN; scanned++) {
 		struct page *pg = kvt_container_of(pos, struct page, lru[t]);
 		pos = pos->prev;
+		if (pg->pins && (pg->valid & B(t))) {
+			/* in use: to the warm end, so that the cold end does not fill up with
+			 * pins beyond the scan's reach (H200 batch 32, host tier: a lease's pin
+			 * each, ~10% of it, kept reads of NVMe pages waiting ~300 ms for room) */
+			kvt_list_del(&pg->lru[t]);
+			kvt_list_add(&s->lru[t], &pg->lru[t]);
+			continue;
+		}
 		if (!evictable(s, pg, t))
 			continue;
 		if (pg->score > s->score_ema) {
