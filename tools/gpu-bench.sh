@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: build, then kvtier-bench's comparison (tools/BENCHMARKS.md, issue
 # #7): dense, full reload, sparse all on the GPU and kvtier, the summary table last.
-#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|disk|all|trace]
+#   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|batch32-24k|disk|all|trace]
 # main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch8: batch 8 at 32K (32 GiB of KV;
 # the 2048-token selection, 6.25% of the pages, fits the 10% pool), every method with
 # kvtier's host tier holding all of the KV (--host-budget 1.3: the slots' page headers
@@ -62,6 +62,14 @@ for b in 8:32K 32:12K; do
 	run batch${b%%:*}-disk --methods dense,kvtier --context ${b#*:} --batch ${b%%:*} \
 		--daemon-stats "$out/batch${b%%:*}-disk-daemon.txt"
 done
+# batch32-24k: batch 32 at 24K (96 GiB of KV, the selection fits the 10% pool) on a GPU that
+# holds dense's KV (H200), kvtier with the write-back policy (its NVMe tier 33 GiB: the
+# disk holds only what 92 GiB of pinned host RAM does not); reload alone, 6 steps.
+if [ "$what" = batch32-24k ]; then
+	run batch32-24k --methods dense,sparse,kvtier --context 24K --batch 32 --write-back \
+		--host-budget 0.95 --warmup 64 --steps 64 --daemon-stats "$out/batch32-24k-daemon.txt"
+	run batch32-24k-reload --methods reload --context 24K --batch 32 --warmup 1 --steps 6
+fi
 case $what in store | all)
 	echo "== kvtier-bench-store -d cuda -n 1048576"
 	./build-gpu/tools/kvtier-bench-store -d cuda -n 1048576 -D build-gpu >"$out/store.txt" 2>&1
@@ -89,7 +97,7 @@ if [ "$what" = trace ]; then
 	fi
 fi
 echo "== machine (MPS $mps)"; cat "$out/machine.txt"
-for f in store main batch8 batch8-disk batch32 batch32-disk disk trace trace-summary; do
+for f in store main batch8 batch8-disk batch32 batch32-disk batch32-24k batch32-24k-reload disk trace trace-summary; do
 	[ -f "$out/$f.txt" ] && cat "$out/$f.txt"
 done
 exit 0
