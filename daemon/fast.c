@@ -805,26 +805,6 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f, bool stale)
 			continue;
 		const uint32_t step = ++L->fsteps;
 		PF_ADD(c, q, steps, 1);
-		for (uint32_t h = 0; h < H && stale; h++) { /* counted only */
-			const uint32_t row = b * H + h;
-			int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
-			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
-			nh = nh < 0 ? 0 : nh > n ? n : nh;
-			nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
-			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
-			int32_t waited = 0;
-			for (int32_t i = 0; i < n; i++)
-				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
-			waited = waited > n - nh ? n - nh : waited;
-			PF_ADD(c, q, selected, (uint64_t)n);
-			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
-			PF_ADD(c, q, host, (uint64_t)nhost);
-			PF_ADD(c, q, late, (uint64_t)waited);
-			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
-			c->fast_selected += (uint64_t)n;
-		}
-		if (stale)
-			continue;
 		for (uint32_t h = 0; h < H; h++) {
 			const uint32_t row = b * H + h;
 			int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
@@ -836,6 +816,8 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f, bool stale)
 			for (int32_t i = 0; i < n; i++) {
 				const bool matters = sel[i] & KVT_PAGE_MATTERS;
 				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
+				if (stale)
+					continue; /* counted only */
 				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
 				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 					continue;
@@ -857,6 +839,8 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f, bool stale)
 			c->fast_selected += (uint64_t)n;
 		}
 		t = fast_lap(c, KVD_FAST_SELECTIONS, t);
+		if (stale)
+			continue;
 		/* leases not selected for `keep` steps go back (those not selected now, when the
 		 * GPU pool had no room for a lease); failed ones leave the list */
 		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;

@@ -703,15 +703,20 @@ static void disk_full(void **state)
 	read_verify(s, &k, f->buf);
 }
 
-static int setup_write_back(void **state)
+static int setup_wb(void **state, const char *name, uint64_t nvme, uint64_t host)
 {
-	if (setup(state, "wback", 64u << 20, 4u << 20, 0))
+	if (setup(state, name, nvme, host, 0))
 		return -1;
 	struct fx *f = *state;
 	kvt_store_close(f->s);
 	f->p.write_policy = KVT_WRITE_BACK;
 	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
 	return 0;
+}
+
+static int setup_write_back(void **state)
+{
+	return setup_wb(state, "wback", 64u << 20, 4u << 20);
 }
 
 /*
@@ -779,13 +784,7 @@ static void write_back(void **state)
 
 static int setup_write_back_tiny(void **state)
 {
-	if (setup(state, "wbtiny", 16 * PB, 1u << 20, 0))
-		return -1;
-	struct fx *f = *state;
-	kvt_store_close(f->s);
-	f->p.write_policy = KVT_WRITE_BACK;
-	assert_int_equal(kvt_store_open(&f->p, &f->s), 0);
-	return 0;
+	return setup_wb(state, "wbtiny", 16 * PB, 1u << 20);
 }
 
 /* Write-back's capacity is the disk and host RAM below its low watermark (room kept
