@@ -114,6 +114,10 @@ static const struct opt opts[] = {
 	{"fast.warm", OPT_BOOL, F(fast_warm), 0, 1, true,
 	 "the store lookups of the fast path's lease releases warmed into the CPU's cache a "
 	 "few ahead of their turn (off: each on its own; for measuring it)"},
+	{"fast.threads", OPT_U32, F(fast_threads), 1, 64, false,
+	 "threads that read a fast-path report's sequences (what each selected, the store's "
+	 "lookups of the pages to lease), the event loop's own among them (default: a third of "
+	 "the CPUs, at most 5; 1 where there are fewer than 8)"},
 	{"fast.disk_reads", OPT_U32, F(fast_disk_reads), 0, 65536, true,
 	 "a page a fast-path client selected but whose score says it may not matter is read "
 	 "from NVMe only while fewer than this many of the client's lease reads are under way "
@@ -168,6 +172,8 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->fast_promote = true;
 	c->fast_warm = true;
 	c->fast_disk_reads = 256;
+	const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	c->fast_threads = ncpu >= 8 ? (ncpu / 3 < 5 ? (uint32_t)(ncpu / 3) : 5) : 1;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

@@ -474,6 +474,7 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_waits", o->fast_waits);
 		kvt_json_u64(j, "fast_waits_ahead", o->fast_waits_ahead);
 		kvt_json_u64(j, "fast_reports_superseded", o->fast_superseded);
+		kvt_json_u64(j, "fast_reports_pooled", o->fast_pooled);
 		kvt_json_u64(j, "fast_pages_waited", o->fast_waited);
 		kvt_json_f64(j, "fast_wait_us_mean",
 				o->fast_waits ? (double)o->fast_wait_ns / 1e3 / (double)o->fast_waits : 0);
@@ -485,8 +486,8 @@ static void cmd_clients(struct req *r)
 			     o->fast_feedbacks ? (double)o->fast_fb_ns / 1e3 / o->fast_feedbacks : 0);
 		/* a report's share of the fast path's time, by part */
 		static const char *const part[KVD_FAST_NS_MAX] = {
-			[KVD_FAST_WAITS] = "waits", [KVD_FAST_SELECTIONS] = "selections",
-			[KVD_FAST_SWEEPS] = "sweeps", [KVD_FAST_MAP] = "map_writes",
+			[KVD_FAST_WAITS] = "waits", [KVD_FAST_READS] = "reads",
+			[KVD_FAST_LEASES] = "leases", [KVD_FAST_MAP] = "map_writes",
 			[KVD_FAST_ACKS] = "acks", [KVD_FAST_RELEASES] = "releases"};
 		kvt_json_obj(j, "fast_report_us_mean");
 		for (int i = 0; i < KVD_FAST_NS_MAX; i++)

@@ -87,9 +87,18 @@ int kvd_start(struct kvd *d)
 		kvd_names_close(d);
 		return ret;
 	}
+	if ((ret = kvd_pool_new(d->cfg.fast_threads, &d->pool)) < 0) {
+		kvt_err("kvtierd", "fast.threads=%u: %s", d->cfg.fast_threads, strerror(-ret));
+		kvt_compute_close(d->cc);
+		kvt_store_close(d->store);
+		kvd_names_close(d);
+		return ret;
+	}
 	d->lsock = -1;
 	d->start_ns = kvd_now_ns();
 	if ((ret = kvd_ctl_start(d)) < 0 || (ret = kvd_server_start(d)) < 0) {
+		kvd_pool_free(d->pool);
+		d->pool = NULL;
 		kvt_compute_close(d->cc);
 		kvt_store_close(d->store);
 		kvd_ctl_stop(d);
@@ -124,6 +133,8 @@ void kvd_stop(struct kvd *d)
 		ret = kvt_store_flush(d->store);
 	if (ret < 0)
 		kvt_warn("kvtierd", "write-back at exit: %s", strerror(-ret));
+	kvd_pool_free(d->pool);
+	d->pool = NULL;
 	kvt_compute_close(d->cc);
 	kvt_store_close(d->store);
 	kvd_ctl_stop(d);

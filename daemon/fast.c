@@ -53,6 +53,32 @@
  * ring is read again: a report's waits are heard of, and leased ahead, within about one
  * report's work (~1.1 ms at batch 32 on the H200) instead of a whole backlog's. */
 #define FAST_TICK_NS 250000u
+/* Reports of fewer sequences are read on the loop's thread alone (the pool's hand-off,
+ * a few microseconds, is more than they cost). */
+#define FAST_POOL_MIN 4u
+
+/* A report's first pass (fb_seq): what it found for the second (fb_apply). */
+struct fb_act {
+	struct kvt_page_ref *ref;
+	uint32_t b, p;
+	uint16_t h;
+	bool start; /* a new lease; else a host lease's copy to the GPU */
+	bool matters;
+};
+
+struct fb_rv {
+	int64_t pos;
+	struct page_key k;
+};
+
+struct kvd_fb_part {
+	struct fb_act *act;
+	uint32_t nact, actcap;
+	struct fb_rv *rv;
+	uint32_t nrv, rvcap;
+	uint64_t fresh, selected, pressured;
+	struct kvtier_prefetch_stats pf; /* steps, selected, hit, host, late, missed */
+};
 
 int kvd_fast_attach(struct kvd_client *c, uint32_t pages, uint32_t seqs)
 {
@@ -231,6 +257,13 @@ void kvd_fast_detach(struct kvd_client *c)
 	for (uint32_t i = 0; i < c->nacks; i++)
 		kvt_free(c->acks[i].pg);
 	kvt_free(c->acks);
+	for (unsigned w = 0; w < c->fb_nparts; w++) {
+		kvt_free(c->fb_parts[w].act);
+		kvt_free(c->fb_parts[w].rv);
+	}
+	kvt_free(c->fb_parts);
+	c->fb_parts = NULL;
+	c->fb_nparts = 0;
 	c->acks = NULL;
 	c->nacks = c->ackcap = 0;
 	c->revoking = NULL;
@@ -360,7 +393,7 @@ static void promoted(struct kvd_client *c, struct kvd_seq *q, const struct lease
 }
 
 static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
-			  uint32_t p);
+			  uint32_t p, struct kvt_page_ref *r);
 
 static void lease_cb_fn(void *arg, int res)
 {
@@ -400,7 +433,7 @@ static void lease_cb_fn(void *arg, int res)
 		grant(c, q, a->layer, a->h, a->p, slot);
 		c->pf.bytes_nvme += c->page_bytes;
 		if (slot & KVT_SLOT_HOST)
-			lease_promote(c, q, a->layer, a->h, a->p);
+			lease_promote(c, q, a->layer, a->h, a->p, NULL);
 	} else {
 		kvt_store_unpin(d->store, &k);
 		*ls = LEASE_NONE; /* the sweep drops it from the list */
@@ -426,16 +459,21 @@ static int leased_push(struct kvd_layer *L, uint32_t h, uint32_t p)
 }
 
 /* A page the client selected and found no lease for: pinned, and into the map where it
- * is (GPU or host RAM; from NVMe once read). */
+ * is (GPU or host RAM; from NVMe once read). r: the page looked up already, or NULL. */
 static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
-			uint32_t p, bool matters, bool waited)
+			uint32_t p, bool matters, bool waited, struct kvt_page_ref *r)
 {
 	struct kvd *d = c->d;
 	struct kvd_layer *L = &q->layer[layer];
-	struct page_key k = kvd_page_key(c, q, layer, h, p);
+	struct page_key k;
 	struct kvt_page_info pi;
-	if (kvt_store_page_info(d->store, &k, &pi) < 0)
-		return;
+	if (r) {
+		kvt_store_ref_info(r, &pi); /* now: the moves before it may have changed it */
+	} else {
+		k = kvd_page_key(c, q, layer, h, p);
+		if (!(r = kvt_store_lookup(d->store, &k, &pi)))
+			return;
+	}
 	/* the disk is slow: pages that may not matter wait for the next selection when
 	 * many reads are under way already */
 	if (!(pi.valid & ((1u << TIER_GPU) | (1u << TIER_HOST))) && !matters &&
@@ -443,7 +481,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 		return;
 	if (leased_push(L, h, p) < 0)
 		return;
-	if (kvt_store_pin(d->store, &k) < 0) {
+	if (kvt_store_pin_ref(d->store, r) < 0) {
 		L->nleased--;
 		return;
 	}
@@ -451,10 +489,11 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	if (slot >= 0) {
 		grant(c, q, layer, h, p, slot);
 		if ((slot & KVT_SLOT_HOST) && L->lease[(size_t)h * L->cap + p].slot == slot)
-			lease_promote(c, q, layer, h, p); /* read in place until it is there */
+			lease_promote(c, q, layer, h, p, r); /* read in place until it is there */
 		return;
 	}
 	/* only on NVMe: into host RAM, leased there once read */
+	k = kvd_page_key(c, q, layer, h, p);
 	struct lease_cb *a = kvt_malloc(sizeof(*a));
 	int ret = -ENOMEM;
 	if (a) {
@@ -462,7 +501,7 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
 				       .waited = waited};
 		L->lease[(size_t)h * L->cap + p].slot = LEASE_COMING;
-		ret = kvt_store_prefetch(d->store, &k, TIER_HOST, lease_cb_fn, a);
+		ret = kvt_store_prefetch_ref(d->store, r, TIER_HOST, lease_cb_fn, a);
 		c->fast_reading += ret == 0;
 		if (ret == 0 && waited) /* ahead of the reads no one waits for */
 			kvt_store_hurry(d->store, &k);
@@ -480,20 +519,26 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	PF_ADD(c, q, prefetch_host, 1);
 }
 
-/* A host lease: its page copied to the GPU, the map changed once there (promoted()). */
+/* A host lease: its page copied to the GPU, the map changed once there (promoted()).
+ * r: the page looked up already, or NULL. */
 static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, uint32_t h,
-			  uint32_t p)
+			  uint32_t p, struct kvt_page_ref *r)
 {
 	struct kvd_layer *L = &q->layer[layer];
 	if (!c->d->cfg.fast_promote || c->fast_promoting >= FAST_PROMOTING)
 		return; /* read in place meanwhile; the next selection asks again */
-	struct page_key k = kvd_page_key(c, q, layer, h, p);
+	struct page_key k;
+	if (!r) {
+		k = kvd_page_key(c, q, layer, h, p);
+		if (!(r = kvt_store_lookup(c->d->store, &k, NULL)))
+			return;
+	}
 	struct lease_cb *a = kvt_malloc(sizeof(*a));
 	if (!a)
 		return;
 	*a = (struct lease_cb){.d = c->d, .client = c->id, .seq = q->id, .layer = layer, .h = h,
 			       .p = p, .gen = q->gen, .t0 = kvd_now_ns(), .promote = true};
-	if (kvt_store_prefetch(c->d->store, &k, TIER_GPU, lease_cb_fn, a) < 0) {
+	if (kvt_store_prefetch_ref(c->d->store, r, TIER_GPU, lease_cb_fn, a) < 0) {
 		kvt_free(a); /* no room in the GPU pool now: it stays a host lease */
 		PF_ADD(c, q, prefetch_refused, 1);
 		return;
@@ -524,7 +569,7 @@ void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n)
 		for (uint32_t h = 0; h < H; h++) {
 			L->lease[(size_t)h * L->cap + idx].at = L->fsteps;
 			if (L->lease[(size_t)h * L->cap + idx].slot == LEASE_NONE)
-				lease_start(c, s[i].q, s[i].layer, h, idx, true, false);
+				lease_start(c, s[i].q, s[i].layer, h, idx, true, false, NULL);
 		}
 		any = true;
 	}
@@ -558,7 +603,7 @@ static void lease_wait_start(struct kvd_client *c, struct kvd_seq *q, uint32_t l
 	struct kvd_layer *L = &q->layer[layer];
 	const size_t at = (size_t)h * L->cap + p;
 	if (L->lease[at].slot == LEASE_NONE) {
-		lease_start(c, q, layer, h, p, true, true);
+		lease_start(c, q, layer, h, p, true, true, NULL);
 	} else if (L->lease[at].slot == LEASE_COMING) { /* a read started earlier */
 		struct page_key k = kvd_page_key(c, q, layer, h, p);
 		kvt_store_hurry(c->d->store, &k);
@@ -779,6 +824,184 @@ static bool fb_superseded(const struct kvd_client *c, uint32_t i)
 }
 
 /*
+ * A report is read in two passes. The first, one item a sequence spread over the
+ * daemon's pool (fast.threads), reads what the client selected: each page's last
+ * selection noted, the pages to lease or copy up found in the store (a lookup of a
+ * store of millions of pages is cache misses: at batch 32 most of a report's time), and
+ * the leases not selected for `keep` steps listed for taking back. It writes only the
+ * sequence's own arrays and its thread's part; the store is only read (no one else
+ * calls it meanwhile). The second, on the loop's thread, does what the parts list, in
+ * order: the leases taken back, then the new ones and the copies.
+ */
+struct fb_run {
+	struct kvd_client *c;
+	const struct kvt_sqe *e;
+	const int32_t *rep;
+	struct kvd_seq **qs;
+	bool stale;
+	uint32_t keep;
+	uint64_t drops; /* the store's, when the references were taken */
+};
+
+static int fb_parts_grow(struct kvd_client *c, unsigned width)
+{
+	struct kvd_fb_part *n = kvt_realloc(c->fb_parts, width * sizeof(*n));
+	if (!n)
+		return -ENOMEM;
+	memset(n + c->fb_nparts, 0, (width - c->fb_nparts) * sizeof(*n));
+	c->fb_parts = n;
+	c->fb_nparts = width;
+	return 0;
+}
+
+static bool part_grow(void **a, uint32_t *cap, size_t size)
+{
+	const uint32_t nc = *cap ? 2 * *cap : 256;
+	void *n = kvt_realloc(*a, (size_t)nc * size);
+	if (!n)
+		return false;
+	*a = n;
+	*cap = nc;
+	return true;
+}
+
+/* Item b of a run: sequence ids[b] of the report (on any of the pool's threads). */
+static void fb_seq(void *arg, unsigned w, uint32_t b)
+{
+	const struct fb_run *run = arg;
+	struct kvd_client *c = run->c;
+	struct kvd_fb_part *pt = &c->fb_parts[w];
+	struct kvd_seq *q = run->qs[b];
+	if (!q)
+		return;
+	const struct kvt_sqe *e = run->e;
+	const uint32_t H = c->layout.kv_heads, layer = e->layer;
+	const uint32_t rows = e->seq * H, stride = e->out_stride;
+	const int32_t *rep = run->rep;
+	const struct kvt_store *store = c->d->store;
+	struct kvd_layer *L = &q->layer[layer];
+	const uint32_t step = ++L->fsteps;
+	q->st.steps++;
+	pt->pf.steps++;
+	for (uint32_t h = 0; h < H; h++) {
+		const uint32_t row = b * H + h;
+		int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
+		n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
+		nh = nh < 0 ? 0 : nh > n ? n : nh;
+		nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
+		const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
+		int32_t waited = 0;
+		for (int32_t i = 0; i < n; i++) {
+			const bool matters = sel[i] & KVT_PAGE_MATTERS;
+			waited += (sel[i] & KVT_PAGE_WAIT) != 0;
+			if (run->stale)
+				continue; /* counted only */
+			int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
+			if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
+				continue;
+			struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + (uint32_t)p];
+			pt->fresh += ls->at + 1 != step;
+			ls->at = step;
+			const bool start = ls->slot == LEASE_NONE;
+			if (!start && !(ls->slot >= 0 && (ls->slot & KVT_SLOT_HOST) &&
+					!(ls->slot & LEASE_PROMOTING)))
+				continue;
+			if (!start && !c->d->cfg.fast_promote)
+				continue;
+			if (pt->nact == pt->actcap &&
+			    !part_grow((void **)&pt->act, &pt->actcap, sizeof(*pt->act)))
+				continue; /* out of memory: leased when selected again */
+			const struct page_key k = kvd_page_key(c, q, layer, h, (uint32_t)p);
+			pt->act[pt->nact++] = (struct fb_act){
+				.ref = kvt_store_lookup(store, &k, NULL), .b = b, .p = (uint32_t)p,
+				.h = (uint16_t)h, .start = start, .matters = matters};
+		}
+		waited = waited > n - nh ? n - nh : waited;
+		q->st.selected += (uint64_t)n;
+		q->st.hit += (uint64_t)(nh - nhost);
+		q->st.host += (uint64_t)nhost;
+		q->st.late += (uint64_t)waited;
+		q->st.missed += (uint64_t)(n - nh - waited);
+		pt->pf.selected += (uint64_t)n;
+		pt->pf.hit += (uint64_t)(nh - nhost);
+		pt->pf.host += (uint64_t)nhost;
+		pt->pf.late += (uint64_t)waited;
+		pt->pf.missed += (uint64_t)(n - nh - waited);
+		pt->selected += (uint64_t)n;
+	}
+	if (run->stale)
+		return;
+	/* leases not selected for `keep` steps go back (those not selected now, when the GPU
+	 * pool had no room for a lease); failed ones leave the list */
+	pt->pressured += run->keep == 1 && c->fast_pressure;
+	for (uint32_t j = 0; j < L->nleased;) {
+		const uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
+		struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + p];
+		if (ls->slot >= 0 && (int32_t)(step - ls->at) >= (int32_t)run->keep &&
+		    (pt->nrv < pt->rvcap || part_grow((void **)&pt->rv, &pt->rvcap, sizeof(*pt->rv)))) {
+			pt->rv[pt->nrv++] = (struct fb_rv){kvd_fast_pos(c, q, layer, h, p),
+							   kvd_page_key(c, q, layer, h, p)};
+			ls->slot = LEASE_NONE;
+		}
+		if (ls->slot == LEASE_NONE)
+			L->leased[j] = L->leased[--L->nleased];
+		else
+			j++;
+	}
+}
+
+/* What the first pass of a report found, done on the loop's thread: its counts, the
+ * leases taken back, then the new leases and the copies up. */
+static void fb_apply(struct kvd_client *c, const struct fb_run *run)
+{
+	struct kvd *d = c->d;
+	const uint32_t layer = run->e->layer;
+	for (unsigned w = 0; w < c->fb_nparts; w++) {
+		struct kvd_fb_part *pt = &c->fb_parts[w];
+		c->fast_fresh += pt->fresh;
+		c->fast_selected += pt->selected;
+		c->fast_pressured += pt->pressured;
+		c->pf.steps += pt->pf.steps;
+		c->pf.selected += pt->pf.selected;
+		c->pf.hit += pt->pf.hit;
+		c->pf.host += pt->pf.host;
+		c->pf.late += pt->pf.late;
+		c->pf.missed += pt->pf.missed;
+		for (uint32_t i = 0; i < pt->nrv; i++)
+			lease_revoke(c, pt->rv[i].pos, &pt->rv[i].k);
+	}
+	for (unsigned w = 0; w < c->fb_nparts; w++) {
+		struct kvd_fb_part *pt = &c->fb_parts[w];
+		for (uint32_t i = 0; i < pt->nact; i++) {
+			/* a page dropped since (a full disk's policy, say): looked up again */
+			const bool refs = kvt_store_drops(d->store) == run->drops;
+			const struct fb_act *a = &pt->act[i];
+			if (refs && i == 0) /* the pages' lines on their way a few ahead of their turn */
+				for (uint32_t j = 0; j < pt->nact && j < 8; j++)
+					if (pt->act[j].ref)
+						kvt_store_ref_warm(pt->act[j].ref);
+			if (refs && i + 8 < pt->nact && pt->act[i + 8].ref)
+				kvt_store_ref_warm(pt->act[i + 8].ref);
+			if (refs && !a->ref)
+				continue; /* not in the store */
+			struct kvd_seq *q = run->qs[a->b];
+			const struct kvd_layer *L = &q->layer[layer];
+			const int32_t slot = L->lease[(size_t)a->h * L->cap + a->p].slot;
+			/* as the first pass saw it, unless the same page was named twice */
+			if (a->start && slot == LEASE_NONE)
+				lease_start(c, q, layer, a->h, a->p, a->matters, false,
+					    refs ? a->ref : NULL);
+			else if (!a->start && slot >= 0 && (slot & KVT_SLOT_HOST) &&
+				 !(slot & LEASE_PROMOTING))
+				lease_promote(c, q, layer, a->h, a->p, refs ? a->ref : NULL);
+		}
+		pt->nact = pt->nrv = 0;
+		memset(&pt->pf, 0, sizeof(pt->pf));
+		pt->fresh = pt->selected = pt->pressured = 0;
+	}
+}
+
+/*
  * What the report says, copied out of shared memory once and bounded. A superseded one
  * (stale) is counted, its layers' steps too, and leases nothing: its waits, if any, went
  * ahead already.
@@ -787,8 +1010,7 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f, bool stale)
 {
 	struct kvd *d = c->d;
 	const struct kvt_sqe *e = &f->e;
-	const uint32_t nseq = e->seq, H = c->layout.kv_heads, layer = e->layer;
-	const uint32_t rows = nseq * H, stride = e->out_stride;
+	const uint32_t nseq = e->seq, layer = e->layer;
 	int32_t *rep;
 	uint32_t *ids = fb_copy(c, e, &rep);
 	if (!ids)
@@ -798,68 +1020,31 @@ static void fb_process(struct kvd_client *c, const struct kvd_fb *f, bool stale)
 		fb_wait_pass(c, e, ids, rep, t);
 		t = fast_lap(c, KVD_FAST_WAITS, t);
 	}
+	const unsigned width = kvd_pool_width(d->pool);
+	struct kvd_seq **qs = kvt_malloc(nseq * sizeof(*qs));
+	if (!qs || (c->fb_nparts < width && fb_parts_grow(c, width) < 0)) {
+		kvt_free(qs);
+		kvt_free(ids);
+		return;
+	}
+	/* the sequences and their lease arrays, made here; a sequence named twice once */
+	const uint32_t mark = ++c->fb_mark;
 	for (uint32_t b = 0; b < nseq; b++) {
 		struct kvd_seq *q = kvd_seq_get(c, ids[b]);
-		struct kvd_layer *L = fb_layer(c, q, layer);
-		if (!L)
-			continue;
-		const uint32_t step = ++L->fsteps;
-		PF_ADD(c, q, steps, 1);
-		for (uint32_t h = 0; h < H; h++) {
-			const uint32_t row = b * H + h;
-			int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
-			n = n < 0 ? 0 : n > (int32_t)stride ? (int32_t)stride : n;
-			nh = nh < 0 ? 0 : nh > n ? n : nh;
-			nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
-			const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
-			int32_t waited = 0;
-			for (int32_t i = 0; i < n; i++) {
-				const bool matters = sel[i] & KVT_PAGE_MATTERS;
-				waited += (sel[i] & KVT_PAGE_WAIT) != 0;
-				if (stale)
-					continue; /* counted only */
-				int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
-				if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
-					continue;
-				struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + (uint32_t)p];
-				c->fast_fresh += ls->at + 1 != step;
-				ls->at = step;
-				if (ls->slot == LEASE_NONE)
-					lease_start(c, q, layer, h, (uint32_t)p, matters, false);
-				else if (ls->slot >= 0 && (ls->slot & KVT_SLOT_HOST) &&
-					 !(ls->slot & LEASE_PROMOTING))
-					lease_promote(c, q, layer, h, (uint32_t)p);
-			}
-			waited = waited > n - nh ? n - nh : waited;
-			PF_ADD(c, q, selected, (uint64_t)n);
-			PF_ADD(c, q, hit, (uint64_t)(nh - nhost));
-			PF_ADD(c, q, host, (uint64_t)nhost);
-			PF_ADD(c, q, late, (uint64_t)waited);
-			PF_ADD(c, q, missed, (uint64_t)(n - nh - waited));
-			c->fast_selected += (uint64_t)n;
-		}
-		t = fast_lap(c, KVD_FAST_SELECTIONS, t);
-		if (stale)
-			continue;
-		/* leases not selected for `keep` steps go back (those not selected now, when the
-		 * GPU pool had no room for a lease); failed ones leave the list */
-		const uint32_t keep = c->fast_pressure ? 1 : d->cfg.lease_steps;
-		c->fast_pressured += c->fast_pressure;
-		for (uint32_t j = 0; j < L->nleased;) {
-			uint32_t h = L->leased[j] >> 24, p = L->leased[j] & 0xffffff;
-			struct kvd_lease *ls = &L->lease[(size_t)h * L->cap + p];
-			if (ls->slot >= 0 && (int32_t)(step - ls->at) >= (int32_t)keep) {
-				struct page_key k = kvd_page_key(c, q, layer, h, p);
-				lease_revoke(c, kvd_fast_pos(c, q, layer, h, p), &k);
-				ls->slot = LEASE_NONE;
-			}
-			if (ls->slot == LEASE_NONE)
-				L->leased[j] = L->leased[--L->nleased];
-			else
-				j++;
-		}
-		t = fast_lap(c, KVD_FAST_SWEEPS, t);
+		qs[b] = q && q->fb_mark != mark && fb_layer(c, q, layer) ? q : NULL;
+		if (qs[b])
+			q->fb_mark = mark;
 	}
+	struct fb_run run = {.c = c, .e = e, .rep = rep, .qs = qs, .stale = stale,
+			     .keep = c->fast_pressure ? 1 : d->cfg.lease_steps,
+			     .drops = kvt_store_drops(d->store)};
+	struct kvd_pool *pool = nseq >= FAST_POOL_MIN ? d->pool : NULL;
+	c->fast_pooled += pool != NULL;
+	kvd_pool_run(pool, nseq, fb_seq, &run);
+	t = fast_lap(c, KVD_FAST_READS, t);
+	fb_apply(c, &run); /* a stale one's counts */
+	fast_lap(c, KVD_FAST_LEASES, t);
+	kvt_free(qs);
 	kvt_free(ids);
 }
 

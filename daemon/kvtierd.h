@@ -16,6 +16,7 @@
 #include "daemon/json.h"
 #include "daemon/list.h"
 #include "daemon/loop.h"
+#include "daemon/pool.h"
 #include "ipc/wire.h"
 #include "kernels/compute.h"
 #include "tiers/device.h"
@@ -117,6 +118,7 @@ struct kvd_seq {
 	struct kvd_origin **refs; /* every origin whose pages it reads, own first */
 	uint32_t nrefs;
 	struct kvtier_prefetch_stats st; /* its steps (no latencies: those are the client's) */
+	uint32_t fb_mark; /* the client's fb_mark of the last report that named it */
 	struct kvd_layer layer[];
 };
 
@@ -143,8 +145,9 @@ struct kvd_zombie {
 /* The fast path's work, timed by part (fast.c) */
 enum kvd_fast_ns {
 	KVD_FAST_WAITS,      /* the pages a client waits for: leased, acked (fb_wait_pass) */
-	KVD_FAST_SELECTIONS, /* a report's selections: leases started, host ones promoted */
-	KVD_FAST_SWEEPS,     /* leases not selected for lease_steps taken back */
+	KVD_FAST_READS,      /* a report read (over the pool): selections noted, the pages
+			      * to lease found in the store, the leases to take back listed */
+	KVD_FAST_LEASES,     /* then: leases taken back, leases started, host ones promoted */
 	KVD_FAST_MAP,        /* the map writes into the client's GPU map (a device round trip) */
 	KVD_FAST_ACKS,       /* acks whose pages came in */
 	KVD_FAST_RELEASES,   /* taken-back slots whose reads are done (the read fence) */
@@ -265,10 +268,14 @@ struct kvd_client {
 		} *pg; /* [n] still being read in */
 	} *acks;
 	uint32_t nacks, ackcap;
+	struct kvd_fb_part *fb_parts; /* a report's first pass: one part a pool thread */
+	unsigned fb_nparts;
+	uint32_t fb_mark; /* reports read: a sequence named twice in one is read once */
 	uint64_t fb_seen; /* ring bytes of the reports processed */
 	uint64_t fast_waits, fast_waited, fast_wait_ns; /* reports, pages, report to ack */
 	uint64_t fast_waits_ahead; /* of the reports, leased ahead of reports before them */
 	uint64_t fast_superseded;  /* reports counted only: a later one of their layer was in */
+	uint64_t fast_pooled;      /* reports read over the pool's threads (fast.threads) */
 	uint64_t fast_wait_lat[KVT_HIST_BUCKETS];       /* report to ack, log2 us */
 	uint64_t fast_wait_reads, fast_wait_read_ns;    /* their NVMe reads: lease to in */
 	uint8_t rx[sizeof(struct kvt_msg_hdr) + KVT_MSG_MAX];
@@ -324,6 +331,7 @@ struct kvd {
 	struct kvt_store *store;
 	struct kvt_device *dev;
 	struct kvt_compute *cc;
+	struct kvd_pool *pool; /* fast.threads: the fast path's reports read over it */
 	struct kvt_loop *loop;
 	int lsock;
 	struct kvt_op lsock_op;

@@ -221,7 +221,7 @@ static uint64_t seq_hash_of(const void *e)
 	return seq_hash(q->tenant, q->id);
 }
 
-static struct page *page_find(struct kvt_store *s, const struct page_key *k)
+static struct page *page_find(const struct kvt_store *s, const struct page_key *k)
 {
 	struct page *pg = s->pbuckets[page_key_hash(k) & s->pmask];
 	while (pg && !page_key_eq(&pg->key, k))
@@ -389,9 +389,11 @@ static bool lru_tier(enum tier_id t)
 }
 
 /*
- * The LRU lists hold the copies that may be evicted one day: a pinned page is off them
- * until its last unpin (so that a scan from the cold end never wades through pages in
- * use, however many a step pins), then goes back as the most recent.
+ * The LRU lists hold the copies that may be evicted one day. A pin leaves the page where
+ * it is (a pin is then one write to the page, which the daemon's lease of a page looked
+ * up on another thread needs: no neighbours' lines); the eviction scan takes pinned pages
+ * it meets off the list, uncounted, so that the cold end does not fill up with pages in
+ * use. A page's last unpin puts its copies back as the most recent.
  */
 static void lru_touch(struct kvt_store *s, struct page *pg, enum tier_id t)
 {
@@ -444,17 +446,16 @@ static bool evict_one(struct kvt_store *s, enum tier_id t, enum kvt_evict_reason
 	 */
 	struct page *fallback = NULL;
 	struct kvt_list *pos = s->lru[t].prev;
-	for (int scanned = 0; pos != &s->lru[t] && scanned < EVICT_SCAN; scanned++) {
+	for (int scanned = 0; pos != &s->lru[t] && scanned < EVICT_SCAN;) {
 		struct page *pg = kvt_container_of(pos, struct page, lru[t]);
 		pos = pos->prev;
-		if (pg->pins && (pg->valid & B(t))) {
-			/* in use: to the warm end, so that the cold end does not fill up with
-			 * pins beyond the scan's reach (the fast path's leases pin ~10% of the
-			 * host tier at batch 32) */
+		if (pg->pins) {
+			/* in use: off the list until its last unpin, not counted (the fast
+			 * path's leases pin most of the GPU pool at batch 32) */
 			kvt_list_del(&pg->lru[t]);
-			kvt_list_add(&s->lru[t], &pg->lru[t]);
 			continue;
 		}
+		scanned++;
 		if (!evictable(s, pg, t))
 			continue;
 		if (pg->score > s->score_ema) {
@@ -1075,16 +1076,13 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
  * Brings a copy of the page to `to`; with only_if_room, starts only where every tier on
  * the way has room now (free, or by evicting a cold copy) and else returns -EAGAIN.
  */
-static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
-		   bool only_if_room, bool queued_ok, kvt_store_cb cb, void *arg)
+static int promote_page(struct kvt_store *s, struct page *pg, enum tier_id to,
+			bool only_if_room, bool queued_ok, kvt_store_cb cb, void *arg)
 {
 	if (to != TIER_HOST && to != TIER_GPU)
 		return -EINVAL;
 	if (!s->tier[to])
 		return -ENODEV;
-	struct page *pg = page_find(s, k);
-	if (!pg)
-		return -ENOENT;
 	const bool there = (pg->valid | pg->busy) & B(to); /* or on its way */
 	for (int t = TIER_HOST; only_if_room && !there && t >= (int)to; t--) {
 		if ((pg->valid | pg->busy) & B(t))
@@ -1112,6 +1110,15 @@ static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id t
 	pg->want |= B(to);
 	progress(s, pg);
 	return 0;
+}
+
+static int promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
+		   bool only_if_room, bool queued_ok, kvt_store_cb cb, void *arg)
+{
+	struct page *pg = page_find(s, k);
+	if (!pg)
+		return -ENOENT;
+	return promote_page(s, pg, to, only_if_room, queued_ok, cb, arg);
 }
 
 int kvt_store_promote(struct kvt_store *s, const struct page_key *k, enum tier_id to,
@@ -1261,18 +1268,18 @@ int kvt_store_read(struct kvt_store *s, const struct page_key *k, void *dst, uin
 	return 0;
 }
 
+static int pin(struct page *pg)
+{
+	if (pg->pins == UINT16_MAX)
+		return -EOVERFLOW;
+	pg->pins++; /* on the LRU lists still: evict_one takes it off if it meets it */
+	return 0;
+}
+
 int kvt_store_pin(struct kvt_store *s, const struct page_key *k)
 {
 	struct page *pg = page_find(s, k);
-	if (!pg)
-		return -ENOENT;
-	if (pg->pins == UINT16_MAX)
-		return -EOVERFLOW;
-	if (!pg->pins++) {
-		kvt_list_del(&pg->lru[TIER_GPU]);
-		kvt_list_del(&pg->lru[TIER_HOST]);
-	}
-	return 0;
+	return pg ? pin(pg) : -ENOENT;
 }
 
 int kvt_store_unpin(struct kvt_store *s, const struct page_key *k)
@@ -1333,6 +1340,42 @@ void kvt_store_warm(struct kvt_store *s, const struct page_key *k, bool page)
 	}
 	if (*b) /* the first of its bucket: mostly the one */
 		page_prefetch(*b);
+}
+
+uint64_t kvt_store_drops(const struct kvt_store *s)
+{
+	return s->st.pages_dropped;
+}
+
+struct kvt_page_ref *kvt_store_lookup(const struct kvt_store *s, const struct page_key *k,
+				      struct kvt_page_info *out)
+{
+	struct page *pg = page_find(s, k);
+	if (pg && out)
+		page_info(pg, out);
+	return (struct kvt_page_ref *)pg;
+}
+
+int kvt_store_pin_ref(struct kvt_store *s, struct kvt_page_ref *r)
+{
+	(void)s;
+	return pin((struct page *)r);
+}
+
+int kvt_store_prefetch_ref(struct kvt_store *s, struct kvt_page_ref *r, enum tier_id to,
+			   kvt_store_cb cb, void *arg)
+{
+	return promote_page(s, (struct page *)r, to, true, false, cb, arg);
+}
+
+void kvt_store_ref_info(const struct kvt_page_ref *r, struct kvt_page_info *out)
+{
+	page_info((const struct page *)r, out);
+}
+
+void kvt_store_ref_warm(const struct kvt_page_ref *r)
+{
+	page_prefetch((const struct page *)r);
 }
 
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,

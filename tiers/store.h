@@ -254,6 +254,30 @@ void kvt_store_warm(struct kvt_store *s, const struct page_key *k, bool page);
 
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
 			struct kvt_page_info *out);
+
+/*
+ * A page found once, for the calls below that would look it up again. A reference
+ * stays good while the store drops no page (kvt_store_drops unchanged) and does not
+ * run (kvt_store_run, kvt_store_flush, ...): use it between those, on the store's
+ * thread.
+ */
+struct kvt_page_ref;
+/* Pages dropped so far: references taken before it last changed may be gone. */
+uint64_t kvt_store_drops(const struct kvt_store *s);
+/*
+ * k's page and its info (out may be NULL), or NULL: none. Reads the store and writes
+ * nothing: other threads may call it together while its own thread calls nothing of
+ * the store (the daemon looks up a report's pages on several).
+ */
+struct kvt_page_ref *kvt_store_lookup(const struct kvt_store *s, const struct page_key *k,
+				      struct kvt_page_info *out);
+/* kvt_store_pin, kvt_store_prefetch and kvt_store_page_info of a page looked up. */
+int kvt_store_pin_ref(struct kvt_store *s, struct kvt_page_ref *r);
+int kvt_store_prefetch_ref(struct kvt_store *s, struct kvt_page_ref *r, enum tier_id to,
+			   kvt_store_cb cb, void *arg);
+void kvt_store_ref_info(const struct kvt_page_ref *r, struct kvt_page_info *out);
+/* A hint: the page's first lines into this CPU's cache, for its use a few calls later. */
+void kvt_store_ref_warm(const struct kvt_page_ref *r);
 /*
  * Calls fn for every page of the tenant's sequence seq (every page of every sequence
  * with seq = UINT64_MAX; of every tenant with tenant = UINT32_MAX), until fn returns
