@@ -116,8 +116,8 @@ static const struct opt opts[] = {
 	 "few ahead of their turn (off: each on its own; for measuring it)"},
 	{"fast.threads", OPT_U32, F(fast_threads), 1, 64, false,
 	 "threads that read a fast-path report's sequences (what each selected, the store's "
-	 "lookups of the pages to lease), the event loop's own among them (default: a third of "
-	 "the CPUs, at most 5; 1 where there are fewer than 8)"},
+	 "lookups of the pages to lease), the event loop's own among them (default: half the "
+	 "CPUs, at most 8; 1 where there are fewer than 8)"},
 	{"fast.disk_reads", OPT_U32, F(fast_disk_reads), 0, 65536, true,
 	 "a page a fast-path client selected but whose score says it may not matter is read "
 	 "from NVMe only while fewer than this many of the client's lease reads are under way "
@@ -173,7 +173,7 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->fast_warm = true;
 	c->fast_disk_reads = 256;
 	const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	c->fast_threads = ncpu >= 8 ? (ncpu / 3 < 5 ? (uint32_t)(ncpu / 3) : 5) : 1;
+	c->fast_threads = ncpu >= 8 ? (ncpu / 2 < 8 ? (uint32_t)(ncpu / 2) : 8) : 1;
 
 	/* Sized from the machine: an eighth of RAM for each tenant's host arena and a
 	 * sixteenth for the (cpu device's) GPU pool, capped; a quarter of the free disk. */

@@ -340,10 +340,25 @@ void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q)
 struct lease_cb {
 	struct kvd *d;
 	uint32_t client, seq, layer, h, p;
-	uint64_t gen, t0;
+	uint64_t gen, t0; /* t0: the loop's clock (d->now_ns) */
+	struct kvt_page_ref *ref; /* the page, good while the store's drops are still `drops` */
+	uint64_t drops;
 	bool promote; /* a host lease's copy to the GPU (else a read from NVMe) */
 	bool waited;  /* a read the client waits for (hurried) */
 };
+
+/* The leased page's info as its copy lands, looked up again only if the store has
+ * dropped pages since the lease took its reference. */
+static int cb_info(struct kvd_client *c, struct kvd_seq *q, const struct lease_cb *a,
+		   struct kvt_page_info *pi)
+{
+	if (a->ref && kvt_store_drops(c->d->store) == a->drops) {
+		kvt_store_ref_info(a->ref, pi);
+		return 0;
+	}
+	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
+	return kvt_store_page_info(c->d->store, &k, pi);
+}
 
 /* Where a lease of the page can name it now: a GPU slot, a host slot, or -1. */
 static int32_t lease_slot(const struct kvt_page_info *pi)
@@ -375,20 +390,18 @@ static void promoted(struct kvd_client *c, struct kvd_seq *q, const struct lease
 {
 	struct kvd_layer *L = &q->layer[a->layer];
 	int32_t *ls = &L->lease[(size_t)a->h * L->cap + a->p].slot;
-	struct page_key k = kvd_page_key(c, q, a->layer, a->h, a->p);
 	struct kvt_page_info pi;
 	if (*ls < 0 || !(*ls & KVT_SLOT_HOST))
 		return; /* taken back (and maybe leased again) meanwhile */
 	*ls &= ~LEASE_PROMOTING;
-	if (res < 0 || kvt_store_page_info(c->d->store, &k, &pi) < 0 ||
-	    !(pi.valid & (1u << TIER_GPU)))
+	if (res < 0 || cb_info(c, q, a, &pi) < 0 || !(pi.valid & (1u << TIER_GPU)))
 		return; /* it stays a host lease */
 	const int32_t slot = (int32_t)TIER_SLOT_INDEX(pi.slot[TIER_GPU]);
 	if (pair_push(c, kvd_fast_pos(c, q, a->layer, a->h, a->p), slot) < 0)
 		return;
 	*ls = slot;
 	c->fast_copied++;
-	c->fast_grant_ns += kvd_now_ns() - a->t0;
+	c->fast_grant_ns += c->d->now_ns - a->t0;
 	c->pf.bytes_h2d += c->page_bytes;
 }
 
@@ -423,11 +436,11 @@ static void lease_cb_fn(void *arg, int res)
 		return;
 	}
 	int32_t slot = LEASE_NONE;
-	if (res == 0 && kvt_store_page_info(d->store, &k, &pi) == 0)
+	if (res == 0 && cb_info(c, q, a, &pi) == 0)
 		slot = lease_slot(&pi);
 	if (a->waited) {
 		c->fast_wait_reads++;
-		c->fast_wait_read_ns += kvd_now_ns() - a->t0;
+		c->fast_wait_read_ns += d->now_ns - a->t0;
 	}
 	if (slot >= 0) {
 		grant(c, q, a->layer, a->h, a->p, slot);
@@ -498,8 +511,8 @@ static void lease_start(struct kvd_client *c, struct kvd_seq *q, uint32_t layer,
 	int ret = -ENOMEM;
 	if (a) {
 		*a = (struct lease_cb){.d = d, .client = c->id, .seq = q->id, .layer = layer,
-				       .h = h, .p = p, .gen = q->gen, .t0 = kvd_now_ns(),
-				       .waited = waited};
+				       .h = h, .p = p, .gen = q->gen, .t0 = d->now_ns, .ref = r,
+				       .drops = kvt_store_drops(d->store), .waited = waited};
 		L->lease[(size_t)h * L->cap + p].slot = LEASE_COMING;
 		ret = kvt_store_prefetch_ref(d->store, r, TIER_HOST, lease_cb_fn, a);
 		c->fast_reading += ret == 0;
@@ -537,7 +550,8 @@ static void lease_promote(struct kvd_client *c, struct kvd_seq *q, uint32_t laye
 	if (!a)
 		return;
 	*a = (struct lease_cb){.d = c->d, .client = c->id, .seq = q->id, .layer = layer, .h = h,
-			       .p = p, .gen = q->gen, .t0 = kvd_now_ns(), .promote = true};
+			       .p = p, .gen = q->gen, .t0 = c->d->now_ns, .ref = r,
+			       .drops = kvt_store_drops(c->d->store), .promote = true};
 	if (kvt_store_prefetch_ref(c->d->store, r, TIER_GPU, lease_cb_fn, a) < 0) {
 		kvt_free(a); /* no room in the GPU pool now: it stays a host lease */
 		PF_ADD(c, q, prefetch_refused, 1);
@@ -890,12 +904,20 @@ static void fb_seq(void *arg, unsigned w, uint32_t b)
 		nh = nh < 0 ? 0 : nh > n ? n : nh;
 		nhost = nhost < 0 ? 0 : nhost > nh ? nh : nhost;
 		const int32_t *sel = rep + 3 * (size_t)rows + (size_t)row * stride;
+		const struct kvd_lease *lrow = &L->lease[(size_t)h * L->cap];
 		int32_t waited = 0;
 		for (int32_t i = 0; i < n; i++) {
 			const bool matters = sel[i] & KVT_PAGE_MATTERS;
 			waited += (sel[i] & KVT_PAGE_WAIT) != 0;
 			if (run->stale)
 				continue; /* counted only */
+			/* the lease 8 entries on, on its way (the row's pages are ~8% of it:
+			 * a miss each, which this thread would otherwise wait for in turn) */
+			const uint32_t ahead = i + 8 < n ? (uint32_t)(sel[i + 8] & ~(KVT_PAGE_MATTERS |
+									   KVT_PAGE_WAIT))
+							: UINT32_MAX;
+			if (ahead < L->cap)
+				__builtin_prefetch(&lrow[ahead], 1);
 			int32_t p = sel[i] & ~(KVT_PAGE_MATTERS | KVT_PAGE_WAIT);
 			if (p < 0 || (uint32_t)p >= L->stored || (uint32_t)p >= c->fast_pages)
 				continue;
@@ -956,6 +978,7 @@ static void fb_apply(struct kvd_client *c, const struct fb_run *run)
 {
 	struct kvd *d = c->d;
 	const uint32_t layer = run->e->layer;
+	d->now_ns = kvd_now_ns(); /* the leases' start, once for all of them */
 	for (unsigned w = 0; w < c->fb_nparts; w++) {
 		struct kvd_fb_part *pt = &c->fb_parts[w];
 		c->fast_fresh += pt->fresh;

@@ -332,6 +332,10 @@ struct kvd {
 	struct kvt_device *dev;
 	struct kvt_compute *cc;
 	struct kvd_pool *pool; /* fast.threads: the fast path's reports read over it */
+	/* the loop's clock, read once a turn (before and after the store's) and once a
+	 * report: when a lease started and its copy landed, off by up to a turn of the loop
+	 * (a clock read each was ~5% of the loop's time at batch 32) */
+	uint64_t now_ns;
 	struct kvt_loop *loop;
 	int lsock;
 	struct kvt_op lsock_op;
