@@ -242,6 +242,7 @@ struct kvd_client {
 	struct kvd_revoked {
 		struct page_key k;
 		uint32_t snap; /* fence_seq once the map said -1 */
+		uint64_t mark; /* the -1's write still on its way (kvt_compute_done), or 0 */
 	} *revoked;
 	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
