@@ -132,16 +132,26 @@ static void revoked_release(struct kvd_client *c, bool all)
 		if (ret == -EAGAIN)
 			return;
 	}
-	while (c->nrevoked) {
-		struct kvd_revoked *r = &c->revoked[c->rv_head];
-		if (!done && r->mark) {
-			/* its -1 written without waiting (map_flush): the count once it is in */
+	/* the -1s written without waiting (map_flush) that have landed since: their counts
+	 * start now, in order (rv_landed from the head have a count) */
+	uint32_t now_seq = 0;
+	bool have = false;
+	while (!done && c->rv_landed < c->nrevoked) {
+		struct kvd_revoked *r = &c->revoked[(c->rv_head + c->rv_landed) % c->revokedcap];
+		if (r->mark) {
 			if (!kvt_compute_done(d->cc, r->mark))
 				break;
+			if (!have) /* read after the landing: reads queued since see the -1 */
+				now_seq = kvt_load_acquire(&c->hdr->fence_seq);
+			have = true;
 			r->mark = 0;
-			r->snap = kvt_load_acquire(&c->hdr->fence_seq);
+			r->snap = now_seq;
 		}
-		if (!done && (int32_t)(seq - r->snap) < 2)
+		c->rv_landed++;
+	}
+	while (c->nrevoked) {
+		struct kvd_revoked *r = &c->revoked[c->rv_head];
+		if (!done && (!c->rv_landed || (int32_t)(seq - r->snap) < 2))
 			break;
 		if (d->cfg.fast_warm) { /* the lookups ahead: WARM_BUCKET */
 			const uint32_t n = c->nrevoked, cap = c->revokedcap, at = c->rv_head;
@@ -153,9 +163,10 @@ static void revoked_release(struct kvd_client *c, bool all)
 		kvt_store_unpin(d->store, &r->k);
 		c->rv_head = (c->rv_head + 1) % c->revokedcap;
 		c->nrevoked--;
+		c->rv_landed -= c->rv_landed != 0;
 	}
 	if (!c->nrevoked)
-		c->rv_head = 0;
+		c->rv_head = c->rv_landed = 0;
 }
 
 static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t snap,

@@ -245,6 +245,7 @@ struct kvd_client {
 		uint64_t mark; /* the -1's write still on its way (kvt_compute_done), or 0 */
 	} *revoked;
 	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
+	uint32_t rv_landed; /* of them, from the head, those whose -1 has landed */
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
 	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
 	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
