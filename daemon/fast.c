@@ -194,9 +194,10 @@ static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t
  * reads: a read the client queues once the -1 is in sees it, and the fence it records
  * twice more marks the end of every read queued before. With `now` the writes are in
  * when it returns (an ack or an answer follows: the client reads the map next);
- * else they land on their own (the daemon's thread does not wait for the device's
- * round trip, ~70 us a report at batch 32 on the H200), and their leases' count starts
- * once they have (revoked_release).
+ * else they land on their own (fast.map_async: the daemon's thread does not wait for the
+ * device's round trip, ~70 us a report at batch 32 on the H200, but the next pageable
+ * copy it starts did, and the step was no faster), and their leases' count starts once
+ * they have (revoked_release).
  */
 static void map_flush(struct kvd_client *c, bool closing, bool now)
 {
@@ -1154,7 +1155,8 @@ void kvd_fast_tick(struct kvd_client *c)
 	/* timed where there is work (a tick with none stays two loads) */
 	const bool busy = c->npairs || c->nrevoking || c->nacks || c->nrevoked;
 	uint64_t t = busy ? kvd_now_ns() : 0;
-	map_flush(c, false, c->nacks != 0); /* the acks below follow the map's writes */
+	/* the acks below follow the map's writes */
+	map_flush(c, false, c->nacks != 0 || !c->d->cfg.fast_map_async);
 	if (busy)
 		t = fast_lap(c, KVD_FAST_MAP, t);
 	acks_tick(c);
