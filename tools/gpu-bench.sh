@@ -64,10 +64,11 @@ for b in 8:32K 32:12K; do
 done
 # batch32-24k: batch 32 at 24K (96 GiB of KV, the selection fits the 10% pool) on a GPU that
 # holds dense's KV (H200), kvtier with the write-back policy (its NVMe tier 33 GiB: the
-# disk holds only what 92 GiB of pinned host RAM does not); reload alone, 6 steps.
+# disk holds only what 92 GiB of pinned host RAM does not), 200 timed steps (64 leave
+# the write-back's tail in: session 28); reload alone, 6 steps.
 if [ "$what" = batch32-24k ]; then
 	run batch32-24k --methods dense,sparse,kvtier --context 24K --batch 32 --write-back \
-		--host-budget 0.95 --warmup 64 --steps 64 --daemon-stats "$out/batch32-24k-daemon.txt"
+		--host-budget 0.95 --warmup 64 --steps 200 --daemon-stats "$out/batch32-24k-daemon.txt"
 	run batch32-24k-reload --methods reload --context 24K --batch 32 --warmup 1 --steps 6
 fi
 case $what in store | all)
