@@ -114,10 +114,6 @@ static const struct opt opts[] = {
 	{"fast.warm", OPT_BOOL, F(fast_warm), 0, 1, true,
 	 "the store lookups of the fast path's lease releases warmed into the CPU's cache a "
 	 "few ahead of their turn (off: each on its own; for measuring it)"},
-	{"fast.map_async", OPT_BOOL, F(fast_map_async), 0, 1, true,
-	 "the map writes of a tick go to the device without the daemon waiting for them (off, "
-	 "the default: it waits for each; on, measured no faster: the wait moves to the next "
-	 "copy the daemon starts)"},
 	{"fast.threads", OPT_U32, F(fast_threads), 1, 64, false,
 	 "threads that read a fast-path report's sequences (what each selected, the store's "
 	 "lookups of the pages to lease), the event loop's own among them (default: half the "
@@ -175,7 +171,6 @@ void kvt_config_defaults(struct kvt_config *c)
 	c->lease_steps = 8;
 	c->fast_promote = true;
 	c->fast_warm = true;
-	c->fast_map_async = false; /* H200 batch 32: no faster (BENCHMARKS.md, session 28) */
 	c->fast_disk_reads = 256;
 	const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	c->fast_threads = ncpu >= 8 ? (ncpu / 2 < 8 ? (uint32_t)(ncpu / 2) : 8) : 1;

@@ -59,7 +59,6 @@ struct kvt_config {
 	uint64_t fast_bytes_max;   /* largest region of summaries and map a client may have */
 	uint32_t lease_steps;      /* a lease not selected in this many steps is taken back */
 	bool fast_promote;         /* leases in host RAM copied to the GPU pool */
-	bool fast_map_async;       /* a tick's map writes not waited for */
 	bool fast_warm;            /* lease releases' lookups warmed ahead (kvt_store_warm) */
 	uint32_t fast_threads;     /* the fast path's report readers, the loop's included */
 	uint32_t fast_disk_reads;  /* low-value NVMe reads under way per client */

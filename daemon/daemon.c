@@ -120,7 +120,6 @@ int kvd_iterate(struct kvd *d, int idle_ms)
 	waiting |= kvd_ctl_busy(d);
 	d->now_ns = kvd_now_ns();
 	int ret = kvt_store_run(d->store, spin ? 0 : waiting ? (idle_ms < 2 ? idle_ms : 2) : idle_ms);
-	d->now_ns = kvd_now_ns();
 	kvd_server_tick(d);
 	return ret;
 }

@@ -76,7 +76,7 @@ struct kvd_fb_part {
 	uint32_t nact, actcap;
 	struct fb_rv *rv;
 	uint32_t nrv, rvcap;
-	uint64_t fresh, selected, pressured;
+	uint64_t fresh, pressured;
 	struct kvtier_prefetch_stats pf; /* steps, selected, hit, host, late, missed */
 };
 
@@ -132,26 +132,9 @@ static void revoked_release(struct kvd_client *c, bool all)
 		if (ret == -EAGAIN)
 			return;
 	}
-	/* the -1s written without waiting (map_flush) that have landed since: their counts
-	 * start now, in order (rv_landed from the head have a count) */
-	uint32_t now_seq = 0;
-	bool have = false;
-	while (!done && c->rv_landed < c->nrevoked) {
-		struct kvd_revoked *r = &c->revoked[(c->rv_head + c->rv_landed) % c->revokedcap];
-		if (r->mark) {
-			if (!kvt_compute_done(d->cc, r->mark))
-				break;
-			if (!have) /* read after the landing: reads queued since see the -1 */
-				now_seq = kvt_load_acquire(&c->hdr->fence_seq);
-			have = true;
-			r->mark = 0;
-			r->snap = now_seq;
-		}
-		c->rv_landed++;
-	}
 	while (c->nrevoked) {
 		struct kvd_revoked *r = &c->revoked[c->rv_head];
-		if (!done && (!c->rv_landed || (int32_t)(seq - r->snap) < 2))
+		if (!done && (int32_t)(seq - r->snap) < 2)
 			break;
 		if (d->cfg.fast_warm) { /* the lookups ahead: WARM_BUCKET */
 			const uint32_t n = c->nrevoked, cap = c->revokedcap, at = c->rv_head;
@@ -163,14 +146,12 @@ static void revoked_release(struct kvd_client *c, bool all)
 		kvt_store_unpin(d->store, &r->k);
 		c->rv_head = (c->rv_head + 1) % c->revokedcap;
 		c->nrevoked--;
-		c->rv_landed -= c->rv_landed != 0;
 	}
 	if (!c->nrevoked)
-		c->rv_head = c->rv_landed = 0;
+		c->rv_head = 0;
 }
 
-static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t snap,
-			uint64_t mark)
+static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t snap)
 {
 	if (c->nrevoked == c->revokedcap) {
 		uint32_t nc = c->revokedcap ? c->revokedcap * 2 : 1024;
@@ -184,29 +165,22 @@ static int revoked_push(struct kvd_client *c, const struct page_key *k, uint32_t
 		c->revokedcap = nc;
 		c->rv_head = 0;
 	}
-	c->revoked[(c->rv_head + c->nrevoked) % c->revokedcap] = (struct kvd_revoked){*k, snap, mark};
+	c->revoked[(c->rv_head + c->nrevoked) % c->revokedcap] = (struct kvd_revoked){*k, snap};
 	c->nrevoked++;
 	return 0;
 }
 
 /*
  * The map writes made, then the leases they took back start waiting for the client's
- * reads: a read the client queues once the -1 is in sees it, and the fence it records
- * twice more marks the end of every read queued before. With `now` the writes are in
- * when it returns (an ack or an answer follows: the client reads the map next);
- * else they land on their own (fast.map_async: the daemon's thread does not wait for the
- * device's round trip, ~70 us a report at batch 32 on the H200, but the next pageable
- * copy it starts did, and the step was no faster), and their leases' count starts once
- * they have (revoked_release).
+ * reads: a read the client queues from now on sees -1, and the fence it records twice
+ * more marks the end of every read queued before.
  */
-static void map_flush(struct kvd_client *c, bool closing, bool now)
+static void map_flush(struct kvd_client *c, bool closing)
 {
 	struct kvd *d = c->d;
-	uint64_t mark = 0;
 	if (c->npairs) {
-		int32_t *map = (int32_t *)((uint8_t *)c->fast.ptr + c->fast_map_off);
-		int ret = now || closing ? kvt_scatter_i32(d->cc, map, c->pairs, c->npairs)
-					 : kvt_scatter_i32_async(d->cc, map, c->pairs, c->npairs, &mark);
+		int ret = kvt_scatter_i32(d->cc, (int32_t *)((uint8_t *)c->fast.ptr + c->fast_map_off),
+					  c->pairs, c->npairs);
 		if (ret < 0) {
 			/* the map may still name slots taken back: they stay pinned (until the
 			 * client detaches), never reused under it */
@@ -227,7 +201,7 @@ static void map_flush(struct kvd_client *c, bool closing, bool now)
 			kvd_client_unpin(c, &c->revoking[i]);
 		else if (c->dead)
 			kvt_store_unpin(d->store, &c->revoking[i]);
-		else if (revoked_push(c, &c->revoking[i], snap, mark) < 0)
+		else if (revoked_push(c, &c->revoking[i], snap) < 0)
 			kvd_client_unpin(c, &c->revoking[i]); /* out of memory: the older way */
 	c->nrevoking = 0;
 }
@@ -299,7 +273,6 @@ void kvd_fast_detach(struct kvd_client *c)
 	c->nfb = c->fbcap = c->npairs = c->paircap = c->revokingcap = c->revokedcap = 0;
 	if (c->fast.ptr) {
 		struct kvt_device *dev = kvt_store_device(d->store);
-		kvt_compute_sync(d->cc, NULL); /* map writes still on their way land first */
 		dev->ops->mem_destroy(dev, &c->fast);
 		memset(&c->fast, 0, sizeof(c->fast));
 	}
@@ -353,7 +326,7 @@ void kvd_fast_seq_free(struct kvd_client *c, struct kvd_seq *q)
 		}
 		L->nleased = 0;
 		if (any)
-			map_flush(c, true, true);
+			map_flush(c, true);
 		kvt_free(L->lease);
 		kvt_free(L->leased);
 		L->lease = NULL;
@@ -633,7 +606,7 @@ void kvd_fast_sealed(struct kvd_client *c, const struct kvd_seal *s, uint32_t n)
 		}
 	}
 out:
-	map_flush(c, false, true);
+	map_flush(c, false);
 }
 
 /* A page the client waits for: leased, and its read from NVMe (if any) ahead of the
@@ -732,7 +705,7 @@ static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const ui
 	}
 	if (!a.waited)
 		return;
-	map_flush(c, false, true);
+	map_flush(c, false);
 	if (!a.n && !c->nacks) {
 		ack_write(c, &a);
 		kvt_free(a.pg);
@@ -922,8 +895,7 @@ static void fb_seq(void *arg, unsigned w, uint32_t b)
 	const struct kvt_store *store = c->d->store;
 	struct kvd_layer *L = &q->layer[layer];
 	const uint32_t step = ++L->fsteps;
-	q->st.steps++;
-	pt->pf.steps++;
+	struct kvtier_prefetch_stats st = {.steps = 1}; /* the sequence's and the client's */
 	for (uint32_t h = 0; h < H; h++) {
 		const uint32_t row = b * H + h;
 		int32_t n = rep[row], nh = rep[rows + row], nhost = rep[2 * rows + row];
@@ -966,18 +938,14 @@ static void fb_seq(void *arg, unsigned w, uint32_t b)
 				.h = (uint16_t)h, .start = start, .matters = matters};
 		}
 		waited = waited > n - nh ? n - nh : waited;
-		q->st.selected += (uint64_t)n;
-		q->st.hit += (uint64_t)(nh - nhost);
-		q->st.host += (uint64_t)nhost;
-		q->st.late += (uint64_t)waited;
-		q->st.missed += (uint64_t)(n - nh - waited);
-		pt->pf.selected += (uint64_t)n;
-		pt->pf.hit += (uint64_t)(nh - nhost);
-		pt->pf.host += (uint64_t)nhost;
-		pt->pf.late += (uint64_t)waited;
-		pt->pf.missed += (uint64_t)(n - nh - waited);
-		pt->selected += (uint64_t)n;
+		st.selected += (uint64_t)n;
+		st.hit += (uint64_t)(nh - nhost);
+		st.host += (uint64_t)nhost;
+		st.late += (uint64_t)waited;
+		st.missed += (uint64_t)(n - nh - waited);
 	}
+	kvd_pf_add(&q->st, &st);
+	kvd_pf_add(&pt->pf, &st);
 	if (run->stale)
 		return;
 	/* leases not selected for `keep` steps go back (those not selected now, when the GPU
@@ -1009,27 +977,22 @@ static void fb_apply(struct kvd_client *c, const struct fb_run *run)
 	for (unsigned w = 0; w < c->fb_nparts; w++) {
 		struct kvd_fb_part *pt = &c->fb_parts[w];
 		c->fast_fresh += pt->fresh;
-		c->fast_selected += pt->selected;
+		c->fast_selected += pt->pf.selected;
 		c->fast_pressured += pt->pressured;
-		c->pf.steps += pt->pf.steps;
-		c->pf.selected += pt->pf.selected;
-		c->pf.hit += pt->pf.hit;
-		c->pf.host += pt->pf.host;
-		c->pf.late += pt->pf.late;
-		c->pf.missed += pt->pf.missed;
+		kvd_pf_add(&c->pf, &pt->pf);
 		for (uint32_t i = 0; i < pt->nrv; i++)
 			lease_revoke(c, pt->rv[i].pos, &pt->rv[i].k);
 	}
 	for (unsigned w = 0; w < c->fb_nparts; w++) {
 		struct kvd_fb_part *pt = &c->fb_parts[w];
+		/* the pages' lines on their way 8 ahead of their turn */
+		for (uint32_t j = 0; j < pt->nact && j < 8; j++)
+			if (pt->act[j].ref)
+				kvt_store_ref_warm(pt->act[j].ref);
 		for (uint32_t i = 0; i < pt->nact; i++) {
 			/* a page dropped since (a full disk's policy, say): looked up again */
 			const bool refs = kvt_store_drops(d->store) == run->drops;
 			const struct fb_act *a = &pt->act[i];
-			if (refs && i == 0) /* the pages' lines on their way a few ahead of their turn */
-				for (uint32_t j = 0; j < pt->nact && j < 8; j++)
-					if (pt->act[j].ref)
-						kvt_store_ref_warm(pt->act[j].ref);
 			if (refs && i + 8 < pt->nact && pt->act[i + 8].ref)
 				kvt_store_ref_warm(pt->act[i + 8].ref);
 			if (refs && !a->ref)
@@ -1047,7 +1010,7 @@ static void fb_apply(struct kvd_client *c, const struct fb_run *run)
 		}
 		pt->nact = pt->nrv = 0;
 		memset(&pt->pf, 0, sizeof(pt->pf));
-		pt->fresh = pt->selected = pt->pressured = 0;
+		pt->fresh = pt->pressured = 0;
 	}
 }
 
@@ -1155,8 +1118,7 @@ void kvd_fast_tick(struct kvd_client *c)
 	/* timed where there is work (a tick with none stays two loads) */
 	const bool busy = c->npairs || c->nrevoking || c->nacks || c->nrevoked;
 	uint64_t t = busy ? kvd_now_ns() : 0;
-	/* the acks below follow the map's writes */
-	map_flush(c, false, c->nacks != 0 || !c->d->cfg.fast_map_async);
+	map_flush(c, false);
 	if (busy)
 		t = fast_lap(c, KVD_FAST_MAP, t);
 	acks_tick(c);

@@ -242,10 +242,8 @@ struct kvd_client {
 	struct kvd_revoked {
 		struct page_key k;
 		uint32_t snap; /* fence_seq once the map said -1 */
-		uint64_t mark; /* the -1's write still on its way (kvt_compute_done), or 0 */
 	} *revoked;
 	uint32_t rv_head, nrevoked, revokedcap; /* a FIFO */
-	uint32_t rv_landed; /* of them, from the head, those whose -1 has landed */
 	uint64_t fast_feedbacks, fast_grants, fast_revokes, fast_refused;
 	uint64_t fast_selected, fast_fresh; /* pages reported; of them not in the layer's last */
 	uint64_t fast_fb_ns, fast_grant_ns; /* in fb_process; from lease start to grant, summed */
@@ -334,9 +332,9 @@ struct kvd {
 	struct kvt_device *dev;
 	struct kvt_compute *cc;
 	struct kvd_pool *pool; /* fast.threads: the fast path's reports read over it */
-	/* the loop's clock, read once a turn (before and after the store's) and once a
-	 * report: when a lease started and its copy landed, off by up to a turn of the loop
-	 * (a clock read each was ~5% of the loop's time at batch 32) */
+	/* the loop's clock, read once a turn (before the store's completions) and once a
+	 * report: when a lease started and its copy landed, early by up to a turn of the
+	 * loop (a clock read each was ~5% of the loop's time at batch 32) */
 	uint64_t now_ns;
 	struct kvt_loop *loop;
 	int lsock;

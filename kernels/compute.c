@@ -290,23 +290,7 @@ int kvt_scatter_i32(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, u
 		return 0;
 	if (!dst || !pairs)
 		return -EINVAL;
-	return c->ops->scatter_i32(c, dst, pairs, n, NULL);
-}
-
-int kvt_scatter_i32_async(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n,
-			  uint64_t *mark)
-{
-	*mark = 0;
-	if (!n)
-		return 0;
-	if (!dst || !pairs)
-		return -EINVAL;
-	return c->ops->scatter_i32(c, dst, pairs, n, mark);
-}
-
-bool kvt_compute_done(struct kvt_compute *c, uint64_t mark)
-{
-	return !mark || !c->ops->done || c->ops->done(c, mark);
+	return c->ops->scatter_i32(c, dst, pairs, n);
 }
 
 int kvt_compute_sync(struct kvt_compute *c, void *stream)

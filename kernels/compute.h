@@ -38,7 +38,6 @@
  */
 
 #include <stddef.h>
-#include <stdbool.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -387,14 +386,6 @@ int kvt_estimate(struct kvt_compute *c, const struct kvt_estimate_args *a, void 
  * (or mapped memory it writes); done when it returns, on the backend's own stream.
  */
 int kvt_scatter_i32(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
-/*
- * The same, returning once pairs may be reused, before dst is written: *mark is then
- * what kvt_compute_done takes (0: written already). Scatters land in the order made.
- */
-int kvt_scatter_i32_async(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n,
-			  uint64_t *mark);
-/* Whether the scatter that returned mark has landed (and every one before it). */
-bool kvt_compute_done(struct kvt_compute *c, uint64_t mark);
 /* Waits for everything issued on stream (NULL: the backend's own). */
 int kvt_compute_sync(struct kvt_compute *c, void *stream);
 

@@ -525,11 +525,9 @@ static int cpu_put_rows(struct kvt_compute *base, const struct kvt_put_rows_args
 	return 0;
 }
 
-static int cpu_scatter_i32(struct kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n,
-			   uint64_t *mark)
+static int cpu_scatter_i32(struct kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n)
 {
 	(void)base;
-	(void)mark; /* written here: *mark stays 0 */
 	/* the map another process's kernels read: whole words */
 	for (uint32_t i = 0; i < n; i++)
 		__atomic_store_n(&dst[pairs[2 * i]], pairs[2 * i + 1], __ATOMIC_RELEASE);

@@ -12,17 +12,12 @@
 #include "kernels/compute_impl.h"
 #include "kernels/cuda_common.cuh"
 
-#define CUDA_MARKS 64u
-
 struct cuda_compute {
 	kvt_compute base;
 	cudaStream_t stream;
 	kvt_cuda_ws ws;
 	int32_t *pairs; /* scatter_i32's pairs on the device */
 	uint32_t pairs_cap;
-	/* async scatters: an event after each, marks 1.. (marks - done_to in flight) */
-	cudaEvent_t ev[CUDA_MARKS];
-	uint64_t marks, done_to;
 };
 
 int kvt_cuda_errno(cudaError_t e, const char *what)
@@ -81,9 +76,6 @@ static void cuda_close(kvt_compute *base)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
 	cudaStreamSynchronize(c->stream);
-	for (unsigned i = 0; i < CUDA_MARKS; i++)
-		if (c->ev[i])
-			cudaEventDestroy(c->ev[i]);
 	cudaFree(c->ws.buf);
 	cudaFree(c->ws.counters);
 	cudaFree(c->pairs);
@@ -183,22 +175,7 @@ static int cuda_estimate(kvt_compute *base, const kvt_estimate_args *a, void *st
 	return kvt_cuda_estimate(a, pick(reinterpret_cast<cuda_compute *>(base), stream));
 }
 
-static bool cuda_done(kvt_compute *base, uint64_t mark)
-{
-	auto *c = reinterpret_cast<cuda_compute *>(base);
-	while (c->done_to < mark) {
-		cudaError_t e = cudaEventQuery(c->ev[(c->done_to + 1) % CUDA_MARKS]);
-		if (e == cudaErrorNotReady)
-			return false;
-		if (e != cudaSuccess) /* an error: the stream's work is over either way */
-			kvt_cuda_errno(cudaStreamSynchronize(c->stream), "scatter");
-		c->done_to++;
-	}
-	return true;
-}
-
-static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n,
-			    uint64_t *mark)
+static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pairs, uint32_t n)
 {
 	auto *c = reinterpret_cast<cuda_compute *>(base);
 	if (n > c->pairs_cap) {
@@ -216,24 +193,7 @@ static int cuda_scatter_i32(kvt_compute *base, int32_t *dst, const int32_t *pair
 						 cudaMemcpyHostToDevice, c->stream), "scatter");
 	if (ret == 0)
 		ret = kvt_cuda_scatter(dst, c->pairs, n, c->stream);
-	if (ret == 0 && mark) {
-		/* the oldest mark's event is reused: waited for first if it is still out */
-		const uint64_t m = c->marks + 1;
-		if (m - c->done_to > CUDA_MARKS)
-			cuda_done(base, m - CUDA_MARKS) ||
-				(cudaEventSynchronize(c->ev[(m - CUDA_MARKS) % CUDA_MARKS]), c->done_to = m - CUDA_MARKS);
-		cudaEvent_t *ev = &c->ev[m % CUDA_MARKS];
-		if ((*ev || (ret = kvt_cuda_errno(cudaEventCreateWithFlags(ev, cudaEventDisableTiming),
-						   "event")) == 0) &&
-		    (ret = kvt_cuda_errno(cudaEventRecord(*ev, c->stream), "event")) == 0) {
-			c->marks = m;
-			*mark = m;
-			return 0; /* pairs went to the device's staging: reusable now */
-		}
-	}
 	int sret = kvt_cuda_errno(cudaStreamSynchronize(c->stream), "scatter");
-	if (mark) /* waited for: every mark before is done too */
-		c->done_to = c->marks;
 	return ret < 0 ? ret : sret;
 }
 
@@ -281,5 +241,4 @@ extern "C" const kvt_compute_ops kvt_compute_cuda_ops = {
 	cuda_estimate,
 	cuda_select_resolve,
 	cuda_put_async,
-	cuda_done,
 };

@@ -37,9 +37,7 @@ struct kvt_compute_ops {
 	void *(*stream)(struct kvt_compute *c);
 	int (*resolve)(struct kvt_compute *c, const struct kvt_resolve_args *a, void *stream);
 	int (*put_rows)(struct kvt_compute *c, const struct kvt_put_rows_args *a, void *stream);
-	/* mark NULL: done when it returns; else *mark for done (0: done already) */
-	int (*scatter_i32)(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n,
-			   uint64_t *mark);
+	int (*scatter_i32)(struct kvt_compute *c, int32_t *dst, const int32_t *pairs, uint32_t n);
 	int (*estimate)(struct kvt_compute *c, const struct kvt_estimate_args *a, void *stream);
 	/* kvt_select_resolve in one call, or NULL: the two calls */
 	int (*select_resolve)(struct kvt_compute *c, const struct kvt_select_args *s,
@@ -47,8 +45,6 @@ struct kvt_compute_ops {
 	/* kvt_compute_put_async: src read before it returns */
 	int (*put_async)(struct kvt_compute *c, void *dst, const void *src, size_t bytes,
 			 void *stream);
-	/* whether scatter_i32's mark has landed; NULL: all work is done when its call returns */
-	bool (*done)(struct kvt_compute *c, uint64_t mark);
 };
 
 /* Every backend's object starts with this. */

@@ -1381,11 +1381,7 @@ void kvt_store_ref_warm(const struct kvt_page_ref *r)
 int kvt_store_page_info(struct kvt_store *s, const struct page_key *k,
 			struct kvt_page_info *out)
 {
-	struct page *pg = page_find(s, k);
-	if (!pg)
-		return -ENOENT;
-	page_info(pg, out);
-	return 0;
+	return kvt_store_lookup(s, k, out) ? 0 : -ENOENT;
 }
 
 int kvt_store_foreach(struct kvt_store *s, uint32_t tenant, uint64_t seq,
