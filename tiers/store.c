@@ -60,6 +60,7 @@ struct page {
 	struct kvt_list seq_link;
 	struct kvt_list wb_link;
 	struct kvt_list stall_link;
+	struct kvt_list dirty_link; /* on kvt_store.dirty while dirty (sealed, on no disk) */
 	uint64_t epoch;
 	uint64_t csum; /* of the disk copy: its reads need not read the header */
 	uint64_t born_ms, touch_ms; /* monotonic: when put, when last touched (0: never) */
@@ -155,6 +156,7 @@ struct kvt_store {
 	uint64_t smask, nseqs;
 	struct kvt_list lru[2];
 	struct kvt_list wbq;
+	struct kvt_list dirty; /* dirty pages, oldest first: what the write-back writes first */
 	struct kvt_list stalled;
 	struct kvt_list ready;
 	struct freelist free_moves, free_waiters, free_ready;
@@ -302,6 +304,7 @@ static struct page *page_new(struct kvt_store *s, const struct page_key *k)
 	kvt_list_init(&pg->lru[1]);
 	kvt_list_init(&pg->wb_link);
 	kvt_list_init(&pg->stall_link);
+	kvt_list_init(&pg->dirty_link);
 	kvt_list_add_tail(&q->pages, &pg->seq_link);
 	q->npages++;
 	uint64_t b = page_key_hash(k) & s->pmask;
@@ -423,6 +426,14 @@ static void drop_copy(struct kvt_store *s, struct page *pg, enum tier_id t,
 		kvt_list_del(&pg->lru[t]);
 	s->st.evictions[t]++;
 	s->st.evict_reason[t][why]++;
+}
+
+/* A page sealed or put whole, on no disk: on the dirty list, newest last. */
+static void set_dirty(struct kvt_store *s, struct page *pg)
+{
+	pg->state = KVT_PAGE_DIRTY;
+	if (!kvt_list_linked(&pg->dirty_link))
+		kvt_list_add_tail(&s->dirty, &pg->dirty_link);
 }
 
 /* A page's first 128 bytes (what a lookup and a lease touch), on 2 or 3 cache lines (the
@@ -553,6 +564,7 @@ static void move_done(struct tier_io *io)
 			pg->csum = m->io.meta.csum;
 			pg->valid |= B(TIER_NVME);
 			pg->state = KVT_PAGE_CLEAN;
+			kvt_list_del(&pg->dirty_link);
 			pg->want &= (uint8_t)~B(TIER_NVME);
 			s->st.writebacks++;
 		} else {
@@ -724,13 +736,11 @@ static void progress(struct kvt_store *s, struct page *pg)
 	}
 }
 
-#define TENANT_ANY UINT32_MAX
-
 /*
- * KVT_WRITE_BACK: starts writing the host tier's coldest dirty pages (tenant's, or
- * anyone's with TENANT_ANY) until `need` are on their way to disk, those already on it
- * counted; once written they are clean copies that evict_one may take. Returns how
- * many are on their way (0: none could start, the disk is full).
+ * KVT_WRITE_BACK, a host slot wanted and none free: starts writing the tenant's coldest
+ * dirty host pages until `need` are on their way to disk, those already on it counted;
+ * once written they are clean copies that evict_one may take. Returns how many are on
+ * their way (0: none could start, the disk is full).
  */
 static unsigned write_cold(struct kvt_store *s, uint32_t tenant, uint64_t need)
 {
@@ -741,8 +751,42 @@ static unsigned write_cold(struct kvt_store *s, uint32_t tenant, uint64_t need)
 	     n++) {
 		struct page *pg = kvt_container_of(pos, struct page, lru[TIER_HOST]);
 		pos = pos->prev;
-		if (pg->state != KVT_PAGE_DIRTY || pg->dropped ||
-		    (tenant != TENANT_ANY && pg->key.tenant != tenant))
+		if (pg->state != KVT_PAGE_DIRTY || pg->dropped || pg->key.tenant != tenant)
+			continue;
+		if (pg->want & B(TIER_NVME)) {
+			going++;
+			continue;
+		}
+		if (pg->slot[TIER_NVME] == TIER_SLOT_NONE) {
+			if (slot_get(s, TIER_NVME, pg->key.tenant, &pg->slot[TIER_NVME]) < 0) {
+				pg->slot[TIER_NVME] = TIER_SLOT_NONE;
+				break;
+			}
+			pg->wb_tries = 0;
+		}
+		pg->want |= B(TIER_NVME);
+		s->st.writes_for_room++;
+		going++;
+		progress(s, pg);
+	}
+	return going;
+}
+
+/*
+ * KVT_WRITE_BACK's watermark: starts writing the dirty pages put first until `need` are
+ * on their way to disk, those already on it counted. Written, they are clean copies
+ * that stay in host RAM until evict_one takes them, coldest first; a read from disk
+ * then finds room without waiting for a write. Returns how many are on their way.
+ */
+static unsigned write_oldest(struct kvt_store *s, uint64_t need)
+{
+	const unsigned cap = 2 * s->p.writeback_max;
+	unsigned going = 0;
+	struct kvt_list *pos = s->dirty.next;
+	for (int n = 0; pos != &s->dirty && n < WB_SCAN && going < need && going < cap; n++) {
+		struct page *pg = kvt_container_of(pos, struct page, dirty_link);
+		pos = pos->next;
+		if (pg->dropped)
 			continue;
 		if (pg->want & B(TIER_NVME)) {
 			going++;
@@ -868,6 +912,7 @@ static void page_free(struct kvt_store *s, struct page *pg)
 	kvt_list_del(&pg->lru[1]);
 	kvt_list_del(&pg->wb_link);
 	kvt_list_del(&pg->stall_link);
+	kvt_list_del(&pg->dirty_link);
 	if (pg->seq) {
 		kvt_list_del(&pg->seq_link);
 		pg->seq->npages--;
@@ -896,6 +941,7 @@ static void page_drop(struct kvt_store *s, struct page *pg)
 		kvt_list_del(&pg->lru[1]);
 		kvt_list_del(&pg->wb_link);
 		kvt_list_del(&pg->stall_link);
+		kvt_list_del(&pg->dirty_link);
 		wake(s, pg, -ECANCELED);
 		return;
 	}
@@ -1029,7 +1075,7 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 	if (flags & KVT_PUT_FILLING) {
 		pg->state = KVT_PAGE_FILLING;
 	} else {
-		pg->state = KVT_PAGE_DIRTY;
+		set_dirty(s, pg);
 		if (through)
 			pg->want |= B(TIER_NVME);
 	}
@@ -1063,7 +1109,7 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 	s->st.appends++;
 	pg->last_access = ++s->clock;
 	if (seal || pg->len == s->p.page_bytes) {
-		pg->state = KVT_PAGE_DIRTY;
+		set_dirty(s, pg);
 		if (s->p.write_policy == KVT_WRITE_THROUGH) {
 			pg->want |= B(TIER_NVME);
 			progress(s, pg);
@@ -1221,7 +1267,7 @@ int kvt_store_evict(struct kvt_store *s, const struct page_key *k, enum tier_id 
 		return -EPERM;
 	drop_copy(s, pg, from, KVT_EVICT_REQUEST);
 	if (from == TIER_NVME) {
-		pg->state = KVT_PAGE_DIRTY; /* no longer on disk: the slot is wiped */
+		set_dirty(s, pg); /* no longer on disk: the slot is wiped */
 		pg->slot[TIER_NVME] = TIER_SLOT_NONE;
 	}
 	return 0;
@@ -1452,11 +1498,11 @@ static void cron(struct kvt_store *s)
 	}
 	/*
 	 * Write-back: the pages on no disk are kept below the host tier's low watermark, the
-	 * coldest written first, so that the rest of it is clean copies: a page read back
-	 * from disk then finds a slot at once. Once a millisecond. It sees only the dirty
-	 * pages among the WB_SCAN coldest host copies (at batch 32 on the H200 those were
-	 * clean ones, and dirty pages stayed at 89%): a list of dirty pages in put order
-	 * would let it act.
+	 * oldest written first, so that the rest of it is clean copies: a page read back
+	 * from disk then finds a slot at once, and the disk is not written on a read's way.
+	 * Once a millisecond. (It looked for dirty pages among the WB_SCAN coldest host
+	 * copies, which at batch 32 on the H200 were clean ones: dirty pages stayed at 89%
+	 * and reads from disk waited for writes.)
 	 */
 	if (s->p.write_policy == KVT_WRITE_BACK && s->now_ms >= s->wb_next_ms) {
 		struct tier_usage nu, hu;
@@ -1465,7 +1511,7 @@ static void cron(struct kvt_store *s)
 		const uint64_t dirty = s->npages > nu.used ? s->npages - nu.used : 0,
 			       low = hu.slots * s->p.low_wm / 100;
 		if (dirty > low)
-			write_cold(s, TENANT_ANY, dirty - low);
+			write_oldest(s, dirty - low);
 		s->wb_next_ms = s->now_ms + 1;
 	}
 	/*
@@ -1619,6 +1665,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	kvt_list_init(&s->lru[0]);
 	kvt_list_init(&s->lru[1]);
 	kvt_list_init(&s->wbq);
+	kvt_list_init(&s->dirty);
 	kvt_list_init(&s->stalled);
 	kvt_list_init(&s->ready);
 	s->pmask = 1023;

@@ -820,6 +820,62 @@ static void write_back_full(void **state)
 	}
 }
 
+static int setup_write_back_oldest(void **state)
+{
+	return setup_wb(state, "wbold", 32u << 20, 160u << 20);
+}
+
+/*
+ * Write-back keeps the pages on no disk below the host tier's low watermark, the
+ * oldest put written first, even where the coldest host copies are clean ones (more of
+ * them than the store looks at from the cold end: it then used to write nothing, and
+ * reads from disk waited for writes): the written pages keep their host copies, the
+ * newest stay dirty, and every page reads back.
+ */
+static void write_back_oldest(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct kvt_store_stats st;
+	kvt_store_stats(s, &st);
+	const uint64_t hslots = st.tier[TIER_HOST].slots, low = hslots * 80 / 100;
+	const uint32_t clean = 260; /* more than the 256 the store looks at from the cold end */
+	const uint32_t dirty = (uint32_t)(hslots * 88 / 100) - clean; /* below the high mark */
+	assert_true(dirty > low + 32);
+	for (uint32_t i = 0; i < clean; i++) {
+		struct page_key k = t_key(0, 1, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	}
+	assert_int_equal(kvt_store_flush(s), 0); /* the coldest: clean copies */
+	for (uint32_t i = 0; i < dirty; i++) {
+		struct page_key k = t_key(0, 2, 0, 0, i);
+		t_fill(f->buf, PB, &k);
+		assert_int_equal(t_put(s, &k, f->buf, PB, 0, NULL), 0);
+	}
+	for (int i = 0; i < 50 || kvt_store_busy(s); i++)
+		kvt_store_run(s, 2);
+	kvt_store_stats(s, &st);
+	assert_int_equal(st.pages, clean + dirty);
+	assert_true(st.pages_dirty <= low);
+	assert_true(st.pages_dirty >= low - 2 * 32); /* no more written than the mark asks */
+	assert_int_equal(st.tier[TIER_HOST].used, clean + dirty); /* nothing evicted */
+	struct kvt_page_info pi;
+	struct page_key first = t_key(0, 2, 0, 0, 0), last = t_key(0, 2, 0, 0, dirty - 1);
+	assert_int_equal(kvt_store_page_info(s, &first, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_CLEAN);
+	assert_int_equal(pi.valid, (1u << TIER_HOST) | (1u << TIER_NVME));
+	assert_int_equal(kvt_store_page_info(s, &last, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_DIRTY);
+	assert_int_equal(pi.valid, 1u << TIER_HOST);
+	for (uint32_t i = 0; i < dirty; i += 7) {
+		struct page_key k = t_key(0, 2, 0, 0, i);
+		read_verify(s, &k, f->buf);
+	}
+	struct page_key k = t_key(0, 1, 0, 0, clean - 1);
+	read_verify(s, &k, f->buf);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -837,6 +893,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(background_depth, setup_bg1, teardown),
 		cmocka_unit_test_setup_teardown(write_back, setup_write_back, teardown),
 		cmocka_unit_test_setup_teardown(write_back_full, setup_write_back_tiny, teardown),
+		cmocka_unit_test_setup_teardown(write_back_oldest, setup_write_back_oldest, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
