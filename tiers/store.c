@@ -16,6 +16,7 @@
 #define EVICT_SCAN   64
 #define WB_SCAN      256 /* KVT_WRITE_BACK: host pages looked at per search for cold ones */
 #define WB_ROOM      8   /* and written at once when a host slot is wanted and none is free */
+#define HOST_WB_FREE 2   /* KVT_WRITE_BACK: host slots kept free (%), the rest clean copies */
 
 struct waiter {
 	struct waiter *next;
@@ -1516,7 +1517,11 @@ static void cron(struct kvt_store *s)
 	}
 	/*
 	 * Watermarks: background eviction of clean copies. A pass that falls short (what is
-	 * left is dirty, pinned or in use) waits a millisecond for the next.
+	 * left is dirty, pinned or in use) waits a millisecond for the next. Write-back's
+	 * host tier keeps only HOST_WB_FREE% free: its clean copies are the pages written
+	 * first (above), taken at once where a slot is wanted, and each one kept is a read
+	 * from disk saved (evicted down to the low watermark, H200 batch 32: 12.5 -> 16.8 MB
+	 * a step read from disk).
 	 */
 	for (int t = 0; t < 2; t++) {
 		if (!s->tier[t] || s->now_ms < s->wm_next_ms[t])
@@ -1524,6 +1529,10 @@ static void cron(struct kvt_store *s)
 		struct tier_usage u;
 		s->tier[t]->ops->usage(s->tier[t], &u);
 		uint64_t high = u.slots * s->p.high_wm / 100, low = u.slots * s->p.low_wm / 100;
+		if (t == TIER_HOST && s->p.write_policy == KVT_WRITE_BACK) {
+			high = u.slots - u.slots * HOST_WB_FREE / 100;
+			low = high - u.slots / 200;
+		}
 		if (u.used <= high)
 			continue;
 		while (u.used > low && evict_one(s, (enum tier_id)t, KVT_EVICT_WATERMARK))
