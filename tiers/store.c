@@ -737,6 +737,25 @@ static void progress(struct kvt_store *s, struct page *pg)
 	}
 }
 
+/* A dirty page on its way to disk, its write started unless it was: false where the
+ * disk has no slot for it. */
+static bool wb_going(struct kvt_store *s, struct page *pg)
+{
+	if (pg->want & B(TIER_NVME))
+		return true;
+	if (pg->slot[TIER_NVME] == TIER_SLOT_NONE) {
+		if (slot_get(s, TIER_NVME, pg->key.tenant, &pg->slot[TIER_NVME]) < 0) {
+			pg->slot[TIER_NVME] = TIER_SLOT_NONE;
+			return false;
+		}
+		pg->wb_tries = 0;
+	}
+	pg->want |= B(TIER_NVME);
+	s->st.writes_for_room++;
+	progress(s, pg);
+	return true;
+}
+
 /*
  * KVT_WRITE_BACK, a host slot wanted and none free: starts writing the tenant's coldest
  * dirty host pages until `need` are on their way to disk, those already on it counted;
@@ -754,21 +773,9 @@ static unsigned write_cold(struct kvt_store *s, uint32_t tenant, uint64_t need)
 		pos = pos->prev;
 		if (pg->state != KVT_PAGE_DIRTY || pg->dropped || pg->key.tenant != tenant)
 			continue;
-		if (pg->want & B(TIER_NVME)) {
-			going++;
-			continue;
-		}
-		if (pg->slot[TIER_NVME] == TIER_SLOT_NONE) {
-			if (slot_get(s, TIER_NVME, pg->key.tenant, &pg->slot[TIER_NVME]) < 0) {
-				pg->slot[TIER_NVME] = TIER_SLOT_NONE;
-				break;
-			}
-			pg->wb_tries = 0;
-		}
-		pg->want |= B(TIER_NVME);
-		s->st.writes_for_room++;
+		if (!wb_going(s, pg))
+			break;
 		going++;
-		progress(s, pg);
 	}
 	return going;
 }
@@ -789,21 +796,9 @@ static unsigned write_oldest(struct kvt_store *s, uint64_t need)
 		pos = pos->next;
 		if (pg->dropped)
 			continue;
-		if (pg->want & B(TIER_NVME)) {
-			going++;
-			continue;
-		}
-		if (pg->slot[TIER_NVME] == TIER_SLOT_NONE) {
-			if (slot_get(s, TIER_NVME, pg->key.tenant, &pg->slot[TIER_NVME]) < 0) {
-				pg->slot[TIER_NVME] = TIER_SLOT_NONE;
-				break;
-			}
-			pg->wb_tries = 0;
-		}
-		pg->want |= B(TIER_NVME);
-		s->st.writes_for_room++;
+		if (!wb_going(s, pg))
+			break;
 		going++;
-		progress(s, pg);
 	}
 	return going;
 }
