@@ -278,7 +278,7 @@ static void hello(struct kvd_client *c, const struct kvt_msg_hdr *h, const uint8
 		.page_bytes = c->page_bytes,
 		.device_ordinal = 0,
 		.host_stride = tier_host_stride(kvt_store_tier(d->store, TIER_HOST)),
-		.host_headroom = kvt_store_tier(d->store, TIER_HOST)->p.headroom,
+		.host_headroom = 0, /* host slots hold pages alone (their disk headers do not) */
 	};
 	/* the client's read fence; without one its attends synchronise (slower, not wrong) */
 	if ((ret = dev->ops->fence_create(dev, w.fence, NULL, &c->fence)) == 0)

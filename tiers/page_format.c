@@ -39,7 +39,8 @@ uint64_t page_csum(const struct page_hdr *h, const void *payload, uint64_t slot,
 	return kvt_page_hash(seed_of(slot, epoch), &c, sizeof(c), payload, h->len);
 }
 
-uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot)
+static struct page_hdr hdr_of(uint16_t hdr_size, const void *payload,
+			      const struct page_meta *m, uint64_t slot)
 {
 	struct page_hdr h = {
 		.magic = PAGE_MAGIC,
@@ -51,21 +52,28 @@ uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m,
 		.slot = slot,
 	};
 	h.key.pad = 0;
-	h.csum = page_csum(&h, (const char *)hdr + hdr_size, slot, m->epoch);
+	h.csum = page_csum(&h, payload, slot, m->epoch);
+	return h;
+}
+
+uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const void *payload,
+			const struct page_meta *m, uint64_t slot)
+{
+	struct page_hdr h = hdr_of(hdr_size, payload, m, slot);
 	memset(hdr, 0, hdr_size);
 	memcpy(hdr, &h, sizeof(h));
 	return h.csum;
 }
 
-enum page_check page_verify_payload(void *hdr, uint16_t hdr_size, uint64_t slot,
+enum page_check page_verify_payload(const void *payload, uint16_t hdr_size, uint64_t slot,
 				    const struct page_meta *expect)
 {
-	return page_hdr_stamp(hdr, hdr_size, expect, slot) == expect->csum ? PAGE_OK
+	return hdr_of(hdr_size, payload, expect, slot).csum == expect->csum ? PAGE_OK
 									    : PAGE_CORRUPT;
 }
 
-enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len,
-			    uint64_t slot, const struct page_meta *expect,
+enum page_check page_verify(const void *hdr, uint16_t hdr_size, const void *payload,
+			    uint32_t max_len, uint64_t slot, const struct page_meta *expect,
 			    struct page_meta *found)
 {
 	struct page_hdr h;
@@ -79,8 +87,7 @@ enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len
 	 * copied whole from elsewhere fails on the slot, one left from an earlier write at
 	 * this slot passes here and is told apart by its epoch below.
 	 */
-	if (h.slot != slot ||
-	    page_csum(&h, (const char *)hdr + hdr_size, slot, h.epoch) != h.csum)
+	if (h.slot != slot || page_csum(&h, payload, slot, h.epoch) != h.csum)
 		return PAGE_CORRUPT;
 	if (found) {
 		found->key = h.key;

@@ -29,7 +29,8 @@ uint64_t page_key_hash(const struct page_key *k);
 
 /*
  * On-disk page header, at the start of every disk slot, the payload right after the
- * header block (hdr_size bytes, the device's direct-I/O alignment, at least 512).
+ * header block (hdr_size bytes: the file system's block, or the device's direct-I/O
+ * alignment, at least 512). In RAM the two need not be side by side.
  * csum is XXH3-64 over the header (csum zeroed) and len payload bytes, seeded with the
  * slot number and the epoch: a flipped bit, a torn write (old header or old payload
  * beside new) and a stale page left at a reused slot all fail the check.
@@ -76,22 +77,24 @@ const char *page_check_str(enum page_check c);
 
 uint64_t page_csum(const struct page_hdr *h, const void *payload, uint64_t slot,
 		   uint64_t epoch);
-/* Fills the header at hdr (payload follows at hdr + hdr_size); returns its checksum. */
-uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const struct page_meta *m, uint64_t slot);
+/* Fills the hdr_size bytes of header at hdr for payload; returns its checksum. */
+uint64_t page_hdr_stamp(void *hdr, uint16_t hdr_size, const void *payload,
+			const struct page_meta *m, uint64_t slot);
 /*
- * Checks the page at hdr (payload at hdr + hdr_size) read from slot. If expect is not
- * NULL the page must be that key and epoch; found (may be NULL) gets what is there.
+ * Checks the page read from slot: its header at hdr, its payload at payload. If expect
+ * is not NULL the page must be that key and epoch; found (may be NULL) gets what is
+ * there.
  */
-enum page_check page_verify(const void *hdr, uint16_t hdr_size, uint32_t max_len,
-			    uint64_t slot, const struct page_meta *expect,
+enum page_check page_verify(const void *hdr, uint16_t hdr_size, const void *payload,
+			    uint32_t max_len, uint64_t slot, const struct page_meta *expect,
 			    struct page_meta *found);
 /*
- * Checks a payload read without its header (at hdr + hdr_size) against expect, whose
- * csum must be set: stamps the header the page must have had at hdr and compares its
- * checksum. PAGE_OK or PAGE_CORRUPT; a mismatch does not tell a flipped bit from a
- * stale page or a torn write: read the header to say which (page_verify).
+ * Checks a payload read without its header against expect, whose csum must be set:
+ * the checksum of the header the page must have had, over this payload. PAGE_OK or
+ * PAGE_CORRUPT; a mismatch does not tell a flipped bit from a stale page or a torn
+ * write: read the header to say which (page_verify).
  */
-enum page_check page_verify_payload(void *hdr, uint16_t hdr_size, uint64_t slot,
+enum page_check page_verify_payload(const void *payload, uint16_t hdr_size, uint64_t slot,
 				    const struct page_meta *expect);
 
 #endif

@@ -1711,7 +1711,7 @@ int kvt_store_open(const struct kvt_store_params *p, struct kvt_store **out)
 	ret = s->p.nvme_ops->open(&s->tier[TIER_NVME], &tp);
 	if (ret < 0)
 		goto fail;
-	tp.headroom = s->tier[TIER_NVME]->ops->headroom(s->tier[TIER_NVME]);
+	tp.span = s->tier[TIER_NVME]->ops->io_span(s->tier[TIER_NVME]);
 	tp.stride_align = s->tier[TIER_NVME]->ops->io_align(s->tier[TIER_NVME]);
 	ret = tier_host_ops.open(&s->tier[TIER_HOST], &tp);
 	if (ret < 0)

@@ -52,8 +52,8 @@ enum tier_dir {
  * One page copy. The submitter fills slot, buf, len, dir, meta and done; the tier
  * sets res (0 or -errno) and, for tiers that verify, check, then calls done once,
  * possibly before submit returns (memory tiers complete inline).
- * Tiers with TIER_CAP_HEADROOM (nvme) also use the headroom bytes right before buf:
- * buf must be a host-tier slot payload, or memory laid out the same way.
+ * Tiers with TIER_CAP_SPAN (nvme) move io_span bytes at buf, not len (whole device
+ * blocks): buf must be a host-tier slot, or hold that many bytes, aligned the same.
  */
 struct tier_io {
 	tier_slot_t slot;
@@ -74,6 +74,7 @@ struct tier_io {
 	uint64_t issue_ns; /* nvme: when handed to the disk (CLOCK_MONOTONIC), for stats */
 	uint8_t rd; /* nvme: how a read goes (tier_nvme.c) */
 	bool bg;    /* nvme: started as not urgent (counted against bg_depth) */
+	uint32_t hb; /* nvme: its header buffer while under way */
 	struct kvt_list qlink;
 };
 
@@ -85,8 +86,8 @@ struct tier_params {
 	struct kvt_loop *loop;
 	struct kvt_device *dev;
 	uint32_t page_bytes; /* payload bytes per slot */
-	uint32_t headroom;   /* host: bytes reserved before each slot's payload */
-	uint32_t stride_align; /* host: slot stride alignment (the nvme tier's write span) */
+	uint32_t span;       /* host: bytes a slot spans at least (the nvme tier's io_span) */
+	uint32_t stride_align; /* host: slot stride alignment (the nvme tier's io_align) */
 	uint64_t capacity;   /* bytes of payload (nvme: of the store) */
 	const char *path;    /* nvme: file or block device */
 	unsigned queue_depth;
@@ -124,7 +125,7 @@ enum tier_cap {
 	TIER_CAP_HOST_PTR = 1u << 0,   /* slot_ptr is CPU-addressable */
 	TIER_CAP_DEVICE = 1u << 1,     /* slots are device memory */
 	TIER_CAP_PERSISTENT = 1u << 2, /* survives a restart; reads are verified */
-	TIER_CAP_HEADROOM = 1u << 3,   /* uses headroom bytes before tier_io.buf */
+	TIER_CAP_SPAN = 1u << 3,       /* ios move io_span bytes at tier_io.buf */
 	TIER_CAP_ARENAS = 1u << 4,     /* one arena per tenant */
 };
 
@@ -151,13 +152,18 @@ struct tier_ops {
 	/* Starts the copies; each completes through its done. 0 or -errno (none started). */
 	int (*submit)(struct tier *t, struct tier_io **ios, unsigned n);
 	void (*usage)(struct tier *t, struct tier_usage *u);
-	/* TIER_CAP_HEADROOM: bytes the tier writes before tier_io.buf. */
-	uint32_t (*headroom)(struct tier *t);
+	/* TIER_CAP_PERSISTENT: bytes of header before each slot's payload on the device. */
+	uint32_t (*hdr_size)(struct tier *t);
 	/*
-	 * TIER_CAP_HEADROOM: writes cover headroom + payload rounded up to this (the file
-	 * system block): host slots must be laid out on this stride.
+	 * TIER_CAP_SPAN: an io covers a slot's header and payload rounded up to whole
+	 * blocks of this (the file system's block): host slots are laid out on this stride.
 	 */
 	uint32_t (*io_align)(struct tier *t);
+	/*
+	 * TIER_CAP_SPAN: bytes at tier_io.buf that an io of a whole page may read or write
+	 * (the payload and the padding to the block): host slots are at least this apart.
+	 */
+	uint32_t (*io_span)(struct tier *t);
 	/*
 	 * TIER_CAP_PERSISTENT: reads every slot written before this open and reports it;
 	 * slots of kept pages stay in use, all others are freed (and wiped if they held
@@ -185,7 +191,7 @@ extern const struct tier_ops tier_nvme_ops;
 /* host specifics: fd of an arena (to share it), its size and base. */
 int tier_host_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, uint64_t *len);
 int tier_gpu_arena_info(struct tier *t, uint32_t arena, int *fd, void **base, uint64_t *len);
-/* Where the host tier puts slot i's payload in an arena: i * stride + headroom. */
+/* Where the host tier puts slot i's page in an arena: i * stride. */
 uint32_t tier_host_stride(struct tier *t);
 /* The (first) arena of tenant, or -ENOENT. */
 int tier_host_tenant_arena(struct tier *t, uint32_t tenant);

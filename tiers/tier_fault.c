@@ -270,9 +270,14 @@ static void f_usage(struct tier *t, struct tier_usage *u)
 		     f->cfg.injected[FAULT_WRITE_SHORT];
 }
 
-static uint32_t f_headroom(struct tier *t)
+static uint32_t f_hdr_size(struct tier *t)
 {
-	return in(t)->ops->headroom(in(t));
+	return in(t)->ops->hdr_size(in(t));
+}
+
+static uint32_t f_io_span(struct tier *t)
+{
+	return in(t)->ops->io_span(in(t));
 }
 
 static uint32_t f_io_align(struct tier *t)
@@ -288,7 +293,7 @@ static int64_t f_scan(struct tier *t, tier_scan_fn fn, void *arg)
 const struct tier_ops tier_fault_ops = {
 	.name = "nvme+faults",
 	.version = TIER_OPS_VERSION,
-	.caps = TIER_CAP_PERSISTENT | TIER_CAP_HEADROOM,
+	.caps = TIER_CAP_PERSISTENT | TIER_CAP_SPAN,
 	.open = f_open,
 	.close = f_close,
 	.alloc = f_alloc,
@@ -297,8 +302,9 @@ const struct tier_ops tier_fault_ops = {
 	.slot_ptr = f_slot_ptr,
 	.submit = f_submit,
 	.usage = f_usage,
-	.headroom = f_headroom,
+	.hdr_size = f_hdr_size,
 	.io_align = f_io_align,
+	.io_span = f_io_span,
 	.scan = f_scan,
 	.hurry = f_hurry,
 };

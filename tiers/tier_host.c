@@ -3,8 +3,9 @@
  * Host tier: pinned host RAM in arenas, one per tenant, each a sealed memfd mapped
  * MAP_SHARED (so it can be handed to that tenant's processes), placed on the GPU's
  * NUMA node, pinned by the device and registered with the loop's io_uring so the nvme
- * tier reads into it with READ_FIXED. Slot i of an arena: headroom bytes (the nvme
- * page header lands there) then page_bytes of payload, at base + i * stride.
+ * tier reads into it with READ_FIXED. Slot i of an arena is the page at base + i *
+ * stride: page_bytes, padded to the nvme tier's io span and block (the page header
+ * goes to disk from a buffer of the nvme tier's own, so RAM holds payload alone).
  */
 #include "tier.h"
 #include "device.h"
@@ -52,10 +53,9 @@ static int host_open(struct tier **out, const struct tier_params *p)
 		return -ENOMEM;
 	h->base.ops = &tier_host_ops;
 	h->base.p = *p;
-	uint32_t align = p->headroom > 64 ? p->headroom : 64;
-	if (p->stride_align > align)
-		align = p->stride_align;
-	h->stride = (p->headroom + p->page_bytes + align - 1) / align * align;
+	uint32_t align = p->stride_align > 64 ? p->stride_align : 64;
+	uint32_t span = p->span > p->page_bytes ? p->span : p->page_bytes;
+	h->stride = (span + align - 1) / align * align;
 	*out = &h->base;
 	return 0;
 }
@@ -216,7 +216,7 @@ static void *host_slot_ptr(struct tier *t, tier_slot_t s)
 	struct host_arena *a = arena_of(h, s);
 	if (!a)
 		return NULL;
-	return a->base + TIER_SLOT_INDEX(s) * h->stride + t->p.headroom;
+	return a->base + TIER_SLOT_INDEX(s) * h->stride;
 }
 
 uint32_t tier_host_stride(struct tier *t)

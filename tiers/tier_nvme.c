@@ -6,7 +6,9 @@
  * block and the payload. The header block is the file system's block (4 KiB on ext4)
  * where pages are whole blocks, so a payload is whole blocks too and a read of a page
  * whose checksum the store remembers moves the payload alone; otherwise it is the
- * device's direct-I/O alignment (at least 512), as in stores made before.
+ * device's direct-I/O alignment (at least 512), as in stores made before. The header
+ * goes to and from one of the tier's own buffers (one per io in flight), the payload
+ * to and from the caller's buffer, in one vectored io: host RAM holds payloads alone.
  * Pages are verified on every read (page_format.h). An OFD lock keeps a second process
  * (or a second open in this one) off the store. A freed slot is wiped (its header
  * block zeroed) before it can be handed out again, so a restart never brings back a
@@ -26,6 +28,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -66,6 +69,10 @@ struct nvme_tier {
 	struct kvt_list pending; /* ios waiting for a queue slot */
 	struct kvt_list urgent;  /* those of them that are urgent: started first */
 	void *zero;              /* hdr_size zero bytes, aligned: the wipe */
+	char *hbufs;             /* qd headers of hdr_size: one per io under way */
+	struct iovec *iov;       /* two per header buffer: header, payload */
+	uint32_t *hfree;         /* header buffers free (a stack) */
+	unsigned nhfree;
 	unsigned wipes_inflight;
 	uint64_t reads, writes, read_bytes, write_bytes, wipes;
 	uint64_t err[TIER_ERR_MAX];
@@ -330,6 +337,15 @@ static int nvme_open(struct tier **out, const struct tier_params *p)
 		goto fail;
 	}
 	memset(n->zero, 0, n->hdr_size);
+	n->hfree = kvt_calloc(n->qd, sizeof(*n->hfree));
+	n->iov = kvt_calloc(2 * (size_t)n->qd, sizeof(*n->iov));
+	if (!n->hfree || !n->iov ||
+	    posix_memalign((void **)&n->hbufs, 4096, (size_t)n->qd * n->hdr_size)) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	for (unsigned i = 0; i < n->qd; i++)
+		n->hfree[n->nhfree++] = n->qd - 1 - i;
 	n->payload_reads = n->hdr_size % n->walign == 0;
 	n->file_index = kvt_loop_register_file(p->loop, n->fd);
 	if (n->file_index < 0)
@@ -361,6 +377,9 @@ static void nvme_close(struct tier *t)
 		close(n->fd);
 	slot_pool_destroy(&n->pool);
 	free(n->zero);
+	free(n->hbufs);
+	kvt_free(n->iov);
+	kvt_free(n->hfree);
 	kvt_free(n);
 }
 
@@ -393,6 +412,21 @@ static void prep_rw(struct nvme_tier *n, struct io_uring_sqe *sqe, bool write, v
 		io_uring_prep_write(sqe, fd, buf, len, off);
 	else
 		io_uring_prep_read(sqe, fd, buf, len, off);
+	if (n->file_index >= 0)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	if (write && n->base.p.durable)
+		sqe->rw_flags = RWF_DSYNC;
+}
+
+/* A slot's header from or to iov[0] (a header buffer), its payload iov[1]. */
+static void prep_rwv(struct nvme_tier *n, struct io_uring_sqe *sqe, bool write,
+		     const struct iovec *iov, uint64_t off)
+{
+	int fd = n->file_index >= 0 ? n->file_index : n->fd;
+	if (write)
+		io_uring_prep_writev(sqe, fd, iov, 2, off);
+	else
+		io_uring_prep_readv(sqe, fd, iov, 2, off);
 	if (n->file_index >= 0)
 		sqe->flags |= IOSQE_FIXED_FILE;
 	if (write && n->base.p.durable)
@@ -469,29 +503,39 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags);
  * failed its check */
 enum { RD_SLOT, RD_PAYLOAD, RD_AGAIN };
 
+#define HB_NONE UINT32_MAX
+
 static void start_io(struct nvme_tier *n, struct tier_io *io)
 {
-	char *hdr = (char *)io->buf - n->hdr_size;
+	struct kvt_loop *loop = n->base.p.loop;
 	bool write = io->dir == TIER_WRITE;
 	uint64_t off = slot_off(n, TIER_SLOT_INDEX(io->slot));
 	uint32_t bytes = io_bytes(n, io->len);
+	io->op.fn = io_complete;
+	io->issue_ns = tier_now_ns();
+	n->inflight++;
+	io->hb = HB_NONE;
 	/* the payload alone where the store knows the checksum (not again when a check of
 	 * the payload alone has failed: then the header says why) */
 	if (!write && io->rd == RD_SLOT && io->meta.csum && n->payload_reads) {
 		io->rd = RD_PAYLOAD;
-		hdr += n->hdr_size;
-		off += n->hdr_size;
-		bytes = (io->len + n->walign - 1) / n->walign * n->walign;
+		io->xfer = (io->len + n->walign - 1) / n->walign * n->walign;
+		int bi = kvt_loop_buffer_index(loop, io->buf, io->xfer);
+		prep_rw(n, kvt_loop_sqe(loop, &io->op), false, io->buf, io->xfer,
+			off + n->hdr_size, bi);
+		return;
 	}
-	int bi = kvt_loop_buffer_index(n->base.p.loop, hdr, bytes);
+	/* never empty: an io takes one only while fewer than qd are under way */
+	io->hb = n->hfree[--n->nhfree];
+	char *hdr = n->hbufs + (size_t)io->hb * n->hdr_size;
+	struct iovec *iov = &n->iov[2 * (size_t)io->hb];
+	iov[0] = (struct iovec){.iov_base = hdr, .iov_len = n->hdr_size};
+	iov[1] = (struct iovec){.iov_base = io->buf, .iov_len = bytes - n->hdr_size};
 	if (write)
-		io->meta.csum = page_hdr_stamp(hdr, (uint16_t)n->hdr_size, &io->meta, io->slot);
-	io->op.fn = io_complete;
+		io->meta.csum =
+			page_hdr_stamp(hdr, (uint16_t)n->hdr_size, io->buf, &io->meta, io->slot);
 	io->xfer = bytes;
-	io->issue_ns = tier_now_ns();
-	n->inflight++;
-	struct io_uring_sqe *sqe = kvt_loop_sqe(n->base.p.loop, &io->op);
-	prep_rw(n, sqe, write, hdr, bytes, off, bi);
+	prep_rwv(n, kvt_loop_sqe(loop, &io->op), write, iov, off);
 }
 
 static void start_pending(struct nvme_tier *n)
@@ -532,6 +576,13 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 	n->inflight--;
 	n->bg_inflight -= io->bg;
 	io->bg = false;
+	/* the header buffer, if any, is read below before anything can start again */
+	const char *hdr = NULL;
+	if (io->hb != HB_NONE) {
+		hdr = n->hbufs + (size_t)io->hb * n->hdr_size;
+		n->hfree[n->nhfree++] = io->hb;
+		io->hb = HB_NONE;
+	}
 	/*
 	 * What this completion leads to costs microseconds that the disk would sit out: a
 	 * read's check and a next write's stamp are XXH3 over a page. What the completions
@@ -552,9 +603,8 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 		n->write_bytes += io->len;
 		io->res = 0;
 	} else {
-		char *hdr = (char *)io->buf - n->hdr_size;
 		if (io->rd == RD_PAYLOAD) {
-			io->check = page_verify_payload(hdr, (uint16_t)n->hdr_size, io->slot,
+			io->check = page_verify_payload(io->buf, (uint16_t)n->hdr_size, io->slot,
 							&io->meta);
 			if (io->check != PAGE_OK) {
 				/* again, header and all: the header tells a flipped bit from a
@@ -565,8 +615,8 @@ static void io_complete(struct kvt_op *op, int res, uint32_t flags)
 				return;
 			}
 		} else {
-			io->check = page_verify(hdr, (uint16_t)n->hdr_size, n->base.p.page_bytes,
-						io->slot, &io->meta, NULL);
+			io->check = page_verify(hdr, (uint16_t)n->hdr_size, io->buf,
+						n->base.p.page_bytes, io->slot, &io->meta, NULL);
 			if (io->check == PAGE_OK && io->rd == RD_AGAIN)
 				kvt_warn("nvme", "slot %llu: its payload failed the remembered checksum, "
 						 "the whole page passed its header's (the disk changed "
@@ -646,9 +696,15 @@ static void nvme_usage(struct tier *t, struct tier_usage *u)
 	}
 }
 
-static uint32_t nvme_headroom(struct tier *t)
+static uint32_t nvme_hdr_size(struct tier *t)
 {
 	return ((struct nvme_tier *)t)->hdr_size;
+}
+
+static uint32_t nvme_io_span(struct tier *t)
+{
+	struct nvme_tier *n = (struct nvme_tier *)t;
+	return io_bytes(n, t->p.page_bytes) - n->hdr_size;
 }
 
 static uint32_t nvme_io_align(struct tier *t)
@@ -696,8 +752,8 @@ static void scan_done(struct kvt_op *op, int res, uint32_t flags)
 		n->err[TIER_ERR_SHORT]++;
 		c = PAGE_CORRUPT;
 	} else {
-		c = page_verify(si->buf, (uint16_t)n->hdr_size, n->base.p.page_bytes, slot, NULL,
-				&m);
+		c = page_verify(si->buf, (uint16_t)n->hdr_size, si->buf + n->hdr_size,
+				n->base.p.page_bytes, slot, NULL, &m);
 	}
 	if (c != PAGE_EMPTY) {
 		bool keep = c == PAGE_OK && sc->fn(sc->arg, slot, &m, c);
@@ -765,7 +821,7 @@ static int64_t nvme_scan(struct tier *t, tier_scan_fn fn, void *arg)
 const struct tier_ops tier_nvme_ops = {
 	.name = "nvme",
 	.version = TIER_OPS_VERSION,
-	.caps = TIER_CAP_PERSISTENT | TIER_CAP_HEADROOM,
+	.caps = TIER_CAP_PERSISTENT | TIER_CAP_SPAN,
 	.open = nvme_open,
 	.close = nvme_close,
 	.arena_add = NULL,
@@ -776,7 +832,8 @@ const struct tier_ops tier_nvme_ops = {
 	.submit = nvme_submit,
 	.hurry = nvme_hurry,
 	.usage = nvme_usage,
-	.headroom = nvme_headroom,
+	.hdr_size = nvme_hdr_size,
 	.io_align = nvme_io_align,
+	.io_span = nvme_io_span,
 	.scan = nvme_scan,
 };

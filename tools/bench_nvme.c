@@ -248,12 +248,13 @@ int main(int argc, char **argv)
 			fprintf(stderr, "open %s: %s\n", file, strerror(-r));
 			return 1;
 		}
-		tp.headroom = nv->ops->headroom(nv);
+		tp.span = nv->ops->io_span(nv);
 		tp.stride_align = nv->ops->io_align(nv);
 		uint32_t a = tp.stride_align;
-		uint32_t slot_size = (tp.headroom + len + a - 1) / a * a;
+		/* on disk: header and payload */
+		uint32_t slot_size = (nv->ops->hdr_size(nv) + len + a - 1) / a * a;
 		tier_host_ops.open(&host, &tp);
-		host->ops->arena_add(host, 0, (uint64_t)slot_size * 130);
+		host->ops->arena_add(host, 0, (uint64_t)(tp.span + a - 1) / a * a * 130);
 		struct tier_usage u;
 		nv->ops->usage(nv, &u);
 		struct bench b = {.nv = nv, .nslots = u.slots, .rng = 88172645463325252ull};

@@ -74,7 +74,7 @@ int main(int argc, char **argv)
 	struct kvt_device *dev;
 	if (kvt_loop_init(&loop, 256) < 0 || kvt_device_open(devname, 0, &dev) < 0)
 		return 1;
-	struct tier_params tp = {.loop = &loop, .dev = dev, .page_bytes = pb, .headroom = 512,
+	struct tier_params tp = {.loop = &loop, .dev = dev, .page_bytes = pb,
 				 .numa_node = dev->ops->numa_node(dev)};
 	struct tier *host, *gpu;
 	tier_host_ops.open(&host, &tp);

@@ -4,8 +4,8 @@
 #   source .devsys/env.sh && bash tools/gpu-bench.sh [main|batch|batch8|batch32|batch32-24k|disk|all|trace]
 # main: Llama-3.1-8B shape, batch 1, 32K and 128K; batch8: batch 8 at 32K (32 GiB of KV;
 # the 2048-token selection, 6.25% of the pages, fits the 10% pool), every method with
-# kvtier's host tier holding all of the KV (--host-budget 1.3: the slots' page headers
-# and the store's 90% watermark; the GPU pool stays 10%: the issue's budget), then dense
+# kvtier's host tier holding all of the KV (--host-budget 1.3: past the store's 90%
+# watermark, with room; the GPU pool stays 10%: the issue's budget), then dense
 # and kvtier with the host tier at 50% (-disk: ~60% of the pages new to a step's
 # selection only on NVMe); batch32: batch 32 at 12K, the same two ways (48 GiB of KV,
 # 56 GiB of NVMe slots: the machine's 64 GiB disk holds no more, 16K's would need 74; at

@@ -269,7 +269,7 @@ static void corrupt_store(void **state)
 	}
 	assert_int_equal(kvt_store_flush(s), 0);
 	struct tier *nv = kvt_store_tier(s, TIER_NVME);
-	const uint32_t hs = nv->ops->headroom(nv), al = nv->ops->io_align(nv);
+	const uint32_t hs = nv->ops->hdr_size(nv), al = nv->ops->io_align(nv);
 	const uint64_t ssz = (hs + SPB + al - 1) / al * al, span = hs + SPB; /* header + payload */
 	uint64_t *off = calloc(n, sizeof(uint64_t));
 	for (uint32_t i = 0; i < n; i++) {

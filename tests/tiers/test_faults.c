@@ -101,7 +101,7 @@ static uint64_t file_off(struct fx *f, const struct page_key *k, uint32_t payloa
 	struct kvt_page_info pi;
 	assert_int_equal(kvt_store_page_info(f->s, k, &pi), 0);
 	struct tier *nv = kvt_store_tier(f->s, TIER_NVME);
-	uint32_t hs = nv->ops->headroom(nv);
+	uint32_t hs = nv->ops->hdr_size(nv);
 	uint32_t a = nv->ops->io_align(nv);
 	uint32_t slot_size = (hs + PB + a - 1) / a * a;
 	return DATA_OFF + TIER_SLOT_INDEX(pi.slot[TIER_NVME]) * slot_size + hs + payload_off;
@@ -216,7 +216,7 @@ static void flipped_header_byte(void **state)
 {
 	struct fx *f = *state;
 	struct tier *nv = kvt_store_tier(f->s, TIER_NVME);
-	uint32_t hs = nv->ops->headroom(nv), a = nv->ops->io_align(nv);
+	uint32_t hs = nv->ops->hdr_size(nv), a = nv->ops->io_align(nv);
 	if (hs % a)
 		skip(); /* a header smaller than the block: every read reads it */
 	on_disk_only(f, 8, 2);
@@ -244,7 +244,7 @@ static void stale_at_reused_slot(void **state)
 	struct page_key old = t_key(0, 5, 0, 0, 0);
 	uint64_t off = file_off(f, &old, 0);
 	struct tier *nv = kvt_store_tier(f->s, TIER_NVME);
-	uint32_t hs = nv->ops->headroom(nv);
+	uint32_t hs = nv->ops->hdr_size(nv);
 	/* Keep the old page's bytes, header included. */
 	uint8_t *saved = malloc(hs + PB);
 	int fd = open(f->p.nvme_path, O_RDWR);

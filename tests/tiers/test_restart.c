@@ -169,7 +169,7 @@ static void torn_page_dropped(void **state)
 	struct page_key k2 = t_key(0, 9, 0, 0, 2);
 	assert_int_equal(kvt_store_page_info(s, &k2, &pi), 0);
 	struct tier *nv = kvt_store_tier(s, TIER_NVME);
-	uint32_t hs = nv->ops->headroom(nv);
+	uint32_t hs = nv->ops->hdr_size(nv);
 	uint32_t a = nv->ops->io_align(nv);
 	uint64_t off = (1u << 20) + TIER_SLOT_INDEX(pi.slot[TIER_NVME]) * (uint64_t)((hs + PB + a - 1) / a * a);
 	kvt_store_close(s);

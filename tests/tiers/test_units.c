@@ -71,12 +71,22 @@ static void format_roundtrip(void **state)
 	char *b = page_buf();
 	struct page_meta m = {.key = t_key(3, 77, 5, 2, 9), .epoch = 42, .len = PB};
 	t_fill(b + HS, PB, &m.key);
-	page_hdr_stamp(b, HS, &m, 17);
+	page_hdr_stamp(b, HS, b + HS, &m, 17);
 	struct page_meta f;
-	assert_int_equal(page_verify(b, HS, PB, 17, &m, &f), PAGE_OK);
+	assert_int_equal(page_verify(b, HS, b + HS, PB, 17, &m, &f), PAGE_OK);
 	assert_true(page_key_eq(&f.key, &m.key));
 	assert_int_equal(f.epoch, 42);
-	assert_int_equal(page_verify(b, HS, PB, 17, NULL, NULL), PAGE_OK);
+	assert_int_equal(page_verify(b, HS, b + HS, PB, 17, NULL, NULL), PAGE_OK);
+	/* header and payload apart in RAM (the nvme tier's header buffers): the same page */
+	char *h = page_buf(), *pl = page_buf();
+	memcpy(pl, b + HS, PB);
+	assert_int_equal(page_hdr_stamp(h, HS, pl, &m, 17), page_hdr_stamp(b, HS, b + HS, &m, 17));
+	assert_memory_equal(h, b, HS);
+	assert_int_equal(page_verify(h, HS, pl, PB, 17, &m, NULL), PAGE_OK);
+	pl[PB - 1] ^= 1;
+	assert_int_equal(page_verify(h, HS, pl, PB, 17, &m, NULL), PAGE_CORRUPT);
+	free(h);
+	free(pl);
 	free(b);
 }
 
@@ -85,18 +95,18 @@ static void format_catches_flips(void **state)
 	char *b = page_buf();
 	struct page_meta m = {.key = t_key(1, 2, 3, 4, 5), .epoch = 7, .len = PB};
 	t_fill(b + HS, PB, &m.key);
-	page_hdr_stamp(b, HS, &m, 0);
+	page_hdr_stamp(b, HS, b + HS, &m, 0);
 	/* Every single-bit flip in the header fields and a sample of the payload. */
 	for (size_t byte = 0; byte < sizeof(struct page_hdr) + PB; byte += byte < 64 ? 1 : 61) {
 		for (int bit = 0; bit < 8; bit++) {
 			size_t at = byte < 64 ? byte : HS + (byte - 64);
 			b[at] ^= (char)(1 << bit);
-			enum page_check c = page_verify(b, HS, PB, 0, &m, NULL);
+			enum page_check c = page_verify(b, HS, b + HS, PB, 0, &m, NULL);
 			assert_int_not_equal(c, PAGE_OK);
 			b[at] ^= (char)(1 << bit);
 		}
 	}
-	assert_int_equal(page_verify(b, HS, PB, 0, &m, NULL), PAGE_OK);
+	assert_int_equal(page_verify(b, HS, b + HS, PB, 0, &m, NULL), PAGE_OK);
 	free(b);
 }
 
@@ -106,25 +116,25 @@ static void format_catches_torn_and_stale(void **state)
 	struct page_meta a = {.key = t_key(0, 1, 0, 0, 0), .epoch = 10, .len = PB};
 	struct page_meta n = {.key = t_key(0, 2, 0, 0, 0), .epoch = 11, .len = PB};
 	t_fill(old + HS, PB, &a.key);
-	page_hdr_stamp(old, HS, &a, 4);
+	page_hdr_stamp(old, HS, old + HS, &a, 4);
 	t_fill(b + HS, PB, &n.key);
-	page_hdr_stamp(b, HS, &n, 4);
+	page_hdr_stamp(b, HS, b + HS, &n, 4);
 	/* Torn: the new header over the old payload's second half. */
 	char *torn = page_buf();
 	memcpy(torn, b, HS + PB / 2);
 	memcpy(torn + HS + PB / 2, old + HS + PB / 2, PB / 2);
-	assert_int_equal(page_verify(torn, HS, PB, 4, &n, NULL), PAGE_CORRUPT);
+	assert_int_equal(page_verify(torn, HS, torn + HS, PB, 4, &n, NULL), PAGE_CORRUPT);
 	/* Stale: the old page left at the slot when the new one is expected. */
-	assert_int_equal(page_verify(old, HS, PB, 4, &n, NULL), PAGE_STALE);
+	assert_int_equal(page_verify(old, HS, old + HS, PB, 4, &n, NULL), PAGE_STALE);
 	/* Misplaced: a valid page read from another slot. */
-	assert_int_equal(page_verify(b, HS, PB, 5, &n, NULL), PAGE_CORRUPT);
+	assert_int_equal(page_verify(b, HS, b + HS, PB, 5, &n, NULL), PAGE_CORRUPT);
 	/* Never written. */
 	memset(torn, 0, HS + PB);
-	assert_int_equal(page_verify(torn, HS, PB, 4, &n, NULL), PAGE_EMPTY);
+	assert_int_equal(page_verify(torn, HS, torn + HS, PB, 4, &n, NULL), PAGE_EMPTY);
 	/* Same key, same slot, earlier epoch: stale, not ok. */
 	struct page_meta a2 = a;
 	a2.epoch = 12;
-	assert_int_equal(page_verify(old, HS, PB, 4, &a2, NULL), PAGE_STALE);
+	assert_int_equal(page_verify(old, HS, old + HS, PB, 4, &a2, NULL), PAGE_STALE);
 	free(b);
 	free(old);
 	free(torn);
@@ -132,7 +142,7 @@ static void format_catches_torn_and_stale(void **state)
 
 /*
  * A payload read without its header, checked against the checksum its write returned:
- * the header is rebuilt in place; any payload flip, another epoch, key or slot, and
+ * any payload flip, another epoch, key or slot, and
  * another page's payload all fail.
  */
 static void format_payload_alone(void **state)
@@ -141,29 +151,30 @@ static void format_payload_alone(void **state)
 	struct page_meta m = {.key = t_key(2, 9, 1, 3, 40), .epoch = 5, .len = PB};
 	struct page_meta o = {.key = t_key(2, 9, 1, 3, 41), .epoch = 6, .len = PB};
 	t_fill(b + HS, PB, &m.key);
-	m.csum = page_hdr_stamp(b, HS, &m, 8);
+	m.csum = page_hdr_stamp(b, HS, b + HS, &m, 8);
 	struct page_meta f;
-	assert_int_equal(page_verify(b, HS, PB, 8, &m, &f), PAGE_OK);
+	assert_int_equal(page_verify(b, HS, b + HS, PB, 8, &m, &f), PAGE_OK);
 	assert_true(m.csum != 0);
 	assert_true(f.csum == m.csum); /* what a restart scan finds is what the write made */
-	memset(b, 0xee, HS); /* the header is not read */
-	assert_int_equal(page_verify_payload(b, HS, 8, &m), PAGE_OK);
-	assert_int_equal(page_verify(b, HS, PB, 8, &m, NULL), PAGE_OK); /* and is rebuilt */
+	memset(b, 0xee, HS); /* the header is neither read nor written */
+	assert_int_equal(page_verify_payload(b + HS, HS, 8, &m), PAGE_OK);
+	for (size_t i = 0; i < HS; i++)
+		assert_int_equal((uint8_t)b[i], 0xee);
 	for (size_t at = 0; at < PB; at += 37) {
 		b[HS + at] ^= 0x20;
-		assert_int_equal(page_verify_payload(b, HS, 8, &m), PAGE_CORRUPT);
+		assert_int_equal(page_verify_payload(b + HS, HS, 8, &m), PAGE_CORRUPT);
 		b[HS + at] ^= 0x20;
 	}
 	struct page_meta x = m;
 	x.epoch++;
-	assert_int_equal(page_verify_payload(b, HS, 8, &x), PAGE_CORRUPT);
+	assert_int_equal(page_verify_payload(b + HS, HS, 8, &x), PAGE_CORRUPT);
 	x = m;
 	x.key.index++;
-	assert_int_equal(page_verify_payload(b, HS, 8, &x), PAGE_CORRUPT);
-	assert_int_equal(page_verify_payload(b, HS, 9, &m), PAGE_CORRUPT);
+	assert_int_equal(page_verify_payload(b + HS, HS, 8, &x), PAGE_CORRUPT);
+	assert_int_equal(page_verify_payload(b + HS, HS, 9, &m), PAGE_CORRUPT);
 	t_fill(other + HS, PB, &o.key);
-	page_hdr_stamp(other, HS, &o, 8);
-	assert_int_equal(page_verify_payload(other, HS, 8, &m), PAGE_CORRUPT);
+	page_hdr_stamp(other, HS, other + HS, &o, 8);
+	assert_int_equal(page_verify_payload(other + HS, HS, 8, &m), PAGE_CORRUPT);
 	free(b);
 	free(other);
 }
