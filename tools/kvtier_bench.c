@@ -1260,11 +1260,11 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	 * 4 KiB header); it must fit the disk under dir, or the run cannot be made here.
 	 * With --write-back it holds what the host tier does not: the store takes pages
 	 * while they fit the disk and the host tier below its low watermark (80%; a host
-	 * slot is the page and a 4 KiB header).
+	 * slot is the page alone).
 	 */
 	uint64_t nvme = kv_slots + kv_slots / 64 + (256ull << 20);
 	if (O.write_back) {
-		const uint64_t in_host = (uint64_t)(0.8 * (double)(host / (store_page + 4096))) * store_page;
+		const uint64_t in_host = (uint64_t)(0.8 * (double)(host / store_page)) * store_page;
 		nvme = nvme > in_host + (1ull << 30) ? nvme - in_host : 1ull << 30;
 	}
 	const uint64_t disk = nvme / store_page * (store_page + 4096) + (1ull << 20);
