@@ -472,6 +472,7 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "fast_pages_selected", o->fast_selected);
 		kvt_json_u64(j, "fast_pages_fresh", o->fast_fresh);
 		kvt_json_u64(j, "fast_waits", o->fast_waits);
+		kvt_json_u64(j, "fast_waits_late", o->fast_waits_late);
 		kvt_json_u64(j, "fast_waits_ahead", o->fast_waits_ahead);
 		kvt_json_u64(j, "fast_reports_superseded", o->fast_superseded);
 		kvt_json_u64(j, "fast_reports_pooled", o->fast_pooled);

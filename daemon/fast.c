@@ -752,6 +752,7 @@ static void acks_tick(struct kvd_client *c)
 		}
 		if (a->n && !late)
 			break;
+		c->fast_waits_late += a->n && late;
 		ack_write(c, a);
 		kvt_free(a->pg);
 	}

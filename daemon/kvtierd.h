@@ -273,6 +273,7 @@ struct kvd_client {
 	uint32_t fb_mark; /* reports read: a sequence named twice in one is read once */
 	uint64_t fb_seen; /* ring bytes of the reports processed */
 	uint64_t fast_waits, fast_waited, fast_wait_ns; /* reports, pages, report to ack */
+	uint64_t fast_waits_late; /* acked after the client stopped waiting: pages left out */
 	uint64_t fast_waits_ahead; /* of the reports, leased ahead of reports before them */
 	uint64_t fast_superseded;  /* reports counted only: a later one of their layer was in */
 	uint64_t fast_pooled;      /* reports read over the pool's threads (fast.threads) */
