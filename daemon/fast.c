@@ -725,6 +725,31 @@ static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const ui
 	c->acks[c->nacks++] = a;
 }
 
+/* An ack written after its client stopped waiting: its pages left out are counted, and
+ * the first few such acks say why (where the first page missing was). */
+static void ack_late(struct kvd_client *c, const struct kvd_ack *a, uint64_t now)
+{
+	if (c->fast_waits_late++ >= 16)
+		return;
+	const struct kvd_ack_page *g = &a->pg[0];
+	struct kvd_seq *q = kvd_seq_get(c, g->seq);
+	struct kvd_layer *L = q && q->gen == g->gen ? &q->layer[g->layer] : NULL;
+	const int32_t ls = L && L->lease ? L->lease[(size_t)g->h * L->cap + g->p].slot : LEASE_NONE;
+	struct kvt_page_info pi = {0};
+	int r = -ENOENT;
+	if (q && q->gen == g->gen) {
+		struct page_key k = kvd_page_key(c, q, g->layer, g->h, g->p);
+		r = kvt_store_page_info(c->d->store, &k, &pi);
+	}
+	kvt_warn("fast", "client %u: a report of layer %u acked %.1f ms after it was read (its "
+			 "client waits %.0f ms): %u of %u pages not in; the first: seq %u head %u "
+			 "page %u of %u stored, lease %s, in the store %s (valid %#x, coming %#x)",
+		 c->id, g->layer, (double)(now - a->t0) / 1e6, (double)a->wait_ns / 1e6, a->n,
+		 a->waited, g->seq, g->h, g->p, L ? L->stored : 0,
+		 ls == LEASE_COMING ? "coming" : ls == LEASE_NONE ? "none" : "granted",
+		 r == 0 ? "found" : strerror(-r), pi.valid, pi.inflight);
+}
+
 /*
  * Acks whose pages are in the map (or gone), in order, the map written first; or whose
  * client has stopped waiting. A page refused (no room in host RAM, e.g. behind the
@@ -752,7 +777,8 @@ static void acks_tick(struct kvd_client *c)
 		}
 		if (a->n && !late)
 			break;
-		c->fast_waits_late += a->n && late;
+		if (a->n)
+			ack_late(c, a, now);
 		ack_write(c, a);
 		kvt_free(a->pg);
 	}
