@@ -187,13 +187,14 @@ struct kvtier_select_params {
 	 * one within host_gap of the row's best) and is not leased yet holds the stream
 	 * (on the device, no host thread waits) until the daemon has leased it, read from
 	 * NVMe if it must be, for at most wait_us; then the table is made again. Pages of
-	 * lower score never wait: they are left out of that step. 0: KVTIER_WAIT_US; < 0:
-	 * never wait.
+	 * lower score never wait: they are left out of that step. 0: KVTIER_WAIT_US (long
+	 * enough for the first step of a context read back from disk: ~1800 reads a layer
+	 * at batch 32); < 0: never wait.
 	 */
 	int32_t wait_us;
 };
 #define KVTIER_HOST_GAP 3.0f
-#define KVTIER_WAIT_US	20000
+#define KVTIER_WAIT_US	200000
 
 /* A step's page tables for a batch of sequences, reused across steps and layers. */
 struct kvtier_table;
