@@ -18,7 +18,8 @@
 # where a step's device time goes, and the records in trace.tar.gz. store:
 # kvtier-bench-store, a lease's cost to the daemon's thread in a store of 1M pages, its
 # lookups plain and warmed (kvt_store_warm) side by side. NODISK=1: batchN without its
-# -disk run.
+# -disk run. all: main, batch8, batch32 (batch32-24k instead on a GPU of 130 GB or more,
+# which holds dense's KV at 24K: the H200), store and disk; an hour or more.
 set -uo pipefail
 what=${1:-all}
 cd "$(dirname "$0")/.."
@@ -54,8 +55,12 @@ run() { # name, args...
 	cat "$out/$name.err" | grep -v "^$" | tail -5
 }
 case $what in main | all) run main --context 32K,128K --batch 1 ;; esac
+# all: batch 32 at 24K where the GPU holds dense's 96 GiB of KV (H200), else at 12K
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+big=0
+[ "${mib:-0}" -ge 130000 ] 2>/dev/null && big=1
 for b in 8:32K 32:12K; do
-	case $what in batch | batch${b%%:*} | all) ;; *) continue ;; esac
+	case $what in batch | batch${b%%:*}) ;; all) [ "$b" = 32:12K ] && [ $big = 1 ] && continue ;; *) continue ;; esac
 	run batch${b%%:*} --context ${b#*:} --batch ${b%%:*} --host-budget 1.3 \
 		--daemon-stats "$out/batch${b%%:*}-daemon.txt"
 	[ -n "${NODISK:-}" ] && continue
@@ -65,8 +70,8 @@ done
 # batch32-24k: batch 32 at 24K (96 GiB of KV, the selection fits the 10% pool) on a GPU that
 # holds dense's KV (H200), kvtier with the write-back policy (its NVMe tier 33 GiB: the
 # disk holds only what 92 GiB of pinned host RAM does not), 200 timed steps (64 leave
-# the write-back's tail in: session 28); reload alone, 6 steps.
-if [ "$what" = batch32-24k ]; then
+# the write-back's tail in: session 28); reload alone, 6 steps. Part of all on such a GPU.
+if [ "$what" = batch32-24k ] || { [ "$what" = all ] && [ $big = 1 ]; }; then
 	run batch32-24k --methods dense,sparse,kvtier --context 24K --batch 32 --write-back \
 		--host-budget 0.95 --warmup 64 --steps 200 --daemon-stats "$out/batch32-24k-daemon.txt"
 	run batch32-24k-reload --methods reload --context 24K --batch 32 --warmup 1 --steps 6
