@@ -82,6 +82,18 @@ static int setup_small(void **state)
 	return setup(state, "small", 64u << 20, 4u << 20, 2u << 20);
 }
 
+/* Pages 0..n-1 of sequence seq (layer 0, head 0) promoted to tier, all landed. */
+static void promote_pages(struct kvt_store *s, uint64_t seq, uint32_t n, enum tier_id tier)
+{
+	struct t_wait w = {0};
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_key k = t_key(0, seq, 0, 0, i);
+		w.pending++;
+		assert_int_equal(kvt_store_promote(s, &k, tier, t_cb, &w), 0);
+	}
+	assert_int_equal(t_drain(s, &w), 0);
+}
+
 static void read_verify(struct kvt_store *s, const struct page_key *k, uint8_t *buf)
 {
 	struct t_wait w = {.pending = 1};
@@ -362,12 +374,7 @@ static void queued_copies(void **state)
 	assert_int_equal(waitpid(pid, &st, 0), pid);
 	assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 	/* landed: valid on the GPU in the slot named, no longer queued */
-	for (uint32_t i = 0; i < n; i++) {
-		struct page_key k = t_key(0, 60, 0, 0, i);
-		w.pending++;
-		assert_int_equal(kvt_store_promote(s, &k, TIER_GPU, t_cb, &w), 0);
-	}
-	assert_int_equal(t_drain(s, &w), 0);
+	promote_pages(s, 60, n, TIER_GPU);
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 60, 0, 0, i);
 		struct kvt_page_info pi;
@@ -905,17 +912,11 @@ static void odd_page_size(void **state)
 		assert_int_equal(t_put(s, &k, buf, pb, 0, NULL), 0);
 	}
 	assert_int_equal(kvt_store_flush(s), 0);
-	struct t_wait w = {0};
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 3, 0, 0, i);
 		assert_int_equal(kvt_store_evict(s, &k, TIER_HOST), 0);
 	}
-	for (uint32_t i = 0; i < n; i++) {
-		struct page_key k = t_key(0, 3, 0, 0, i);
-		w.pending++;
-		assert_int_equal(kvt_store_promote(s, &k, TIER_HOST, t_cb, &w), 0);
-	}
-	assert_int_equal(t_drain(s, &w), 0);
+	promote_pages(s, 3, n, TIER_HOST);
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 3, 0, 0, i);
 		struct kvt_page_info pi;
