@@ -725,10 +725,22 @@ static void fb_wait_pass(struct kvd_client *c, const struct kvt_sqe *e, const ui
 	c->acks[c->nacks++] = a;
 }
 
-/* An ack written after its client stopped waiting: its pages left out are counted, and
- * the first few such acks say why (where the first page missing was). */
+/* An ack written after its client stopped waiting: the pages not in were left out of
+ * that step, counted missed instead of late (waited for), and the first few such acks
+ * say why (where the first page missing was). */
 static void ack_late(struct kvd_client *c, const struct kvd_ack *a, uint64_t now)
 {
+	for (uint32_t j = 0; j < a->n; j++) {
+		struct kvd_seq *q = kvd_seq_get(c, a->pg[j].seq);
+		if (q && q->gen == a->pg[j].gen && q->st.late) {
+			q->st.late--;
+			q->st.missed++;
+		}
+		if (c->pf.late) { /* the report's own counts are in (its pass ran) */
+			c->pf.late--;
+			c->pf.missed++;
+		}
+	}
 	if (c->fast_waits_late++ >= 16)
 		return;
 	const struct kvd_ack_page *g = &a->pg[0];

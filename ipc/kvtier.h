@@ -376,7 +376,8 @@ struct kvtier_prefetch_stats {
 	uint64_t prefetch_refused; /* the store had no room to start them */
 	uint64_t bytes_h2d, bytes_nvme; /* prefetched into the GPU, and read from NVMe */
 	/* kvtier_select_async: selected pages the step went without (not leased on the GPU
-	 * when its table was made; leased since, for the next steps) */
+	 * when its table was made, or waited for past the wait's end; leased since, for the
+	 * next steps) */
 	uint64_t missed;
 	uint64_t lat_gpu[KVTIER_LAT_BUCKETS];  /* host RAM -> GPU */
 	uint64_t lat_host[KVTIER_LAT_BUCKETS]; /* NVMe -> host RAM */

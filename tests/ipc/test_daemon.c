@@ -57,6 +57,7 @@ static bool in_child; /* a forked client: a failed check exits instead of longjm
 	} while (0)
 static const char *store_dir;
 static pid_t daemon_pid = -1;
+static const char *extra_opt; /* one more -o for the next start_daemon */
 
 static double now_s(void)
 {
@@ -302,11 +303,13 @@ static int start_daemon(void **state)
 		char sk[200];
 		snprintf(sk, sizeof(sk), "ipc.socket=%s", sock_path);
 		/* GPU pool 128 pages, host 256: two sequences of 256 pages each spill to disk */
-		execl(bin, "kvtierd", "-o", sk, "-o", sd, "-o", "store.device=cpu", "-o",
-		      "store.page_bytes=8K", "-o", "store.nvme_bytes=64M", "-o", "tenant.gpu_bytes=1M",
-		      "-o", "tenant.host_bytes=2M", "-o", "ipc.socket_mode=0666", "-o",
-		      "ipc.data_bytes=1M", "-o", "daemon.promote_timeout_ms=3000", "-o",
-		      "fast.threads=3", (char *)NULL);
+		const char *argv[] = {"kvtierd", "-o", sk, "-o", sd, "-o", "store.device=cpu", "-o",
+				      "store.page_bytes=8K", "-o", "store.nvme_bytes=64M", "-o",
+				      "tenant.gpu_bytes=1M", "-o", "tenant.host_bytes=2M", "-o",
+				      "ipc.socket_mode=0666", "-o", "ipc.data_bytes=1M", "-o",
+				      "daemon.promote_timeout_ms=3000", "-o", "fast.threads=3",
+				      extra_opt ? "-o" : NULL, extra_opt, NULL};
+		execv(bin, (char *const *)argv);
 		_exit(127);
 	}
 	for (int i = 0; i < 500; i++) {
@@ -1495,6 +1498,63 @@ static void test_disallowed_uid(void **state)
 	assert_true(w.rejected >= 1);
 }
 
+/*
+ * A wait the daemon cannot answer in time: started again with every NVMe read held 800
+ * ms (fault injection), it gets a report whose pages that matter are only on disk; the
+ * client waits 20 ms and its step goes without them, and the daemon acks the report
+ * once the wait is over, counts it (fast_waits_late), logs why, and counts its pages
+ * not in as missed (not late: they were not waited into the step).
+ */
+static void test_fast_wait_late(void **state)
+{
+	assert_int_equal(stop_daemon(state), 0);
+	extra_opt = "store.fault_inject=read_hang=1,hang_ms=800";
+	int r = start_daemon(state);
+	extra_opt = NULL;
+	assert_int_equal(r, 0);
+	struct kvtier_client *c = attach_fast(2, PREFILL + 64, 0);
+	struct seqdesc s = {.salt = 73}, filler = {.salt = 74};
+	assert_int_equal(kvtier_seq_create(c, &s.id), 0);
+	append_tokens(c, &s, PREFILL);
+	assert_int_equal(kvtier_seq_sync(c, s.id, NULL), 0);
+	assert_int_equal(kvtier_seq_create(c, &filler.id), 0);
+	append_tokens(c, &filler, PREFILL); /* most of the first sequence now only on disk */
+	assert_int_equal(kvtier_seq_sync(c, filler.id, NULL), 0);
+	struct kvtier_table *fast = kvtier_table_create(c, 1);
+	assert_non_null(fast);
+	float *q = malloc((size_t)HEADS * GROUP * D * 4);
+	struct kvtier_select_params sp = {.budget_pages = 8, .sink_tokens = T, .window_tokens = T,
+					  .host_gap = -1, .wait_us = 20000};
+	struct kvtier_prefetch_stats st0, st;
+	assert_int_equal(kvtier_stats(c, UINT32_MAX, &st0), 0);
+	for (uint32_t l = 0; l < LAYERS; l++) {
+		query(81, 0, l, q);
+		assert_int_equal(kvtier_select_async(c, &s.id, 1, l, q, &sp, fast, NULL), 0);
+	}
+	char js[8192] = "";
+	unsigned long long late = 0;
+	for (int i = 0; i < 300 && !late; i++) { /* acked at the daemon's next tick */
+		assert_int_equal(ctl_cmd_out("clients\0", 8, js, sizeof(js)), 0);
+		const char *a = strstr(js, "\"fast_waits_late\":");
+		assert_non_null(a);
+		late = strtoull(a + 18, NULL, 10);
+		if (!late)
+			usleep(10000);
+	}
+	/* the pages of an ack written late count as missed, not waited for */
+	assert_int_equal(kvtier_stats(c, UINT32_MAX, &st), 0);
+	print_message("every disk read held 800 ms, waits of 20 ms: %llu pages missed, %llu "
+		      "reports acked late\n", (unsigned long long)(st.missed - st0.missed), late);
+	check(st.missed > st0.missed);
+	check(late >= 1);
+	free(q);
+	kvtier_table_destroy(fast);
+	assert_int_equal(kvtier_seq_close(c, s.id), 0);
+	assert_int_equal(kvtier_seq_close(c, filler.id), 0);
+	kvtier_detach(c);
+	daemon_alive();
+}
+
 int main(void)
 {
 	if (!getenv("KVT_DAEMON")) {
@@ -1517,6 +1577,7 @@ int main(void)
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
 		cmocka_unit_test_setup(test_copy_order, reset_globals), /* restarts the daemon */
+		cmocka_unit_test_setup(test_fast_wait_late, reset_globals), /* restarts it */
 	};
 	return cmocka_run_group_tests(tests, start_daemon, stop_daemon);
 }
