@@ -39,17 +39,19 @@ static struct kvt_store_params params(const char *dir, uint64_t nvme, uint64_t h
 	return p;
 }
 
-/* queue_depth 0: params()'s */
-static int setup_qd(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu,
-		    unsigned qd, unsigned bg)
+/* queue_depth 0: params()'s; page_bytes 0: PB */
+static int setup_pb(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu,
+		    unsigned qd, unsigned bg, uint32_t page_bytes)
 {
 	struct fx *f = calloc(1, sizeof(*f));
 	f->dir = strdup(t_dir(name));
 	f->p = params(f->dir, nvme, host, gpu);
 	if (qd)
 		f->p.queue_depth = qd;
+	if (page_bytes)
+		f->p.page_bytes = page_bytes;
 	f->p.background_depth = bg;
-	f->buf = aligned_alloc(4096, PB);
+	f->buf = aligned_alloc(4096, (f->p.page_bytes + 4095) & ~4095u);
 	int r = kvt_store_open(&f->p, &f->s);
 	if (r == -EPERM || r == -ENOSYS) {
 		free(f);
@@ -58,6 +60,12 @@ static int setup_qd(void **state, const char *name, uint64_t nvme, uint64_t host
 	assert_int_equal(r, 0);
 	*state = f;
 	return 0;
+}
+
+static int setup_qd(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu,
+		    unsigned qd, unsigned bg)
+{
+	return setup_pb(state, name, nvme, host, gpu, qd, bg, 0);
 }
 
 static int setup(void **state, const char *name, uint64_t nvme, uint64_t host, uint64_t gpu)
@@ -883,6 +891,11 @@ static void write_back_oldest(void **state)
 	read_verify(s, &k, f->buf);
 }
 
+static int setup_odd(void **state)
+{
+	return setup_pb(state, "odd", 4u << 20, 2u << 20, 0, 0, 0, 5 * 4096 + 512);
+}
+
 /*
  * Pages that are not whole file-system blocks: the disk's ios move header and payload
  * padded to the block, the payload part from and into host slots, which are laid out
@@ -891,25 +904,17 @@ static void write_back_oldest(void **state)
  */
 static void odd_page_size(void **state)
 {
-	(void)state;
-	const uint32_t pb = 5 * 4096 + 512, n = 40;
-	const char *dir = t_dir("odd");
-	struct kvt_store_params p = params(dir, 4u << 20, 2u << 20, 0);
-	p.page_bytes = pb;
-	struct kvt_store *s;
-	int r = kvt_store_open(&p, &s);
-	if (r == -EPERM || r == -ENOSYS)
-		skip();
-	assert_int_equal(r, 0);
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	const uint32_t pb = f->p.page_bytes, n = 40;
 	struct tier *nv = kvt_store_tier(s, TIER_NVME), *host = kvt_store_tier(s, TIER_HOST);
 	assert_true(nv->ops->io_span(nv) > pb); /* the case this test is for */
 	assert_true(tier_host_stride(host) >= nv->ops->io_span(nv));
 	assert_int_equal(tier_host_stride(host) % nv->ops->io_align(nv), 0);
-	uint8_t *buf = aligned_alloc(4096, 6 * 4096);
 	for (uint32_t i = 0; i < n; i++) {
 		struct page_key k = t_key(0, 3, 0, 0, i);
-		t_fill(buf, pb, &k);
-		assert_int_equal(t_put(s, &k, buf, pb, 0, NULL), 0);
+		t_fill(f->buf, pb, &k);
+		assert_int_equal(t_put(s, &k, f->buf, pb, 0, NULL), 0);
 	}
 	assert_int_equal(kvt_store_flush(s), 0);
 	for (uint32_t i = 0; i < n; i++) {
@@ -930,10 +935,6 @@ static void odd_page_size(void **state)
 	kvt_store_stats(s, &st);
 	assert_true(st.tier[TIER_NVME].reads >= n);
 	assert_int_equal(st.read_errors, 0);
-	free(buf);
-	kvt_store_close(s);
-	t_rmdir(dir);
-	free((void *)p.nvme_path);
 }
 
 int main(void)
@@ -954,7 +955,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(write_back, setup_write_back, teardown),
 		cmocka_unit_test_setup_teardown(write_back_full, setup_write_back_tiny, teardown),
 		cmocka_unit_test_setup_teardown(write_back_oldest, setup_write_back_oldest, teardown),
-		cmocka_unit_test(odd_page_size),
+		cmocka_unit_test_setup_teardown(odd_page_size, setup_odd, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
