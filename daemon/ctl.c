@@ -442,7 +442,10 @@ static void cmd_clients(struct req *r)
 		kvt_json_u64(j, "seal_batches", o->seal_batches);
 		kvt_json_f64(j, "seal_batch_us_mean", o->seal_batches ? o->seal_ns / 1e3 / o->seal_batches : 0);
 		kvt_json_f64(j, "seal_lease_us_mean", o->seal_batches ? o->seal_lease_ns / 1e3 / o->seal_batches : 0);
-		/* appends of whole pages: the store's puts of one; from the ring to its answer */
+		/* of a batch, its pages' bytes into host RAM (over the daemon's threads) */
+		kvt_json_f64(j, "seal_copy_us_mean", o->seal_batches ? o->page_copy_ns / 1e3 / o->seal_batches : 0);
+		/* appends of whole pages: the store's puts of one (their bytes aside, copied
+		 * with the batch's); from the ring to its answer */
 		kvt_json_u64(j, "page_appends", o->page_appends);
 		kvt_json_f64(j, "page_put_us_mean", o->page_appends ? o->page_put_ns / 1e3 / o->page_appends : 0);
 		kvt_json_f64(j, "page_answer_us_mean",

@@ -496,11 +496,48 @@ static void detach_dead(struct kvd *d, const struct kvd_client *self)
 /* At most this many seals in one batch (kvd_seal_flush). */
 #define SEAL_BATCH_MAX 64u
 
+struct copy_run {
+	const struct kvd_put_copy *cp;
+	uint32_t bytes;
+};
+
+static void copy_one(void *arg, unsigned w, uint32_t i)
+{
+	const struct copy_run *r = arg;
+	(void)w;
+	memcpy(r->cp[i].dst, r->cp[i].src, r->bytes);
+}
+
+/*
+ * The bytes of the pages seal_put reserved, into their host slots over the daemon's
+ * threads (one page an item), then each page sealed in the store: written back from
+ * now on. Before anything reads those pages or their sources go.
+ */
+static void put_copies(struct kvd_client *c)
+{
+	if (!c->ncopies)
+		return;
+	struct kvd *d = c->d;
+	const uint64_t t0 = kvd_now_ns();
+	struct copy_run r = {.cp = c->copies, .bytes = c->page_bytes};
+	kvd_pool_run(d->pool, c->ncopies, copy_one, &r);
+	for (uint32_t i = 0; i < c->ncopies; i++) {
+		int ret = kvt_store_seal(d->store, &c->copies[i].k);
+		if (ret < 0) /* not dropped while reserved: nothing in between runs the store's work */
+			kvt_err("engine", "client %u: a page put is not sealed: %s", c->id,
+				strerror(-ret));
+	}
+	c->ncopies = 0;
+	c->page_copy_ns += kvd_now_ns() - t0;
+}
+
 /*
  * Puts the next page of a layer (head h's bytes at src + h * stride; the heads put
  * already by a seal that failed are not put again) and queues the building of its
- * summaries in the client's batch. 0, or -errno: the heads put so far are kept
- * (sealed_heads), the rest of the seal is made again by flush_pending.
+ * summaries in the client's batch. The bytes go to the store by put_copies, with the
+ * batch's (src must stay until then: the data area, or the layer's fill buffer). 0, or
+ * -errno: the heads put so far are kept (sealed_heads, their bytes copied now), the rest
+ * of the seal is made again by flush_pending.
  */
 static int seal_put(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, const uint8_t *src,
 		    size_t stride)
@@ -512,30 +549,36 @@ static int seal_put(struct kvd_client *c, struct kvd_seq *q, uint32_t layer, con
 	if (ret < 0)
 		return ret;
 	for (uint32_t h = L->sealed_heads; h < H; h++) {
-		struct page_key k = {.tenant = c->tenant->id, .layer = (uint16_t)layer,
-				     .kv_head = (uint16_t)h, .seq = q->own->sseq, .index = idx};
-		const uint8_t *pg = src + h * stride;
-		ret = kvt_store_put(d->store, &k, pg, pb, 0, NULL, NULL);
+		struct kvd_put_copy *cp = &c->copies[c->ncopies];
+		cp->k = (struct page_key){.tenant = c->tenant->id, .layer = (uint16_t)layer,
+					  .kv_head = (uint16_t)h, .seq = q->own->sseq, .index = idx};
+		cp->src = src + h * stride;
+		ret = kvt_store_put_reserve(d->store, &cp->k, pb, &cp->dst);
 		/* The host tier full of pages not yet on disk: let write-back make room.
-		 * (The store runs other clients' completions meanwhile; none touches this one.) */
+		 * (The store runs other clients' completions meanwhile; none touches this one,
+		 * and pages reserved are FILLING: kept, not written.) */
 		uint64_t t0 = kvd_now_ns();
 		while (ret == -EAGAIN &&
 		       kvd_now_ns() - t0 < (uint64_t)d->cfg.promote_timeout_ms * 1000000ull) {
 			kvt_store_run(d->store, 5);
 			detach_dead(d, c);
-			ret = kvt_store_put(d->store, &k, pg, pb, 0, NULL, NULL);
+			ret = kvt_store_put_reserve(d->store, &cp->k, pb, &cp->dst);
 		}
 		if (ret < 0) {
 			L->sealed_heads = h;
+			put_copies(c);
 			return ret;
 		}
+		c->ncopies++;
 		q->own->pages++;
 		c->tenant->disk_pages++;
 	}
 	L->sealed_heads = H;
 	int32_t *recs = c->seal_recs + (size_t)c->nseals * H;
-	if ((ret = rec_alloc(c, H, recs)) < 0)
+	if ((ret = rec_alloc(c, H, recs)) < 0) {
+		put_copies(c);
 		return ret;
+	}
 	c->seals[c->nseals++] = (struct kvd_seal){.q = q, .layer = layer, .idx = idx,
 						  .src = src, .stride = stride};
 	L->seal_queued = true;
@@ -599,6 +642,7 @@ int kvd_seal_flush(struct kvd_client *c)
 				hix[3 * m + nf] = (int32_t)kvd_fast_pos(c, e->q, e->layer, h, e->idx);
 			}
 	}
+	put_copies(c); /* on the CPU while the device copies the pages up */
 	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
 				       .slots = dix, .records = dix + m,
 				       .summaries = c->sum_pool, .n = m};
@@ -1904,7 +1948,8 @@ static void open_batch(struct kvd_open *o)
 		if (ret == 0) {
 			for (uint32_t i = 0; i < n; i++)
 				ids[i] = (int32_t)i;
-			struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
+			put_copies(c); /* on the CPU while the device copies the pages up */
+	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
 						       .slots = slots, .records = rdev,
 						       .summaries = c->sum_pool, .n = n};
 			if (kvt_compute_upload(d->cc, pages, o->buf, (size_t)n * pb) < 0 ||
@@ -2265,7 +2310,8 @@ int kvd_engine_attach(struct kvd_client *c)
 	c->seqs = kvt_calloc(c->d->cfg.max_seqs, sizeof(*c->seqs));
 	c->seals = kvt_malloc(SEAL_BATCH_MAX * sizeof(*c->seals));
 	c->seal_recs = kvt_malloc((size_t)SEAL_BATCH_MAX * c->layout.kv_heads * sizeof(int32_t));
-	return c->seqs && c->seals && c->seal_recs ? 0 : -ENOMEM; /* detach frees them */
+	c->copies = kvt_malloc((size_t)SEAL_BATCH_MAX * c->layout.kv_heads * sizeof(*c->copies));
+	return c->seqs && c->seals && c->seal_recs && c->copies ? 0 : -ENOMEM; /* detach frees them */
 }
 
 void kvd_engine_detach(struct kvd_client *c)
@@ -2273,8 +2319,10 @@ void kvd_engine_detach(struct kvd_client *c)
 	kvd_seal_flush(c); /* none queued outside a drain of the ring; made, not left */
 	kvt_free(c->seals);
 	kvt_free(c->seal_recs);
+	kvt_free(c->copies);
 	c->seals = NULL;
 	c->seal_recs = NULL;
+	c->copies = NULL;
 	kvd_pf_add(&c->d->pf_gone, &c->pf);
 	memset(&c->pf, 0, sizeof(c->pf));
 	if (c->busy) {

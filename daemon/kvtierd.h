@@ -207,6 +207,15 @@ struct kvd_client {
 	} *seals;
 	int32_t *seal_recs;
 	uint32_t nseals;
+	/* their pages' bytes, copied into the store's host slots over the daemon's threads
+	 * before the pages are sealed in the store (engine.c put_copies) */
+	struct kvd_put_copy {
+		void *dst;
+		const uint8_t *src;
+		struct page_key k;
+	} *copies;
+	uint32_t ncopies;
+	uint64_t page_copy_ns; /* counter: those copies, wall time */
 	uint64_t seal_batches, sealed; /* counters: flushes, seals made in them */
 	uint64_t seal_ns, seal_lease_ns; /* in kvd_seal_flush; of it leasing the pages */
 	/* appends of whole pages (KVT_APPEND_PAGES): their puts (the store's copies of the

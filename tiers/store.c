@@ -1022,14 +1022,11 @@ static int disk_full(struct kvt_store *s, const struct page_key *k)
 
 /* ---- public operations ---- */
 
-int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src,
-		  uint32_t len, unsigned flags, kvt_store_cb cb, void *arg)
+/* A put up to its bytes: the page new in host RAM (and on its disk slot under
+ * write-through), last touched, its len bytes for the caller to write. */
+static int put_new(struct kvt_store *s, const struct page_key *k, uint32_t len,
+		   struct page **out)
 {
-	if (!k || !src || !len || len > s->p.page_bytes ||
-	    (flags & ~(unsigned)(KVT_PUT_GPU | KVT_PUT_FILLING)))
-		return -EINVAL;
-	if ((flags & KVT_PUT_GPU) && !s->tier[TIER_GPU])
-		return -ENODEV;
 	if (page_find(s, k))
 		return -EEXIST;
 	const bool through = s->p.write_policy == KVT_WRITE_THROUGH;
@@ -1065,22 +1062,71 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 	pg->valid = B(TIER_HOST);
 	pg->last_access = ++s->clock;
 	pg->seq->last_access = pg->last_access;
-	memcpy(tier_ptr(s, TIER_HOST, hslot), src, len);
 	lru_touch(s, pg, TIER_HOST);
 	s->st.puts++;
-	if (flags & KVT_PUT_FILLING) {
+	*out = pg;
+	return 0;
+}
+
+/* A page complete: dirty, and on its way to disk under write-through. */
+static void seal_page(struct kvt_store *s, struct page *pg)
+{
+	set_dirty(s, pg);
+	if (s->p.write_policy == KVT_WRITE_THROUGH)
+		pg->want |= B(TIER_NVME);
+}
+
+int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src,
+		  uint32_t len, unsigned flags, kvt_store_cb cb, void *arg)
+{
+	if (!k || !src || !len || len > s->p.page_bytes ||
+	    (flags & ~(unsigned)(KVT_PUT_GPU | KVT_PUT_FILLING)))
+		return -EINVAL;
+	if ((flags & KVT_PUT_GPU) && !s->tier[TIER_GPU])
+		return -ENODEV;
+	struct page *pg;
+	int ret = put_new(s, k, len, &pg);
+	if (ret < 0)
+		return ret;
+	memcpy(tier_ptr(s, TIER_HOST, pg->slot[TIER_HOST]), src, len);
+	if (flags & KVT_PUT_FILLING)
 		pg->state = KVT_PAGE_FILLING;
-	} else {
-		set_dirty(s, pg);
-		if (through)
-			pg->want |= B(TIER_NVME);
-	}
+	else
+		seal_page(s, pg);
 	if (flags & KVT_PUT_GPU) {
 		pg->want |= B(TIER_GPU);
 		add_waiter(s, pg, TIER_GPU, cb, arg, NULL, 0);
 	} else {
 		defer(s, cb, arg, 0);
 	}
+	progress(s, pg);
+	return 0;
+}
+
+int kvt_store_put_reserve(struct kvt_store *s, const struct page_key *k, uint32_t len,
+			  void **dst)
+{
+	if (!k || !dst || !len || len > s->p.page_bytes)
+		return -EINVAL;
+	struct page *pg;
+	int ret = put_new(s, k, len, &pg);
+	if (ret < 0)
+		return ret;
+	pg->state = KVT_PAGE_FILLING; /* its one copy kept, never written back */
+	*dst = tier_ptr(s, TIER_HOST, pg->slot[TIER_HOST]);
+	return 0;
+}
+
+int kvt_store_seal(struct kvt_store *s, const struct page_key *k)
+{
+	struct page *pg = page_find(s, k);
+	if (!pg)
+		return -ENOENT;
+	if (pg->state != KVT_PAGE_FILLING)
+		return -EINVAL;
+	if (pg->valid & B(TIER_GPU)) /* made before the bytes were all in: stale */
+		drop_copy(s, pg, TIER_GPU, KVT_EVICT_STALE);
+	seal_page(s, pg);
 	progress(s, pg);
 	return 0;
 }
@@ -1105,11 +1151,8 @@ int kvt_store_append(struct kvt_store *s, const struct page_key *k, const void *
 	s->st.appends++;
 	pg->last_access = ++s->clock;
 	if (seal || pg->len == s->p.page_bytes) {
-		set_dirty(s, pg);
-		if (s->p.write_policy == KVT_WRITE_THROUGH) {
-			pg->want |= B(TIER_NVME);
-			progress(s, pg);
-		}
+		seal_page(s, pg);
+		progress(s, pg);
 	}
 	return 0;
 }

@@ -166,6 +166,22 @@ int kvt_store_put(struct kvt_store *s, const struct page_key *k, const void *src
 		  uint32_t len, unsigned flags, kvt_store_cb cb, void *arg);
 
 /*
+ * A put whose bytes the caller copies: a new page of len bytes in host RAM, at *dst,
+ * which the caller writes (from any thread; the store neither reads nor writes them
+ * meanwhile) before kvt_store_seal. Until then the page is FILLING: its one copy is
+ * kept and never written back, and it must not be promoted or read. So kvtierd copies
+ * a batch of appended pages over its threads. Errors as kvt_store_put's.
+ */
+int kvt_store_put_reserve(struct kvt_store *s, const struct page_key *k, uint32_t len,
+			  void **dst);
+
+/*
+ * A FILLING page is complete as it is (its bytes written, kvt_store_put_reserve): it
+ * goes to write-back as a put's. -ENOENT, -EINVAL (not filling).
+ */
+int kvt_store_seal(struct kvt_store *s, const struct page_key *k);
+
+/*
  * Appends len bytes to a FILLING page (its host copy; a GPU copy is dropped). seal:
  * the page is complete and goes to write-back. -ENOENT, -EINVAL (not filling, or
  * past page_bytes), -EAGAIN (page busy: in flight).

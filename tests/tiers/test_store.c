@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -459,6 +460,53 @@ static void filling_pages(void **state)
 	assert_int_equal(kvt_store_flush(s), 0);
 	assert_int_equal(kvt_store_evict(s, &k, TIER_HOST), 0);
 	read_verify(s, &k, f->buf);
+}
+
+struct fill_job {
+	void *dst;
+	struct page_key k;
+};
+
+static void *fill_thread(void *arg)
+{
+	struct fill_job *j = arg;
+	t_fill(j->dst, PB, &j->k);
+	return NULL;
+}
+
+/* A put whose bytes are copied by another thread (kvtierd's batches): the page is kept
+ * and never written back until sealed, then it is as a put's. */
+static void reserved_pages(void **state)
+{
+	struct fx *f = *state;
+	struct kvt_store *s = f->s;
+	struct fill_job j = {.k = t_key(0, 71, 1, 2, 0)};
+	void *dst = NULL;
+	assert_int_equal(kvt_store_put_reserve(s, &j.k, 0, &dst), -EINVAL);
+	assert_int_equal(kvt_store_put_reserve(s, &j.k, PB + 1, &dst), -EINVAL);
+	assert_int_equal(kvt_store_put_reserve(s, &j.k, PB, &j.dst), 0);
+	assert_non_null(j.dst);
+	assert_int_equal(kvt_store_put_reserve(s, &j.k, PB, &dst), -EEXIST);
+	assert_int_equal(kvt_store_flush(s), 0);
+	for (int i = 0; i < 10; i++)
+		kvt_store_run(s, 5);
+	struct kvt_page_info pi;
+	assert_int_equal(kvt_store_page_info(s, &j.k, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_FILLING);
+	assert_int_equal(pi.valid, 1u << TIER_HOST); /* not written from a slot not yet filled */
+	assert_int_equal(kvt_store_evict(s, &j.k, TIER_HOST), -EPERM); /* its one copy */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, fill_thread, &j), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(kvt_store_seal(s, &j.k), 0);
+	assert_int_equal(kvt_store_seal(s, &j.k), -EINVAL);
+	struct page_key none = t_key(0, 71, 1, 2, 1);
+	assert_int_equal(kvt_store_seal(s, &none), -ENOENT);
+	assert_int_equal(kvt_store_page_info(s, &j.k, &pi), 0);
+	assert_int_equal(pi.state, KVT_PAGE_DIRTY);
+	assert_int_equal(kvt_store_flush(s), 0);
+	assert_int_equal(kvt_store_evict(s, &j.k, TIER_HOST), 0);
+	read_verify(s, &j.k, f->buf); /* from disk: the bytes the thread wrote */
 }
 
 static void tenants_apart(void **state)
@@ -947,6 +995,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(drop_frees, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(warm_is_a_hint, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(filling_pages, setup_small, teardown),
+		cmocka_unit_test_setup_teardown(reserved_pages, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(tenants_apart, setup_small, teardown),
 		cmocka_unit_test_setup_teardown(disk_full, setup_tiny_disk, teardown),
 		cmocka_unit_test_setup_teardown(hurried_reads, setup_qd1, teardown),
