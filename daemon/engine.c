@@ -1948,8 +1948,7 @@ static void open_batch(struct kvd_open *o)
 		if (ret == 0) {
 			for (uint32_t i = 0; i < n; i++)
 				ids[i] = (int32_t)i;
-			put_copies(c); /* on the CPU while the device copies the pages up */
-	struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
+			struct kvt_summarize_args a = {.g = c->geom, .pool = pages, .slot_bytes = pb,
 						       .slots = slots, .records = rdev,
 						       .summaries = c->sum_pool, .n = n};
 			if (kvt_compute_upload(d->cc, pages, o->buf, (size_t)n * pb) < 0 ||
