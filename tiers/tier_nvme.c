@@ -400,10 +400,25 @@ struct wipe {
 	uint32_t idx;
 };
 
+/* The file (registered or not) an io's sqe names. */
+static int io_fd(const struct nvme_tier *n)
+{
+	return n->file_index >= 0 ? n->file_index : n->fd;
+}
+
+/* What every io's sqe carries besides its buffers: the registered file, a write's sync. */
+static void prep_flags(const struct nvme_tier *n, struct io_uring_sqe *sqe, bool write)
+{
+	if (n->file_index >= 0)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	if (write && n->base.p.durable)
+		sqe->rw_flags = RWF_DSYNC;
+}
+
 static void prep_rw(struct nvme_tier *n, struct io_uring_sqe *sqe, bool write, void *buf,
 		    unsigned len, uint64_t off, int buf_index)
 {
-	int fd = n->file_index >= 0 ? n->file_index : n->fd;
+	const int fd = io_fd(n);
 	if (buf_index >= 0 && write)
 		io_uring_prep_write_fixed(sqe, fd, buf, len, off, buf_index);
 	else if (buf_index >= 0)
@@ -412,25 +427,18 @@ static void prep_rw(struct nvme_tier *n, struct io_uring_sqe *sqe, bool write, v
 		io_uring_prep_write(sqe, fd, buf, len, off);
 	else
 		io_uring_prep_read(sqe, fd, buf, len, off);
-	if (n->file_index >= 0)
-		sqe->flags |= IOSQE_FIXED_FILE;
-	if (write && n->base.p.durable)
-		sqe->rw_flags = RWF_DSYNC;
+	prep_flags(n, sqe, write);
 }
 
 /* A slot's header from or to iov[0] (a header buffer), its payload iov[1]. */
 static void prep_rwv(struct nvme_tier *n, struct io_uring_sqe *sqe, bool write,
 		     const struct iovec *iov, uint64_t off)
 {
-	int fd = n->file_index >= 0 ? n->file_index : n->fd;
 	if (write)
-		io_uring_prep_writev(sqe, fd, iov, 2, off);
+		io_uring_prep_writev(sqe, io_fd(n), iov, 2, off);
 	else
-		io_uring_prep_readv(sqe, fd, iov, 2, off);
-	if (n->file_index >= 0)
-		sqe->flags |= IOSQE_FIXED_FILE;
-	if (write && n->base.p.durable)
-		sqe->rw_flags = RWF_DSYNC;
+		io_uring_prep_readv(sqe, io_fd(n), iov, 2, off);
+	prep_flags(n, sqe, write);
 }
 
 static void wipe_done(struct kvt_op *op, int res, uint32_t flags)
