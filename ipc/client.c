@@ -37,6 +37,25 @@ struct live_seq {
 	uint32_t *sent;  /* [layers] of which the daemon has (kvtier_append_async keeps the
 			  * page still filling here until it is full) */
 	uint32_t mark;   /* kvtier_append_batch_async: the call that saw it last */
+	uint8_t *pend;   /* [layers] its full page handed to the daemon, not answered yet:
+			  * still in its tail slot, attended from there (flush_pages) */
+};
+
+/*
+ * Filled pages handed to the daemon and not waited for (flush_pages): their copies into a
+ * region of the data area queued on the append stream, then their requests (one a page,
+ * submitted once the copies have landed), answered in order.
+ */
+#define PEND_MAX   64u /* batches in flight */
+#define PEND_PAGES 64u /* pages a batch */
+struct pend_batch {
+	struct kvt_fence *copied; /* behind the batch's copies (made once, kept) */
+	uint64_t off, bytes;      /* its region of the data area */
+	uint64_t ud0;             /* the first request's user_data */
+	uint32_t layer, n, sub;   /* pages, requests submitted */
+	bool submitted;
+	int err;                  /* queueing the copies or submitting failed */
+	uint32_t seq[PEND_PAGES];
 };
 
 struct kvtier_client {
@@ -106,9 +125,15 @@ struct kvtier_client {
 	/* the fast path's calls, host time: append_async, select_async (staging, the
 	 * report posted, the kernels queued), attend_async */
 	uint64_t fast_n[3], fast_ns[5];
-	/* flush_pages: calls, pages, waiting for the stream (the copies behind what was
-	 * queued), for the daemon's answers */
+	/* flush_pages: batches answered, their pages, waiting for their copies (behind what
+	 * was queued on the stream), for the daemon's answers */
 	uint64_t pf_n, pf_pages, pf_ns[2];
+	/* the batches of filled pages in flight, oldest first (a ring of PEND_MAX); their
+	 * requests submitted and not reaped; the first error of one answered since the
+	 * last kvtier_append_batch_async or kvtier_append_async returned */
+	struct pend_batch *pend;
+	uint32_t pend_head, pend_n, pend_reqs;
+	int pend_err;
 };
 
 static uint64_t mono_ns(void)
@@ -300,9 +325,13 @@ static int reap(struct kvtier_client *c, const struct kvt_sqe *r, struct kvt_cqe
 	return out->res;
 }
 
-/* One request, one completion; called with c->lock held. */
+static void pend_drain(struct kvtier_client *c);
+
+/* One request, one completion (the pages in flight answered first); called with
+ * c->lock held. */
 static int call(struct kvtier_client *c, struct kvt_sqe *r, struct kvt_cqe *out)
 {
+	pend_drain(c);
 	int ret = submit(c, r, true);
 	return ret < 0 ? ret : reap(c, r, out);
 }
@@ -407,10 +436,13 @@ static int alloc_tails(struct kvtier_client *c)
 	for (uint32_t i = 0; i < c->w.max_seqs; i++)
 		c->live_of[i] = -1;
 	for (uint32_t i = 0; i < c->max_live; i++)
-		if (!(c->live[i].ntok = calloc(2 * (size_t)c->layout.layers, sizeof(uint32_t))))
+		if (!(c->live[i].ntok = calloc(2 * (size_t)c->layout.layers, sizeof(uint32_t))) ||
+		    !(c->live[i].pend = calloc(c->layout.layers, 1)))
 			return -ENOMEM;
 		else
 			c->live[i].sent = c->live[i].ntok + c->layout.layers;
+	if (!(c->pend = calloc(PEND_MAX, sizeof(*c->pend))))
+		return -ENOMEM;
 	return kvt_compute_alloc(c->cc, bytes, &c->tail_dev);
 }
 
@@ -558,6 +590,12 @@ void kvtier_detach(struct kvtier_client *c)
 {
 	if (!c)
 		return;
+	if (c->pend) { /* the pages in flight: sealed before the client goes */
+		pend_drain(c);
+		for (uint32_t i = 0; i < PEND_MAX; i++)
+			if (c->pend[i].copied)
+				c->dev->ops->fence_destroy(c->dev, c->pend[i].copied);
+	}
 	if (c->timing && c->sel_n)
 		fprintf(stderr, "libkvtier: %llu selects, per select: query staged %.1f us, round trip "
 				"to the daemon %.1f us, table to the device %.1f us\n",
@@ -577,8 +615,8 @@ void kvtier_detach(struct kvtier_client *c)
 			c->fast_ns[2] / 1e3 / n1, c->fast_ns[3] / 1e3 / n1, c->fast_ns[4] / 1e3 / n2);
 	}
 	if (c->timing && c->pf_n)
-		fprintf(stderr, "libkvtier: %llu flushes of whole pages (%llu pages), per flush: the "
-				"stream waited for %.1f us, the daemon's answers %.1f us\n",
+		fprintf(stderr, "libkvtier: %llu batches of whole pages (%llu pages), per batch: "
+				"waited for its copies %.1f us, for the daemon's answers %.1f us\n",
 			(unsigned long long)c->pf_n, (unsigned long long)c->pf_pages,
 			c->pf_ns[0] / 1e3 / c->pf_n, c->pf_ns[1] / 1e3 / c->pf_n);
 	bool queued = false;
@@ -620,8 +658,11 @@ void kvtier_detach(struct kvtier_client *c)
 		if (c->fds[i] >= 0)
 			close(c->fds[i]);
 	close(c->sock);
-	for (uint32_t i = 0; c->live && i < c->max_live; i++)
+	for (uint32_t i = 0; c->live && i < c->max_live; i++) {
 		free(c->live[i].ntok);
+		free(c->live[i].pend);
+	}
+	free(c->pend);
 	free(c->live);
 	free(c->live_of);
 	free(c->batch_pos);
@@ -657,6 +698,7 @@ static int live_add(struct kvtier_client *c, uint32_t seq)
 		c->live[i].id = seq;
 		c->live[i].fast_ok = true;
 		memset(c->live[i].ntok, 0, 2 * (size_t)c->layout.layers * sizeof(uint32_t));
+		memset(c->live[i].pend, 0, c->layout.layers);
 		c->live_of[seq] = (int32_t)i;
 		return (int)i;
 	}
@@ -716,6 +758,7 @@ static int put_name(struct kvtier_client *c, const char *name, struct kvt_sqe *r
 	size_t n = name ? strlen(name) : 0;
 	if (!n || n > KVTIER_SEQ_NAME_MAX || n > c->w.data_bytes)
 		return -EINVAL;
+	pend_drain(c); /* their regions of the data area */
 	memcpy(c->data, name, n);
 	r->off[0] = 0;
 	r->ntok = (uint32_t)n;
@@ -874,71 +917,210 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
 	return ret < 0 ? ret : sret;
 }
 
+/* ---- filled pages in flight ---- */
+
+static struct pend_batch *pend_at(struct kvtier_client *c, uint32_t i)
+{
+	return &c->pend[(c->pend_head + i) % PEND_MAX];
+}
+
+/*
+ * A batch's requests into the ring once its copies have landed (wait: waited for).
+ * -EAGAIN: not yet, or the answers not reaped would leave no room in the completion
+ * ring for its own (the daemon would stop reading requests). A failure is the batch's:
+ * its pages not submitted lose their tokens when it is reaped.
+ */
+static int pend_submit(struct kvtier_client *c, struct pend_batch *b, bool wait)
+{
+	if (b->submitted)
+		return 0;
+	if (c->pend_reqs && c->pend_reqs + b->n > c->w.cq_entries / 2)
+		return -EAGAIN;
+	if (b->err == 0) {
+		const uint64_t t0 = c->timing ? mono_ns() : 0;
+		int ret = wait ? c->dev->ops->fence_wait(c->dev, b->copied)
+			       : c->dev->ops->fence_query(c->dev, b->copied);
+		if (ret == -EAGAIN && !wait)
+			return ret;
+		b->err = ret;
+		if (c->timing)
+			c->pf_ns[0] += mono_ns() - t0;
+	}
+	const size_t pg = (size_t)c->layout.kv_heads * c->w.slot_bytes;
+	for (uint32_t j = 0; j < b->n && b->err == 0; j++) {
+		struct kvt_sqe r = {.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES, .seq = b->seq[j],
+				    .layer = (uint16_t)b->layer, .ntok = c->layout.page_tokens,
+				    .off = {b->off + j * pg, c->w.slot_bytes}};
+		if ((b->err = submit(c, &r, j + 1 == b->n)) == 0) {
+			if (!b->sub++)
+				b->ud0 = r.user_data;
+		}
+	}
+	if (b->sub < b->n && b->sub && !c->dead)
+		kick(c); /* those submitted are answered: they are reaped */
+	b->submitted = true;
+	c->pend_reqs += b->sub;
+	return 0;
+}
+
+/* The batches whose copies have landed, oldest first, into the ring; none waited for. */
+static void pend_kick(struct kvtier_client *c)
+{
+	for (uint32_t i = 0; i < c->pend_n; i++)
+		if (pend_submit(c, pend_at(c, i), false) < 0)
+			return;
+}
+
+/*
+ * The oldest batch answered: each page's tokens now the daemon's, or, refused (or never
+ * sent), dropped with any after them, as a failed append drops them; the first error
+ * kept for the next append call to return.
+ */
+static void pend_reap(struct kvtier_client *c)
+{
+	struct pend_batch *b = pend_at(c, 0);
+	pend_submit(c, b, true); /* the oldest: room for its answers */
+	const uint32_t T = c->layout.page_tokens;
+	const uint64_t t0 = c->timing ? mono_ns() : 0;
+	for (uint32_t j = 0; j < b->n; j++) {
+		struct kvt_sqe r = {.user_data = b->ud0 + j};
+		struct kvt_cqe e = {0};
+		int rr = j < b->sub ? reap(c, &r, &e) : b->err < 0 ? b->err : -EIO;
+		uint32_t acc = rr == -ECONNRESET || rr == -EPROTO || j >= b->sub || e.aux[0] > T
+				       ? 0 : (uint32_t)e.aux[0];
+		if (rr >= 0 && acc < T)
+			rr = -EPROTO;
+		struct live_seq *l = live_get(c, b->seq[j]);
+		if (l && l->pend[b->layer]) {
+			l->pend[b->layer] = 0;
+			l->sent[b->layer] += acc;
+			if (acc < T)
+				l->ntok[b->layer] = l->sent[b->layer];
+		}
+		if (rr < 0 && c->pend_err == 0)
+			c->pend_err = rr;
+	}
+	if (c->timing) {
+		c->pf_ns[1] += mono_ns() - t0;
+		c->pf_n++;
+		c->pf_pages += b->n;
+	}
+	c->pend_reqs -= b->sub;
+	c->pend_head = (c->pend_head + 1) % PEND_MAX;
+	c->pend_n--;
+}
+
+/* Every batch in flight answered (before the data area is used for anything else). */
+static void pend_drain(struct kvtier_client *c)
+{
+	while (c->pend_n)
+		pend_reap(c);
+}
+
+/* The batches of a layer answered (and those before them): its pages in the daemon's
+ * map, its tail slots free to take the next page's tokens. */
+static void pend_drain_layer(struct kvtier_client *c, uint32_t layer)
+{
+	uint32_t last = 0;
+	for (uint32_t i = 0; i < c->pend_n; i++)
+		if (pend_at(c, i)->layer == layer)
+			last = i + 1;
+	while (last--)
+		pend_reap(c);
+}
+
+/* The error of a page answered since the last call that returned one, once. */
+static int pend_error(struct kvtier_client *c)
+{
+	int ret = c->pend_err;
+	c->pend_err = 0;
+	return ret;
+}
+
+/* A region of bytes in the data area for a new batch; older batches reaped until one
+ * is clear of every region in flight. */
+static int64_t pend_region(struct kvtier_client *c, uint64_t bytes)
+{
+	if (bytes > c->req_bytes)
+		return -EMSGSIZE;
+	for (;;) {
+		uint64_t off = 0;
+		if (c->pend_n) {
+			const struct pend_batch *nb = pend_at(c, c->pend_n - 1);
+			off = nb->off + nb->bytes;
+			if (off + bytes > c->req_bytes)
+				off = 0;
+		}
+		bool clear = c->pend_n < PEND_MAX;
+		for (uint32_t i = 0; i < c->pend_n && clear; i++) {
+			const struct pend_batch *b = pend_at(c, i);
+			clear = off + bytes <= b->off || b->off + b->bytes <= off;
+		}
+		if (clear)
+			return (int64_t)off;
+		pend_reap(c);
+	}
+}
+
 /*
  * The pages that sequences filled in one layer, each all kept here (sent at the page's
- * start), to the daemon as they are on the device (KVT_APPEND_PAGES): copied into the
- * data area behind the appends on the stream, one wait, then their appends submitted
- * together and reaped (the daemon seals them together). A sequence whose append fails
- * loses that page's tokens, as in flush_layer; the others go on. 0 or the first error.
+ * start), to the daemon as they are on the device (KVT_APPEND_PAGES): copied into a
+ * region of the data area behind the appends on the stream, their appends submitted
+ * together once the copies have landed (the daemon seals them together). Not waited
+ * for unless wait: each page stays in its tail slot (pend), attended from there, until
+ * its answer is reaped, at the latest before the layer's next append. A sequence whose
+ * append fails loses that page's tokens, as in flush_layer; the others go on. 0 or the
+ * first error (with wait: of these pages' answers; without: of their copies).
  */
 static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq *const *ls,
-		       uint32_t n)
+		       uint32_t n, bool wait)
 {
-	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
+	const uint32_t H = c->layout.kv_heads;
 	const size_t pg = (size_t)H * c->w.slot_bytes;
 	uint64_t g = c->req_bytes / pg;
 	if (g > c->w.sq_entries / 2)
 		g = c->w.sq_entries / 2;
 	if (g > c->w.cq_entries / 2)
 		g = c->w.cq_entries / 2;
+	if (g > PEND_PAGES)
+		g = PEND_PAGES;
 	if (!g)
 		return -EMSGSIZE;
-	struct kvt_sqe r[64];
-	if (g > 64)
-		g = 64;
 	int first = 0;
 	for (uint32_t i0 = 0; i0 < n; i0 += (uint32_t)g) {
 		const uint32_t m = n - i0 < g ? n - i0 : (uint32_t)g;
-		const uint64_t t0 = c->timing ? mono_ns() : 0;
-		int ret = 0;
-		for (uint32_t j = 0; j < m && ret == 0; j++) {
-			const struct live_seq *l = ls[i0 + j];
-			const size_t s0 = tail_slot(c, (uint32_t)c->live_of[l->id], layer, 0) * c->w.slot_bytes;
-			ret = kvt_compute_copy_async(c->cc, c->data + j * pg, (uint8_t *)c->tail_dev + s0,
-						     pg, c->append_stream);
-		}
-		if (ret == 0)
-			ret = kvt_compute_sync(c->cc, c->append_stream);
-		const uint64_t t1 = c->timing ? mono_ns() : 0;
-		uint32_t sub = 0;
-		for (uint32_t j = 0; j < m && ret == 0; j++) {
-			r[j] = (struct kvt_sqe){.op = KVT_OP_APPEND, .flags = KVT_APPEND_PAGES,
-						.seq = ls[i0 + j]->id, .layer = (uint16_t)layer,
-						.ntok = T, .off = {j * pg, c->w.slot_bytes}};
-			if ((ret = submit(c, &r[j], j + 1 == m)) == 0)
-				sub++;
-		}
-		if (sub < m && sub && !c->dead)
-			kick(c); /* those submitted are answered: they are reaped below */
+		const int64_t off = pend_region(c, m * pg);
+		struct pend_batch *b = pend_at(c, c->pend_n);
+		struct kvt_fence *f = b->copied;
+		*b = (struct pend_batch){.copied = f, .off = (uint64_t)off, .bytes = m * pg,
+					 .layer = layer, .n = m};
+		int ret = off < 0 ? (int)off : 0;
+		if (ret == 0 && !b->copied)
+			ret = c->dev->ops->fence_create(c->dev, NULL, NULL, &b->copied);
 		for (uint32_t j = 0; j < m; j++) {
 			struct live_seq *l = ls[i0 + j];
-			struct kvt_cqe e = {0};
-			int rr = j < sub ? reap(c, &r[j], &e) : ret < 0 ? ret : -EIO;
-			uint32_t acc = rr == -ECONNRESET || rr == -EPROTO || j >= sub || e.aux[0] > T
-					       ? 0 : (uint32_t)e.aux[0];
-			if (rr >= 0 && acc < T)
-				rr = -EPROTO;
-			l->sent[layer] += acc;
-			l->ntok[layer] = l->sent[layer];
-			if (rr < 0 && first == 0)
-				first = rr;
+			b->seq[j] = l->id;
+			l->pend[layer] = 1;
+			const size_t s0 = tail_slot(c, (uint32_t)c->live_of[l->id], layer, 0) * c->w.slot_bytes;
+			if (ret == 0)
+				ret = kvt_compute_copy_async(c->cc, c->data + b->off + j * pg,
+							     (uint8_t *)c->tail_dev + s0, pg, c->append_stream);
 		}
-		if (c->timing) {
-			c->pf_n++;
-			c->pf_pages += m;
-			c->pf_ns[0] += t1 - t0;
-			c->pf_ns[1] += mono_ns() - t1;
-		}
+		if (ret == 0)
+			ret = c->dev->ops->fence_record(c->dev, b->copied, c->append_stream);
+		b->err = ret;
+		c->pend_n++;
+		if (ret < 0 && first == 0)
+			first = ret;
+	}
+	if (wait) { /* this call's answers alone: an earlier error stays for later */
+		const int earlier = c->pend_err;
+		c->pend_err = 0;
+		pend_drain(c);
+		first = first ? first : c->pend_err;
+		c->pend_err = earlier;
+	} else {
+		pend_kick(c);
 	}
 	return first;
 }
@@ -951,11 +1133,12 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
  */
 static int flush_layer(struct kvtier_client *c, struct live_seq *l, uint32_t layer)
 {
+	pend_drain(c); /* pages in flight: the daemon's first (their errors kept for later) */
 	const uint32_t n = l->ntok[layer] - l->sent[layer];
 	if (!n)
 		return 0;
 	if (n == c->layout.page_tokens && l->sent[layer] % n == 0)
-		return flush_pages(c, layer, &l, 1); /* a whole page: as it is on the device */
+		return flush_pages(c, layer, &l, 1, true); /* a whole page: as it is on the device */
 	const uint32_t H = c->layout.kv_heads, T = c->layout.page_tokens;
 	const size_t tok = c->row * H;
 	const uint64_t voff = ((uint64_t)n * tok + 63) & ~63ull;
@@ -1051,6 +1234,12 @@ int kvtier_append(struct kvtier_client *c, uint32_t seq, uint32_t layer, const v
 static int append_begin(struct kvtier_client *c, uint32_t layer, void *stream)
 {
 	int ret = 0;
+	/* the layer's pages in flight answered: their tail slots take the next tokens; a
+	 * page the daemon refused (its tokens dropped) fails this call before it appends */
+	pend_kick(c);
+	pend_drain_layer(c, layer);
+	if ((ret = pend_error(c)) < 0)
+		return ret;
 	if (c->append_stream != stream) {
 		/* the pages kept so far were written on the other stream */
 		for (uint32_t i = 0; i < c->max_live && ret == 0; i++)
@@ -1170,8 +1359,8 @@ int kvtier_append_batch_async(struct kvtier_client *c, const uint32_t *seqs, uin
 				ret = ret < 0 ? ret : r;
 			}
 		}
-		if (nfull) {
-			int r = flush_pages(c, layer, c->batch_full, nfull);
+		if (nfull) { /* not waited for: answered by the layer's next append */
+			int r = flush_pages(c, layer, c->batch_full, nfull, false);
 			ret = ret < 0 ? ret : r;
 		}
 	}
@@ -1536,6 +1725,7 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	const size_t rows = (size_t)nseq * H, mr = (size_t)t->max_seqs * H;
 	const uint64_t t0 = c->timing ? mono_ns() : 0;
 	pthread_mutex_lock(&c->lock);
+	pend_kick(c); /* pages in flight whose copies have landed: to the daemon */
 	/* the map names host slots too: read in place, so the host arena must be mapped */
 	bool fast = c->fast.ptr && c->host_dev && layer >= c->layout.dense_layers;
 	uint32_t smax = 1;
@@ -1612,8 +1802,9 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	/* [n full pages | row base | tail_len | tail_slot | n selected] */
 	for (size_t row = 0; row < rows; row++) {
 		struct live_seq *l = live_get(c, seqs[row / H]);
-		const uint32_t h = (uint32_t)(row % H), tl = l->ntok[layer] % T;
-		t->fin[row] = (int32_t)(l->ntok[layer] / T);
+		/* a full page in flight is still the tail: attended from its tail slot */
+		const uint32_t h = (uint32_t)(row % H), tl = l->pend[layer] ? T : l->ntok[layer] % T;
+		t->fin[row] = (int32_t)(l->ntok[layer] / T - (l->pend[layer] ? 1 : 0));
 		t->fin[mr + row] = (int32_t)((((size_t)layer * c->w.fast_seqs + seqs[row / H]) * H + h) *
 					     c->w.fast_pages);
 		t->fin[2 * mr + row] = (int32_t)tl;

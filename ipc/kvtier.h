@@ -264,7 +264,9 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
  * daemon's count of the sequence's tokens is behind (every request that needs them
  * sends them first); as with any page still filling, those tokens are not kept if the
  * daemon dies. Use one stream for a client's appends, selects and attends. Without the
- * fast path it is kvtier_append. 0 or -errno as kvtier_append.
+ * fast path it is kvtier_append. 0 or -errno as kvtier_append; also the error of a page
+ * that kvtier_append_batch_async handed over without waiting (below), before anything
+ * is appended.
  */
 int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, const void *k,
 			const void *v, uint32_t ntok, void *stream);
@@ -275,10 +277,16 @@ int kvtier_append_async(struct kvtier_client *c, uint32_t seq, uint32_t layer, c
  * stream as kvtier_append_async would queue each (one kernel for them all on the fast
  * path, as an engine's cache write with its slot mapping). Every sequence must be
  * known and named once: else -ENOENT or -EINVAL and nothing is appended. The pages the
- * tokens fill go to the daemon together, as they are on the device (one wait for the
- * stream, one round trip: the daemon seals them in one batch); one that cannot (the daemon gone) loses that page's
- * tokens as kvtier_append_async would, the other sequences keep theirs, and the error
- * is returned. Without the fast path it is kvtier_append for each. 0 or -errno.
+ * tokens fill go to the daemon together, as they are on the device (the daemon seals
+ * them in one batch), without a wait: copied into the data area behind the call's work
+ * on the stream, handed over once the copies have landed, and answered by the layer's
+ * next append (or any call that goes through the daemon). Until then each stays the
+ * sequence's page still filling, attended from where it is (a select's table has one
+ * full page fewer and a tail of page_tokens tokens). A page the daemon refuses (its
+ * quota or its disk full, the daemon gone) loses its tokens as kvtier_append_async would
+ * (kvtier_seq_tokens says where each layer ends), the other sequences keep theirs, and
+ * the next kvtier_append_batch_async or kvtier_append_async returns the error before it
+ * appends anything. Without the fast path it is kvtier_append for each. 0 or -errno.
  */
 int kvtier_append_batch_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t nseq,
 			      uint32_t layer, const void *k, const void *v, void *stream);

@@ -1152,6 +1152,88 @@ static void test_append_batch(void **state)
 }
 
 /*
+ * A page filled on the fast path goes to the daemon without a wait: until its answer is
+ * reaped (at the layer's next append, or any call through the daemon) it is still the
+ * tail, attended from its tail slot (the table: one full page fewer, tail_len T, the
+ * output the same); after it, a full page the daemon leased like any other. Checked
+ * against the reference over every token, on both layers; then a step through the
+ * daemon finds every page it stored byte for byte.
+ */
+static void test_pages_in_flight(void **state)
+{
+	(void)state;
+	struct kvtier_client *c = attach_fast(2, 16 * T, 0);
+	struct seqdesc s[2] = {{.salt = 71}, {.salt = 72}};
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(kvtier_seq_create(c, &s[i].id), 0);
+		append_tokens(c, &s[i], 2 * T);
+	}
+	const uint32_t ids[2] = {s[0].id, s[1].id};
+	const size_t row = (size_t)HEADS * D, qn = (size_t)HEADS * GROUP * D;
+	float *k = malloc(2 * row * 4), *v = malloc(2 * row * 4), *q = malloc(2 * qn * 4),
+	      *out = malloc(2 * qn * 4), ref[GROUP * D];
+	struct kvtier_select_params sp = {.budget_pages = 16, .sink_tokens = T,
+					  .window_tokens = T, .host_gap = -1, .wait_us = 2000000};
+	struct kvtier_table *tab = kvtier_table_create(c, 2);
+	assert_non_null(tab);
+	/* page 2 token by token on the fast path (kept here until full), then page 3 begun */
+	for (uint32_t st = 0; st < T + 1; st++) {
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			for (uint32_t i = 0; i < 2; i++)
+				for (uint32_t h = 0; h < HEADS; h++)
+					for (uint32_t d = 0; d < D; d++) {
+						k[i * row + h * D + d] = kv_of(&s[i], l, h, s[i].ntok, d, 0);
+						v[i * row + h * D + d] = kv_of(&s[i], l, h, s[i].ntok, d, 1);
+					}
+			assert_int_equal(kvtier_append_batch_async(c, ids, 2, l, k, v, NULL), 0);
+		}
+		for (int i = 0; i < 2; i++)
+			s[i].ntok++;
+		if (st < T - 1)
+			continue;
+		const bool flight = st == T - 1;
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			for (uint32_t i = 0; i < 2; i++)
+				query(s[i].salt, 0, l, q + i * qn);
+			assert_int_equal(kvtier_select_async(c, ids, 2, l, q, &sp, tab, NULL), 0);
+			assert_int_equal(kvtier_attend_async(c, tab, q, out, NULL, 1.0f / sqrtf(D), NULL), 0);
+			struct kvtier_table_view tv;
+			kvtier_table_view(tab, &tv);
+			for (uint32_t r = 0; r < tv.rows; r++) {
+				const struct seqdesc *b = &s[r / HEADS];
+				const int full = (int)(b->ntok / T);
+				check_eq(tv.n_pages[r], flight ? full - 1 : full);
+				check_eq(tv.tail_len[r], flight ? (int)T : (int)(b->ntok % T));
+				check(tv.tail_slot[r] >= 0);
+				int pages[16];
+				for (int j = 0; j < tv.n_pages[r]; j++)
+					pages[j] = tv.pages[r * tv.stride + j];
+				if (flight) /* the tail: the page in flight */
+					pages[tv.n_pages[r]] = full - 1;
+				reference(b, l, r % HEADS, q + (size_t)r * GROUP * D, pages,
+					  tv.n_pages[r] + flight, ref);
+				for (uint32_t i = 0; i < GROUP * D; i++)
+					check(fabsf(out[(size_t)r * GROUP * D + i] - ref[i]) <= 2e-5f);
+			}
+		}
+	}
+	for (int i = 0; i < 2; i++)
+		for (uint32_t l = 0; l < LAYERS; l++) {
+			uint32_t n = 0;
+			assert_int_equal(kvtier_seq_tokens(c, s[i].id, l, &n), 0);
+			check_eq(n, s[i].ntok);
+		}
+	check(step(c, s, 2, 0, 16, tab) > 0);
+	kvtier_table_destroy(tab);
+	free(k);
+	free(v);
+	free(q);
+	free(out);
+	kvtier_detach(c);
+	daemon_alive();
+}
+
+/*
  * The fast path's waits: pages that matter (here every one, host_gap < 0) and are not
  * leased yet hold the call (the cpu device's resolve) until the daemon has leased them:
  * from the first step of each new query on, the fast table is the daemon's selection
@@ -1573,6 +1655,7 @@ int main(void)
 		cmocka_unit_test_setup(test_fast_wait, reset_globals),
 		cmocka_unit_test_setup(test_fast_waits_ahead, reset_globals),
 		cmocka_unit_test_setup(test_append_batch, reset_globals),
+		cmocka_unit_test_setup(test_pages_in_flight, reset_globals),
 		cmocka_unit_test_setup(test_append_pages, reset_globals),
 		cmocka_unit_test_setup(test_fast_ring_full, reset_globals),
 		cmocka_unit_test_setup(test_disallowed_uid, reset_globals),
