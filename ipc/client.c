@@ -129,8 +129,8 @@ struct kvtier_client {
 	 * was queued on the stream), for the daemon's answers */
 	uint64_t pf_n, pf_pages, pf_ns[2];
 	/* the batches of filled pages in flight, oldest first (a ring of PEND_MAX); their
-	 * requests submitted and not reaped; the first error of one answered since the
-	 * last kvtier_append_batch_async or kvtier_append_async returned */
+	 * requests submitted and not reaped; the first error of a page answered since an
+	 * append call last returned one (the next returns it, before it appends) */
 	struct pend_batch *pend;
 	uint32_t pend_head, pend_n, pend_reqs;
 	int pend_err;
