@@ -60,7 +60,11 @@ enum kvtier_attach_flags {
 struct kvtier_attach_opts {
 	const char *socket;   /* NULL: $KVTIER_SOCKET, else the daemon's default path */
 	const char *tenant;   /* NULL or "": the caller's default tenant (per uid) */
-	uint64_t data_bytes;  /* shared data area; 0: the daemon's default (16 MiB) */
+	/* shared data area; 0: the daemon's default (16 MiB). With max_context (the fast path:
+	 * a quarter of it for reports), the pages a decode step fills in every layer are in
+	 * flight in it at once where it holds 4/3 x layers x batch x kv_heads x page bytes;
+	 * a smaller one makes an append wait for an earlier layer's answers. */
+	uint64_t data_bytes;
 	uint32_t ring_entries;
 	uint32_t max_live_seqs; /* sequences open at once; 0: 64 */
 	uint32_t flags;         /* enum kvtier_attach_flags */

@@ -1223,6 +1223,21 @@ struct daemon {
 	uint64_t host_bytes; /* its host tier's arena */
 };
 
+/*
+ * The client's data area: the pages a step fills in every layer (a page of each KV head
+ * of each sequence, all layers in flight until their next append: libkvtier's
+ * flush_pages), and a third more (the fast path's reports take a quarter of it); 64 MiB at least, 1 GiB
+ * at most (the daemon started here allows it). 256 MiB of pages at batch 32 of the
+ * 8B model, where 64 MiB held six layers' and the seventh waited for the first's answers.
+ */
+static uint64_t data_bytes_for(const struct run *r)
+{
+	uint64_t b = (uint64_t)r->L * r->B * r->H * ((r->page_bytes + 4095) & ~4095ull);
+	b += b / 3;
+	b = (b + (1u << 20) - 1) & ~((1ull << 20) - 1);
+	return b < (64ull << 20) ? 64ull << 20 : b > (1ull << 30) ? 1ull << 30 : b;
+}
+
 /* Starts kvtierd for r; on failure, why says what the user can do about it. */
 static int daemon_start(struct daemon *dm, const struct run *r, const char *device, char *why,
 			size_t whylen)
@@ -1297,7 +1312,7 @@ static int daemon_start(struct daemon *dm, const struct run *r, const char *devi
 	argv[na++] = exe;
 	for (int i = 0; i < 10; i++)
 		argv[na++] = "-o", argv[na++] = a[i];
-	argv[na++] = "-o", argv[na++] = "ipc.data_bytes_max=256M";
+	argv[na++] = "-o", argv[na++] = "ipc.data_bytes_max=1G"; /* data_bytes_for() */
 	argv[na++] = "-o", argv[na++] = "daemon.promote_timeout_ms=120000";
 	argv[na++] = "-o", argv[na++] = "metrics.listen=off";
 	if (O.write_back)
@@ -1423,7 +1438,7 @@ static void run_kvtier(struct gpu *g, struct run *r, struct result *res, bool cu
 				   .dtype = O.dtype, .page_tokens = r->T,
 				   .dense_layers = O.dense_layers, .reps = 0};
 	struct kvtier_attach_opts ao = {.socket = O.socket ? O.socket : dm.sock,
-					.data_bytes = 64ull << 20,
+					.data_bytes = data_bytes_for(r),
 					.max_live_seqs = r->B < 64 ? 64 : r->B};
 	/* the fast path: selection on our stream, appends kept until a page is full */
 	const bool fast = !O.sync_select;
