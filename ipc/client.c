@@ -37,8 +37,6 @@ struct live_seq {
 	uint32_t *sent;  /* [layers] of which the daemon has (kvtier_append_async keeps the
 			  * page still filling here until it is full) */
 	uint32_t mark;   /* kvtier_append_batch_async: the call that saw it last */
-	uint8_t *pend;   /* [layers] its full page handed to the daemon, not answered yet:
-			  * still in its tail slot, attended from there (flush_pages) */
 };
 
 /*
@@ -436,8 +434,7 @@ static int alloc_tails(struct kvtier_client *c)
 	for (uint32_t i = 0; i < c->w.max_seqs; i++)
 		c->live_of[i] = -1;
 	for (uint32_t i = 0; i < c->max_live; i++)
-		if (!(c->live[i].ntok = calloc(2 * (size_t)c->layout.layers, sizeof(uint32_t))) ||
-		    !(c->live[i].pend = calloc(c->layout.layers, 1)))
+		if (!(c->live[i].ntok = calloc(2 * (size_t)c->layout.layers, sizeof(uint32_t))))
 			return -ENOMEM;
 		else
 			c->live[i].sent = c->live[i].ntok + c->layout.layers;
@@ -658,10 +655,8 @@ void kvtier_detach(struct kvtier_client *c)
 		if (c->fds[i] >= 0)
 			close(c->fds[i]);
 	close(c->sock);
-	for (uint32_t i = 0; c->live && i < c->max_live; i++) {
+	for (uint32_t i = 0; c->live && i < c->max_live; i++)
 		free(c->live[i].ntok);
-		free(c->live[i].pend);
-	}
 	free(c->pend);
 	free(c->live);
 	free(c->live_of);
@@ -698,7 +693,6 @@ static int live_add(struct kvtier_client *c, uint32_t seq)
 		c->live[i].id = seq;
 		c->live[i].fast_ok = true;
 		memset(c->live[i].ntok, 0, 2 * (size_t)c->layout.layers * sizeof(uint32_t));
-		memset(c->live[i].pend, 0, c->layout.layers);
 		c->live_of[seq] = (int32_t)i;
 		return (int)i;
 	}
@@ -919,6 +913,17 @@ static int mirror_tail(struct kvtier_client *c, uint32_t li, uint32_t layer, uin
 
 /* ---- filled pages in flight ---- */
 
+/*
+ * Whether the layer's page is full and in flight (handed to the daemon, not answered
+ * yet): it is then still in its tail slot, attended from there. Outside a call a full
+ * page the daemon does not have is one in flight (any other is sent when it fills).
+ */
+static bool in_flight(const struct kvtier_client *c, const struct live_seq *l, uint32_t layer)
+{
+	const uint32_t T = c->layout.page_tokens;
+	return l->ntok[layer] - l->sent[layer] == T && l->ntok[layer] % T == 0;
+}
+
 static struct pend_batch *pend_at(struct kvtier_client *c, uint32_t i)
 {
 	return &c->pend[(c->pend_head + i) % PEND_MAX];
@@ -991,8 +996,7 @@ static void pend_reap(struct kvtier_client *c)
 		if (rr >= 0 && acc < T)
 			rr = -EPROTO;
 		struct live_seq *l = live_get(c, b->seq[j]);
-		if (l && l->pend[b->layer]) {
-			l->pend[b->layer] = 0;
+		if (l && in_flight(c, l, b->layer)) {
 			l->sent[b->layer] += acc;
 			if (acc < T)
 				l->ntok[b->layer] = l->sent[b->layer];
@@ -1037,12 +1041,10 @@ static int pend_error(struct kvtier_client *c)
 	return ret;
 }
 
-/* A region of bytes in the data area for a new batch; older batches reaped until one
- * is clear of every region in flight. */
-static int64_t pend_region(struct kvtier_client *c, uint64_t bytes)
+/* A region of bytes (at most req_bytes) in the data area for a new batch; older
+ * batches reaped until one is clear of every region in flight. */
+static uint64_t pend_region(struct kvtier_client *c, uint64_t bytes)
 {
-	if (bytes > c->req_bytes)
-		return -EMSGSIZE;
 	for (;;) {
 		uint64_t off = 0;
 		if (c->pend_n) {
@@ -1057,7 +1059,7 @@ static int64_t pend_region(struct kvtier_client *c, uint64_t bytes)
 			clear = off + bytes <= b->off || b->off + b->bytes <= off;
 		}
 		if (clear)
-			return (int64_t)off;
+			return off;
 		pend_reap(c);
 	}
 }
@@ -1067,7 +1069,7 @@ static int64_t pend_region(struct kvtier_client *c, uint64_t bytes)
  * start), to the daemon as they are on the device (KVT_APPEND_PAGES): copied into a
  * region of the data area behind the appends on the stream, their appends submitted
  * together once the copies have landed (the daemon seals them together). Not waited
- * for unless wait: each page stays in its tail slot (pend), attended from there, until
+ * for unless wait: each page stays in its tail slot (in_flight), attended from there, until
  * its answer is reaped, at the latest before the layer's next append. A sequence whose
  * append fails loses that page's tokens, as in flush_layer; the others go on. 0 or the
  * first error (with wait: of these pages' answers; without: of their copies).
@@ -1089,18 +1091,17 @@ static int flush_pages(struct kvtier_client *c, uint32_t layer, struct live_seq 
 	int first = 0;
 	for (uint32_t i0 = 0; i0 < n; i0 += (uint32_t)g) {
 		const uint32_t m = n - i0 < g ? n - i0 : (uint32_t)g;
-		const int64_t off = pend_region(c, m * pg);
+		const uint64_t off = pend_region(c, m * pg); /* m * pg <= req_bytes: g */
 		struct pend_batch *b = pend_at(c, c->pend_n);
 		struct kvt_fence *f = b->copied;
-		*b = (struct pend_batch){.copied = f, .off = (uint64_t)off, .bytes = m * pg,
-					 .layer = layer, .n = m};
-		int ret = off < 0 ? (int)off : 0;
-		if (ret == 0 && !b->copied)
+		*b = (struct pend_batch){.copied = f, .off = off, .bytes = m * pg, .layer = layer,
+					 .n = m};
+		int ret = 0;
+		if (!b->copied)
 			ret = c->dev->ops->fence_create(c->dev, NULL, NULL, &b->copied);
 		for (uint32_t j = 0; j < m; j++) {
 			struct live_seq *l = ls[i0 + j];
 			b->seq[j] = l->id;
-			l->pend[layer] = 1;
 			const size_t s0 = tail_slot(c, (uint32_t)c->live_of[l->id], layer, 0) * c->w.slot_bytes;
 			if (ret == 0)
 				ret = kvt_compute_copy_async(c->cc, c->data + b->off + j * pg,
@@ -1803,8 +1804,9 @@ int kvtier_select_async(struct kvtier_client *c, const uint32_t *seqs, uint32_t 
 	for (size_t row = 0; row < rows; row++) {
 		struct live_seq *l = live_get(c, seqs[row / H]);
 		/* a full page in flight is still the tail: attended from its tail slot */
-		const uint32_t h = (uint32_t)(row % H), tl = l->pend[layer] ? T : l->ntok[layer] % T;
-		t->fin[row] = (int32_t)(l->ntok[layer] / T - (l->pend[layer] ? 1 : 0));
+		const bool fl = in_flight(c, l, layer);
+		const uint32_t h = (uint32_t)(row % H), tl = fl ? T : l->ntok[layer] % T;
+		t->fin[row] = (int32_t)(l->ntok[layer] / T - fl);
 		t->fin[mr + row] = (int32_t)((((size_t)layer * c->w.fast_seqs + seqs[row / H]) * H + h) *
 					     c->w.fast_pages);
 		t->fin[2 * mr + row] = (int32_t)tl;
